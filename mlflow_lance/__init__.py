@@ -1,5 +1,11 @@
-"""mlflow-lance: PyTorch weights versioned in one Lance dataset, as an MLflow flavor."""
+"""mlflow-lance: PyTorch weights versioned in one Lance dataset per model, as an MLflow flavor.
 
+The store (``save_state_dict``, ``load_into``, ``versions``, ...) works on any Lance dataset
+URI; the flavor (``log_model``, ``load_model``, ...) ties its versions to MLflow runs and
+registered models. ``load_state_dict`` takes either a dataset URI or an MLflow model URI.
+"""
+
+from .flavor import get_default_pip_requirements, load_model, load_state_dict, log_model, save_model
 from .store import (
     CorruptionError,
     Diff,
@@ -13,7 +19,6 @@ from .store import (
     diff,
     gc,
     load_into,
-    load_state_dict,
     save_state_dict,
     tag,
     tags,
@@ -36,8 +41,12 @@ __all__ = [
     "WeightsError",
     "diff",
     "gc",
+    "get_default_pip_requirements",
     "load_into",
+    "load_model",
     "load_state_dict",
+    "log_model",
+    "save_model",
     "save_state_dict",
     "tag",
     "tags",

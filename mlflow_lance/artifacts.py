@@ -1,0 +1,138 @@
+"""Where each model's Lance dataset lives, and how to reach it.
+
+MLflow keeps a model's small files (MLmodel, environment, architecture) in its artifact
+store; the weights live in one Lance dataset per registered model under a *Lance root*:
+
+    <Lance root>/models/<safe registered model name>.lance
+    <Lance root>/experiments/<experiment id>/<safe model name>.lance   (unregistered models)
+
+The Lance root is, in order: ``log_model(lance_uri=...)`` (a dataset URI, used as is), the
+``MLFLOW_LANCE_ROOT`` environment variable, or ``<artifact root>/lance`` where the artifact
+root is the experiment's artifact location without its trailing experiment id. A proxied
+artifact store (``mlflow-artifacts:``) hides where files land, so it needs one of the first
+two. Credentials and endpoints come from the environment, as MLflow reads them
+(``MLFLOW_S3_ENDPOINT_URL``, ``AWS_*``, ``AZURE_STORAGE_*``, ...); they are passed to Lance as
+storage options and never written anywhere.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from dataclasses import dataclass, field
+from urllib.parse import urlparse
+
+ROOT_ENV = "MLFLOW_LANCE_ROOT"
+
+
+@dataclass(frozen=True)
+class Location:
+    """A dataset URI plus the storage options needed to open it (never persisted)."""
+
+    uri: str
+    storage_options: dict[str, str] = field(default_factory=dict, repr=False)
+
+
+def safe_name(name: str) -> str:
+    """A file-system and URL safe, collision-free dataset name for a model name.
+
+    Readable slug plus 10 hex digits of the exact name's sha256: names that differ only in
+    case or punctuation get different datasets, and no name can traverse paths.
+    """
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:64] or "model"
+    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+
+
+def storage_options_for(uri: str) -> dict[str, str]:
+    """Lance storage options for ``uri`` from the environment MLflow itself reads."""
+    scheme = urlparse(uri).scheme
+    opts: dict[str, str] = {}
+    if scheme in ("s3", "s3a"):
+        endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            opts["aws_endpoint"] = endpoint
+            if endpoint.startswith("http://"):
+                opts["allow_http"] = "true"
+        for env, key in (
+            ("AWS_ACCESS_KEY_ID", "aws_access_key_id"),
+            ("AWS_SECRET_ACCESS_KEY", "aws_secret_access_key"),
+            ("AWS_SESSION_TOKEN", "aws_session_token"),
+        ):
+            if os.environ.get(env):
+                opts[key] = os.environ[env]
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+        opts["aws_region"] = region or "us-east-1"
+        if os.environ.get("MLFLOW_S3_IGNORE_TLS", "").lower() == "true":
+            opts["allow_invalid_certificates"] = "true"
+    elif scheme in ("az", "abfs", "abfss", "wasb", "wasbs"):
+        for env, key in (
+            ("AZURE_STORAGE_ACCOUNT_NAME", "azure_storage_account_name"),
+            ("AZURE_STORAGE_ACCOUNT_KEY", "azure_storage_account_key"),
+            ("AZURE_STORAGE_ACCESS_KEY", "azure_storage_account_key"),
+            ("AZURE_STORAGE_SAS_TOKEN", "azure_storage_sas_token"),
+        ):
+            if os.environ.get(env):
+                opts[key] = os.environ[env]
+    elif scheme in ("gs", "gcs"):
+        if os.environ.get("GOOGLE_APPLICATION_CREDENTIALS"):
+            opts["google_service_account"] = os.environ["GOOGLE_APPLICATION_CREDENTIALS"]
+    return opts
+
+
+def to_lance_uri(location: str) -> str:
+    """An MLflow artifact location as a URI Lance opens.
+
+    ``wasbs://container@account.blob.core.windows.net/p`` becomes ``az://container/p`` (the
+    account then comes from ``AZURE_STORAGE_ACCOUNT_NAME``); ``file:///p`` becomes ``/p``.
+    """
+    parsed = urlparse(location)
+    if parsed.scheme in ("wasb", "wasbs", "abfs", "abfss") and "@" in parsed.netloc:
+        container = parsed.netloc.partition("@")[0]
+        return f"az://{container}{parsed.path}"
+    if parsed.scheme == "file":
+        return parsed.path
+    return location
+
+
+def lance_root(artifact_location: str | None, experiment_id: str | None = None) -> str:
+    """The Lance root for an experiment whose artifacts go to ``artifact_location``."""
+    root = os.environ.get(ROOT_ENV)
+    if root:
+        return to_lance_uri(root.rstrip("/"))
+    if not artifact_location or urlparse(artifact_location).scheme in ("mlflow-artifacts", "http", "https",
+                                                                      "dbfs", "runs", "models"):
+        raise ValueError(
+            f"cannot place the Lance dataset: the experiment's artifact location "
+            f"{artifact_location!r} is served through the tracking server (proxied), which hides "
+            f"where files land. Set {ROOT_ENV} to a URI every trainer and reader can open "
+            f"(e.g. s3://bucket/mlflow-lance or /shared/mlflow-lance), or pass "
+            f"log_model(lance_uri=...)."
+        )
+    base = artifact_location.rstrip("/")
+    if experiment_id and base.rsplit("/", 1)[-1] == str(experiment_id):
+        base = base.rsplit("/", 1)[0]
+    return to_lance_uri(base) + "/lance"
+
+
+def dataset_location(
+    *,
+    model_name: str,
+    registered: bool,
+    artifact_location: str | None,
+    experiment_id: str | None,
+    lance_uri: str | None = None,
+    storage_options: dict[str, str] | None = None,
+) -> Location:
+    """Where the weights of ``model_name`` go (see the module docstring for the rules)."""
+    if lance_uri:
+        uri = to_lance_uri(os.fspath(lance_uri))
+    else:
+        root = lance_root(artifact_location, experiment_id)
+        sub = "models" if registered else f"experiments/{experiment_id or '0'}"
+        uri = f"{root}/{sub}/{safe_name(model_name)}.lance"
+    opts = storage_options_for(uri)
+    opts.update(storage_options or {})
+    return Location(uri, opts)

@@ -1,0 +1,88 @@
+"""Real services for the tests: an `mlflow server` process (SQLite backend) on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, proc: subprocess.Popen, timeout: float = 90.0, expect: bytes | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200 and (expect is None or expect in r.read()):
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop exactly this process and the workers it started (its own process group)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` with a SQLite backend and proxied artifacts; yields its URL."""
+    root = tmp_path_factory.mktemp("mlflow_server")
+    port = free_port()
+    log = open(root / "server.log", "wb")
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+            "--artifacts-destination", str(root / "artifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc, expect=b"OK")
+        yield {"url": url, "root": root}
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.fixture
+def tracking(mlflow_server, tmp_path, monkeypatch):
+    """Point this test's MLflow client (and its subprocesses) at the server; Lance root in tmp."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
+    monkeypatch.setenv("MLFLOW_LANCE_ROOT", str(tmp_path / "lance"))
+    mlflow.set_tracking_uri(mlflow_server["url"])
+    experiment = f"test-{tmp_path.name}"
+    mlflow.set_experiment(experiment)
+    yield mlflow_server
+    mlflow.set_tracking_uri(None)
