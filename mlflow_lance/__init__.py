@@ -6,6 +6,7 @@ registered models. ``load_state_dict`` takes either a dataset URI or an MLflow m
 """
 
 from .flavor import get_default_pip_requirements, load_model, load_state_dict, log_model, save_model
+from .registry import SyncReport, sync
 from .store import (
     CorruptionError,
     Diff,
@@ -18,6 +19,7 @@ from .store import (
     WeightsError,
     diff,
     gc,
+    latest_version,
     load_into,
     save_state_dict,
     tag,
@@ -40,14 +42,17 @@ __all__ = [
     "VersionNotFoundError",
     "WeightsError",
     "diff",
+    "SyncReport",
     "gc",
     "get_default_pip_requirements",
+    "latest_version",
     "load_into",
     "load_model",
     "load_state_dict",
     "log_model",
     "save_model",
     "save_state_dict",
+    "sync",
     "tag",
     "tags",
     "untag",

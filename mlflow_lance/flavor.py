@@ -17,6 +17,7 @@ import importlib.metadata
 import os
 import shutil
 import sys
+import tempfile
 from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
@@ -51,7 +52,7 @@ from mlflow.utils.model_utils import (
     _validate_and_prepare_target_save_path,
 )
 
-from . import store
+from . import registry, sidecar, store
 from .artifacts import Location, dataset_location, storage_options_for
 from .skeleton import (
     SKELETON_FILE,
@@ -61,6 +62,7 @@ from .skeleton import (
     load_skeleton,
     materialize,
 )
+from .sidecar import run_tag
 from .tensors import validate_state_dict
 
 FLAVOR_NAME = "mlflow_lance"
@@ -114,13 +116,15 @@ def save_model(
     model_factory: str | None = None,
     factory_kwargs: Mapping[str, Any] | None = None,
     message: str | None = None,
+    lance_properties: Mapping[str, str] | None = None,
 ) -> None:
     """Save ``pytorch_model`` as an MLflow model directory at ``path``.
 
     The weights become a new version of the Lance dataset ``lance_uri`` (default: a dataset
     inside ``path``). The architecture is a weight-free skeleton, or with ``model_factory``
     (``"package.module:callable"`` and JSON ``factory_kwargs``) a reference that loads
-    without pickle.
+    without pickle. ``lance_properties`` are stored with the Lance version. A version
+    written inside a run is pinned (Lance tag ``run.<run id>``) as soon as it is committed.
     """
     if not isinstance(pytorch_model, torch.nn.Module):
         raise TypeError(f"pytorch_model must be a torch.nn.Module, got {type(pytorch_model).__name__}")
@@ -153,6 +157,7 @@ def save_model(
             "mlflow.run_id": mlflow_model.run_id,
             "mlflow.model_id": getattr(mlflow_model, "model_id", None),
             "mlflow.artifact_path": mlflow_model.artifact_path,
+            **dict(lance_properties or {}),
         }.items()
         if v
     }
@@ -164,6 +169,9 @@ def save_model(
         storage_options=location.storage_options or None,
     )
     try:
+        if mlflow_model.run_id:
+            store.tag(location.uri, run_tag(mlflow_model.run_id), info.version,
+                      storage_options=location.storage_options or None)
         _write_pointer(path, uri_in_pointer, info.version)
         mlflow_model.add_flavor(
             FLAVOR_NAME,
@@ -280,11 +288,14 @@ def log_model(
     """Log ``pytorch_model`` to the active run (started if none): weights to Lance, the rest
     to MLflow. Same parameters as ``mlflow.pytorch.log_model``, plus ``lance_uri`` (a dataset
     URI; default: the registered model's dataset under the Lance root, see artifacts.py),
-    ``storage_options`` and ``model_factory``/``factory_kwargs``.
+    ``storage_options`` and ``model_factory``/``factory_kwargs``. Afterwards the run, the
+    logged model and the model version carry ``lance.*`` tags, the version is pinned and the
+    sidecar next to the dataset is up to date.
     """
     name = name or artifact_path or "model"
     location = _location_for(name, registered_model_name, lance_uri, storage_options)
-    return Model.log(
+    lance_properties = {"mlflow.registered_model_name": registered_model_name} if registered_model_name else {}
+    info = Model.log(
         artifact_path=None,
         name=name,
         flavor=sys.modules[__name__],
@@ -306,8 +317,11 @@ def log_model(
         extra_files=extra_files,
         model_factory=model_factory,
         factory_kwargs=factory_kwargs,
+        lance_properties=lance_properties,
         **kwargs,
     )
+    registry.after_log(info, registered_model_name, location.storage_options or None)
+    return info
 
 
 def _location_for(
@@ -385,7 +399,7 @@ def load_model(
     ``allow_pickle=False`` (or MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false) refuses the
     skeleton pickle; models logged with ``model_factory`` load without it.
     """
-    local_path = _download_artifact_from_uri(model_uri, output_path=dst_path)
+    local_path = _download_model(model_uri, dst_path)
     return _load_from_local(
         local_path, map_location=map_location, strict=strict, verify=verify, allow_pickle=allow_pickle
     )
@@ -399,19 +413,24 @@ def load_state_dict(
     names: str | list[str] | None = None,
     storage_options: Mapping[str, str] | None = None,
     verify: bool = False,
+    run_id: str | None = None,
 ) -> OrderedDict[str, torch.Tensor]:
     """Load weights from a Lance dataset URI, or from an MLflow model URI.
 
     One dispatch: ``runs:/``, ``models:/`` and a local model directory read the Lance URI and
     version from the model's MLmodel (nothing else is downloaded); anything else is a Lance
-    dataset URI, read at ``version`` (default: latest).
+    dataset URI, read at ``version`` (default: latest) or at the version run ``run_id``
+    logged, found through the sidecar with no tracking server.
     """
     uri = os.fspath(uri)
     model = _model_pointer(uri)
-    if model is not None:
+    if model is not None or run_id is not None:
         if version is not None:
             raise ValueError(f"{uri} names one model version; do not pass version= as well")
+    if model is not None:
         uri, version = model
+    elif run_id is not None:
+        version = sidecar.version_for_run(uri, run_id, dict(storage_options or {}) or storage_options_for(uri))
     return store.load_state_dict(
         uri,
         version,
@@ -423,16 +442,49 @@ def load_state_dict(
 
 
 def _model_dir_uri(uri: str) -> str:
-    """A URI under which ``MLmodel`` alone can be fetched (``runs:/`` ones resolve sub-paths
-    to the run's logged model themselves; ``models:/`` ones do not)."""
-    return ModelsArtifactRepository.get_underlying_uri(uri) if uri.startswith("models:") else uri
+    """The artifact URI of a model's directory, so that single files can be fetched from it.
+
+    ``models:/...`` resolves through the registry; ``runs:/<run>/<name>`` to the newest
+    logged model of that name in the run (MLflow 3), else to the run's own artifacts.
+    """
+    if uri.startswith("models:"):
+        return ModelsArtifactRepository.get_underlying_uri(uri)
+    if uri.startswith("runs:"):
+        run_id, _, name = uri[len("runs:"):].lstrip("/").partition("/")
+        client = mlflow.MlflowClient()
+        experiment_id = client.get_run(run_id).info.experiment_id
+        models = client.search_logged_models(
+            experiment_ids=[experiment_id], filter_string=f"name = '{name.rstrip('/')}'"
+        )
+        matches = [m for m in models if m.source_run_id == run_id]
+        if matches:
+            newest = max(matches, key=lambda m: m.creation_timestamp)
+            return ModelsArtifactRepository.get_underlying_uri(f"models:/{newest.model_id}")
+    return uri
+
+
+def _download_model(model_uri: str, dst_path: str | None) -> str:
+    """Fetch what loading needs (MLmodel, data/ with the architecture and pointer, code/)
+    and nothing else: no environment files, no examples, never weights."""
+    if os.path.isdir(model_uri):
+        return model_uri
+    base = _model_dir_uri(model_uri).rstrip("/")
+    local = dst_path or tempfile.mkdtemp(prefix="mlflow_lance_")
+    os.makedirs(local, exist_ok=True)
+    _download_artifact_from_uri(f"{base}/{MLMODEL_FILE_NAME}", output_path=local)
+    conf = _get_flavor_configuration(local, FLAVOR_NAME)
+    for sub in (_DATA_SUBPATH, conf.get("code")):
+        if sub:
+            _download_artifact_from_uri(f"{base}/{sub}", output_path=local)
+    return local
 
 
 def _model_pointer(uri: str) -> tuple[str, int] | None:
     """(Lance URI, version) of an MLflow model URI or model directory, else None."""
     scheme = uri.split(":", 1)[0] if ":" in uri else ""
     if scheme in ("runs", "models", "mlflow-artifacts"):
-        mlmodel = _download_artifact_from_uri(_model_dir_uri(uri).rstrip("/") + "/" + MLMODEL_FILE_NAME)
+        local = tempfile.mkdtemp(prefix="mlflow_lance_")
+        mlmodel = _download_artifact_from_uri(_model_dir_uri(uri).rstrip("/") + "/" + MLMODEL_FILE_NAME, local)
         conf = Model.load(mlmodel).flavors.get(FLAVOR_NAME)
         if conf is None:
             raise ValueError(f"{uri} was not logged with mlflow_lance (no {FLAVOR_NAME} flavor)")

@@ -17,6 +17,8 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import random
+import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Iterable, Mapping
@@ -29,6 +31,7 @@ import lance
 import pyarrow as pa
 import torch
 import zstandard
+from lance.commit import CommitConflictError
 from lance.fragment import FragmentMetadata, write_fragments
 
 from .tensors import (
@@ -424,6 +427,7 @@ def _select(entries: Mapping[str, _Entry], names: str | Iterable[str] | None) ->
 _PIECE = 16 << 20
 _THREADS = min(4, os.cpu_count() or 1)
 _PARALLEL_WRITE_BYTES = 64 << 20
+_COMMIT_ATTEMPTS = 64
 
 
 def _pread_exact(path: str, position: int, dst: torch.Tensor) -> None:
@@ -682,14 +686,37 @@ def save_state_dict(
     txn_props = {_PROP + k: v for k, v in summary.items()}
     if message:
         txn_props["lance.commit.message"] = message
-    txn = lance.Transaction(
-        parent.version if parent else 0,
-        lance.LanceOperation.Overwrite(schema, fragments),
-        transaction_properties=txn_props,
-    )
-    ds = lance.LanceDataset.commit(uri, txn, storage_options=dict(storage_options or {}) or None)
+    ds = _commit(uri, lance.LanceOperation.Overwrite(schema, fragments), txn_props,
+                 parent.version if parent else 0, storage_options)
     _index_new_version(ds, plan)
     return _version_info(ds.version, _now(ds), txn_props, ())
+
+
+def _commit(
+    uri: str,
+    operation: lance.LanceOperation.BaseOperation,
+    properties: dict[str, str],
+    read_version: int,
+    storage_options: StorageOptions,
+) -> lance.LanceDataset:
+    """Commit, retrying when concurrent writers got there first.
+
+    The version is a complete fragment list, so it stays valid on top of any newer version:
+    a retry commits the same files against the new latest (jittered backoff, 64 tries).
+    """
+    opts = dict(storage_options) if storage_options else None
+    for attempt in range(_COMMIT_ATTEMPTS):
+        try:
+            txn = lance.Transaction(read_version, operation, transaction_properties=properties)
+            return lance.LanceDataset.commit(uri, txn, storage_options=opts)
+        except (CommitConflictError, OSError, ValueError) as err:
+            retryable = isinstance(err, CommitConflictError) or "conflict" in str(err).lower() \
+                or "already exists" in str(err).lower()
+            if not retryable or attempt == _COMMIT_ATTEMPTS - 1:
+                raise
+            time.sleep(random.uniform(0, 0.02 * 2 ** min(attempt, 6)))
+            read_version = _open(uri, storage_options).version
+    raise AssertionError("unreachable")
 
 
 def _index_new_version(ds: lance.LanceDataset, plan: list[tuple[TensorRows, _Entry | None]]) -> None:
@@ -1013,17 +1040,26 @@ def verify(
     return VerifyReport(ds.uri, ds.version, len(entries), chunks, nbytes, problems)
 
 
+def latest_version(uri: str | os.PathLike, *, storage_options: StorageOptions = None) -> int:
+    """The newest version number (reads the manifest pointer only)."""
+    return _open(_uri(uri), storage_options).version
+
+
 def gc(
     uri: str | os.PathLike,
     *,
     keep_last: int | None = None,
     older_than: timedelta | None = None,
+    grace: timedelta = timedelta(minutes=30),
     storage_options: StorageOptions = None,
 ) -> GcReport:
     """Delete old versions and the data files only they use.
 
     A version is removed when it is not among the ``keep_last`` newest, is older than
-    ``older_than`` (when given) and carries no tag. The latest version is always kept.
+    ``older_than`` (when given), carries no tag, and was superseded more than ``grace``
+    ago. The grace period protects writers: a save reuses the data files of the version
+    that was latest when it started, so that version must outlive any save in flight.
+    The latest version is always kept.
     """
     if keep_last is None and older_than is None:
         raise ValueError("gc needs keep_last=N and/or older_than=timedelta(...) to know what to remove")
@@ -1034,13 +1070,18 @@ def gc(
     all_versions = ds.versions()
     tagged = {t["version"] for t in ds.tags.list().values()}
     newest = {v["version"] for v in all_versions[-(keep_last or 1):]}
-    cutoff = datetime.now(timezone.utc) - older_than if older_than is not None else None
+    now = datetime.now(timezone.utc)
+    cutoff = now - older_than if older_than is not None else None
+    superseded = {  # when each version stopped being the latest
+        v["version"]: _aware(nxt["timestamp"]) for v, nxt in zip(all_versions, all_versions[1:])
+    }
     doomed = [
         v["version"] for v in all_versions
         if v["version"] not in newest
         and v["version"] not in tagged
         and (cutoff is None or _aware(v["timestamp"]) < cutoff)
-    ]
+        and superseded.get(v["version"], now) <= now - grace
+    ]  # fmt: skip
     kept_tagged = sorted(v["version"] for v in all_versions if v["version"] in tagged and v["version"] not in newest)
     if not doomed:
         return GcReport([], 0, kept_tagged)

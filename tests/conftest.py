@@ -86,3 +86,61 @@ def tracking(mlflow_server, tmp_path, monkeypatch):
     mlflow.set_experiment(experiment)
     yield mlflow_server
     mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-compatible server (moto_server) on 127.0.0.1 with a fresh bucket."""
+    import boto3
+
+    root = tmp_path_factory.mktemp("s3")
+    port = free_port()
+    log = open(root / "moto.log", "wb")
+    proc = subprocess.Popen(
+        [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{endpoint}/moto-api/", proc, timeout=60)
+        env = {
+            "MLFLOW_S3_ENDPOINT_URL": endpoint,
+            "AWS_ACCESS_KEY_ID": "test-key-id-for-moto",
+            "AWS_SECRET_ACCESS_KEY": "test-secret-for-moto-0123456789",
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
+        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        s3.create_bucket(Bucket="mlflow-team")
+        yield {"endpoint": endpoint, "env": env, "client": s3, "bucket": "mlflow-team"}
+    finally:
+        stop(proc)
+        log.close()
+
+
+@pytest.fixture(scope="session")
+def team_server(s3_server, tmp_path_factory):
+    """The team setup on loopback: `mlflow server` (SQL backend) whose artifact root is on S3;
+    clients write artifacts straight to S3, and the Lance root follows the artifact root."""
+    root = tmp_path_factory.mktemp("team")
+    port = free_port()
+    log = open(root / "server.log", "wb")
+    env = {**os.environ, **s3_server["env"]}
+    proc = subprocess.Popen(
+        [
+            str(BIN / "mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+            "--default-artifact-root", f"s3://{s3_server['bucket']}/mlflow",
+            "--no-serve-artifacts",
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+        ],  # fmt: skip
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/health", proc, expect=b"OK")
+        yield {"url": url, "root": root, **s3_server}
+    finally:
+        stop(proc)
+        log.close()

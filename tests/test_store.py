@@ -267,8 +267,9 @@ def test_gc_keeps_tagged_latest_and_recent_versions(uri):
     ml.tag(uri, "keep", 2)
     with pytest.raises(ValueError, match="keep_last"):
         ml.gc(uri)
-    assert ml.gc(uri, older_than=timedelta(hours=1)).removed_versions == []
-    report = ml.gc(uri, keep_last=2)
+    assert ml.gc(uri, older_than=timedelta(hours=1), grace=timedelta(0)).removed_versions == []
+    assert ml.gc(uri, keep_last=2).removed_versions == []  # all superseded within the grace period
+    report = ml.gc(uri, keep_last=2, grace=timedelta(0))
     assert report.removed_versions == [1, 3] and report.kept_tagged == [2] and report.bytes_removed > 0
     assert [v.version for v in ml.versions(uri)] == [2, 4, 5]
     for v, value in ((2, 1.0), (4, 3.0), (5, 4.0)):

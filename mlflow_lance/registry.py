@@ -1,0 +1,188 @@
+"""Bookkeeping between the Lance dataset and MLflow's tracking server and model registry.
+
+After a ``log_model``: pin the Lance version for the registered model version, put
+``lance.*`` tags and a markdown description on the run, the logged model and the model
+version, write the registered model's version history into its description (what the
+MLflow UI shows on the registered-model page), and refresh the sidecar.
+
+``sync(name)`` does all of that on demand from the truth: the registry's model versions
+(what each one's MLmodel points at) and the dataset's commits and tags; pins what is
+referenced and unpins versions whose model version was deleted.
+
+Split from flavor.py, which keeps to MLflow's flavor contract (save, log, load, pyfunc).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+
+from . import sidecar, store
+from .artifacts import storage_options_for
+
+FLAVOR_NAME = "mlflow_lance"
+HISTORY_MARKER = "<!-- mlflow-lance history -->"
+
+
+@dataclass
+class SyncReport:
+    """What ``sync`` found and changed."""
+
+    dataset: str
+    model_versions: dict[str, int] = field(default_factory=dict)  # model version -> Lance version
+    pinned: list[str] = field(default_factory=list)
+    unpinned: list[str] = field(default_factory=list)
+    runs: int = 0
+
+
+def _flavor_conf(model_uri: str) -> dict | None:
+    """The mlflow_lance flavor section of a model's MLmodel (fetches that one file)."""
+    base = ModelsArtifactRepository.get_underlying_uri(model_uri) if model_uri.startswith("models:") else model_uri
+    path = _download_artifact_from_uri(base.rstrip("/") + "/" + MLMODEL_FILE_NAME)
+    return Model.load(path).flavors.get(FLAVOR_NAME)
+
+
+def _tag_dataset(uri: str, tag: str, version: int, opts: Mapping[str, str] | None) -> bool:
+    """Point ``tag`` at ``version``; True if anything changed."""
+    if store.tags(uri, storage_options=opts).get(tag) == version:
+        return False
+    store.tag(uri, tag, version, storage_options=opts)
+    return True
+
+
+def lance_tags(conf: Mapping) -> dict[str, str]:
+    """The ``lance.*`` tags shown in the MLflow UI for one logged Lance version."""
+    return {
+        "lance.version": str(conf["lance_version"]),
+        "lance.uri": str(conf["lance_uri"]),
+        "lance.parent_version": str(conf.get("parent_version") or ""),
+        "lance.tensors": str(conf.get("tensors", "")),
+        "lance.tensors_changed": str(conf.get("tensors_changed", "")),
+        "lance.bytes": str(conf.get("bytes", "")),
+        "lance.bytes_written": str(conf.get("bytes_written", "")),
+    }
+
+
+def _describe(conf: Mapping) -> str:
+    written, total = int(conf.get("bytes_written", 0)), int(conf.get("bytes", 0)) or 1
+    parent = conf.get("parent_version")
+    return (
+        f"**Lance version {conf['lance_version']}** of `{conf['lance_uri']}`"
+        + (f", parent version {parent}" if parent else " (first version)")
+        + f". {conf.get('tensors_changed', '?')} of {conf.get('tensors', '?')} tensors changed; "
+        f"{written:,} bytes written for {total:,} bytes of weights ({written / total:.1%})."
+    )
+
+
+def after_log(model_info, registered_model_name: str | None, opts: Mapping[str, str] | None) -> None:
+    """Pin, tag, describe and refresh the sidecar after ``log_model``."""
+    conf = model_info.flavors[FLAVOR_NAME]
+    uri, version = conf["lance_uri"], int(conf["lance_version"])
+    client = MlflowClient()
+    tags = lance_tags(conf)
+    if model_info.run_id:
+        for key, value in tags.items():
+            client.set_tag(model_info.run_id, key, value)
+    if model_info.model_id:
+        client.set_logged_model_tags(model_info.model_id, tags)
+    mv = model_info.registered_model_version
+    if registered_model_name and mv is not None:
+        _tag_dataset(uri, sidecar.model_version_tag(mv), version, opts)
+        for key, value in tags.items():
+            client.set_model_version_tag(registered_model_name, str(mv), key, value)
+        client.update_model_version(registered_model_name, str(mv), description=_describe(conf))
+        write_history(registered_model_name, uri, opts)
+    sidecar.refresh(uri, opts)
+
+
+def write_history(name: str, uri: str, opts: Mapping[str, str] | None) -> None:
+    """Put the version history table into the registered model's description (kept below
+    any text a person wrote above the marker)."""
+    client = MlflowClient()
+    infos = {v.version: v for v in store.versions(uri, storage_options=opts)}
+    aliases: dict[str, list[str]] = {}
+    registered = client.get_registered_model(name)
+    for alias, mv in (registered.aliases or {}).items():
+        aliases.setdefault(str(mv), []).append(alias)
+    rows = []
+    for mv, version in sorted(_model_version_tags(uri, opts).items(), key=lambda kv: -int(kv[0])):
+        info = infos.get(version)
+        if info is None:
+            continue
+        ratio = info.total_bytes / info.bytes_written if info.bytes_written else float("inf")
+        rows.append(
+            f"| {mv} | {version} | {', '.join(sorted(aliases.get(mv, []))) or ''} | "
+            f"`{info.properties.get('mlflow.run_id', '')[:12]}` | {len(info.changed)} of {info.num_tensors} | "
+            f"{info.bytes_written:,} | {'∞' if ratio == float('inf') else f'{ratio:.1f}x'} |"
+        )
+    table = "\n".join(
+        [
+            HISTORY_MARKER,
+            f"**Weights:** Lance dataset `{uri}` (sidecar `{sidecar.sidecar_uri(uri)}`).",
+            "",
+            "| model version | Lance version | aliases | run | tensors changed | bytes written | dedup |",
+            "|---|---|---|---|---|---|---|",
+            *rows,
+        ]
+    )
+    own = (registered.description or "").split(HISTORY_MARKER)[0].rstrip()
+    client.update_registered_model(name, description=f"{own}\n\n{table}" if own else table)
+
+
+def _model_version_tags(uri: str, opts: Mapping[str, str] | None) -> dict[str, int]:
+    prefix = sidecar.MODEL_VERSION_TAG
+    return {t[len(prefix):]: v for t, v in store.tags(uri, storage_options=opts).items() if t.startswith(prefix)}
+
+
+def sync(name: str, *, lance_uri: str | None = None) -> SyncReport:
+    """Reconcile registered model ``name`` with its Lance dataset and rewrite the sidecar.
+
+    Pins (Lance tag ``model-version.<n>``) the version every live model version's MLmodel
+    points at, unpins those of deleted model versions, re-applies the UI tags and history,
+    and rebuilds the sidecar from the dataset's commits and tags.
+    """
+    client = MlflowClient()
+    try:
+        live = client.search_model_versions(f"name = '{name}'")
+    except MlflowException as err:
+        raise LookupError(f"registered model {name!r} cannot be read from the registry: {err}") from None
+    pointers: dict[str, dict] = {}
+    for mv in live:
+        conf = _flavor_conf(f"models:/{name}/{mv.version}")
+        if conf is not None:
+            pointers[str(mv.version)] = conf
+    uris = {c["lance_uri"] for c in pointers.values()} | ({lance_uri} if lance_uri else set())
+    if len(uris) != 1:
+        raise LookupError(
+            f"registered model {name!r} has {'no' if not uris else 'several'} mlflow_lance datasets "
+            f"({', '.join(sorted(uris)) or 'none logged'}); pass lance_uri= to choose one"
+        )
+    uri = uris.pop()
+    opts = storage_options_for(uri) or None
+    report = SyncReport(dataset=uri)
+    for mv, conf in pointers.items():
+        if conf["lance_uri"] != uri:
+            continue
+        version = int(conf["lance_version"])
+        report.model_versions[mv] = version
+        if _tag_dataset(uri, sidecar.model_version_tag(mv), version, opts):
+            report.pinned.append(sidecar.model_version_tag(mv))
+        for key, value in lance_tags(conf).items():
+            client.set_model_version_tag(name, mv, key, value)
+    for mv in _model_version_tags(uri, opts):
+        if mv not in report.model_versions:
+            store.untag(uri, sidecar.model_version_tag(mv), storage_options=opts)
+            report.unpinned.append(sidecar.model_version_tag(mv))
+    if report.model_versions:
+        write_history(name, uri, opts)
+    doc = sidecar.refresh(uri, opts, force=True)
+    report.runs = len(doc["runs"])
+    return report
+
