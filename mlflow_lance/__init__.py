@@ -3,59 +3,48 @@
 The store (``save_state_dict``, ``load_into``, ``versions``, ...) works on any Lance dataset
 URI; the flavor (``log_model``, ``load_model``, ...) ties its versions to MLflow runs and
 registered models. ``load_state_dict`` takes either a dataset URI or an MLflow model URI.
+
+Names are imported on first use, so ``import mlflow_lance`` (and the CLI) stays fast and
+the store works without importing MLflow.
 """
 
-from .flavor import get_default_pip_requirements, load_model, load_state_dict, log_model, save_model
-from .registry import SyncReport, sync
-from .store import (
-    CorruptionError,
-    Diff,
-    GcReport,
-    LoadResult,
-    Problem,
-    VerifyReport,
-    VersionInfo,
-    VersionNotFoundError,
-    WeightsError,
-    diff,
-    gc,
-    latest_version,
-    load_into,
-    save_state_dict,
-    tag,
-    tags,
-    untag,
-    verify,
-    versions,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "CorruptionError",
-    "Diff",
-    "GcReport",
-    "LoadResult",
-    "Problem",
-    "VerifyReport",
-    "VersionInfo",
-    "VersionNotFoundError",
-    "WeightsError",
-    "diff",
-    "SyncReport",
-    "gc",
-    "get_default_pip_requirements",
-    "latest_version",
-    "load_into",
-    "load_model",
-    "load_state_dict",
-    "log_model",
-    "save_model",
-    "save_state_dict",
-    "sync",
-    "tag",
-    "tags",
-    "untag",
-    "verify",
-    "versions",
-]
+_EXPORTS = {
+    "store": [
+        "CorruptionError", "Diff", "GcReport", "LoadResult", "Problem", "VerifyReport", "VersionInfo",
+        "VersionNotFoundError", "WeightsError", "diff", "gc", "gc_plan", "latest_version", "load_into",
+        "resolve_version", "save_state_dict", "tag", "tags", "untag", "verify", "versions",
+    ],
+    "flavor": ["get_default_pip_requirements", "load_model", "load_state_dict", "log_model", "save_model"],
+    "registry": ["SyncReport", "sync"],
+}  # fmt: skip
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f".{_WHERE[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'mlflow_lance' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)
+
+
+if TYPE_CHECKING:  # for type checkers and IDEs
+    from .flavor import get_default_pip_requirements, load_model, load_state_dict, log_model, save_model
+    from .registry import SyncReport, sync
+    from .store import (
+        CorruptionError, Diff, GcReport, LoadResult, Problem, VerifyReport, VersionInfo, VersionNotFoundError,
+        WeightsError, diff, gc, gc_plan, latest_version, load_into, resolve_version, save_state_dict, tag, tags,
+        untag, verify, versions,
+    )  # fmt: skip

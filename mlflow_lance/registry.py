@@ -116,18 +116,18 @@ def write_history(name: str, uri: str, opts: Mapping[str, str] | None) -> None:
         info = infos.get(version)
         if info is None:
             continue
-        ratio = info.total_bytes / info.bytes_written if info.bytes_written else float("inf")
+        share = info.bytes_written / info.total_bytes if info.total_bytes else 0.0
         rows.append(
             f"| {mv} | {version} | {', '.join(sorted(aliases.get(mv, []))) or ''} | "
             f"`{info.properties.get('mlflow.run_id', '')[:12]}` | {len(info.changed)} of {info.num_tensors} | "
-            f"{info.bytes_written:,} | {'∞' if ratio == float('inf') else f'{ratio:.1f}x'} |"
+            f"{info.bytes_written:,} | {share:.1%} |"
         )
     table = "\n".join(
         [
             HISTORY_MARKER,
             f"**Weights:** Lance dataset `{uri}` (sidecar `{sidecar.sidecar_uri(uri)}`).",
             "",
-            "| model version | Lance version | aliases | run | tensors changed | bytes written | dedup |",
+            "| model version | Lance version | aliases | run | tensors changed | bytes written | written / weights |",
             "|---|---|---|---|---|---|---|",
             *rows,
         ]
@@ -139,6 +139,22 @@ def write_history(name: str, uri: str, opts: Mapping[str, str] | None) -> None:
 def _model_version_tags(uri: str, opts: Mapping[str, str] | None) -> dict[str, int]:
     prefix = sidecar.MODEL_VERSION_TAG
     return {t[len(prefix):]: v for t, v in store.tags(uri, storage_options=opts).items() if t.startswith(prefix)}
+
+
+def dataset_for_model(name: str) -> str:
+    """The Lance dataset of registered model ``name`` (from its newest model version's MLmodel)."""
+    try:
+        live = MlflowClient().search_model_versions(f"name = '{name}'")
+    except MlflowException as err:
+        raise LookupError(f"registered model {name!r} cannot be read from the registry: {err}") from None
+    for mv in sorted(live, key=lambda m: -int(m.version)):
+        conf = _flavor_conf(f"models:/{name}/{mv.version}")
+        if conf is not None:
+            return conf["lance_uri"]
+    raise LookupError(
+        f"no dataset found for {name!r}: it is neither a path or URI that exists nor a registered "
+        f"model with versions logged by mlflow_lance"
+    )
 
 
 def sync(name: str, *, lance_uri: str | None = None) -> SyncReport:

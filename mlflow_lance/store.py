@@ -21,7 +21,7 @@ import random
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
@@ -1007,9 +1007,16 @@ def tags(uri: str | os.PathLike, *, storage_options: StorageOptions = None) -> d
 
 
 def verify(
-    uri: str | os.PathLike, version: Version | None = None, *, storage_options: StorageOptions = None
+    uri: str | os.PathLike,
+    version: Version | None = None,
+    *,
+    storage_options: StorageOptions = None,
+    progress: Callable[[int], object] | None = None,
 ) -> VerifyReport:
-    """Recompute the content hash of every chunk of a version and report each mismatch."""
+    """Recompute the content hash of every chunk of a version and report each mismatch.
+
+    ``progress`` is called with the bytes of each chunk checked (for progress bars).
+    """
     ds, kind, entries = _open_version(uri, version, storage_options)
     reader = _Reader(ds, kind)
     problems: list[Problem] = []
@@ -1027,6 +1034,8 @@ def verify(
                 problems.append(Problem(e.name, row.chunk, reader.file_of(row), f"unreadable: {err}"))
                 continue
             nbytes += row.size
+            if progress is not None:
+                progress(row.size)
             if kind != "weights":
                 continue
             got = hash_bytes(memoryview(dst.numpy()))
@@ -1045,6 +1054,43 @@ def latest_version(uri: str | os.PathLike, *, storage_options: StorageOptions = 
     return _open(_uri(uri), storage_options).version
 
 
+def resolve_version(uri: str | os.PathLike, version: Version | None, *, storage_options: StorageOptions = None) -> int:
+    """The version number a number or tag (None: latest) stands for; raises if none."""
+    return _checkout(_open(_uri(uri), storage_options), version).version
+
+
+def gc_plan(
+    uri: str | os.PathLike,
+    *,
+    keep_last: int | None = None,
+    older_than: timedelta | None = None,
+    grace: timedelta = timedelta(minutes=30),
+    storage_options: StorageOptions = None,
+) -> list[int]:
+    """The versions ``gc`` with these arguments would remove (see ``gc``)."""
+    if keep_last is None and older_than is None:
+        raise ValueError("gc needs keep_last=N and/or older_than=timedelta(...) to know what to remove")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    ds = _open(_uri(uri), storage_options)
+    _kind(ds)
+    all_versions = ds.versions()
+    tagged = {t["version"] for t in ds.tags.list().values()}
+    newest = {v["version"] for v in all_versions[-(keep_last or 1):]}
+    now = datetime.now(timezone.utc)
+    cutoff = now - older_than if older_than is not None else None
+    superseded = {  # when each version stopped being the latest
+        v["version"]: _aware(nxt["timestamp"]) for v, nxt in zip(all_versions, all_versions[1:])
+    }
+    return [
+        v["version"] for v in all_versions
+        if v["version"] not in newest
+        and v["version"] not in tagged
+        and (cutoff is None or _aware(v["timestamp"]) < cutoff)
+        and superseded.get(v["version"], now) <= now - grace
+    ]  # fmt: skip
+
+
 def gc(
     uri: str | os.PathLike,
     *,
@@ -1061,29 +1107,18 @@ def gc(
     that was latest when it started, so that version must outlive any save in flight.
     The latest version is always kept.
     """
-    if keep_last is None and older_than is None:
-        raise ValueError("gc needs keep_last=N and/or older_than=timedelta(...) to know what to remove")
-    if keep_last is not None and keep_last < 1:
-        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    doomed = gc_plan(uri, keep_last=keep_last, older_than=older_than, grace=grace, storage_options=storage_options)
     ds = _open(_uri(uri), storage_options)
-    _kind(ds)
-    all_versions = ds.versions()
     tagged = {t["version"] for t in ds.tags.list().values()}
-    newest = {v["version"] for v in all_versions[-(keep_last or 1):]}
-    now = datetime.now(timezone.utc)
-    cutoff = now - older_than if older_than is not None else None
-    superseded = {  # when each version stopped being the latest
-        v["version"]: _aware(nxt["timestamp"]) for v, nxt in zip(all_versions, all_versions[1:])
-    }
-    doomed = [
-        v["version"] for v in all_versions
-        if v["version"] not in newest
-        and v["version"] not in tagged
-        and (cutoff is None or _aware(v["timestamp"]) < cutoff)
-        and superseded.get(v["version"], now) <= now - grace
-    ]  # fmt: skip
-    kept_tagged = sorted(v["version"] for v in all_versions if v["version"] in tagged and v["version"] not in newest)
+    kept_tagged = sorted(v["version"] for v in ds.versions()[: -(keep_last or 1)] if v["version"] in tagged)
     if not doomed:
         return GcReport([], 0, kept_tagged)
     stats = ds.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
+    root = _local_path(ds.uri)
+    for v in doomed:  # their version indexes go with them
+        if root is not None:
+            try:
+                os.remove(os.path.join(root, *_INDEX_DIR, f"{v}.json"))
+            except OSError:
+                pass
     return GcReport(doomed, int(stats.bytes_removed), kept_tagged)

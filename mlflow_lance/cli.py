@@ -1,0 +1,286 @@
+"""The ``mlflow-lance`` command: inspect and maintain weight datasets.
+
+Every command takes a TARGET: a Lance dataset URI (a path, file://, s3://, ...) or the name
+of a registered model logged with mlflow_lance (its dataset is found through the registry).
+Tables by default, ``--json`` for scripts. Exit codes: 0 success, 1 verification found
+problems, 2 bad usage or input, 3 dataset, version, tag or model not found.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import timedelta
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
+
+EXAMPLES = {
+    "versions": "mlflow-lance versions ./weights.lance\n  mlflow-lance versions churn-model --json",
+    "diff": "mlflow-lance diff ./weights.lance 3 7\n  mlflow-lance diff churn-model 3      # 3 against latest",
+    "tag": "mlflow-lance tag ./weights.lance best 7\n  mlflow-lance tag ./weights.lance best --delete",
+    "verify": "mlflow-lance verify ./weights.lance\n  mlflow-lance verify s3://bucket/lance/models/x.lance --version best",
+    "gc": "mlflow-lance gc ./weights.lance --keep-last 5\n  mlflow-lance gc churn-model --older-than-days 30 --dry-run",
+    "export": "mlflow-lance export ./weights.lance model.safetensors --version 7",
+    "import": "mlflow-lance import ./weights.lance pytorch_model.bin -m 'from the hub checkpoint'\n"
+    "  mlflow-lance import ./weights.lance model.safetensors",
+    "sync": "mlflow-lance sync churn-model",
+}
+
+
+def _version(text: str | None) -> int | str | None:
+    if text is None:
+        return None
+    return int(text) if text.isdigit() else text
+
+
+def _resolve(target: str) -> str:
+    """A dataset URI for TARGET (a URI or path as is; else a registered model's dataset)."""
+    if "://" in target or os.path.exists(target) or target.endswith(".lance"):
+        return target
+    from .registry import dataset_for_model
+
+    return dataset_for_model(target)
+
+
+def _opts(uri: str) -> dict[str, str] | None:
+    from .artifacts import storage_options_for
+
+    return storage_options_for(uri) or None
+
+
+def _table(rows: list[dict], columns: Sequence[str]) -> str:
+    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
+
+
+def _emit(args: argparse.Namespace, payload, text: str) -> None:
+    print(json.dumps(payload, indent=2, default=str) if args.json else text)
+
+
+def _bar(args: argparse.Namespace, total: int, unit: str, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc, file=sys.stderr,
+                disable=args.json or not sys.stderr.isatty() and not args.progress)  # fmt: skip
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_versions(args: argparse.Namespace) -> int:
+    from . import store
+
+    uri = _resolve(args.target)
+    infos = store.versions(uri, storage_options=_opts(uri))
+    rows = [
+        {
+            "version": v.version,
+            "time": v.timestamp.strftime("%Y-%m-%d %H:%M:%S"),
+            "tensors": v.num_tensors,
+            "changed": len(v.changed),
+            "bytes": f"{v.total_bytes:,}",
+            "written": f"{v.bytes_written:,}",
+            "run": v.properties.get("mlflow.run_id", "")[:12],
+            "tags": ",".join(v.tags),
+            "message": (v.message or "")[:40],
+        }
+        for v in infos
+    ]
+    _emit(args, [asdict(v) for v in infos], f"{uri}\n" + _table(rows, list(rows[0]) if rows else ["version"]))
+    return EXIT_OK
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from . import store
+
+    uri = _resolve(args.target)
+    d = store.diff(uri, _version(args.a), _version(args.b), storage_options=_opts(uri))
+    lines = [f"{uri}: version {d.a} -> {d.b}"]
+    for label, names in (("added", d.added), ("removed", d.removed), ("changed", d.changed)):
+        lines += [f"  {label[0].upper() if label != 'changed' else 'M'} {n}" for n in names]
+    lines.append(f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, "
+                 f"{len(d.unchanged)} unchanged")
+    _emit(args, asdict(d), "\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_tag(args: argparse.Namespace) -> int:
+    from . import store
+
+    uri = _resolve(args.target)
+    if args.delete:
+        store.untag(uri, args.name, storage_options=_opts(uri))
+        _emit(args, {"tag": args.name, "deleted": True}, f"removed tag {args.name!r}")
+        return EXIT_OK
+    if args.version is None:
+        raise ValueError("give a VERSION to tag, or --delete")
+    store.tag(uri, args.name, int(args.version), storage_options=_opts(uri))
+    _emit(args, {"tag": args.name, "version": int(args.version)}, f"tag {args.name!r} -> version {args.version}")
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    from . import store
+
+    uri = _resolve(args.target)
+    opts = _opts(uri)
+    version = store.resolve_version(uri, _version(args.version), storage_options=opts)
+    total = next(v.total_bytes for v in store.versions(uri, storage_options=opts) if v.version == version)
+    with _bar(args, total, "B", "verify") as bar:
+        report = store.verify(uri, version, storage_options=opts, progress=bar.update)
+    text = [f"{uri} version {report.version}: {report.tensors} tensors, {report.chunks} chunks, "
+            f"{report.bytes:,} bytes checked"]  # fmt: skip
+    text += [f"  CORRUPT {p.name} (chunk {p.chunk}) {p.file}: {p.detail}" for p in report.problems]
+    text.append("OK" if report.ok else f"{len(report.problems)} problem(s)")
+    _emit(args, {**asdict(report), "ok": report.ok}, "\n".join(text))
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from . import store
+
+    uri = _resolve(args.target)
+    older = timedelta(days=args.older_than_days) if args.older_than_days is not None else None
+    grace = timedelta(minutes=args.grace_minutes)
+    if args.dry_run:
+        before = [v.version for v in store.versions(uri, storage_options=_opts(uri))]
+        plan = store.gc_plan(uri, keep_last=args.keep_last, older_than=older, grace=grace, storage_options=_opts(uri))
+        _emit(args, {"would_remove": plan, "versions": before}, f"would remove versions: {plan or 'none'}")
+        return EXIT_OK
+    report = store.gc(uri, keep_last=args.keep_last, older_than=older, grace=grace, storage_options=_opts(uri))
+    _emit(args, asdict(report), f"removed versions {report.removed_versions or 'none'} "
+          f"({report.bytes_removed:,} bytes); kept tagged {report.kept_tagged or 'none'}")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from safetensors.torch import save_file
+
+    from . import store
+
+    uri = _resolve(args.target)
+    sd = store.load_state_dict(uri, _version(args.version), storage_options=_opts(uri))
+    seen: dict[int, str] = {}
+    out = {}
+    with _bar(args, len(sd), "tensor", "export") as bar:
+        for name, t in sd.items():  # safetensors stores shared tensors once only if told; copy ties
+            out[name] = t.clone() if id(t) in seen else t.contiguous()
+            seen[id(t)] = name
+            bar.update(1)
+    save_file(out, args.output, metadata={"mlflow_lance.source": uri, "mlflow_lance.tensors": str(len(out))})
+    _emit(args, {"output": args.output, "tensors": len(out)}, f"wrote {len(out)} tensors to {args.output}")
+    return EXIT_OK
+
+
+def _read_checkpoint(path: str) -> dict:
+    import torch
+
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    obj = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+    return obj
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    from . import store
+
+    uri = _resolve(args.target)
+    sd = _read_checkpoint(args.input)
+    with _bar(args, 1, "version", "import") as bar:
+        info = store.save_state_dict(sd, uri, message=args.message or f"imported from {os.path.basename(args.input)}",
+                                     storage_options=_opts(uri))  # fmt: skip
+        bar.update(1)
+    _emit(args, asdict(info), f"version {info.version}: {info.num_tensors} tensors, {len(info.changed)} changed, "
+          f"{info.bytes_written:,} bytes written")  # fmt: skip
+    return EXIT_OK
+
+
+def cmd_sync(args: argparse.Namespace) -> int:
+    from .registry import sync
+
+    report = sync(args.name)
+    _emit(args, asdict(report), f"{report.dataset}: {len(report.model_versions)} model versions, {report.runs} runs; "
+          f"pinned {report.pinned or 'nothing new'}; unpinned {report.unpinned or 'nothing'}")  # fmt: skip
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- wiring
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mlflow-lance", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_, epilog="example:\n  " + EXAMPLES[name],
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        p.add_argument("--json", action="store_true", help="machine-readable output")
+        p.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
+        p.set_defaults(fn=fn)
+        return p
+
+    target = {"help": "dataset URI or registered model name"}
+    p = add("versions", cmd_versions, "list versions: time, tensors, changed, bytes written, run, tags")
+    p.add_argument("target", **target)
+    p = add("diff", cmd_diff, "tensors added, removed and changed between two versions")
+    p.add_argument("target", **target)
+    p.add_argument("a", help="version number or tag")
+    p.add_argument("b", nargs="?", help="version number or tag (default: latest)")
+    p = add("tag", cmd_tag, "point a tag at a version (tagged versions survive gc), or --delete it")
+    p.add_argument("target", **target)
+    p.add_argument("name")
+    p.add_argument("version", nargs="?")
+    p.add_argument("--delete", action="store_true")
+    p = add("verify", cmd_verify, "recompute every content hash of a version; exit 1 on any mismatch")
+    p.add_argument("target", **target)
+    p.add_argument("--version", help="version number or tag (default: latest)")
+    p = add("gc", cmd_gc, "remove old untagged versions and the files only they use")
+    p.add_argument("target", **target)
+    p.add_argument("--keep-last", type=int)
+    p.add_argument("--older-than-days", type=float)
+    p.add_argument("--grace-minutes", type=float, default=30.0,
+                   help="keep versions superseded less than this long ago (default 30)")
+    p.add_argument("--dry-run", action="store_true")
+    p = add("export", cmd_export, "write a version to a safetensors file")
+    p.add_argument("target", **target)
+    p.add_argument("output")
+    p.add_argument("--version", help="version number or tag (default: latest)")
+    p = add("import", cmd_import, "save a safetensors or torch .pt/.bin state dict as a new version")
+    p.add_argument("target", **target)
+    p.add_argument("input")
+    p.add_argument("-m", "--message")
+    p = add("sync", cmd_sync, "reconcile a registered model with its dataset: pins, UI tags, sidecar")
+    p.add_argument("name", help="registered model name")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from . import store
+
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, store.VersionNotFoundError, LookupError) as err:
+        print(f"mlflow-lance {args.command}: {err}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except (ValueError, TypeError, PermissionError) as err:
+        print(f"mlflow-lance {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())
