@@ -1,21 +1,24 @@
-"""mlflow-lance end to end on embedded defaults: a local Lance dataset, nothing else to start.
+"""The main demo, on embedded defaults: local SQLite tracking and a local Lance dataset.
 
-    python examples/demo.py [--dir DIR]
+    python examples/demo.py [--dir DIR] [--runs 4]
 
-Saves a small CNN's weights, fine-tunes its head, saves again (only the head is written),
-loads both versions back, checks them bit for bit and verifies every content hash.
+A small CNN's body is "pretrained" once; each MLflow run then fine-tunes only the head and
+logs the model with mlflow_lance.log_model into one registered model. Only the head's bytes
+are written per run. The best run gets the alias @champion, which is then loaded back with
+mlflow.pyfunc and mlflow_lance, checked bit for bit, and verified.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
-
-import mlflow_lance as ml
 
 
 class SmallCNN(torch.nn.Module):
@@ -23,10 +26,11 @@ class SmallCNN(torch.nn.Module):
         super().__init__()
         self.features = torch.nn.Sequential(
             torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
-            torch.nn.Conv2d(64, 128, 3, padding=1), torch.nn.BatchNorm2d(128), torch.nn.ReLU(),
+            torch.nn.Conv2d(64, 256, 3, padding=1), torch.nn.BatchNorm2d(256), torch.nn.ReLU(),
+            torch.nn.Conv2d(256, 256, 3, padding=1), torch.nn.BatchNorm2d(256), torch.nn.ReLU(),
             torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
         )  # fmt: skip
-        self.head = torch.nn.Linear(128, classes)
+        self.head = torch.nn.Linear(256, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -36,41 +40,77 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+def finetune_head(model: SmallCNN, x: torch.Tensor, y: torch.Tensor, steps: int = 20) -> float:
+    """A few optimizer steps on the head only; the body stays frozen (and deduplicated)."""
+    model.features.eval()
+    opt = torch.optim.SGD(model.head.parameters(), lr=0.5)
+    with torch.no_grad():
+        feats = model.features(x)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model.head(feats), y)
+        loss.backward()
+        opt.step()
+    return float(loss)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dir", type=Path, default=None, help="where to put the dataset (default: a temp dir)")
+    ap.add_argument("--dir", type=Path, default=None, help="working directory (default: a new temp dir)")
+    ap.add_argument("--runs", type=int, default=4)
     args = ap.parse_args()
-    root = args.dir or Path(tempfile.mkdtemp(prefix="mlflow_lance_demo_"))
-    uri = root / "small_cnn.lance"
+    root = (args.dir or Path(tempfile.mkdtemp(prefix="mlflow_lance_demo_"))).resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    os.chdir(root)
+    warnings.filterwarnings("ignore")
+    import mlflow
 
+    import mlflow_lance
+
+    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")  # embedded: no server to start
+    mlflow.set_experiment("demo")
+    name = "demo-cnn"
     torch.manual_seed(0)
-    model = SmallCNN()
-    t0 = time.perf_counter()
-    v1 = ml.save_state_dict(model.state_dict(), uri, message="initial weights")
-    print(f"version {v1.version}: {v1.num_tensors} tensors, {v1.total_bytes:,} bytes, "
-          f"wrote {v1.bytes_written:,} bytes in {time.perf_counter() - t0:.3f}s")
+    model = SmallCNN().eval()
+    x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    raw = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+    print(f"model: {raw:,} bytes of weights in {len(model.state_dict())} tensors; tracking: {mlflow.get_tracking_uri()}")
 
-    with torch.no_grad():  # "fine-tune" the head only
-        model.head.weight.add_(0.01)
-        model.head.bias.add_(0.01)
-    v2 = ml.save_state_dict(model.state_dict(), uri, message="head fine-tuned", properties={"epoch": "1"})
-    print(f"version {v2.version}: changed {list(v2.changed)}, wrote {v2.bytes_written:,} bytes "
-          f"({v2.bytes_written / v1.bytes_written:.1%} of the first version)")
-    ml.tag(uri, "baseline", v1.version)
+    losses = {}
+    for i in range(args.runs):
+        with mlflow.start_run(run_name=f"head-finetune-{i}"):
+            loss = finetune_head(model, x, y)
+            mlflow.log_metric("loss", loss)
+            t0 = time.perf_counter()
+            info = mlflow_lance.log_model(model, name="model", registered_model_name=name,
+                                          input_example=x[:2].numpy())  # fmt: skip
+            flavor = info.flavors["mlflow_lance"]
+            losses[info.registered_model_version] = loss
+            print(f"run {i}: loss {loss:.3f}, model version {info.registered_model_version} = Lance version "
+                  f"{flavor['lance_version']}, {flavor['tensors_changed']} of {flavor['tensors']} tensors "
+                  f"changed, {flavor['bytes_written']:,} bytes written, logged in {time.perf_counter() - t0:.2f}s")
+    best = min(losses, key=losses.get)
+    client = mlflow.MlflowClient()
+    client.set_registered_model_alias(name, "champion", best)
+    mlflow_lance.sync(name)  # refresh the history table with the alias
 
-    restored = SmallCNN()
-    ml.load_into(restored, uri)  # latest
-    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), model.state_dict().values()))
-    baseline = ml.load_state_dict(uri, "baseline")
-    assert not torch.equal(baseline["head.weight"], model.head.weight)
-    heads = ml.load_state_dict(uri, names="head.")
-    print(f"partial load of {list(heads)}; latest loaded bit-exact; tag 'baseline' -> version {v1.version}")
+    uri = flavor["lance_uri"]
+    lance_bytes = du(Path(uri))
+    print(f"\n{args.runs} versions in one Lance dataset: {lance_bytes:,} bytes on disk = "
+          f"{lance_bytes / raw:.2f}x one model (mlflow.pytorch would store {args.runs}x)")
 
-    d = ml.diff(uri, v1.version, v2.version)
-    print(f"diff {d.a}->{d.b}: changed {d.changed}, unchanged {len(d.unchanged)} tensors")
-    report = ml.verify(uri)
-    print(f"verify: {report.chunks} chunks, {report.bytes:,} bytes, {'OK' if report.ok else report.problems}")
-    print(f"dataset: {uri} ({du(uri):,} bytes on disk for {len(ml.versions(uri))} versions)")
+    champion = mlflow_lance.load_model(f"models:/{name}@champion")
+    want = mlflow_lance.load_state_dict(f"models:/{name}/{best}")
+    assert all(torch.equal(a, want[k]) for k, a in champion.state_dict().items())
+    pyfunc = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    sample = x[:4].numpy()
+    with torch.no_grad():
+        np.testing.assert_allclose(pyfunc.predict(sample), champion(torch.from_numpy(sample)).numpy())
+    report = mlflow_lance.verify(uri, int(client.get_model_version(name, best).tags["lance.version"]))
+    print(f"@champion = model version {best}: loaded with mlflow_lance and mlflow.pyfunc, bit-exact; "
+          f"verify: {'OK' if report.ok else report.problems}")
+    print(f"sidecar: {uri}.yaml\nUI: mlflow ui --backend-store-uri sqlite:///{root}/mlflow.db  "
+          f"(Models -> {name})")
     assert report.ok
 
 

@@ -25,7 +25,36 @@ _EXPORTS = {
     "registry": ["SyncReport", "sync"],
 }  # fmt: skip
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
+__all__ = [
+    "CorruptionError",
+    "Diff",
+    "GcReport",
+    "LoadResult",
+    "Problem",
+    "SyncReport",
+    "VerifyReport",
+    "VersionInfo",
+    "VersionNotFoundError",
+    "WeightsError",
+    "diff",
+    "gc",
+    "gc_plan",
+    "get_default_pip_requirements",
+    "latest_version",
+    "load_into",
+    "load_model",
+    "load_state_dict",
+    "log_model",
+    "resolve_version",
+    "save_model",
+    "save_state_dict",
+    "sync",
+    "tag",
+    "tags",
+    "untag",
+    "verify",
+    "versions",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -774,17 +774,22 @@ def _write_rows(
     for g in groups:
         g.sort()
 
-    def write(group: list[int]) -> list[FragmentMetadata]:
+    def write(group: list[int], mode: str = "create" if create else "append") -> list[FragmentMetadata]:
         batches = (rows_batch(schema, rows[i][0], pack(rows[i][1])) for i in group)
-        return write_fragments(
-            pa.RecordBatchReader.from_batches(schema, batches),
-            uri,
-            schema=schema,
-            mode="create" if create else "append",
-            max_rows_per_file=1,
-            data_storage_version=_STORAGE_VERSION,
-            storage_options=dict(storage_options) if storage_options else None,
-        )
+        try:
+            return write_fragments(
+                pa.RecordBatchReader.from_batches(schema, batches),
+                uri,
+                schema=schema,
+                mode=mode,
+                max_rows_per_file=1,
+                data_storage_version=_STORAGE_VERSION,
+                storage_options=dict(storage_options) if storage_options else None,
+            )
+        except OSError as err:  # another writer created the dataset since we looked
+            if mode == "create" and "already exists" in str(err):
+                return write(group, "append")
+            raise
 
     if n == 1:
         results = [write(groups[0])]
