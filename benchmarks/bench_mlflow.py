@@ -4,19 +4,25 @@ Run:  python benchmarks/bench_mlflow.py [--repeat 3] [--versions 10]
 
 Model: GPT-2 small (random init from a config, no download) with a 10-class head. Both
 flavors log with the same settings (no input example, no signature, fixed pip requirements
-so that neither runs MLflow's requirement inference) into the same embedded tracking store
-(SQLite, local artifacts). Printed: median log_model and pyfunc load times and their ratios,
-then the bytes on disk after N versions where only the head changes.
+so that neither runs MLflow's requirement inference) to the same `mlflow server` (SQLite
+backend, proxied artifacts on local disk), started on 127.0.0.1 for the run; the Lance
+datasets live on the same disk (MLFLOW_LANCE_ROOT). Printed: median log_model and pyfunc
+load times and their ratios, then the bytes on disk after N versions where only the head
+changes.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import signal
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 import warnings
 from pathlib import Path
 
@@ -44,6 +50,24 @@ def du(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
+def start_server(root: Path) -> tuple[subprocess.Popen, str]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+           "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
+           "--workers", "1"]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2):
+                return proc, url
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError("mlflow server did not start")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeat", type=int, default=3)
@@ -58,13 +82,22 @@ def main() -> None:
 
     import mlflow_lance
 
-    mlflow.set_tracking_uri(f"sqlite:///{root}/mlflow.db")
+    server, url = start_server(root)
+    mlflow.set_tracking_uri(url)
+    try:
+        run_benchmark(args, root, mlflow, mlflow_lance)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait()
+
+
+def run_benchmark(args, root: Path, mlflow, mlflow_lance) -> None:
     torch.manual_seed(0)
     model = Classifier().eval()
     raw = sum(v.numel() * v.element_size() for v in model.state_dict().values())
     reqs = mlflow_lance.get_default_pip_requirements()
     print(f"model: GPT-2 small + head, {raw / 1e6:.0f} MB raw, {len(model.state_dict())} tensors; "
-          f"repeat={args.repeat}, versions={args.versions}; tracking: embedded SQLite, local artifacts")
+          f"repeat={args.repeat}, versions={args.versions}; tracking: mlflow server, proxied artifacts")
 
     def log(flavor: str, registered: str, n: int) -> list[float]:
         mlflow.set_experiment(registered)
@@ -90,14 +123,22 @@ def main() -> None:
             times.append(time.perf_counter() - t0)
         return statistics.median(times)
 
+    # Warm the server and both code paths once (first requests create tables, first calls
+    # import and initialise), so that "first" below means the first version of a model.
+    mlflow.set_experiment("warm-up")
+    with mlflow.start_run():
+        tiny = torch.nn.Linear(2, 2)
+        mlflow_lance.log_model(tiny, name="tiny", lance_uri=str(root / "warmup.lance"))
+        mlflow.pytorch.log_model(tiny, name="tiny-pt", serialization_format="pickle", pip_requirements=reqs)
+
     ours = log("lance", "lance-model", args.versions)
     theirs = log("pytorch", "pytorch-model", args.versions)
     ours_load, theirs_load = load("lance-model"), load("pytorch-model")
 
     lance_bytes = du(root / "lance")
-    exp_dirs = {e.name: e.artifact_location for e in mlflow.search_experiments()}
-    ours_artifacts = du(Path(exp_dirs["lance-model"].replace("file://", "")))
-    theirs_bytes = du(Path(exp_dirs["pytorch-model"].replace("file://", "")))
+    ids = {e.name: e.experiment_id for e in mlflow.search_experiments()}
+    ours_artifacts = du(root / "artifacts" / ids["lance-model"])
+    theirs_bytes = du(root / "artifacts" / ids["pytorch-model"])
 
     first_ours, first_theirs = ours[0], theirs[0]
     med_ours, med_theirs = statistics.median(ours[1:] or ours), statistics.median(theirs[1:] or theirs)

@@ -44,6 +44,7 @@ from mlflow.utils.environment import (
     _validate_env_arguments,
 )
 from mlflow.utils.file_utils import write_to
+from mlflow.utils.validation import _validate_model_name
 from mlflow.utils.model_utils import (
     _add_code_from_conf_to_system_path,
     _copy_extra_files,
@@ -61,6 +62,8 @@ from .skeleton import (
     dump_skeleton,
     load_skeleton,
     materialize,
+    retie,
+    tie_groups,
 )
 from .sidecar import run_tag
 from .tensors import validate_state_dict
@@ -293,6 +296,8 @@ def log_model(
     sidecar next to the dataset is up to date.
     """
     name = name or artifact_path or "model"
+    if registered_model_name is not None:  # the registry's own rules, before anything is written
+        _validate_model_name(registered_model_name)
     location = _location_for(name, registered_model_name, lance_uri, storage_options)
     lance_properties = {"mlflow.registered_model_name": registered_model_name} if registered_model_name else {}
     info = Model.log(
@@ -354,17 +359,6 @@ def _read_pointer(data_path: str) -> tuple[str, int]:
     return uri, int(doc["lance_version"])
 
 
-def _build_module(
-    local_path: str, conf: Mapping, device: torch.device, allow_pickle: bool | None
-) -> torch.nn.Module:
-    _add_code_from_conf_to_system_path(local_path, conf)
-    if "model_factory" in conf:
-        module = build_from_factory(conf["model_factory"], conf.get("factory_kwargs"))
-        return module.to(device)
-    module = load_skeleton(os.path.join(local_path, conf["skeleton"]), allow_pickle=allow_pickle)
-    return materialize(module, device)
-
-
 def _load_from_local(
     local_path: str,
     *,
@@ -373,14 +367,28 @@ def _load_from_local(
     verify: bool,
     allow_pickle: bool | None,
 ) -> torch.nn.Module:
+    """Build the architecture and give it the weights of the recorded Lance version.
+
+    A skeleton's parameters become the loaded tensors themselves (``assign``): on a local
+    dataset those are copy-on-write maps of the data files, so loading copies nothing and
+    several processes serving one model share its pages. A factory-built module is
+    filled in place (``load_into``).
+    """
     conf = _get_flavor_configuration(local_path, FLAVOR_NAME)
     uri, version = _read_pointer(os.path.join(local_path, _DATA_SUBPATH))
     device = torch.device(map_location) if map_location is not None else torch.device("cpu")
-    module = _build_module(local_path, conf, device, allow_pickle)
-    store.load_into(
-        module, uri, version, strict=strict, storage_options=storage_options_for(uri) or None, verify=verify
-    )
-    return module.eval()
+    opts = storage_options_for(uri) or None
+    _add_code_from_conf_to_system_path(local_path, conf)
+    if "model_factory" in conf:
+        module = build_from_factory(conf["model_factory"], conf.get("factory_kwargs")).to(device)
+        store.load_into(module, uri, version, strict=strict, storage_options=opts, verify=verify)
+        return module.eval()
+    module = load_skeleton(os.path.join(local_path, conf["skeleton"]), allow_pickle=allow_pickle)
+    ties = tie_groups(module)
+    state_dict = store.load_state_dict(uri, version, map_location=device, storage_options=opts, verify=verify)
+    module.load_state_dict(state_dict, strict=strict, assign=True)
+    retie(ties)
+    return materialize(module, device).eval()  # what the weights did not cover (strict=False)
 
 
 def load_model(

@@ -131,3 +131,21 @@ def materialize(module: torch.nn.Module, device: torch.device) -> torch.nn.Modul
                 if t is not None:
                     registry[key] = convert(t)
     return module
+
+
+def tie_groups(module: torch.nn.Module) -> list[list[tuple[torch.nn.Module, str]]]:
+    """Every Parameter registered under more than one (module, name): the model's ties."""
+    places: dict[int, list[tuple[torch.nn.Module, str]]] = {}
+    for mod in module.modules():
+        for name, p in mod._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((mod, name))
+    return [group for group in places.values() if len(group) > 1]
+
+
+def retie(groups: list[list[tuple[torch.nn.Module, str]]]) -> None:
+    """Make each group share the first place's Parameter again (after ``assign`` loads)."""
+    for (first_mod, first_name), *rest in groups:
+        shared = first_mod._parameters[first_name]
+        for mod, name in rest:
+            mod._parameters[name] = shared

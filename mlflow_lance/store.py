@@ -161,10 +161,42 @@ def _local_path(uri: str) -> str | None:
     return None
 
 
+# Object stores: fail within about half a minute instead of retrying for minutes when the
+# endpoint is down or silent (Lance's defaults retry for up to 180 s). Callers may override.
+_REMOTE_DEFAULTS = {"connect_timeout": "5s", "client_max_retries": "3", "client_retry_timeout": "30"}
+
+
+def _lance_options(uri: str, storage_options: StorageOptions) -> dict[str, str] | None:
+    """Storage options as Lance takes them, with time limits for object storage."""
+    opts = dict(storage_options or {})
+    if _local_path(uri) is None:
+        opts = {**_REMOTE_DEFAULTS, **opts}
+    return opts or None
+
+
+def _unreachable(uri: str, err: Exception, elapsed: float = 0.0) -> ConnectionError | None:
+    """A clear error for storage that cannot be reached, or None if ``err`` is something else."""
+    text = str(err)
+    markers = ("error sending request", "timed out", "Timeout", "Connection refused", "dns error",
+               "connect error", "tcp connect")  # fmt: skip
+    if not any(m in text for m in markers):
+        return None
+    silent = "timed out" in text or "Timeout" in text or elapsed > 5
+    reason = f"timed out after {elapsed:.0f}s" if silent else "the connection failed"
+    return ConnectionError(
+        f"cannot reach the storage of {uri!r}: {reason} ({text.split(',')[0][:200]}). Check the "
+        f"endpoint (MLFLOW_S3_ENDPOINT_URL or storage_options['aws_endpoint']), the credentials "
+        f"and the network; nothing was written."
+    )
+
+
 def _open(uri: str, storage_options: StorageOptions = None) -> lance.LanceDataset:
+    started = time.monotonic()
     try:
-        return lance.dataset(uri, storage_options=dict(storage_options) if storage_options else None)
-    except ValueError as e:
+        return lance.dataset(uri, storage_options=_lance_options(uri, storage_options))
+    except (ValueError, OSError) as e:
+        if (err := _unreachable(uri, e, time.monotonic() - started)) is not None:
+            raise err from None
         if "was not found" in str(e) or "Not found" in str(e):
             raise FileNotFoundError(
                 f"no weights dataset at {uri!r}: nothing has been saved there yet "
@@ -704,7 +736,7 @@ def _commit(
     The version is a complete fragment list, so it stays valid on top of any newer version:
     a retry commits the same files against the new latest (jittered backoff, 64 tries).
     """
-    opts = dict(storage_options) if storage_options else None
+    opts = _lance_options(uri, storage_options)
     for attempt in range(_COMMIT_ATTEMPTS):
         try:
             txn = lance.Transaction(read_version, operation, transaction_properties=properties)
@@ -713,7 +745,7 @@ def _commit(
             retryable = isinstance(err, CommitConflictError) or "conflict" in str(err).lower() \
                 or "already exists" in str(err).lower()
             if not retryable or attempt == _COMMIT_ATTEMPTS - 1:
-                raise
+                raise _write_error(uri, err) from err
             time.sleep(random.uniform(0, 0.02 * 2 ** min(attempt, 6)))
             read_version = _open(uri, storage_options).version
     raise AssertionError("unreachable")
@@ -743,6 +775,18 @@ def _index_new_version(ds: lance.LanceDataset, plan: list[tuple[TensorRows, _Ent
                 position, stored = found[address]
                 located[i] = (meta, address, position, path, stored)
     _write_index(ds, table, located)
+
+
+def _write_error(uri: str, err: Exception) -> Exception:
+    """What a failed write means for the user: nothing was committed."""
+    if (unreachable := _unreachable(uri, err)) is not None:
+        return unreachable
+    if "No space left" in str(err) or "Disk quota" in str(err) or "ENOSPC" in str(err):
+        return OSError(
+            f"writing a new version to {uri!r} failed: no space left on the device. Nothing was "
+            f"committed and earlier versions are intact; free space (or run gc) and save again."
+        )
+    return err
 
 
 def _write_rows(
@@ -784,12 +828,12 @@ def _write_rows(
                 mode=mode,
                 max_rows_per_file=1,
                 data_storage_version=_STORAGE_VERSION,
-                storage_options=dict(storage_options) if storage_options else None,
+                storage_options=_lance_options(uri, storage_options),
             )
         except OSError as err:  # another writer created the dataset since we looked
             if mode == "create" and "already exists" in str(err):
                 return write(group, "append")
-            raise
+            raise _write_error(uri, err) from err
 
     if n == 1:
         results = [write(groups[0])]

@@ -227,5 +227,21 @@ def test_team_setup_on_s3(team_server, monkeypatch):
             results = _writers(name, [30 + 10 * round_ + i for i in range(4)],
                                {"MLFLOW_TRACKING_URI": team_server["url"], **team_server["env"]})
             _check_round(name, results, expected_versions=1 + 4 * (round_ + 1), opts=opts)
+        _assert_no_credentials_written(team_server, name, conf["lance_uri"], run_id, opts)
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def _assert_no_credentials_written(team_server: dict, name: str, uri: str, run_id: str, opts: dict) -> None:
+    """The keys used above appear in no MLmodel, artifact, sidecar, tag, description, commit or log."""
+    client = MlflowClient()
+    texts = [client.get_registered_model(name).description or "", json.dumps(client.get_run(run_id).data.tags)]
+    for mv in client.search_model_versions(f"name='{name}'"):
+        local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}")
+        texts += [p.read_bytes().decode("latin-1") for p in Path(local).rglob("*") if p.is_file()]
+        texts.append(json.dumps(mv.tags) + (mv.description or ""))
+    texts.append(sidecar.read_text(sidecar.sidecar_uri(uri), opts))
+    texts += [json.dumps(v.properties) + (v.message or "") for v in ml.versions(uri, storage_options=opts)]
+    texts.append((team_server["root"] / "server.log").read_text(errors="ignore"))
+    for secret in (team_server["env"]["AWS_SECRET_ACCESS_KEY"], team_server["env"]["AWS_ACCESS_KEY_ID"]):
+        assert not any(secret in t for t in texts)
