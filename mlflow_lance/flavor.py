@@ -37,7 +37,6 @@ from mlflow.utils.environment import (
     _CONSTRAINTS_FILE_NAME,
     _PYTHON_ENV_FILE_NAME,
     _REQUIREMENTS_FILE_NAME,
-    _mlflow_conda_env,
     _process_conda_env,
     _process_pip_requirements,
     _PythonEnv,
@@ -92,10 +91,6 @@ def get_default_pip_requirements() -> list[str]:
         f"torch=={torch_version}",
         f"pylance=={_dist_version('pylance')}",
     ]
-
-
-def get_default_conda_env() -> dict:
-    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
 
 
 # --------------------------------------------------------------------------- saving

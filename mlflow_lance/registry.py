@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from mlflow import MlflowClient
+from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME
@@ -87,14 +88,14 @@ def after_log(model_info, registered_model_name: str | None, opts: Mapping[str, 
     uri, version = conf["lance_uri"], int(conf["lance_version"])
     client = MlflowClient()
     tags = lance_tags(conf)
+    mv = model_info.registered_model_version
+    if registered_model_name and mv is not None:  # pin first: the rest is presentation
+        _tag_dataset(uri, sidecar.model_version_tag(mv), version, opts)
     if model_info.run_id:
-        for key, value in tags.items():
-            client.set_tag(model_info.run_id, key, value)
+        client.log_batch(model_info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     if model_info.model_id:
         client.set_logged_model_tags(model_info.model_id, tags)
-    mv = model_info.registered_model_version
     if registered_model_name and mv is not None:
-        _tag_dataset(uri, sidecar.model_version_tag(mv), version, opts)
         for key, value in tags.items():
             client.set_model_version_tag(registered_model_name, str(mv), key, value)
         client.update_model_version(registered_model_name, str(mv), description=_describe(conf))

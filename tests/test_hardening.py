@@ -102,20 +102,28 @@ def test_log_model_and_sync_killed_at_random_moments(tracking):
     versions = client.search_model_versions(f"name='{name}'")
     assert versions, "no log_model finished in any trial"
     uri = None
-    for mv in versions:  # no registry entry points at a missing or broken Lance version
+    for mv in versions:  # no registry entry points at a missing, unpinned or broken Lance version
         model = ml.load_model(f"models:/{name}/{mv.version}")
         run_k = float(client.get_run(mv.run_id).data.tags["k"])
         assert torch.equal(model.weight, torch.full((256, 256), run_k))
-        uri = mlflow_lance_uri(name, mv.version)
-        assert ml.verify(uri, ml.tags(uri)[f"model-version.{mv.version}"]).ok
+        conf = flavor_conf(name, mv.version)
+        uri = conf["lance_uri"]
+        # pinned by its run's tag from the moment it was committed (a kill between registration
+        # and the model-version pin leaves only that one; sync adds the other)
+        assert ml.tags(uri)[f"run.{mv.run_id}"] == conf["lance_version"]
+        assert ml.verify(uri, conf["lance_version"]).ok
     report = ml.sync(name)  # the sidecar is rebuilt and agrees with the registry
     doc = sidecar.read(uri)
     assert set(doc["model_versions"]) == {mv.version for mv in versions} == set(report.model_versions)
+    tags = ml.tags(uri)
+    assert all(tags[f"model-version.{mv.version}"] == flavor_conf(name, mv.version)["lance_version"] for mv in versions)
     record("log_model_and_sync_kills", {**trials, "model_versions_checked": len(versions), "lost_or_corrupt": 0})
 
 
-def mlflow_lance_uri(name: str, version: str) -> str:
-    return ml.load_state_dict.__globals__["registry"]._flavor_conf(f"models:/{name}/{version}")["lance_uri"]
+def flavor_conf(name: str, version: str) -> dict:
+    from mlflow_lance.registry import _flavor_conf
+
+    return _flavor_conf(f"models:/{name}/{version}")
 
 
 def test_writers_racing_gc_and_sync_lose_nothing(tracking):
