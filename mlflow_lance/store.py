@@ -1108,20 +1108,14 @@ def resolve_version(uri: str | os.PathLike, version: Version | None, *, storage_
     return _checkout(_open(_uri(uri), storage_options), version).version
 
 
-def gc_plan(
-    uri: str | os.PathLike,
-    *,
-    keep_last: int | None = None,
-    older_than: timedelta | None = None,
-    grace: timedelta = timedelta(minutes=30),
-    storage_options: StorageOptions = None,
-) -> list[int]:
-    """The versions ``gc`` with these arguments would remove (see ``gc``)."""
+def _gc_select(
+    ds: lance.LanceDataset, keep_last: int | None, older_than: timedelta | None, grace: timedelta
+) -> tuple[list[int], list[int]]:
+    """(versions to remove, old versions kept only because they are tagged)."""
     if keep_last is None and older_than is None:
         raise ValueError("gc needs keep_last=N and/or older_than=timedelta(...) to know what to remove")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    ds = _open(_uri(uri), storage_options)
     _kind(ds)
     all_versions = ds.versions()
     tagged = {t["version"] for t in ds.tags.list().values()}
@@ -1131,13 +1125,26 @@ def gc_plan(
     superseded = {  # when each version stopped being the latest
         v["version"]: _aware(nxt["timestamp"]) for v, nxt in zip(all_versions, all_versions[1:])
     }
-    return [
-        v["version"] for v in all_versions
-        if v["version"] not in newest
-        and v["version"] not in tagged
+    old = [v for v in all_versions if v["version"] not in newest]
+    doomed = [
+        v["version"] for v in old
+        if v["version"] not in tagged
         and (cutoff is None or _aware(v["timestamp"]) < cutoff)
         and superseded.get(v["version"], now) <= now - grace
     ]  # fmt: skip
+    return doomed, sorted(v["version"] for v in old if v["version"] in tagged)
+
+
+def gc_plan(
+    uri: str | os.PathLike,
+    *,
+    keep_last: int | None = None,
+    older_than: timedelta | None = None,
+    grace: timedelta = timedelta(minutes=30),
+    storage_options: StorageOptions = None,
+) -> list[int]:
+    """The versions ``gc`` with these arguments would remove (see ``gc``)."""
+    return _gc_select(_open(_uri(uri), storage_options), keep_last, older_than, grace)[0]
 
 
 def gc(
@@ -1156,18 +1163,15 @@ def gc(
     that was latest when it started, so that version must outlive any save in flight.
     The latest version is always kept.
     """
-    doomed = gc_plan(uri, keep_last=keep_last, older_than=older_than, grace=grace, storage_options=storage_options)
     ds = _open(_uri(uri), storage_options)
-    tagged = {t["version"] for t in ds.tags.list().values()}
-    kept_tagged = sorted(v["version"] for v in ds.versions()[: -(keep_last or 1)] if v["version"] in tagged)
+    doomed, kept_tagged = _gc_select(ds, keep_last, older_than, grace)
     if not doomed:
         return GcReport([], 0, kept_tagged)
     stats = ds.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
-    root = _local_path(ds.uri)
     for v in doomed:  # their version indexes go with them
-        if root is not None:
+        if (path := _index_path(ds, v)) is not None:
             try:
-                os.remove(os.path.join(root, *_INDEX_DIR, f"{v}.json"))
+                os.remove(path)
             except OSError:
                 pass
     return GcReport(doomed, int(stats.bytes_removed), kept_tagged)
