@@ -177,11 +177,26 @@ def write(dataset_uri: str, doc: dict, storage_options: Mapping[str, str] | None
     write_text(sidecar_uri(dataset_uri), text, storage_options)
 
 
+def _pins(doc: dict) -> dict[str, int]:
+    """The pin tags a sidecar document reflects."""
+    pins = {run_tag(r): e.get("lance_version") for r, e in doc["runs"].items()}
+    pins.update({model_version_tag(m): e.get("lance_version") for m, e in doc["model_versions"].items()})
+    return pins
+
+
 def refresh(dataset_uri: str, storage_options: Mapping[str, str] | None = None, *, force: bool = False) -> dict:
-    """The current sidecar; rebuilt (and rewritten) if missing, damaged, stale or ``force``."""
+    """The current sidecar; rebuilt (and rewritten) if missing, damaged, stale or ``force``.
+
+    Stale means behind the dataset's latest version or its pin tags: a model version is pinned
+    after its Lance commit, so a sidecar another writer wrote in between can lack it.
+    """
     doc = None if force else read(dataset_uri, storage_options)
     latest = store.latest_version(dataset_uri, storage_options=storage_options)
-    if doc is None or doc["lance_latest_version"] != latest:
+    pins = {
+        t: v for t, v in store.tags(dataset_uri, storage_options=storage_options).items()
+        if t.startswith((RUN_TAG, MODEL_VERSION_TAG))
+    }  # fmt: skip
+    if doc is None or doc["lance_latest_version"] != latest or _pins(doc) != pins:
         doc = build(dataset_uri, storage_options)
         write(dataset_uri, doc, storage_options)
     return doc
