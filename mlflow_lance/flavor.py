@@ -30,7 +30,6 @@ from mlflow import pyfunc
 from mlflow.models import Model, ModelInputExample, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.models.utils import _save_example
-from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 from mlflow.utils.environment import (
     _CONDA_ENV_FILE_NAME,
@@ -444,34 +443,12 @@ def load_state_dict(
     )
 
 
-def _model_dir_uri(uri: str) -> str:
-    """The artifact URI of a model's directory, so that single files can be fetched from it.
-
-    ``models:/...`` resolves through the registry; ``runs:/<run>/<name>`` to the newest
-    logged model of that name in the run (MLflow 3), else to the run's own artifacts.
-    """
-    if uri.startswith("models:"):
-        return ModelsArtifactRepository.get_underlying_uri(uri)
-    if uri.startswith("runs:"):
-        run_id, _, name = uri[len("runs:"):].lstrip("/").partition("/")
-        client = mlflow.MlflowClient()
-        experiment_id = client.get_run(run_id).info.experiment_id
-        models = client.search_logged_models(
-            experiment_ids=[experiment_id], filter_string=f"name = '{name.rstrip('/')}'"
-        )
-        matches = [m for m in models if m.source_run_id == run_id]
-        if matches:
-            newest = max(matches, key=lambda m: m.creation_timestamp)
-            return ModelsArtifactRepository.get_underlying_uri(f"models:/{newest.model_id}")
-    return uri
-
-
 def _download_model(model_uri: str, dst_path: str | None) -> str:
     """Fetch what loading needs (MLmodel, data/ with the architecture and pointer, code/)
     and nothing else: no environment files, no examples, never weights."""
     if os.path.isdir(model_uri):
         return model_uri
-    base = _model_dir_uri(model_uri).rstrip("/")
+    base = registry.model_dir_uri(model_uri).rstrip("/")
     local = dst_path or tempfile.mkdtemp(prefix="mlflow_lance_")
     os.makedirs(local, exist_ok=True)
     _download_artifact_from_uri(f"{base}/{MLMODEL_FILE_NAME}", output_path=local)
@@ -486,9 +463,7 @@ def _model_pointer(uri: str) -> tuple[str, int] | None:
     """(Lance URI, version) of an MLflow model URI or model directory, else None."""
     scheme = uri.split(":", 1)[0] if ":" in uri else ""
     if scheme in ("runs", "models", "mlflow-artifacts"):
-        local = tempfile.mkdtemp(prefix="mlflow_lance_")
-        mlmodel = _download_artifact_from_uri(_model_dir_uri(uri).rstrip("/") + "/" + MLMODEL_FILE_NAME, local)
-        conf = Model.load(mlmodel).flavors.get(FLAVOR_NAME)
+        conf = registry.flavor_conf(uri)
         if conf is None:
             raise ValueError(f"{uri} was not logged with mlflow_lance (no {FLAVOR_NAME} flavor)")
         return conf["lance_uri"], int(conf["lance_version"])

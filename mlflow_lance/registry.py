@@ -14,6 +14,7 @@ Split from flavor.py, which keeps to MLflow's flavor contract (save, log, load, 
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -43,10 +44,32 @@ class SyncReport:
     runs: int = 0
 
 
-def _flavor_conf(model_uri: str) -> dict | None:
+def model_dir_uri(uri: str) -> str:
+    """The artifact URI of a model's directory, so that single files can be fetched from it.
+
+    ``models:/...`` resolves through the registry; ``runs:/<run>/<name>`` to the newest
+    logged model of that name in the run (MLflow 3), else to the run's own artifacts.
+    """
+    if uri.startswith("models:"):
+        return ModelsArtifactRepository.get_underlying_uri(uri)
+    if uri.startswith("runs:"):
+        run_id, _, name = uri[len("runs:"):].lstrip("/").partition("/")
+        client = MlflowClient()
+        experiment_id = client.get_run(run_id).info.experiment_id
+        models = client.search_logged_models(
+            experiment_ids=[experiment_id], filter_string=f"name = '{name.rstrip('/')}'"
+        )
+        matches = [m for m in models if m.source_run_id == run_id]
+        if matches:
+            newest = max(matches, key=lambda m: m.creation_timestamp)
+            return ModelsArtifactRepository.get_underlying_uri(f"models:/{newest.model_id}")
+    return uri
+
+
+def flavor_conf(model_uri: str) -> dict | None:
     """The mlflow_lance flavor section of a model's MLmodel (fetches that one file)."""
-    base = ModelsArtifactRepository.get_underlying_uri(model_uri) if model_uri.startswith("models:") else model_uri
-    path = _download_artifact_from_uri(base.rstrip("/") + "/" + MLMODEL_FILE_NAME)
+    local = tempfile.mkdtemp(prefix="mlflow_lance_")
+    path = _download_artifact_from_uri(model_dir_uri(model_uri).rstrip("/") + "/" + MLMODEL_FILE_NAME, local)
     return Model.load(path).flavors.get(FLAVOR_NAME)
 
 
@@ -149,7 +172,7 @@ def dataset_for_model(name: str) -> str:
     except MlflowException as err:
         raise LookupError(f"registered model {name!r} cannot be read from the registry: {err}") from None
     for mv in sorted(live, key=lambda m: -int(m.version)):
-        conf = _flavor_conf(f"models:/{name}/{mv.version}")
+        conf = flavor_conf(f"models:/{name}/{mv.version}")
         if conf is not None:
             return conf["lance_uri"]
     raise LookupError(
@@ -172,7 +195,7 @@ def sync(name: str, *, lance_uri: str | None = None) -> SyncReport:
         raise LookupError(f"registered model {name!r} cannot be read from the registry: {err}") from None
     pointers: dict[str, dict] = {}
     for mv in live:
-        conf = _flavor_conf(f"models:/{name}/{mv.version}")
+        conf = flavor_conf(f"models:/{name}/{mv.version}")
         if conf is not None:
             pointers[str(mv.version)] = conf
     uris = {c["lance_uri"] for c in pointers.values()} | ({lance_uri} if lance_uri else set())

@@ -121,9 +121,9 @@ def test_log_model_and_sync_killed_at_random_moments(tracking):
 
 
 def flavor_conf(name: str, version: str) -> dict:
-    from mlflow_lance.registry import _flavor_conf
+    from mlflow_lance.registry import flavor_conf as conf_of
 
-    return _flavor_conf(f"models:/{name}/{version}")
+    return conf_of(f"models:/{name}/{version}")
 
 
 def test_writers_racing_gc_and_sync_lose_nothing(tracking):
