@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -48,30 +49,33 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
+@contextlib.contextmanager
+def running_mlflow_server(root: Path, artifact_args: list[str], env: dict | None = None):
+    """`mlflow server` with a SQLite backend under ``root``; yields its URL, then stops it."""
+    port = free_port()
+    with open(root / "server.log", "wb") as log:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "mlflow"), "server",
+                "--backend-store-uri", f"sqlite:///{root}/mlflow.db", *artifact_args,
+                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+            ],  # fmt: skip
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+        )  # fmt: skip
+        url = f"http://127.0.0.1:{port}"
+        try:
+            wait_http(f"{url}/health", proc, expect=b"OK")
+            yield url
+        finally:
+            stop(proc)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` with a SQLite backend and proxied artifacts; yields its URL."""
     root = tmp_path_factory.mktemp("mlflow_server")
-    port = free_port()
-    log = open(root / "server.log", "wb")
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-            "--artifacts-destination", str(root / "artifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],  # fmt: skip
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", proc, expect=b"OK")
+    with running_mlflow_server(root, ["--artifacts-destination", str(root / "artifacts")]) as url:
         yield {"url": url, "root": root}
-    finally:
-        stop(proc)
-        log.close()
 
 
 @pytest.fixture
@@ -124,23 +128,6 @@ def team_server(s3_server, tmp_path_factory):
     """The team setup on loopback: `mlflow server` (SQL backend) whose artifact root is on S3;
     clients write artifacts straight to S3, and the Lance root follows the artifact root."""
     root = tmp_path_factory.mktemp("team")
-    port = free_port()
-    log = open(root / "server.log", "wb")
-    env = {**os.environ, **s3_server["env"]}
-    proc = subprocess.Popen(
-        [
-            str(BIN / "mlflow"), "server",
-            "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
-            "--default-artifact-root", f"s3://{s3_server['bucket']}/mlflow",
-            "--no-serve-artifacts",
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],  # fmt: skip
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        wait_http(f"{url}/health", proc, expect=b"OK")
+    artifacts = ["--default-artifact-root", f"s3://{s3_server['bucket']}/mlflow", "--no-serve-artifacts"]
+    with running_mlflow_server(root, artifacts, env={**os.environ, **s3_server["env"]}) as url:
         yield {"url": url, "root": root, **s3_server}
-    finally:
-        stop(proc)
-        log.close()
