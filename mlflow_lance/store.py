@@ -21,7 +21,7 @@ import random
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import NamedTuple
@@ -212,9 +212,22 @@ def _exists(uri: str, storage_options: StorageOptions) -> lance.LanceDataset | N
         return None
 
 
+def _tag_list(ds: lance.LanceDataset) -> dict:
+    """Lance's tag listing, retried: a tag deleted by another process between Lance's directory
+    listing and its read of the tag file makes one listing fail with 'Not found'."""
+    for attempt in range(8):
+        try:
+            return ds.tags.list()
+        except (ValueError, OSError) as err:
+            if "not found" not in str(err).lower() or attempt == 7:
+                raise
+            time.sleep(random.uniform(0, 0.005 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
 def _available(ds: lance.LanceDataset) -> str:
     versions = [v["version"] for v in ds.versions()]
-    tags = sorted(ds.tags.list())
+    tags = sorted(_tag_list(ds))
     span = f"{versions[0]}..{versions[-1]}" if len(versions) > 2 else ", ".join(map(str, versions))
     return f"versions: {span}" + (f"; tags: {', '.join(tags)}" if tags else "; no tags")
 
@@ -992,7 +1005,7 @@ def versions(uri: str | os.PathLike, *, storage_options: StorageOptions = None) 
     ds = _open(_uri(uri), storage_options)
     _kind(ds)
     by_version: dict[int, list[str]] = {}
-    for name, t in ds.tags.list().items():
+    for name, t in _tag_list(ds).items():
         by_version.setdefault(t["version"], []).append(name)
     out = []
     for v in ds.versions():
@@ -1035,16 +1048,23 @@ def tag(uri: str | os.PathLike, name: str, version: int, *, storage_options: Sto
         raise ValueError(f"tag name must be a non-empty, non-numeric string, got {name!r}")
     ds = _open(_uri(uri), storage_options)
     target = _checkout(ds, version).version
-    if name in ds.tags.list():
-        ds.tags.update(name, target)
-    else:
-        ds.tags.create(name, target)
+    for attempt in range(8):  # another writer may create or move the same tag in between
+        try:
+            if name in _tag_list(ds):
+                ds.tags.update(name, target)
+            else:
+                ds.tags.create(name, target)
+            return
+        except (ValueError, OSError, RuntimeError):
+            if attempt == 7:
+                raise
+            time.sleep(random.uniform(0, 0.01 * 2**attempt))
 
 
 def untag(uri: str | os.PathLike, name: str, *, storage_options: StorageOptions = None) -> None:
     """Remove tag ``name``; the version it pointed at may then be garbage-collected."""
     ds = _open(_uri(uri), storage_options)
-    if name not in ds.tags.list():
+    if name not in _tag_list(ds):
         raise VersionNotFoundError(f"tag {name!r} does not exist in {ds.uri}; {_available(ds)}")
     ds.tags.delete(name)
 
@@ -1052,7 +1072,7 @@ def untag(uri: str | os.PathLike, name: str, *, storage_options: StorageOptions 
 def tags(uri: str | os.PathLike, *, storage_options: StorageOptions = None) -> dict[str, int]:
     """Tag name -> version number."""
     ds = _open(_uri(uri), storage_options)
-    return {name: t["version"] for name, t in sorted(ds.tags.list().items())}
+    return {name: t["version"] for name, t in sorted(_tag_list(ds).items())}
 
 
 def verify(
@@ -1108,17 +1128,37 @@ def resolve_version(uri: str | os.PathLike, version: Version | None, *, storage_
     return _checkout(_open(_uri(uri), storage_options), version).version
 
 
+def version_properties(
+    uri: str | os.PathLike, version: Version, *, storage_options: StorageOptions = None
+) -> dict[str, str]:
+    """The ``properties`` one version was saved with (reads that version's transaction only)."""
+    ds = _checkout(_open(_uri(uri), storage_options), version)
+    txn = ds.read_transaction(ds.version)
+    props = dict(txn.transaction_properties or {}) if txn is not None else {}
+    try:
+        found = json.loads(props.get(_PROP + "properties") or "{}")
+    except ValueError:
+        return {}
+    return {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(found, dict) else {}
+
+
 def _gc_select(
-    ds: lance.LanceDataset, keep_last: int | None, older_than: timedelta | None, grace: timedelta
+    ds: lance.LanceDataset,
+    keep_last: int | None,
+    older_than: timedelta | None,
+    grace: timedelta,
+    candidates: Collection[int] | None = None,
+    ignore_tags: Collection[str] = (),
 ) -> tuple[list[int], list[int]]:
-    """(versions to remove, old versions kept only because they are tagged)."""
-    if keep_last is None and older_than is None:
+    """(versions to remove, old versions kept only because they are tagged), as if the tags
+    in ``ignore_tags`` (about to be removed) were gone."""
+    if keep_last is None and older_than is None and candidates is None:
         raise ValueError("gc needs keep_last=N and/or older_than=timedelta(...) to know what to remove")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     _kind(ds)
     all_versions = ds.versions()
-    tagged = {t["version"] for t in ds.tags.list().values()}
+    tagged = {t["version"] for name, t in _tag_list(ds).items() if name not in ignore_tags}
     newest = {v["version"] for v in all_versions[-(keep_last or 1):]}
     now = datetime.now(timezone.utc)
     cutoff = now - older_than if older_than is not None else None
@@ -1129,6 +1169,7 @@ def _gc_select(
     doomed = [
         v["version"] for v in old
         if v["version"] not in tagged
+        and (candidates is None or v["version"] in candidates)
         and (cutoff is None or _aware(v["timestamp"]) < cutoff)
         and superseded.get(v["version"], now) <= now - grace
     ]  # fmt: skip
@@ -1141,10 +1182,14 @@ def gc_plan(
     keep_last: int | None = None,
     older_than: timedelta | None = None,
     grace: timedelta = timedelta(minutes=30),
+    candidates: Collection[int] | None = None,
+    ignore_tags: Collection[str] = (),
     storage_options: StorageOptions = None,
 ) -> list[int]:
-    """The versions ``gc`` with these arguments would remove (see ``gc``)."""
-    return _gc_select(_open(_uri(uri), storage_options), keep_last, older_than, grace)[0]
+    """The versions ``gc`` with these arguments would remove (see ``gc``), counting the tags in
+    ``ignore_tags`` as already removed."""
+    ds = _open(_uri(uri), storage_options)
+    return _gc_select(ds, keep_last, older_than, grace, candidates, ignore_tags)[0]
 
 
 def gc(
@@ -1153,18 +1198,23 @@ def gc(
     keep_last: int | None = None,
     older_than: timedelta | None = None,
     grace: timedelta = timedelta(minutes=30),
+    candidates: Collection[int] | None = None,
     storage_options: StorageOptions = None,
 ) -> GcReport:
     """Delete old versions and the data files only they use.
 
     A version is removed when it is not among the ``keep_last`` newest, is older than
-    ``older_than`` (when given), carries no tag, and was superseded more than ``grace``
-    ago. The grace period protects writers: a save reuses the data files of the version
-    that was latest when it started, so that version must outlive any save in flight.
-    The latest version is always kept.
+    ``older_than`` (when given), is one of ``candidates`` (when given: the caller has
+    decided which versions nothing references), carries no tag, and was superseded more
+    than ``grace`` ago. The grace period protects writers: a save reuses the data files of
+    the version that was latest when it started, so that version must outlive any save in
+    flight. The latest version is always kept.
+
+    This is the store's gc, which knows nothing of MLflow; ``mlflow_lance.gc`` asks MLflow
+    what it still references before calling it.
     """
     ds = _open(_uri(uri), storage_options)
-    doomed, kept_tagged = _gc_select(ds, keep_last, older_than, grace)
+    doomed, kept_tagged = _gc_select(ds, keep_last, older_than, grace, candidates)
     if not doomed:
         return GcReport([], 0, kept_tagged)
     stats = ds.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
