@@ -120,7 +120,7 @@ def main() -> None:
 
         client = mlflow.MlflowClient()
         client.set_registered_model_alias("team-model", "champion", "1")
-        report = mlflow_lance.sync("team-model")
+        (report,) = mlflow_lance.sync("team-model")
         print(f"dataset {report.dataset}: {len(report.model_versions)} model versions pinned, "
               f"{report.runs} runs in the sidecar")
         champion = mlflow_lance.load_model("models:/team-model@champion")

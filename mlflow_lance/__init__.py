@@ -18,17 +18,19 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "store": [
         "CorruptionError", "Diff", "GcReport", "LoadResult", "Problem", "VerifyReport", "VersionInfo",
-        "VersionNotFoundError", "WeightsError", "diff", "gc", "gc_plan", "latest_version", "load_into",
+        "VersionNotFoundError", "WeightsError", "diff", "latest_version", "load_into",
         "resolve_version", "save_state_dict", "tag", "tags", "untag", "verify", "versions",
     ],
     "flavor": ["get_default_pip_requirements", "load_model", "load_state_dict", "log_model", "save_model"],
-    "registry": ["SyncReport", "sync"],
+    "registry": ["SyncReport", "register_model", "sync"],
+    "lifecycle": ["GcResult", "gc"],
 }  # fmt: skip
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
     "CorruptionError",
     "Diff",
     "GcReport",
+    "GcResult",
     "LoadResult",
     "Problem",
     "SyncReport",
@@ -38,13 +40,13 @@ __all__ = [
     "WeightsError",
     "diff",
     "gc",
-    "gc_plan",
     "get_default_pip_requirements",
     "latest_version",
     "load_into",
     "load_model",
     "load_state_dict",
     "log_model",
+    "register_model",
     "resolve_version",
     "save_model",
     "save_state_dict",
@@ -71,9 +73,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # for type checkers and IDEs
     from .flavor import get_default_pip_requirements, load_model, load_state_dict, log_model, save_model
-    from .registry import SyncReport, sync
+    from .lifecycle import GcResult, gc
+    from .registry import SyncReport, register_model, sync
     from .store import (
         CorruptionError, Diff, GcReport, LoadResult, Problem, VerifyReport, VersionInfo, VersionNotFoundError,
-        WeightsError, diff, gc, gc_plan, latest_version, load_into, resolve_version, save_state_dict, tag, tags,
+        WeightsError, diff, latest_version, load_into, resolve_version, save_state_dict, tag, tags,
         untag, verify, versions,
     )  # fmt: skip

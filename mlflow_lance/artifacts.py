@@ -3,8 +3,12 @@
 MLflow keeps a model's small files (MLmodel, environment, architecture) in its artifact
 store; the weights live in one Lance dataset per registered model under a *Lance root*:
 
-    <Lance root>/models/<safe registered model name>.lance
+    <Lance root>/models/<registered model name slug>-<binding>.lance
     <Lance root>/experiments/<experiment id>/<safe model name>.lance   (unregistered models)
+
+A registered model's dataset is chosen once, when the model is first bound (lifecycle.py),
+and kept in a registered-model tag, so renaming the model keeps it and a new model that
+reuses a name gets a dataset of its own.
 
 The Lance root is, in order: ``log_model(lance_uri=...)`` (a dataset URI, used as is), the
 ``MLFLOW_LANCE_ROOT`` environment variable, or ``<artifact root>/lance`` where the artifact
@@ -34,16 +38,19 @@ class Location:
     storage_options: dict[str, str] = field(default_factory=dict, repr=False)
 
 
-def safe_name(name: str) -> str:
+def safe_name(name: str, suffix: str | None = None) -> str:
     """A file-system and URL safe, collision-free dataset name for a model name.
 
-    Readable slug plus 10 hex digits of the exact name's sha256: names that differ only in
-    case or punctuation get different datasets, and no name can traverse paths.
+    Readable slug plus ``suffix`` (a binding) or 10 hex digits of the exact name's sha256:
+    names that differ only in case or punctuation get different datasets, and no name can
+    traverse paths.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"model name must be a non-empty string, got {name!r}")
     slug = re.sub(r"[^A-Za-z0-9_-]+", "-", name).strip("-")[:64] or "model"
-    return f"{slug}-{hashlib.sha256(name.encode()).hexdigest()[:10]}"
+    if suffix is not None and not re.fullmatch(r"[0-9a-f]{6,64}", suffix):
+        raise ValueError(f"binding must be hex digits, got {suffix!r}")
+    return f"{slug}-{suffix or hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
 def storage_options_for(uri: str) -> dict[str, str]:
@@ -125,6 +132,7 @@ def dataset_location(
     experiment_id: str | None,
     lance_uri: str | None = None,
     storage_options: dict[str, str] | None = None,
+    binding: str | None = None,
 ) -> Location:
     """Where the weights of ``model_name`` go (see the module docstring for the rules)."""
     if lance_uri:
@@ -132,7 +140,7 @@ def dataset_location(
     else:
         root = lance_root(artifact_location, experiment_id)
         sub = "models" if registered else f"experiments/{experiment_id or '0'}"
-        uri = f"{root}/{sub}/{safe_name(model_name)}.lance"
+        uri = f"{root}/{sub}/{safe_name(model_name, binding)}.lance"
     opts = storage_options_for(uri)
     opts.update(storage_options or {})
     return Location(uri, opts)

@@ -23,11 +23,13 @@ EXAMPLES = {
     "diff": "mlflow-lance diff ./weights.lance 3 7\n  mlflow-lance diff churn-model 3      # 3 against latest",
     "tag": "mlflow-lance tag ./weights.lance best 7\n  mlflow-lance tag ./weights.lance best --delete",
     "verify": "mlflow-lance verify ./weights.lance\n  mlflow-lance verify s3://bucket/lance/models/x.lance --version best",
-    "gc": "mlflow-lance gc ./weights.lance --keep-last 5\n  mlflow-lance gc churn-model --older-than-days 30 --dry-run",
+    "gc": "mlflow-lance gc churn-model              # what MLflow no longer references\n"
+    "  mlflow-lance gc --all --dry-run\n  mlflow-lance gc ./weights.lance --keep-last 5   # a dataset MLflow never wrote to",
     "export": "mlflow-lance export ./weights.lance model.safetensors --version 7",
     "import": "mlflow-lance import ./weights.lance pytorch_model.bin -m 'from the hub checkpoint'\n"
     "  mlflow-lance import ./weights.lance model.safetensors",
-    "sync": "mlflow-lance sync churn-model",
+    "sync": "mlflow-lance sync churn-model\n  mlflow-lance sync s3://bucket/lance/models/churn-3f9a1c0b2e4d.lance\n"
+    "  mlflow-lance sync --all",
 }
 
 
@@ -39,7 +41,7 @@ def _version(text: str | None) -> int | str | None:
 
 def _resolve(target: str) -> str:
     """A dataset URI for TARGET (a URI or path as is; else a registered model's dataset)."""
-    if "://" in target or os.path.exists(target) or target.endswith(".lance"):
+    if "://" in target or os.path.exists(target) or target.endswith(".lance"):  # as lifecycle.looks_like_dataset
         return target
     from .registry import dataset_for_model
 
@@ -142,20 +144,32 @@ def cmd_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_PROBLEMS
 
 
-def cmd_gc(args: argparse.Namespace) -> int:
-    from . import store
+def _target_or_all(args: argparse.Namespace) -> None:
+    if (args.target is None) == (not args.all):
+        raise ValueError("give a TARGET (dataset URI or registered model name) or --all, not both")
 
-    uri = _resolve(args.target)
+
+def cmd_gc(args: argparse.Namespace) -> int:
+    from .lifecycle import gc
+
+    _target_or_all(args)
     older = timedelta(days=args.older_than_days) if args.older_than_days is not None else None
-    grace = timedelta(minutes=args.grace_minutes)
-    if args.dry_run:
-        before = [v.version for v in store.versions(uri, storage_options=_opts(uri))]
-        plan = store.gc_plan(uri, keep_last=args.keep_last, older_than=older, grace=grace, storage_options=_opts(uri))
-        _emit(args, {"would_remove": plan, "versions": before}, f"would remove versions: {plan or 'none'}")
-        return EXIT_OK
-    report = store.gc(uri, keep_last=args.keep_last, older_than=older, grace=grace, storage_options=_opts(uri))
-    _emit(args, asdict(report), f"removed versions {report.removed_versions or 'none'} "
-          f"({report.bytes_removed:,} bytes); kept tagged {report.kept_tagged or 'none'}")  # fmt: skip
+    results = gc(args.target, all=args.all, keep_last=args.keep_last, older_than=older,
+                 grace=timedelta(minutes=args.grace_minutes), dry_run=args.dry_run)  # fmt: skip
+    verb = "would remove" if args.dry_run else "removed"
+    lines = []
+    for r in results:
+        if r.skipped:
+            lines.append(f"{r.dataset}: skipped: {r.skipped}")
+            continue
+        freed = "" if args.dry_run else f" ({r.bytes_removed:,} bytes freed)"
+        lines.append(f"{r.dataset}: {verb} versions {r.removed_versions or 'none'}{freed}; "
+                     f"{len(r.kept_referenced)} versions referenced by MLflow; "
+                     f"unpinned {len(r.unpinned)}, pinned {len(r.pinned)}")  # fmt: skip
+    total = sum(r.bytes_removed for r in results)
+    if not args.dry_run:
+        lines.append(f"{sum(len(r.removed_versions) for r in results)} versions, {total:,} bytes freed")
+    _emit(args, [asdict(r) for r in results], "\n".join(lines) or "no datasets found")
     return EXIT_OK
 
 
@@ -210,9 +224,15 @@ def cmd_import(args: argparse.Namespace) -> int:
 def cmd_sync(args: argparse.Namespace) -> int:
     from .registry import sync
 
-    report = sync(args.name)
-    _emit(args, asdict(report), f"{report.dataset}: {len(report.model_versions)} model versions, {report.runs} runs; "
-          f"pinned {report.pinned or 'nothing new'}; unpinned {report.unpinned or 'nothing'}")  # fmt: skip
+    _target_or_all(args)
+    reports = sync(args.target, all=args.all)
+    lines = [
+        f"{r.dataset}: skipped: {r.skipped}" if r.skipped else
+        f"{r.dataset}: " + (f"{r.registered_model}: {len(r.model_versions)} model versions, " if r.registered_model else "")
+        + f"{r.runs} runs; pinned {r.pinned or 'nothing new'}; unpinned {r.unpinned or 'nothing'}"
+        for r in reports
+    ]  # fmt: skip
+    _emit(args, [asdict(r) for r in reports], "\n".join(lines) or "nothing to sync")
     return EXIT_OK
 
 
@@ -248,9 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", cmd_verify, "recompute every content hash of a version; exit 1 on any mismatch")
     p.add_argument("target", **target)
     p.add_argument("--version", help="version number or tag (default: latest)")
-    p = add("gc", cmd_gc, "remove old untagged versions and the files only they use")
-    p.add_argument("target", **target)
-    p.add_argument("--keep-last", type=int)
+    p = add("gc", cmd_gc, "remove the versions nothing references (MLflow decides for datasets it logged to) "
+                          "and the files only they use")
+    p.add_argument("target", nargs="?", **target)
+    p.add_argument("--all", action="store_true", help="every dataset under the Lance roots and every registered model's")
+    p.add_argument("--keep-last", type=int, help="also keep the N newest versions (required for datasets MLflow "
+                                                 "never wrote to, unless --older-than-days is given)")
     p.add_argument("--older-than-days", type=float)
     p.add_argument("--grace-minutes", type=float, default=30.0,
                    help="keep versions superseded less than this long ago (default 30)")
@@ -263,8 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", **target)
     p.add_argument("input")
     p.add_argument("-m", "--message")
-    p = add("sync", cmd_sync, "reconcile a registered model with its dataset: pins, UI tags, sidecar")
-    p.add_argument("name", help="registered model name")
+    p = add("sync", cmd_sync, "reconcile pins, UI tags, history and sidecars with what MLflow references")
+    p.add_argument("target", nargs="?", **target)
+    p.add_argument("--all", action="store_true", help="every registered model and every dataset under the Lance roots")
     return parser
 
 

@@ -51,7 +51,7 @@ from mlflow.utils.model_utils import (
     _validate_and_prepare_target_save_path,
 )
 
-from . import registry, sidecar, store
+from . import lifecycle, registry, sidecar, store
 from .artifacts import Location, dataset_location, storage_options_for
 from .skeleton import (
     SKELETON_FILE,
@@ -63,7 +63,7 @@ from .skeleton import (
     retie,
     tie_groups,
 )
-from .sidecar import run_tag
+from .sidecar import legacy_run_pin, model_pin
 from .tensors import validate_state_dict
 
 FLAVOR_NAME = "mlflow_lance"
@@ -166,9 +166,10 @@ def save_model(
         storage_options=location.storage_options or None,
     )
     try:
-        if mlflow_model.run_id:
-            store.tag(location.uri, run_tag(mlflow_model.run_id), info.version,
-                      storage_options=location.storage_options or None)
+        model_id = getattr(mlflow_model, "model_id", None)
+        pin = model_pin(model_id) if model_id else legacy_run_pin(mlflow_model.run_id) if mlflow_model.run_id else None
+        if pin:  # before anything else: from here on gc keeps this version
+            store.tag(location.uri, pin, info.version, storage_options=location.storage_options or None)
         _write_pointer(path, uri_in_pointer, info.version)
         mlflow_model.add_flavor(
             FLAVOR_NAME,
@@ -292,8 +293,13 @@ def log_model(
     name = name or artifact_path or "model"
     if registered_model_name is not None:  # the registry's own rules, before anything is written
         _validate_model_name(registered_model_name)
-    location = _location_for(name, registered_model_name, lance_uri, storage_options)
-    lance_properties = {"mlflow.registered_model_name": registered_model_name} if registered_model_name else {}
+    if not isinstance(pytorch_model, torch.nn.Module):
+        raise TypeError(f"pytorch_model must be a torch.nn.Module, got {type(pytorch_model).__name__}")
+    validate_state_dict(pytorch_model.state_dict())  # before the registered model is created
+    location, experiment_id, binding = _location_for(name, registered_model_name, lance_uri, storage_options)
+    lance_properties = {"mlflow.step": str(int(step or 0)), "mlflow.experiment_id": str(experiment_id)}
+    if registered_model_name:
+        lance_properties.update({"mlflow.registered_model_name": registered_model_name, "mlflow.binding": binding})
     info = Model.log(
         artifact_path=None,
         name=name,
@@ -319,19 +325,37 @@ def log_model(
         lance_properties=lance_properties,
         **kwargs,
     )
-    registry.after_log(info, registered_model_name, location.storage_options or None)
+    registry.after_log(info, registered_model_name, binding, location.storage_options or None)
     return info
 
 
 def _location_for(
     name: str, registered_model_name: str | None, lance_uri: str | None, storage_options
-) -> Location:
+) -> tuple[Location, str, str | None]:
+    """Where the weights go, the experiment, and the registered model's binding (see lifecycle.py).
+
+    A registered model writes to the dataset it is bound to for its whole life (renames
+    included); an explicit ``lance_uri`` wins but does not rebind the model.
+    """
     run = mlflow.active_run()
     experiment_id = run.info.experiment_id if run else mlflow.tracking.fluent._get_experiment_id()
+    binding = None
+    if registered_model_name:
+        client = mlflow.MlflowClient()
+        if lance_uri:
+            binding, _ = lifecycle.bind(client, registered_model_name, create=True)
+        else:
+            artifact_location = mlflow.get_experiment(experiment_id).artifact_location
+
+            def default(b: str) -> str:
+                return dataset_location(model_name=registered_model_name, registered=True, binding=b,
+                                        artifact_location=artifact_location, experiment_id=experiment_id).uri
+
+            binding, lance_uri = lifecycle.dataset_of(client, registered_model_name, default)
     artifact_location = None
     if not lance_uri:
         artifact_location = mlflow.get_experiment(experiment_id).artifact_location
-    return dataset_location(
+    location = dataset_location(
         model_name=registered_model_name or name,
         registered=registered_model_name is not None,
         artifact_location=artifact_location,
@@ -339,6 +363,7 @@ def _location_for(
         lance_uri=lance_uri,
         storage_options=dict(storage_options or {}),
     )
+    return location, experiment_id, binding
 
 
 # --------------------------------------------------------------------------- loading
@@ -416,13 +441,16 @@ def load_state_dict(
     storage_options: Mapping[str, str] | None = None,
     verify: bool = False,
     run_id: str | None = None,
+    step: int | None = None,
+    model_id: str | None = None,
 ) -> OrderedDict[str, torch.Tensor]:
     """Load weights from a Lance dataset URI, or from an MLflow model URI.
 
     One dispatch: ``runs:/``, ``models:/`` and a local model directory read the Lance URI and
     version from the model's MLmodel (nothing else is downloaded); anything else is a Lance
     dataset URI, read at ``version`` (default: latest) or at the version run ``run_id``
-    logged, found through the sidecar with no tracking server.
+    logged, found through the sidecar with no tracking server (a run that logged several
+    versions needs ``step=`` or ``model_id=``).
     """
     uri = os.fspath(uri)
     model = _model_pointer(uri)
@@ -432,7 +460,8 @@ def load_state_dict(
     if model is not None:
         uri, version = model
     elif run_id is not None:
-        version = sidecar.version_for_run(uri, run_id, dict(storage_options or {}) or storage_options_for(uri))
+        opts = dict(storage_options or {}) or storage_options_for(uri)
+        version = sidecar.version_for_run(uri, run_id, opts, step=step, model_id=model_id)
     return store.load_state_dict(
         uri,
         version,
@@ -448,7 +477,7 @@ def _download_model(model_uri: str, dst_path: str | None) -> str:
     and nothing else: no environment files, no examples, never weights."""
     if os.path.isdir(model_uri):
         return model_uri
-    base = registry.model_dir_uri(model_uri).rstrip("/")
+    base = lifecycle.model_dir_uri(model_uri).rstrip("/")
     local = dst_path or tempfile.mkdtemp(prefix="mlflow_lance_")
     os.makedirs(local, exist_ok=True)
     _download_artifact_from_uri(f"{base}/{MLMODEL_FILE_NAME}", output_path=local)
@@ -463,7 +492,7 @@ def _model_pointer(uri: str) -> tuple[str, int] | None:
     """(Lance URI, version) of an MLflow model URI or model directory, else None."""
     scheme = uri.split(":", 1)[0] if ":" in uri else ""
     if scheme in ("runs", "models", "mlflow-artifacts"):
-        conf = registry.flavor_conf(uri)
+        conf = lifecycle.flavor_conf(uri)
         if conf is None:
             raise ValueError(f"{uri} was not logged with mlflow_lance (no {FLAVOR_NAME} flavor)")
         return conf["lance_uri"], int(conf["lance_version"])

@@ -1,84 +1,47 @@
-"""Bookkeeping between the Lance dataset and MLflow's tracking server and model registry.
+"""Bookkeeping between the Lance datasets and MLflow's tracking server and model registry.
 
-After a ``log_model``: pin the Lance version for the registered model version, put
-``lance.*`` tags and a markdown description on the run, the logged model and the model
-version, write the registered model's version history into its description (what the
-MLflow UI shows on the registered-model page), and refresh the sidecar.
+After a ``log_model`` (or ``register_model``): pin the Lance version for the registered model
+version, put ``lance.*`` tags and a markdown description on the run, the logged model and the
+model version, write the registered model's version history into its description (what the
+MLflow UI shows on the registered-model page), and refresh the sidecar. Versions of the model
+that were registered or copied with plain MLflow calls are caught up at the same time.
 
-``sync(name)`` does all of that on demand from the truth: the registry's model versions
-(what each one's MLmodel points at) and the dataset's commits and tags; pins what is
-referenced and unpins versions whose model version was deleted.
+``sync`` does all of that on demand from the truth (lifecycle.py reads what MLflow
+references); ``sync`` of one registered model only ever adds or removes that model's pins.
 
 Split from flavor.py, which keeps to MLflow's flavor contract (save, log, load, pyfunc).
 """
 
 from __future__ import annotations
 
-import tempfile
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
+import mlflow
 from mlflow import MlflowClient
 from mlflow.entities import RunTag
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
-from mlflow.models.model import MLMODEL_FILE_NAME
-from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
-from . import sidecar, store
+from . import lifecycle, sidecar, store
 from .artifacts import storage_options_for
+from .lifecycle import DATASET_TAG, FLAVOR_NAME, References, flavor_conf
 
-FLAVOR_NAME = "mlflow_lance"
 HISTORY_MARKER = "<!-- mlflow-lance history -->"
 
 
 @dataclass
 class SyncReport:
-    """What ``sync`` found and changed."""
+    """What ``sync`` found and changed in one dataset."""
 
     dataset: str
+    registered_model: str | None = None
     model_versions: dict[str, int] = field(default_factory=dict)  # model version -> Lance version
     pinned: list[str] = field(default_factory=list)
     unpinned: list[str] = field(default_factory=list)
     runs: int = 0
-
-
-def model_dir_uri(uri: str) -> str:
-    """The artifact URI of a model's directory, so that single files can be fetched from it.
-
-    ``models:/...`` resolves through the registry; ``runs:/<run>/<name>`` to the newest
-    logged model of that name in the run (MLflow 3), else to the run's own artifacts.
-    """
-    if uri.startswith("models:"):
-        return ModelsArtifactRepository.get_underlying_uri(uri)
-    if uri.startswith("runs:"):
-        run_id, _, name = uri[len("runs:"):].lstrip("/").partition("/")
-        client = MlflowClient()
-        experiment_id = client.get_run(run_id).info.experiment_id
-        models = client.search_logged_models(
-            experiment_ids=[experiment_id], filter_string=f"name = '{name.rstrip('/')}'"
-        )
-        matches = [m for m in models if m.source_run_id == run_id]
-        if matches:
-            newest = max(matches, key=lambda m: m.creation_timestamp)
-            return ModelsArtifactRepository.get_underlying_uri(f"models:/{newest.model_id}")
-    return uri
-
-
-def flavor_conf(model_uri: str) -> dict | None:
-    """The mlflow_lance flavor section of a model's MLmodel (fetches that one file)."""
-    local = tempfile.mkdtemp(prefix="mlflow_lance_")
-    path = _download_artifact_from_uri(model_dir_uri(model_uri).rstrip("/") + "/" + MLMODEL_FILE_NAME, local)
-    return Model.load(path).flavors.get(FLAVOR_NAME)
-
-
-def _tag_dataset(uri: str, tag: str, version: int, opts: Mapping[str, str] | None) -> bool:
-    """Point ``tag`` at ``version``; True if anything changed."""
-    if store.tags(uri, storage_options=opts).get(tag) == version:
-        return False
-    store.tag(uri, tag, version, storage_options=opts)
-    return True
+    skipped: str | None = None  # why this dataset was left alone (``all=True`` only)
 
 
 def lance_tags(conf: Mapping) -> dict[str, str]:
@@ -94,6 +57,15 @@ def lance_tags(conf: Mapping) -> dict[str, str]:
     }
 
 
+def _conf(uri: str, info: store.VersionInfo) -> dict[str, Any]:
+    """The flavor-conf figures of a stored version (what the UI shows), from its commit."""
+    return {
+        "lance_uri": uri, "lance_version": info.version, "parent_version": info.parent,
+        "tensors": info.num_tensors, "tensors_changed": len(info.changed), "bytes": info.total_bytes,
+        "bytes_written": info.bytes_written,
+    }  # fmt: skip
+
+
 def _describe(conf: Mapping) -> str:
     written, total = int(conf.get("bytes_written", 0)), int(conf.get("bytes", 0)) or 1
     parent = conf.get("parent_version")
@@ -105,46 +77,117 @@ def _describe(conf: Mapping) -> str:
     )
 
 
-def after_log(model_info, registered_model_name: str | None, opts: Mapping[str, str] | None) -> None:
+def _pin(uri: str, pin: str, version: int, opts: Mapping[str, str] | None) -> bool:
+    """Point ``pin`` at ``version``; True if anything changed."""
+    if store.tags(uri, storage_options=opts).get(pin) == version:
+        return False
+    store.tag(uri, pin, version, storage_options=opts)
+    return True
+
+
+def _present_version(client: MlflowClient, name: str, version: str, conf: Mapping) -> None:
+    """The ``lance.*`` tags and the description of one model version. Another writer may be
+    setting the same values at the same moment (its own version, our catch-up): a racing
+    insert that fails is fine when the value it wanted is there."""
+    for key, value in lance_tags(conf).items():
+        try:
+            client.set_model_version_tag(name, version, key, value)
+        except MlflowException:
+            if (client.get_model_version(name, version).tags or {}).get(key) != value:
+                raise
+    client.update_model_version(name, version, description=_describe(conf))
+
+
+def after_log(model_info, registered_model_name: str | None, binding: str | None,
+              opts: Mapping[str, str] | None) -> None:  # fmt: skip
     """Pin, tag, describe and refresh the sidecar after ``log_model``."""
     conf = model_info.flavors[FLAVOR_NAME]
     uri, version = conf["lance_uri"], int(conf["lance_version"])
     client = MlflowClient()
-    tags = lance_tags(conf)
     mv = model_info.registered_model_version
-    if registered_model_name and mv is not None:  # pin first: the rest is presentation
-        _tag_dataset(uri, sidecar.model_version_tag(mv), version, opts)
+    registered = registered_model_name is not None and mv is not None and binding is not None
+    if registered:  # pin first: the rest is presentation
+        _pin(uri, sidecar.model_version_pin(binding, mv), version, opts)
+    tags = lance_tags(conf)
     if model_info.run_id:
         client.log_batch(model_info.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     if model_info.model_id:
         client.set_logged_model_tags(model_info.model_id, tags)
-    if registered_model_name and mv is not None:
-        for key, value in tags.items():
-            client.set_model_version_tag(registered_model_name, str(mv), key, value)
-        client.update_model_version(registered_model_name, str(mv), description=_describe(conf))
-        write_history(registered_model_name, uri, opts)
-    sidecar.refresh(uri, opts)
+    if registered:
+        _present_version(client, registered_model_name, str(mv), conf)
+        _catch_up(client, registered_model_name, binding)
+        write_history(registered_model_name, binding, uri, opts)
+    sidecar.refresh(uri, opts, names={binding: registered_model_name} if registered else None)
 
 
-def write_history(name: str, uri: str, opts: Mapping[str, str] | None) -> None:
+def _catch_up(client: MlflowClient, name: str, binding: str) -> None:
+    """Pin and tag the model's versions that plain MLflow calls registered or copied."""
+    for mv in lifecycle.paged(client.search_model_versions, filter_string=f"name = {lifecycle.quote_filter(name)}",
+                               max_results=1000):  # fmt: skip
+        if "lance.version" not in (mv.tags or {}):
+            _bookkeep_version(client, name, str(mv.version), binding)
+
+
+def _bookkeep_version(client: MlflowClient, name: str, version: str, binding: str) -> dict | None:
+    """Pin one model version's Lance version and show it in the UI; its flavor conf, or None."""
+    conf = flavor_conf(f"models:/{name}/{version}")
+    if conf is None:
+        return None
+    uri = conf["lance_uri"]
+    opts = storage_options_for(uri) or None
+    _pin(uri, sidecar.model_version_pin(binding, version), int(conf["lance_version"]), opts)
+    _present_version(client, name, version, conf)
+    return conf
+
+
+def register_model(model_uri: str, name: str, **kwargs: Any):
+    """``mlflow.register_model`` plus what ``log_model`` does for a new version: the pin, the
+    ``lance.*`` tags, the description, the history table and the sidecar."""
+    mv = mlflow.register_model(model_uri, name, **kwargs)
+    client = MlflowClient()
+    binding, _ = lifecycle.bind(client, name)
+    conf = _bookkeep_version(client, name, str(mv.version), binding)
+    if conf is not None:
+        uri = conf["lance_uri"]
+        opts = storage_options_for(uri) or None
+        rm = client.get_registered_model(name)
+        if not (rm.tags or {}).get(DATASET_TAG):  # registering earlier-logged weights binds them
+            client.set_registered_model_tag(name, DATASET_TAG, uri)
+        write_history(name, binding, (rm.tags or {}).get(DATASET_TAG) or uri, opts)
+        sidecar.refresh(uri, opts, names={binding: name})
+    return mv
+
+
+def write_history(name: str, binding: str, uri: str, opts: Mapping[str, str] | None) -> None:
     """Put the version history table into the registered model's description (kept below
     any text a person wrote above the marker)."""
     client = MlflowClient()
-    infos = {v.version: v for v in store.versions(uri, storage_options=opts)}
-    aliases: dict[str, list[str]] = {}
     registered = client.get_registered_model(name)
+    aliases: dict[str, list[str]] = {}
     for alias, mv in (registered.aliases or {}).items():
         aliases.setdefault(str(mv), []).append(alias)
+    pins = store.tags(uri, storage_options=opts)
+    infos = {v.version: v for v in store.versions(uri, storage_options=opts)}
     rows = []
-    for mv, version in sorted(_model_version_tags(uri, opts).items(), key=lambda kv: -int(kv[0])):
-        info = infos.get(version)
-        if info is None:
+    versions = lifecycle.paged(client.search_model_versions, filter_string=f"name = {lifecycle.quote_filter(name)}",
+                                max_results=1000)  # fmt: skip
+    for mv in sorted(versions, key=lambda m: -int(m.version)):
+        tags = mv.tags or {}
+        pinned = pins.get(sidecar.model_version_pin(binding, mv.version))
+        if pinned is not None and pinned in infos:
+            info, where = infos[pinned], ""
+        elif tags.get("lance.version", "").isdigit():  # weights in another dataset (a copy)
+            info, where = None, f" in `{tags.get('lance.uri', '?')}`"
+        else:
             continue
-        share = info.bytes_written / info.total_bytes if info.total_bytes else 0.0
+        version = info.version if info else tags["lance.version"]
+        changed = f"{len(info.changed)} of {info.num_tensors}" if info else tags.get("lance.tensors_changed", "")
+        written = info.bytes_written if info else int(tags.get("lance.bytes_written") or 0)
+        total = info.total_bytes if info else int(tags.get("lance.bytes") or 0)
+        run = (info.properties.get("mlflow.run_id", "") if info else mv.run_id or "")[:12]
         rows.append(
-            f"| {mv} | {version} | {', '.join(sorted(aliases.get(mv, []))) or ''} | "
-            f"`{info.properties.get('mlflow.run_id', '')[:12]}` | {len(info.changed)} of {info.num_tensors} | "
-            f"{info.bytes_written:,} | {share:.1%} |"
+            f"| {mv.version} | {version}{where} | {', '.join(sorted(aliases.get(str(mv.version), [])))} | "
+            f"`{run}` | {changed} | {written:,} | {written / total if total else 0:.1%} |"
         )
     table = "\n".join(
         [
@@ -160,69 +203,100 @@ def write_history(name: str, uri: str, opts: Mapping[str, str] | None) -> None:
     client.update_registered_model(name, description=f"{own}\n\n{table}" if own else table)
 
 
-def _model_version_tags(uri: str, opts: Mapping[str, str] | None) -> dict[str, int]:
-    prefix = sidecar.MODEL_VERSION_TAG
-    return {t[len(prefix):]: v for t, v in store.tags(uri, storage_options=opts).items() if t.startswith(prefix)}
-
-
 def dataset_for_model(name: str) -> str:
-    """The Lance dataset of registered model ``name`` (from its newest model version's MLmodel)."""
-    try:
-        live = MlflowClient().search_model_versions(f"name = '{name}'")
-    except MlflowException as err:
-        raise LookupError(f"registered model {name!r} cannot be read from the registry: {err}") from None
-    for mv in sorted(live, key=lambda m: -int(m.version)):
-        conf = flavor_conf(f"models:/{name}/{mv.version}")
-        if conf is not None:
-            return conf["lance_uri"]
-    raise LookupError(
-        f"no dataset found for {name!r}: it is neither a path or URI that exists nor a registered "
-        f"model with versions logged by mlflow_lance"
-    )
-
-
-def sync(name: str, *, lance_uri: str | None = None) -> SyncReport:
-    """Reconcile registered model ``name`` with its Lance dataset and rewrite the sidecar.
-
-    Pins (Lance tag ``model-version.<n>``) the version every live model version's MLmodel
-    points at, unpins those of deleted model versions, re-applies the UI tags and history,
-    and rebuilds the sidecar from the dataset's commits and tags.
-    """
+    """The Lance dataset registered model ``name`` is bound to (for a model that was never
+    bound, the dataset its versions were logged to)."""
     client = MlflowClient()
     try:
-        live = client.search_model_versions(f"name = '{name}'")
+        bound = (client.get_registered_model(name).tags or {}).get(DATASET_TAG)
     except MlflowException as err:
-        raise LookupError(f"registered model {name!r} cannot be read from the registry: {err}") from None
-    pointers: dict[str, dict] = {}
-    for mv in live:
-        conf = flavor_conf(f"models:/{name}/{mv.version}")
-        if conf is not None:
-            pointers[str(mv.version)] = conf
-    uris = {c["lance_uri"] for c in pointers.values()} | ({lance_uri} if lance_uri else set())
-    if len(uris) != 1:
-        raise LookupError(
-            f"registered model {name!r} has {'no' if not uris else 'several'} mlflow_lance datasets "
-            f"({', '.join(sorted(uris)) or 'none logged'}); pass lance_uri= to choose one"
-        )
-    uri = uris.pop()
+        if lifecycle.not_found(err):
+            raise LookupError(
+                f"no dataset found for {name!r}: it is neither a path or URI that exists nor a registered model"
+            ) from None
+        raise
+    if bound:
+        return bound
+    return lifecycle.datasets_for(name, References(client, write_bindings=False))[0]
+
+
+def sync(target: str | os.PathLike | None = None, *, all: bool = False) -> list[SyncReport]:
+    """Reconcile pins, UI tags, history tables and sidecars with what MLflow references.
+
+    ``target`` is a registered model name (only that model's pins are touched: its
+    model-version pins wherever its weights live, and the logged-model pins of its own
+    dataset) or a dataset URI (every pin of that dataset); ``all=True`` does every registered
+    model, then every dataset under the Lance roots.
+    """
+    refs = References()
+    reports: list[SyncReport] = []
+    if all:
+        for name in sorted(refs.registered):
+            if lifecycle.model_datasets(name, refs):
+                reports += _sync_model(name, refs)
+        done = [r.dataset for r in reports]
+        for uri in lifecycle.datasets_for(None, refs, all=True):
+            try:
+                reports.append(_sync_dataset(uri, refs, full=not any(lifecycle.same_dataset(uri, d) for d in done)))
+            except lifecycle.ForeignDataset as err:  # logged through another tracking server
+                reports.append(SyncReport(dataset=uri, skipped=str(err)))
+        return reports
+    if target is None:
+        raise ValueError("name a registered model or a dataset URI, or pass all=True")
+    target = os.fspath(target)
+    if lifecycle.looks_like_dataset(target) or target not in refs.registered:
+        if not lifecycle.looks_like_dataset(target):
+            raise LookupError(f"{target!r} is neither a registered model nor a dataset URI that exists")
+        return [_sync_dataset(target, refs, full=True)]
+    return _sync_model(target, refs)
+
+
+def _sync_dataset(uri: str, refs: References, *, full: bool) -> SyncReport:
     opts = storage_options_for(uri) or None
     report = SyncReport(dataset=uri)
-    for mv, conf in pointers.items():
-        if conf["lance_uri"] != uri:
-            continue
-        version = int(conf["lance_version"])
-        report.model_versions[mv] = version
-        if _tag_dataset(uri, sidecar.model_version_tag(mv), version, opts):
-            report.pinned.append(sidecar.model_version_tag(mv))
-        for key, value in lance_tags(conf).items():
-            client.set_model_version_tag(name, mv, key, value)
-    for mv in _model_version_tags(uri, opts):
-        if mv not in report.model_versions:
-            store.untag(uri, sidecar.model_version_tag(mv), storage_options=opts)
-            report.unpinned.append(sidecar.model_version_tag(mv))
-    if report.model_versions:
-        write_history(name, uri, opts)
-    doc = sidecar.refresh(uri, opts, force=True)
+    if full:
+        p = lifecycle.plan(uri, refs, opts)
+        report.pinned, report.unpinned = lifecycle.apply_pins(p, opts)
+    doc = sidecar.refresh(uri, opts, force=True, names=refs.bindings())
     report.runs = len(doc["runs"])
     return report
 
+
+def _sync_model(name: str, refs: References) -> list[SyncReport]:
+    client = refs.client
+    binding = refs.binding(name, store_tag=True)
+    uris = lifecycle.model_datasets(name, refs)
+    if not uris:
+        raise LookupError(f"registered model {name!r} has no version logged with mlflow_lance")
+    bound = (refs.registered[name].tags or {}).get(DATASET_TAG)
+    if not bound:
+        bound = uris[0]
+        client.set_registered_model_tag(name, DATASET_TAG, bound)
+    own_versions = sidecar.model_version_pin(binding, "")
+    reports = []
+    plans = {}
+    for uri in uris:
+        opts = storage_options_for(uri) or None
+        p = plans[uri] = lifecycle.plan(uri, refs, opts)
+        home = lifecycle.same_dataset(uri, bound)
+
+        def scope(pin: str, home: bool = home) -> bool:
+            return pin.startswith(own_versions) or (home and pin.startswith(sidecar.MODEL_PIN))
+
+        report = SyncReport(dataset=uri, registered_model=name)
+        report.pinned, report.unpinned = lifecycle.apply_pins(p, opts, scope)
+        report.model_versions = {pin[len(own_versions):]: v for pin, v in p.desired.items()
+                                 if pin.startswith(own_versions)}  # fmt: skip
+        reports.append(report)
+    for uri, p in plans.items():  # the UI: tags and a description on every version
+        opts = storage_options_for(uri) or None
+        infos = {v.version: v for v in store.versions(uri, storage_options=opts)}
+        for mv_number, version in (r for rep in reports if rep.dataset == uri for r in rep.model_versions.items()):
+            if version in infos:
+                _present_version(client, name, mv_number, _conf(uri, infos[version]))
+    write_history(name, binding, bound, storage_options_for(bound) or None)
+    for report in reports:
+        doc = sidecar.refresh(report.dataset, storage_options_for(report.dataset) or None, force=True,
+                              names=refs.bindings())  # fmt: skip
+        report.runs = len(doc["runs"])
+    return reports

@@ -1,28 +1,40 @@
-"""The YAML sidecar next to each dataset: which Lance version each run and model version holds.
+"""The YAML sidecar next to each dataset, and the names of the pins it is derived from.
 
 ``<dataset>.lance`` gets ``<dataset>.lance.yaml``, readable by a person and by
 ``yaml.safe_load``:
 
-    dataset: /data/lance/models/churn-3f9a1c0b2e.lance
-    model_name: churn
+    dataset: /data/lance/models/churn-3f9a1c0b2e4d.lance
     lance_latest_version: 7
-    runs:
-      4f0c...:  {lance_version: 7, model_id: m-81a..., artifact_path: model, time: '...'}
-    model_versions:
-      '3': {lance_version: 7, run_id: 4f0c...}
+    runs:                       # every version a run logged that is still stored
+      4f0c...:
+      - {lance_version: 6, model_id: m-81a..., artifact_path: model, step: 2, time: '...'}
+      - {lance_version: 7, model_id: m-9c2..., artifact_path: model, step: 3, time: '...'}
+    logged_models:              # logged models MLflow still lists (pinned)
+      m-9c2...: {lance_version: 7, run_id: 4f0c..., artifact_path: model, step: 3}
+    registered_models:          # by binding: a registered model's durable identity
+      3f9a1c0b2e4d:
+        name: churn
+        versions: {'3': {lance_version: 7}}
+    pins: {model.m-9c2...: 7, mv.3f9a1c0b2e4d.3: 7}
 
 The sidecar is derived data. The truth is in the Lance dataset: each version's commit
-properties carry the run and model ids, and Lance tags pin every version a run
-(``run.<run id>``) or a registered model version (``model-version.<n>``) references. The
-sidecar is rebuilt from that truth whenever it is missing, damaged or stale (its
-``lance_latest_version`` behind the dataset's), so concurrent writers never lose an entry:
-each rebuild sees every committed version. Writes are atomic (rename locally, a single PUT
-on object storage).
+properties carry the run ID, model ID, artifact name and step, and Lance tags (*pins*) hold
+every version MLflow references: ``model.<model id>`` for a logged model,
+``mv.<binding>.<version>`` for a registered model version (the binding is a registered-model
+tag that survives renames, see lifecycle.py). Versions written before pins named their
+registered model carry ``run.<run id>`` / ``model-version.<n>``, which are kept until a
+``sync`` or ``gc`` replaces them.
+
+The sidecar is rebuilt whenever it is missing, damaged, too large, stale (behind the
+dataset's latest version or its pins) or disagrees with the commit it names, so concurrent
+writers never lose an entry and a tampered sidecar never picks the weights. Writes are atomic
+(rename locally, a single PUT on object storage).
 """
 
 from __future__ import annotations
 
 import os
+import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
 from urllib.parse import urlparse
@@ -31,11 +43,15 @@ import yaml
 
 from . import store
 
-RUN_TAG = "run."
-MODEL_VERSION_TAG = "model-version."
+MODEL_PIN = "model."
+MODEL_VERSION_PIN = "mv."
+LEGACY_RUN_PIN = "run."
+LEGACY_MODEL_VERSION_PIN = "model-version."
+PIN_PREFIXES = (MODEL_PIN, MODEL_VERSION_PIN, LEGACY_RUN_PIN, LEGACY_MODEL_VERSION_PIN)
+MAX_SIDECAR_BYTES = 8 << 20  # larger files are not parsed: the sidecar is rebuilt instead
 _HEADER = (
-    "# Written by mlflow-lance: which Lance version each MLflow run and registered model version\n"
-    "# holds. Derived from the dataset's commits and tags; `mlflow-lance sync` rebuilds it.\n"
+    "# Written by mlflow-lance: which Lance version each MLflow run, logged model and registered\n"
+    "# model version holds. Derived from the dataset's commits and pins; `mlflow-lance sync` rebuilds it.\n"
 )
 
 
@@ -43,12 +59,32 @@ def sidecar_uri(dataset_uri: str) -> str:
     return dataset_uri.rstrip("/") + ".yaml"
 
 
-def run_tag(run_id: str) -> str:
-    return f"{RUN_TAG}{run_id}"
+def model_pin(model_id: str) -> str:
+    """The pin of a logged model's version."""
+    return f"{MODEL_PIN}{model_id}"
 
 
-def model_version_tag(version: int | str) -> str:
-    return f"{MODEL_VERSION_TAG}{version}"
+def model_version_pin(binding: str, version: int | str) -> str:
+    """The pin of a registered model version (``binding``: the registered model's identity)."""
+    return f"{MODEL_VERSION_PIN}{binding}.{version}"
+
+
+def legacy_run_pin(run_id: str) -> str:
+    """The pin a run's version got before pins named logged models (still honoured)."""
+    return f"{LEGACY_RUN_PIN}{run_id}"
+
+
+def is_pin(tag: str) -> bool:
+    """True for the Lance tags mlflow-lance manages (as opposed to a person's tags)."""
+    return tag.startswith(PIN_PREFIXES)
+
+
+def parse_model_version_pin(tag: str) -> tuple[str, str] | None:
+    """(binding, version) of an ``mv.<binding>.<version>`` pin, else None."""
+    if not tag.startswith(MODEL_VERSION_PIN):
+        return None
+    binding, _, version = tag[len(MODEL_VERSION_PIN):].rpartition(".")
+    return (binding, version) if binding and version.isdigit() else None
 
 
 # --------------------------------------------------------------------------- small-file IO
@@ -77,17 +113,23 @@ def _filesystem(uri: str, storage_options: Mapping[str, str] | None):
     return filesystem, path
 
 
-def read_text(uri: str, storage_options: Mapping[str, str] | None = None) -> str | None:
-    """The file's text, or None if it does not exist."""
+def read_text(uri: str, storage_options: Mapping[str, str] | None = None, *, limit: int = MAX_SIDECAR_BYTES) -> str | None:
+    """The file's text, or None if it does not exist, is not UTF-8 or is over ``limit`` bytes."""
     local = store._local_path(uri)
     try:
         if local is not None:
-            with open(local, encoding="utf-8") as f:
-                return f.read()
-        filesystem, path = _filesystem(uri, storage_options)
-        with filesystem.open_input_stream(path) as f:
-            return f.read().decode("utf-8")
+            if not os.path.isfile(local):  # a FIFO or device would block or never end
+                return None
+            with open(local, "rb") as f:
+                data = f.read(limit + 1)
+        else:
+            filesystem, path = _filesystem(uri, storage_options)
+            with filesystem.open_input_stream(path) as f:
+                data = f.read(limit + 1)
+        return None if len(data) > limit else data.decode("utf-8")
     except FileNotFoundError:
+        return None
+    except UnicodeDecodeError:
         return None
     except OSError as err:
         if "not found" in str(err).lower() or "NoSuchKey" in str(err) or "does not exist" in str(err):
@@ -100,12 +142,16 @@ def write_text(uri: str, text: str, storage_options: Mapping[str, str] | None = 
     local = store._local_path(uri)
     if local is not None:
         os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-        tmp = f"{local}.{os.getpid()}.{datetime.now().timestamp()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, local)
+        tmp = f"{local}.{uuid.uuid4().hex}.tmp"
+        try:
+            with open(tmp, "w", encoding="utf-8") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, local)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
         return
     filesystem, path = _filesystem(uri, storage_options)
     with filesystem.open_output_stream(path) as f:  # one PUT: atomic on S3-compatible stores
@@ -115,59 +161,96 @@ def write_text(uri: str, text: str, storage_options: Mapping[str, str] | None = 
 # --------------------------------------------------------------------------- the mapping
 
 
-def build(dataset_uri: str, storage_options: Mapping[str, str] | None = None) -> dict:
-    """The sidecar document, from the dataset's commit properties and pin tags alone."""
+def _int(value: object) -> int | None:
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+
+
+def build(
+    dataset_uri: str,
+    storage_options: Mapping[str, str] | None = None,
+    *,
+    names: Mapping[str, str] | None = None,
+) -> dict:
+    """The sidecar document, from the dataset's commit properties and pins alone.
+
+    ``names`` maps bindings to registered model names (the registry knows them; without it
+    the name recorded at log time is used).
+    """
     infos = store.versions(dataset_uri, storage_options=storage_options)
-    tags = store.tags(dataset_uri, storage_options=storage_options)
+    pins = {t: v for t, v in store.tags(dataset_uri, storage_options=storage_options).items() if is_pin(t)}
     by_version = {v.version: v for v in infos}
-    runs: dict[str, dict] = {}
-    names = set()
+    known_names = {v.properties["mlflow.binding"]: v.properties.get("mlflow.registered_model_name")
+                   for v in infos if v.properties.get("mlflow.binding")}  # fmt: skip
+    known_names.update(names or {})
+    runs: dict[str, list[dict]] = {}
     for v in infos:
         run_id = v.properties.get("mlflow.run_id")
-        if v.properties.get("mlflow.registered_model_name"):
-            names.add(v.properties["mlflow.registered_model_name"])
-        if run_id and tags.get(run_tag(run_id)) == v.version:
-            runs[run_id] = {
+        if run_id:
+            runs.setdefault(run_id, []).append({
                 "lance_version": v.version,
                 "model_id": v.properties.get("mlflow.model_id"),
                 "artifact_path": v.properties.get("mlflow.artifact_path"),
+                "step": _int(v.properties.get("mlflow.step")),
                 "time": v.timestamp.isoformat(timespec="seconds"),
-            }
-    model_versions = {}
-    for tag, version in tags.items():
-        if tag.startswith(MODEL_VERSION_TAG):
-            info = by_version.get(version)
-            model_versions[tag[len(MODEL_VERSION_TAG):]] = {
+            })  # fmt: skip
+    logged: dict[str, dict] = {}
+    registered: dict[str, dict] = {}
+    legacy: dict[str, int] = {}
+    for tag, version in sorted(pins.items()):
+        info = by_version.get(version)
+        props = info.properties if info else {}
+        if tag.startswith(MODEL_PIN):
+            logged[tag[len(MODEL_PIN):]] = {
                 "lance_version": version,
-                "run_id": info.properties.get("mlflow.run_id") if info else None,
+                "run_id": props.get("mlflow.run_id"),
+                "artifact_path": props.get("mlflow.artifact_path"),
+                "step": _int(props.get("mlflow.step")),
             }
-    return {
+        elif (parsed := parse_model_version_pin(tag)) is not None:
+            binding, mv = parsed
+            entry = registered.setdefault(binding, {"name": known_names.get(binding), "versions": {}})
+            entry["versions"][mv] = {"lance_version": version, "model_id": props.get("mlflow.model_id")}
+        else:
+            legacy[tag] = version
+    for entry in registered.values():
+        entry["versions"] = dict(sorted(entry["versions"].items(), key=lambda kv: int(kv[0])))
+    doc = {
         "dataset": dataset_uri,
-        "model_name": sorted(names)[0] if len(names) == 1 else (sorted(names) or None),
         "lance_latest_version": infos[-1].version if infos else 0,
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "runs": runs,
-        "model_versions": dict(sorted(model_versions.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0)),
+        "logged_models": logged,
+        "registered_models": registered,
+        "pins": dict(sorted(pins.items())),
     }
+    if legacy:
+        doc["legacy_pins"] = legacy
+    return doc
 
 
 def _valid(doc: object) -> bool:
     return (
         isinstance(doc, dict)
         and isinstance(doc.get("runs"), dict)
-        and isinstance(doc.get("model_versions"), dict)
+        and all(isinstance(v, list) and all(isinstance(e, dict) for e in v) for v in doc["runs"].values())
+        and isinstance(doc.get("logged_models"), dict)
+        and isinstance(doc.get("registered_models"), dict)
+        and isinstance(doc.get("pins"), dict)
         and isinstance(doc.get("lance_latest_version"), int)
     )
 
 
 def read(dataset_uri: str, storage_options: Mapping[str, str] | None = None) -> dict | None:
-    """The sidecar as stored, or None if it is missing or damaged."""
+    """The sidecar as stored, or None if it is missing, damaged, too large or of an old format."""
     text = read_text(sidecar_uri(dataset_uri), storage_options)
     if text is None:
         return None
     try:
         doc = yaml.safe_load(text)
-    except yaml.YAMLError:
+    except (yaml.YAMLError, RecursionError, ValueError):
         return None
     return doc if _valid(doc) else None
 
@@ -177,40 +260,81 @@ def write(dataset_uri: str, doc: dict, storage_options: Mapping[str, str] | None
     write_text(sidecar_uri(dataset_uri), text, storage_options)
 
 
-def _pins(doc: dict) -> dict[str, int]:
-    """The pin tags a sidecar document reflects."""
-    pins = {run_tag(r): e.get("lance_version") for r, e in doc["runs"].items()}
-    pins.update({model_version_tag(m): e.get("lance_version") for m, e in doc["model_versions"].items()})
-    return pins
-
-
-def refresh(dataset_uri: str, storage_options: Mapping[str, str] | None = None, *, force: bool = False) -> dict:
+def refresh(
+    dataset_uri: str,
+    storage_options: Mapping[str, str] | None = None,
+    *,
+    force: bool = False,
+    names: Mapping[str, str] | None = None,
+) -> dict:
     """The current sidecar; rebuilt (and rewritten) if missing, damaged, stale or ``force``.
 
-    Stale means behind the dataset's latest version or its pin tags: a model version is pinned
+    Stale means behind the dataset's latest version or its pins: a model version is pinned
     after its Lance commit, so a sidecar another writer wrote in between can lack it.
     """
     doc = None if force else read(dataset_uri, storage_options)
-    latest = store.latest_version(dataset_uri, storage_options=storage_options)
-    pins = {
-        t: v for t, v in store.tags(dataset_uri, storage_options=storage_options).items()
-        if t.startswith((RUN_TAG, MODEL_VERSION_TAG))
-    }  # fmt: skip
-    if doc is None or doc["lance_latest_version"] != latest or _pins(doc) != pins:
-        doc = build(dataset_uri, storage_options)
+    if doc is not None:
+        latest = store.latest_version(dataset_uri, storage_options=storage_options)
+        pins = {t: v for t, v in store.tags(dataset_uri, storage_options=storage_options).items() if is_pin(t)}
+        if doc["lance_latest_version"] != latest or doc["pins"] != pins:
+            doc = None
+    if doc is None:
+        previous = read(dataset_uri, storage_options) if names is None else None
+        carried = {b: e.get("name") for b, e in (previous or {}).get("registered_models", {}).items()
+                   if isinstance(e, dict) and isinstance(e.get("name"), str)}  # fmt: skip
+        doc = build(dataset_uri, storage_options, names={**carried, **(names or {})})
         write(dataset_uri, doc, storage_options)
     return doc
 
 
-def version_for_run(dataset_uri: str, run_id: str, storage_options: Mapping[str, str] | None = None) -> int:
-    """The Lance version run ``run_id`` logged, from the sidecar (rebuilt if it lacks the run)."""
-    doc = read(dataset_uri, storage_options)
-    if doc is None or run_id not in doc["runs"]:
-        doc = refresh(dataset_uri, storage_options, force=True)
-    if run_id not in doc["runs"]:
-        known = ", ".join(list(doc["runs"])[:5]) or "none"
-        raise store.VersionNotFoundError(
-            f"run {run_id!r} has no pinned version in {dataset_uri} (runs recorded: {known}); "
-            f"check the run ID, or run `mlflow-lance sync` if the run logged here"
-        )
-    return int(doc["runs"][run_id]["lance_version"])
+def version_for_run(
+    dataset_uri: str,
+    run_id: str,
+    storage_options: Mapping[str, str] | None = None,
+    *,
+    step: int | None = None,
+    model_id: str | None = None,
+) -> int:
+    """The Lance version run ``run_id`` logged, from the sidecar (rebuilt if it lacks the run).
+
+    A run that logged several versions (checkpoints, several models) needs ``step=`` or
+    ``model_id=``; the error lists what the run logged. The entry found is checked against
+    the commit it names, so a sidecar that lies is rebuilt instead of trusted.
+    """
+    for attempt in range(2):
+        doc = refresh(dataset_uri, storage_options, force=attempt > 0)
+        entries = [e for e in doc["runs"].get(run_id, []) if isinstance(e, dict)]
+        if step is not None:
+            entries = [e for e in entries if e.get("step") == step]
+        if model_id is not None:
+            entries = [e for e in entries if e.get("model_id") == model_id]
+        if len(entries) == 1:
+            version = _int(entries[0].get("lance_version"))
+            if version is not None and _commit_matches(dataset_uri, version, run_id, entries[0], storage_options):
+                return version
+        elif len(entries) > 1:
+            if attempt == 0:
+                continue  # confirm against a fresh build before asking the caller to choose
+            listed = "; ".join(f"version {e.get('lance_version')} (model_id={e.get('model_id')}, "
+                               f"step={e.get('step')}, name={e.get('artifact_path')})" for e in entries)  # fmt: skip
+            raise store.VersionNotFoundError(
+                f"run {run_id!r} logged {len(entries)} versions to {dataset_uri}: {listed}; pass step= or "
+                f"model_id= to choose one"
+            )
+    recorded = ", ".join(list(doc["runs"])[:5]) or "none"
+    wanted = "".join(f", {k}={v!r}" for k, v in (("step", step), ("model_id", model_id)) if v is not None)
+    raise store.VersionNotFoundError(
+        f"run {run_id!r}{wanted} has no stored version in {dataset_uri} (runs recorded: {recorded}); "
+        f"check the run ID, or whether gc removed that version"
+    )
+
+
+def _commit_matches(uri: str, version: int, run_id: str, entry: dict, opts: Mapping[str, str] | None) -> bool:
+    """Whether version ``version``'s commit properties say it was logged by this run (and model)."""
+    try:
+        props = store.version_properties(uri, version, storage_options=opts)
+    except store.VersionNotFoundError:
+        return False
+    return props.get("mlflow.run_id") == run_id and (
+        entry.get("model_id") is None or props.get("mlflow.model_id") == entry.get("model_id")
+    )

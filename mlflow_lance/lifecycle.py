@@ -1,0 +1,601 @@
+"""What MLflow still references, and the pins and gc that follow it.
+
+A Lance version must stay while MLflow can still resolve something to it:
+
+- a **logged model** that is not deleted (``get_logged_model`` finds it; a soft-deleted run
+  keeps its logged models, so a run that can be restored keeps its weights);
+- a **registered model version** that exists, whatever its source: ``models:/<model id>``
+  (``log_model``, ``register_model`` later), ``models:/<name>/<version>``
+  (``copy_model_version``) or a path whose MLmodel points at Lance.
+
+Pins are Lance tags, one per reference (``model.<model id>``, ``mv.<binding>.<version>``,
+see sidecar.py), set as soon as a reference is made through mlflow_lance. ``gc`` never trusts
+the pins alone: it reads MLflow first, adds the pins that are missing (versions registered
+or copied with plain MLflow calls), removes the pins whose reference is gone, then lets the
+store delete unpinned versions. A pin is removed only when its reference is positively gone;
+anything that cannot be checked stays pinned.
+
+A registered model's *binding* is a registered-model tag that survives renames: its
+identity (``mlflow_lance.binding``, from the name and creation time of the model it was
+first seen as) and its dataset (``mlflow_lance.dataset``). Renaming keeps both; a new model
+that reuses an old name gets a new binding and a new dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import mlflow
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+from mlflow.models import Model
+from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+from mlflow.tracking.artifact_utils import _download_artifact_from_uri
+
+from . import sidecar, store
+from .artifacts import ROOT_ENV, lance_root, storage_options_for
+
+FLAVOR_NAME = "mlflow_lance"
+BINDING_TAG = "mlflow_lance.binding"
+DATASET_TAG = "mlflow_lance.dataset"
+_MODEL_ID_SOURCE = re.compile(r"^models:/(m-[0-9A-Za-z]+)/?$")
+_MODEL_VERSION_SOURCE = re.compile(r"^models:/([^@]+)/(\d+)/?$")
+_LOGGED_MODEL_LOCATION = re.compile(r"/models/(m-[0-9a-f]{32})/artifacts/?$")
+
+
+# --------------------------------------------------------------------------- reading MLflow
+
+
+def model_dir_uri(uri: str) -> str:
+    """The artifact URI of a model's directory, so that single files can be fetched from it.
+
+    ``models:/...`` resolves through the registry; ``runs:/<run>/<name>`` to the newest
+    logged model of that name in the run (MLflow 3), else to the run's own artifacts.
+    """
+    if uri.startswith("models:"):
+        return ModelsArtifactRepository.get_underlying_uri(uri)
+    if uri.startswith("runs:"):
+        run_id, _, name = uri[len("runs:"):].lstrip("/").partition("/")
+        client = MlflowClient()
+        experiment_id = client.get_run(run_id).info.experiment_id
+        models = client.search_logged_models(
+            experiment_ids=[experiment_id], filter_string=f"name = {quote_filter(name.rstrip('/'))}"
+        )
+        matches = [m for m in models if m.source_run_id == run_id]
+        if matches:
+            newest = max(matches, key=lambda m: m.creation_timestamp)
+            return ModelsArtifactRepository.get_underlying_uri(f"models:/{newest.model_id}")
+    return uri
+
+
+def flavor_conf(model_uri: str) -> dict | None:
+    """The mlflow_lance flavor section of a model's MLmodel (fetches that one file)."""
+    with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as local:
+        path = _download_artifact_from_uri(model_dir_uri(model_uri).rstrip("/") + "/" + MLMODEL_FILE_NAME, local)
+        return Model.load(path).flavors.get(FLAVOR_NAME)
+
+
+def quote_filter(value: str) -> str:
+    """A string literal for MLflow's filter syntax (quotes in names escaped)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def not_found(err: BaseException) -> bool:
+    """True if MLflow said the thing does not exist (as opposed to any other failure)."""
+    return isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST"
+
+
+def paged(search: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
+    token = None
+    while True:
+        page = search(page_token=token, **kwargs)
+        yield from page
+        token = page.token
+        if not token:
+            return
+
+
+def same_dataset(a: str, b: str) -> bool:
+    """Whether two dataset URIs name the same dataset (local paths compared resolved)."""
+    def norm(uri: str) -> str:
+        local = store._local_path(uri)
+        return os.path.realpath(local) if local is not None else uri.rstrip("/")
+
+    return norm(a) == norm(b)
+
+
+# --------------------------------------------------------------------------- bindings
+
+
+def binding_id(name: str, creation_timestamp: int | None) -> str:
+    """A registered model's identity: the same for every writer that sees the same model."""
+    return hashlib.sha256(f"{name}\0{creation_timestamp}".encode()).hexdigest()[:12]
+
+
+def _set_tag(client: MlflowClient, name: str, key: str, value: str) -> None:
+    """Set a registered-model tag that concurrent writers set to the same value (a racing
+    insert of the same key may fail on some backends; re-read before giving up)."""
+    try:
+        client.set_registered_model_tag(name, key, value)
+    except MlflowException:
+        if (client.get_registered_model(name).tags or {}).get(key) != value:
+            raise
+
+
+def bind(client: MlflowClient, name: str, *, create: bool = False) -> tuple[str, Any]:
+    """(binding, registered model) of ``name``, creating either if missing.
+
+    The binding is computed from the name and creation time, so concurrent writers that
+    bind the same new model agree without coordination, and stored as a tag, so a rename
+    keeps it.
+    """
+    try:
+        rm = client.get_registered_model(name)
+    except MlflowException as err:
+        if not (create and not_found(err)):
+            raise
+        try:
+            client.create_registered_model(name)
+        except MlflowException as exists:
+            if exists.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        rm = client.get_registered_model(name)
+    binding = (rm.tags or {}).get(BINDING_TAG)
+    if not binding:
+        binding = binding_id(name, rm.creation_timestamp)
+        _set_tag(client, name, BINDING_TAG, binding)
+    return binding, rm
+
+
+def dataset_of(client: MlflowClient, name: str, default: Callable[[str], str]) -> tuple[str, str]:
+    """(binding, dataset URI) where ``log_model(registered_model_name=name)`` writes.
+
+    The dataset the model is bound to; else the one its earliest mlflow_lance version was
+    logged to (registered later, or bound before the binding existed), which then becomes
+    its binding; else ``default(binding)``, a new dataset of its own.
+    """
+    binding, rm = bind(client, name, create=True)
+    uri = (rm.tags or {}).get(DATASET_TAG)
+    if not uri:
+        uri = _adopt(client, name) or default(binding)
+        _set_tag(client, name, DATASET_TAG, uri)
+    return binding, uri
+
+
+def _adopt(client: MlflowClient, name: str) -> str | None:
+    versions = sorted(paged(client.search_model_versions, filter_string=f"name = {quote_filter(name)}",
+                             max_results=1000), key=lambda mv: int(mv.version))  # fmt: skip
+    for mv in versions:
+        try:
+            conf = flavor_conf(f"models:/{name}/{mv.version}")
+        except (MlflowException, OSError):
+            continue
+        if conf is not None:
+            return conf["lance_uri"]
+    return None
+
+
+# --------------------------------------------------------------------------- references
+
+
+@dataclass(frozen=True)
+class Target:
+    """What a model version points at: a logged model's id, or a Lance (URI, version)."""
+
+    model_id: str | None = None
+    uri: str | None = None
+    version: int | None = None
+
+
+class References:
+    """One read of everything MLflow references; logged models are looked up on demand.
+
+    ``write_bindings=False`` (dry runs) computes missing bindings without storing them.
+    """
+
+    def __init__(self, client: MlflowClient | None = None, *, write_bindings: bool = True):
+        self.client = client or MlflowClient()
+        self.write_bindings = write_bindings
+        self.registered = {rm.name: rm for rm in paged(self.client.search_registered_models, max_results=1000)}
+        self.model_versions = list(paged(self.client.search_model_versions, max_results=10000))
+        self._by_key = {(mv.name, str(mv.version)): mv for mv in self.model_versions}
+        self._bindings: dict[str, str] = {}
+        self._logged: dict[str, bool] = {}
+        self._runs: dict[str, bool] = {}
+        self._targets: dict[tuple[str, str], Target | None] = {}
+
+    def binding(self, name: str, *, store_tag: bool = False) -> str:
+        """The binding of registered model ``name``; with ``store_tag`` (before a pin names
+        it) a model that has none gets its tag, unless this is a dry run."""
+        rm = self.registered[name]
+        found = (rm.tags or {}).get(BINDING_TAG) or self._bindings.get(name)
+        if found:
+            return found
+        found = binding_id(name, rm.creation_timestamp)
+        if store_tag and self.write_bindings:
+            _set_tag(self.client, name, BINDING_TAG, found)
+            self._bindings[name] = found
+        return found
+
+    def bindings(self) -> dict[str, str]:
+        """binding -> current registered model name, for every registered model."""
+        return {self.binding(name): name for name in self.registered}
+
+    def logged_model_live(self, model_id: str) -> bool:
+        """True unless MLflow says the logged model does not exist (deleted or purged)."""
+        if model_id not in self._logged:
+            try:
+                self.client.get_logged_model(model_id)
+                self._logged[model_id] = True
+            except MlflowException as err:
+                if not not_found(err):
+                    raise
+                self._logged[model_id] = False
+        return self._logged[model_id]
+
+    def experiment_exists(self, experiment_id: str) -> bool:
+        """True if this tracking server has the experiment (in any lifecycle stage)."""
+        try:
+            self.client.get_experiment(experiment_id)
+            return True
+        except MlflowException as err:
+            if not_found(err):
+                return False
+            raise
+
+    def knows(self, infos: list[store.VersionInfo], p: Plan) -> bool:
+        """Whether this tracking server is the one that logged these versions: something it
+        references lives there, or it has their experiment or one of their runs. If not,
+        "not found" means "wrong server", and nothing may be judged unreferenced."""
+        if p.desired or p.kept_unknown:
+            return True
+        experiments = {i.properties.get("mlflow.experiment_id") for i in infos} - {None, ""}
+        runs = {i.properties.get("mlflow.run_id") for i in infos} - {None, ""}
+        return any(self.experiment_exists(e) for e in sorted(experiments)) or any(
+            self.run_live(r) for r in sorted(runs)
+        )
+
+    def run_live(self, run_id: str) -> bool:
+        """True unless MLflow says the run does not exist (a deleted run can still be restored)."""
+        if run_id not in self._runs:
+            try:
+                self.client.get_run(run_id)
+                self._runs[run_id] = True
+            except MlflowException as err:
+                if not not_found(err):
+                    raise
+                self._runs[run_id] = False
+        return self._runs[run_id]
+
+    def target(self, mv: Any, _depth: int = 0) -> Target | None:
+        """What model version ``mv`` points at, or None when that cannot be told (kept pinned)."""
+        key = (mv.name, str(mv.version))
+        if key in self._targets:
+            return self._targets[key]
+        source = mv.source or ""
+        found: Target | None = None
+        if m := _MODEL_ID_SOURCE.match(source):
+            found = Target(model_id=m.group(1))
+        elif (m := _MODEL_VERSION_SOURCE.match(source)) and (m.group(1), m.group(2)) in self._by_key and _depth < 16:
+            found = self.target(self._by_key[(m.group(1), m.group(2))], _depth + 1)
+        if found is None:  # a copy whose source version is gone: where its files live says
+            try:
+                location = self.client.get_model_version_download_uri(mv.name, str(mv.version))
+            except MlflowException:
+                location = ""
+            if m := _LOGGED_MODEL_LOCATION.search(location or ""):
+                found = Target(model_id=m.group(1))
+        if found is None:
+            found = self.target_from_mlmodel(mv)
+        self._targets[key] = found
+        return found
+
+    def target_from_mlmodel(self, mv: Any) -> Target | None:
+        try:
+            conf = flavor_conf(f"models:/{mv.name}/{mv.version}")
+        except (MlflowException, OSError):
+            conf = None
+            tags = mv.tags or {}
+            if "lance.uri" in tags and str(tags.get("lance.version", "")).isdigit():
+                conf = {"lance_uri": tags["lance.uri"], "lance_version": tags["lance.version"]}
+            else:
+                return None  # its MLmodel is gone or unreachable: nothing can be told
+        if conf is None:
+            return Target()  # another flavor: references no Lance version
+        return Target(uri=conf["lance_uri"], version=int(conf["lance_version"]))
+
+
+class ForeignDataset(LookupError):
+    """The dataset was logged through another tracking server than the one configured."""
+
+
+@dataclass
+class Plan:
+    """The pins a dataset must carry according to MLflow, and what nothing references."""
+
+    dataset: str
+    versions: list[int]
+    desired: dict[str, int] = field(default_factory=dict)  # pin -> version
+    stale: list[str] = field(default_factory=list)  # pins whose reference is gone
+    kept_unknown: list[str] = field(default_factory=list)  # pins that could not be checked
+    referenced: dict[int, list[str]] = field(default_factory=dict)  # version -> pins
+    from_mlflow: set[int] = field(default_factory=set)  # versions that MLflow logged
+    by_model: dict[str, int] = field(default_factory=dict)  # logged model id -> version
+
+
+def plan(uri: str, refs: References, opts: Mapping[str, str] | None = None) -> Plan:
+    """Compare dataset ``uri``'s pins with what MLflow references (reads the pins first, so a
+    pin set while this runs is never judged against an older view of MLflow)."""
+    pins = {t: v for t, v in store.tags(uri, storage_options=opts).items() if sidecar.is_pin(t)}
+    infos = store.versions(uri, storage_options=opts)
+    p = Plan(uri, [v.version for v in infos])
+    by_model = p.by_model
+    for info in infos:
+        model_id = info.properties.get("mlflow.model_id")
+        if model_id:
+            by_model[model_id] = info.version
+        if model_id or info.properties.get("mlflow.run_id"):
+            p.from_mlflow.add(info.version)
+    for model_id, version in by_model.items():
+        if refs.logged_model_live(model_id):
+            p.desired[sidecar.model_pin(model_id)] = version
+    for info in infos:  # saved in a run without a logged model: kept while the run exists
+        run_id = info.properties.get("mlflow.run_id")
+        if run_id and not info.properties.get("mlflow.model_id") and refs.run_live(run_id):
+            p.referenced.setdefault(info.version, []).append(f"run {run_id}")
+            p.desired[sidecar.legacy_run_pin(run_id)] = info.version  # the run's newest such version
+    unknown_bindings: dict[str, set[str]] = {}
+    for mv in refs.model_versions:
+        target = refs.target(mv)
+        if target is None:
+            unknown_bindings.setdefault(refs.binding(mv.name), set()).add(str(mv.version))
+            continue
+        if target.model_id is not None and target.model_id in by_model:
+            version = by_model[target.model_id]
+        elif target.uri is not None and same_dataset(target.uri, uri) and target.version in p.versions:
+            version = target.version
+        else:
+            continue  # references another dataset, or no Lance weights at all
+        p.desired[sidecar.model_version_pin(refs.binding(mv.name, store_tag=True), mv.version)] = version
+    for pin, version in pins.items():
+        if pin in p.desired:
+            continue
+        parsed = sidecar.parse_model_version_pin(pin)
+        if parsed is not None and parsed[1] in unknown_bindings.get(parsed[0], ()):
+            p.kept_unknown.append(pin)
+        else:
+            p.stale.append(pin)
+    for pin, version in {**{t: pins[t] for t in p.kept_unknown}, **p.desired}.items():
+        p.referenced.setdefault(version, []).append(pin)
+    if p.from_mlflow and not refs.knows(infos, p):
+        raise ForeignDataset(
+            f"the tracking server at {mlflow.get_tracking_uri()} knows none of the experiments, runs, logged "
+            f"models or model versions that wrote {uri}; nothing was changed. Point MLFLOW_TRACKING_URI at the "
+            f"server that logged them."
+        )
+    return p
+
+
+def apply_pins(p: Plan, opts: Mapping[str, str] | None, scope: Callable[[str], bool] = lambda pin: True,
+               ) -> tuple[list[str], list[str]]:  # fmt: skip
+    """Set the desired pins and remove the stale ones (within ``scope``); (pinned, unpinned)."""
+    current = store.tags(p.dataset, storage_options=opts)
+    pinned, unpinned = [], []
+    for pin, version in sorted(p.desired.items()):
+        if scope(pin) and current.get(pin) != version:
+            store.tag(p.dataset, pin, version, storage_options=opts)
+            pinned.append(pin)
+    for pin in sorted(p.stale):
+        if scope(pin) and pin in current:
+            try:
+                store.untag(p.dataset, pin, storage_options=opts)
+            except store.VersionNotFoundError:
+                pass  # removed concurrently
+            unpinned.append(pin)
+    return pinned, unpinned
+
+
+# --------------------------------------------------------------------------- gc
+
+
+@dataclass
+class GcResult:
+    """What ``gc`` did to one dataset."""
+
+    dataset: str
+    removed_versions: list[int]
+    bytes_removed: int
+    pinned: list[str]
+    unpinned: list[str]
+    kept_referenced: list[int]
+    dry_run: bool = False
+    skipped: str | None = None  # why this dataset was left alone (``all=True`` only)
+
+
+def is_managed(uri: str, opts: Mapping[str, str] | None = None) -> bool:
+    """Whether MLflow logged any version of the dataset (so MLflow decides what gc removes)."""
+    return any(sidecar.is_pin(t) for t in store.tags(uri, storage_options=opts)) or any(
+        v.properties.get("mlflow.model_id") or v.properties.get("mlflow.run_id")
+        for v in store.versions(uri, storage_options=opts)
+    )
+
+
+def gc_dataset(
+    uri: str,
+    refs: References,
+    *,
+    keep_last: int | None = None,
+    older_than: timedelta | None = None,
+    grace: timedelta = timedelta(minutes=30),
+    dry_run: bool = False,
+    storage_options: Mapping[str, str] | None = None,
+) -> GcResult:
+    """Reconcile the dataset's pins with MLflow, then remove what nothing references.
+
+    Removed: versions MLflow logged that no live logged model or model version references
+    (plus, with ``keep_last``/``older_than``, other unreferenced versions outside that
+    policy), never the latest, a version superseded less than ``grace`` ago, or one a person
+    tagged. Every data file no surviving version shares goes with them.
+    """
+    opts = storage_options if storage_options is not None else (storage_options_for(uri) or None)
+    p = plan(uri, refs, opts)
+    pinned, unpinned = ([], []) if dry_run else apply_pins(p, opts)
+    policy = keep_last is not None or older_than is not None
+    pool = set(p.versions) if policy else p.from_mlflow
+    candidates = pool - set(p.referenced)
+    if dry_run:
+        doomed = store.gc_plan(uri, keep_last=keep_last, older_than=older_than, grace=grace,
+                               candidates=candidates, ignore_tags=p.stale, storage_options=opts)  # fmt: skip
+        return GcResult(uri, doomed, 0, [], list(p.stale), sorted(p.referenced), dry_run=True)
+    report = store.gc(uri, keep_last=keep_last, older_than=older_than, grace=grace, candidates=candidates,
+                      storage_options=opts)  # fmt: skip
+    if report.removed_versions or pinned or unpinned:
+        sidecar.refresh(uri, opts, names=refs.bindings())
+    return GcResult(uri, report.removed_versions, report.bytes_removed, pinned, unpinned, sorted(p.referenced))
+
+
+def looks_like_dataset(target: str) -> bool:
+    """A URI or an existing path (as opposed to a registered model name)."""
+    return "://" in target or os.path.exists(target) or target.endswith(".lance")
+
+
+def gc(
+    target: str | os.PathLike | None = None,
+    *,
+    all: bool = False,
+    keep_last: int | None = None,
+    older_than: timedelta | None = None,
+    grace: timedelta = timedelta(minutes=30),
+    dry_run: bool = False,
+    storage_options: Mapping[str, str] | None = None,
+) -> list[GcResult]:
+    """Remove weights nothing references any more, one result per dataset.
+
+    ``target`` is a dataset URI, or a registered model name (the datasets its versions use);
+    ``all=True`` takes every dataset under the Lance roots and every registered model's.
+    Where MLflow logged the versions, MLflow's references decide (read once for all
+    datasets) and ``keep_last``/``older_than`` are optional; a dataset MLflow never wrote to
+    is collected by the store's rules alone and needs one of them.
+    """
+    if not all and target is not None and looks_like_dataset(os.fspath(target)):
+        uri = os.fspath(target)
+        opts = dict(storage_options or {}) or storage_options_for(uri) or None
+        if not is_managed(uri, opts):
+            if dry_run:
+                doomed = store.gc_plan(uri, keep_last=keep_last, older_than=older_than, grace=grace,
+                                       storage_options=opts)  # fmt: skip
+                return [GcResult(uri, doomed, 0, [], [], [], dry_run=True)]
+            r = store.gc(uri, keep_last=keep_last, older_than=older_than, grace=grace, storage_options=opts)
+            return [GcResult(uri, r.removed_versions, r.bytes_removed, [], [], r.kept_tagged)]
+    refs = References(write_bindings=not dry_run)
+    results = []
+    for u in datasets_for(target, refs, all=all):
+        try:
+            results.append(gc_dataset(u, refs, keep_last=keep_last, older_than=older_than, grace=grace,
+                                      dry_run=dry_run, storage_options=storage_options))  # fmt: skip
+        except ForeignDataset as err:
+            if not all:
+                raise
+            results.append(GcResult(u, [], 0, [], [], [], dry_run=dry_run, skipped=str(err)))
+    return results
+
+
+# --------------------------------------------------------------------------- finding datasets
+
+
+def datasets_for(target: str | os.PathLike | None, refs: References, *, all: bool = False) -> list[str]:
+    """The dataset URIs a target names: a URI as is; a registered model's bound dataset and the
+    datasets its versions point at; with ``all``, every dataset anyone logged to."""
+    if all:
+        found = [*_datasets_under_roots(refs)]
+        for name in refs.registered:
+            found += model_datasets(name, refs)
+        return _unique(found)
+    if target is None:
+        raise ValueError("name a dataset URI or a registered model, or pass all=True")
+    target = os.fspath(target)
+    if target in refs.registered and not os.path.exists(target):
+        uris = model_datasets(target, refs)
+        if not uris:
+            raise LookupError(f"registered model {target!r} has no version logged with mlflow_lance")
+        return uris
+    return [target]
+
+
+def model_datasets(name: str, refs: References) -> list[str]:
+    """The datasets registered model ``name`` uses: the one it is bound to and those its
+    versions' weights live in (their ``lance.uri`` tags, else their MLmodel)."""
+    uris = []
+    bound = (refs.registered[name].tags or {}).get(DATASET_TAG)
+    if bound:
+        uris.append(bound)
+    for mv in refs.model_versions:
+        if mv.name != name:
+            continue
+        tagged = (mv.tags or {}).get("lance.uri")
+        if tagged:
+            uris.append(tagged)
+            continue
+        t = refs.target(mv)
+        if t is not None and t.uri is None and t.model_id is not None:
+            t = refs.target_from_mlmodel(mv)  # the dataset that logged model wrote to
+        if t is not None and t.uri:
+            uris.append(t.uri)
+    return _unique(u for u in uris if store._local_path(u) is None or os.path.exists(store._local_path(u)))
+
+
+def _unique(uris: Iterable[str]) -> list[str]:
+    out: list[str] = []
+    for u in uris:
+        if not any(same_dataset(u, seen) for seen in out):
+            out.append(u)
+    return out
+
+
+def lance_roots(client: MlflowClient) -> list[str]:
+    """Every Lance root in use: MLFLOW_LANCE_ROOT, and each experiment's default one."""
+    roots = [os.environ[ROOT_ENV]] if os.environ.get(ROOT_ENV) else []
+    from mlflow.entities import ViewType
+
+    for exp in paged(client.search_experiments, view_type=ViewType.ALL, max_results=1000):
+        try:
+            roots.append(lance_root(exp.artifact_location, exp.experiment_id))
+        except ValueError:
+            continue  # proxied artifacts: only MLFLOW_LANCE_ROOT can say where
+    return _unique(r.rstrip("/") for r in roots)
+
+
+def _datasets_under_roots(refs: References) -> list[str]:
+    found = []
+    for root in lance_roots(refs.client):
+        opts = storage_options_for(root) or None
+        found += [d for d in _list_dirs(f"{root}/models", opts) if d.endswith(".lance")]
+        for exp in _list_dirs(f"{root}/experiments", opts):
+            found += [d for d in _list_dirs(exp, opts) if d.endswith(".lance")]
+    return found
+
+
+def _list_dirs(uri: str, opts: Mapping[str, str] | None) -> list[str]:
+    local = store._local_path(uri)
+    if local is not None:
+        try:
+            return sorted(os.path.join(local, n) for n in os.listdir(local) if os.path.isdir(os.path.join(local, n)))
+        except OSError:
+            return []
+    from pyarrow import fs
+
+    filesystem, path = sidecar._filesystem(uri, opts)
+    scheme = uri.split("://", 1)[0]
+    try:
+        infos = filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True))
+    except OSError:
+        return []
+    return sorted(f"{scheme}://{i.path}" for i in infos if i.type == fs.FileType.Directory)
