@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Install everything the tests need on a fresh machine, then run them.
-# System: Chromium for the browser test (Debian's package; no browser download).
+# System: Chromium for the browser test and PostgreSQL for the SQL-backend tests (Debian's
+# packages; the tests make and remove a throwaway cluster with initdb/pg_ctl themselves).
 # Python: a venv with the CPU build of torch that lies on this machine's disk, the package
-# and its dev extra (pytest, hypothesis, moto_server, playwright, transformers, ...).
+# and its dev extra (pytest, hypothesis, moto_server, playwright, psycopg2, transformers, ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! command -v chromium >/dev/null 2>&1; then
+missing=()
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)
+ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || missing+=(postgresql)
+if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
-        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
     else
-        echo "note: no chromium on PATH; the browser test will be skipped (apt-get install chromium)" >&2
+        echo "note: missing ${missing[*]} (apt-get install ${missing[*]}); tests that need them fail or skip" >&2
     fi
 fi
 python3 -m venv .venv

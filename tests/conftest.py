@@ -1,13 +1,18 @@
-"""Real services for the tests: an `mlflow server` process (SQLite backend) on 127.0.0.1."""
+"""Real services for the tests: `mlflow server` processes (SQLite or PostgreSQL backend), a
+throwaway PostgreSQL cluster and an S3-compatible server, all on 127.0.0.1."""
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
+import pwd
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -50,14 +55,15 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def running_mlflow_server(root: Path, artifact_args: list[str], env: dict | None = None):
-    """`mlflow server` with a SQLite backend under ``root``; yields its URL, then stops it."""
+def running_mlflow_server(root: Path, artifact_args: list[str], env: dict | None = None, backend: str | None = None):
+    """`mlflow server` on ``backend`` (default: SQLite under ``root``); yields its URL, then stops it."""
     port = free_port()
+    backend = backend or f"sqlite:///{root}/mlflow.db"
     with open(root / "server.log", "wb") as log:
         proc = subprocess.Popen(
             [
                 str(BIN / "mlflow"), "server",
-                "--backend-store-uri", f"sqlite:///{root}/mlflow.db", *artifact_args,
+                "--backend-store-uri", backend, *artifact_args,
                 "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
             ],  # fmt: skip
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
@@ -70,12 +76,65 @@ def running_mlflow_server(root: Path, artifact_args: list[str], env: dict | None
             stop(proc)
 
 
+def _pg_bin(tool: str) -> str:
+    found = shutil.which(tool) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"), reverse=True)), None)
+    if found is None:
+        raise RuntimeError(f"PostgreSQL's {tool} is not installed (apt-get install postgresql); scripts/test.sh does it")
+    return found
+
+
+@contextlib.contextmanager
+def running_postgres():
+    """A throwaway PostgreSQL cluster made with initdb and started with pg_ctl on a loopback
+    port, in a temp dir; yields a SQLAlchemy URI of an empty database, then removes it all.
+    PostgreSQL refuses to run as root, so as root the cluster runs as the `postgres` user."""
+    as_root = os.geteuid() == 0
+    user = "postgres" if as_root else pwd.getpwuid(os.geteuid()).pw_name
+    run_as = ["runuser", "-u", "postgres", "--"] if as_root else []
+    base = Path(tempfile.mkdtemp(prefix="mlflow-lance-pg-"))
+    data, port = base / "data", free_port()
+    if as_root:
+        shutil.chown(base, "postgres")
+    try:
+        subprocess.run([*run_as, _pg_bin("initdb"), "-D", str(data), "-U", user, "-A", "trust", "--no-sync"],
+                       check=True, capture_output=True)  # fmt: skip
+        subprocess.run([*run_as, _pg_bin("pg_ctl"), "-D", str(data), "-l", str(base / "pg.log"), "-w", "-o",
+                        f"-h 127.0.0.1 -p {port} -k {base} -F", "start"], check=True, capture_output=True)  # fmt: skip
+        try:
+            subprocess.run([*run_as, _pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", user, "mlflow"],
+                           check=True, capture_output=True)  # fmt: skip
+            yield f"postgresql+psycopg2://{user}@127.0.0.1:{port}/mlflow"
+        finally:
+            subprocess.run([*run_as, _pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                           capture_output=True)  # fmt: skip
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` with a SQLite backend and proxied artifacts; yields its URL."""
     root = tmp_path_factory.mktemp("mlflow_server")
     with running_mlflow_server(root, ["--artifacts-destination", str(root / "artifacts")]) as url:
-        yield {"url": url, "root": root}
+        yield {"url": url, "root": root, "backend": f"sqlite:///{root}/mlflow.db"}
+
+
+@pytest.fixture(scope="session")
+def postgres_mlflow_server(tmp_path_factory):
+    """`mlflow server` on a real PostgreSQL backend (a throwaway cluster), proxied artifacts."""
+    root = tmp_path_factory.mktemp("mlflow_pg_server")
+    with running_postgres() as backend:
+        with running_mlflow_server(root, ["--artifacts-destination", str(root / "artifacts")], backend=backend) as url:
+            yield {"url": url, "root": root, "backend": backend}
+
+
+def _point_at(server: dict, tmp_path: Path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server["url"])
+    monkeypatch.setenv("MLFLOW_LANCE_ROOT", str(tmp_path / "lance"))
+    mlflow.set_tracking_uri(server["url"])
+    mlflow.set_experiment(f"test-{tmp_path.name}")
 
 
 @pytest.fixture
@@ -83,12 +142,19 @@ def tracking(mlflow_server, tmp_path, monkeypatch):
     """Point this test's MLflow client (and its subprocesses) at the server; Lance root in tmp."""
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server["url"])
-    monkeypatch.setenv("MLFLOW_LANCE_ROOT", str(tmp_path / "lance"))
-    mlflow.set_tracking_uri(mlflow_server["url"])
-    experiment = f"test-{tmp_path.name}"
-    mlflow.set_experiment(experiment)
+    _point_at(mlflow_server, tmp_path, monkeypatch)
     yield mlflow_server
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def any_backend(request, tmp_path, monkeypatch):
+    """`tracking`, once against each SQL backend the README's team setup names."""
+    import mlflow
+
+    server = request.getfixturevalue("mlflow_server" if request.param == "sqlite" else "postgres_mlflow_server")
+    _point_at(server, tmp_path, monkeypatch)
+    yield server
     mlflow.set_tracking_uri(None)
 
 

@@ -58,10 +58,11 @@ def test_diff_tag_and_gc(capsys, dataset):
     assert run(capsys, "tag", str(dataset), "keep", "1")[0] == 0
     assert ml.tags(dataset) == {"keep": 1}
     code, out, _ = run(capsys, "gc", str(dataset), "--keep-last", "1", "--grace-minutes", "0", "--dry-run", "--json")
-    assert json.loads(out)["would_remove"] == []  # the only old version is tagged
+    assert json.loads(out)[0]["removed_versions"] == []  # the only old version is tagged
     assert run(capsys, "tag", str(dataset), "keep", "--delete")[0] == 0
     code, out, _ = run(capsys, "gc", str(dataset), "--keep-last", "1", "--grace-minutes", "0", "--json")
-    assert code == 0 and json.loads(out)["removed_versions"] == [1]
+    assert code == 0 and json.loads(out)[0]["removed_versions"] == [1]
+    assert run(capsys, "gc", "--grace-minutes", "0")[0] == 2  # neither a target nor --all
     assert [v.version for v in ml.versions(dataset)] == [2]
 
 
@@ -116,6 +117,6 @@ def test_registered_model_names_and_sync(capsys, tracking):
     assert [v["version"] for v in json.loads(out)] == [1, 2]
     assert info.flavors["mlflow_lance"]["lance_uri"] in run(capsys, "versions", "cli-model")[1]
     code, out, _ = run(capsys, "sync", "cli-model", "--json")
-    assert code == 0 and json.loads(out)["model_versions"] == {"1": 1, "2": 2}
+    assert code == 0 and json.loads(out)[0]["model_versions"] == {"1": 1, "2": 2}
     code, _, err = run(capsys, "versions", "no-such-model")
     assert code == 3 and "no-such-model" in err

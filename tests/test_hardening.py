@@ -108,20 +108,22 @@ def test_log_model_and_sync_killed_at_random_moments(tracking):
         assert torch.equal(model.weight, torch.full((256, 256), run_k))
         conf = flavor_conf(name, mv.version)
         uri = conf["lance_uri"]
-        # pinned by its run's tag from the moment it was committed (a kill between registration
-        # and the model-version pin leaves only that one; sync adds the other)
-        assert ml.tags(uri)[f"run.{mv.run_id}"] == conf["lance_version"]
+        # pinned by its logged model from the moment it was committed (a kill between
+        # registration and the model-version pin leaves only that one; sync adds the other)
+        assert ml.tags(uri)[sidecar.model_pin(mv.source.split("/")[-1])] == conf["lance_version"]
         assert ml.verify(uri, conf["lance_version"]).ok
-    report = ml.sync(name)  # the sidecar is rebuilt and agrees with the registry
+    (report,) = ml.sync(name)  # the sidecar is rebuilt and agrees with the registry
     doc = sidecar.read(uri)
-    assert set(doc["model_versions"]) == {mv.version for mv in versions} == set(report.model_versions)
-    tags = ml.tags(uri)
-    assert all(tags[f"model-version.{mv.version}"] == flavor_conf(name, mv.version)["lance_version"] for mv in versions)
+    (entry,) = doc["registered_models"].values()
+    assert set(entry["versions"]) == {mv.version for mv in versions} == set(report.model_versions)
+    tags, binding = ml.tags(uri), client.get_registered_model(name).tags["mlflow_lance.binding"]
+    assert all(tags[sidecar.model_version_pin(binding, mv.version)] == flavor_conf(name, mv.version)["lance_version"]
+               for mv in versions)  # fmt: skip
     record("log_model_and_sync_kills", {**trials, "model_versions_checked": len(versions), "lost_or_corrupt": 0})
 
 
 def flavor_conf(name: str, version: str) -> dict:
-    from mlflow_lance.registry import flavor_conf as conf_of
+    from mlflow_lance.lifecycle import flavor_conf as conf_of
 
     return conf_of(f"models:/{name}/{version}")
 
@@ -252,7 +254,7 @@ def test_plain_writers_racing_gc_keep_every_surviving_version_whole(tmp_path):
     removed: list[int] = []
     stop = time.time() + 15
     while time.time() < stop:
-        removed += ml.gc(uri, keep_last=1, grace=timedelta(seconds=2)).removed_versions
+        removed += ml.gc(uri, keep_last=1, grace=timedelta(seconds=2))[0].removed_versions
         time.sleep(0.3)
     for w in writers:
         w.send_signal(signal.SIGKILL)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import mlflow_lance as ml
+from mlflow_lance import store
 from mlflow_lance.tensors import DTYPES
 
 
@@ -266,10 +267,10 @@ def test_gc_keeps_tagged_latest_and_recent_versions(uri):
         ml.save_state_dict({"w": torch.full((1000,), float(i)), "same": torch.ones(10)}, uri)
     ml.tag(uri, "keep", 2)
     with pytest.raises(ValueError, match="keep_last"):
-        ml.gc(uri)
-    assert ml.gc(uri, older_than=timedelta(hours=1), grace=timedelta(0)).removed_versions == []
-    assert ml.gc(uri, keep_last=2).removed_versions == []  # all superseded within the grace period
-    report = ml.gc(uri, keep_last=2, grace=timedelta(0))
+        store.gc(uri)
+    assert store.gc(uri, older_than=timedelta(hours=1), grace=timedelta(0)).removed_versions == []
+    assert store.gc(uri, keep_last=2).removed_versions == []  # all superseded within the grace period
+    report = store.gc(uri, keep_last=2, grace=timedelta(0))
     assert report.removed_versions == [1, 3] and report.kept_tagged == [2] and report.bytes_removed > 0
     assert [v.version for v in ml.versions(uri)] == [2, 4, 5]
     for v, value in ((2, 1.0), (4, 3.0), (5, 4.0)):

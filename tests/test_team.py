@@ -74,14 +74,26 @@ def _log(name: str, seed: int) -> tuple[str, dict]:
     return run.info.run_id, info.flavors["mlflow_lance"]
 
 
+def _model_versions(doc: dict, name: str) -> dict[str, int]:
+    """model version -> Lance version for registered model ``name`` in a sidecar document."""
+    (entry,) = [e for e in doc["registered_models"].values() if e["name"] == name]
+    return {mv: e["lance_version"] for mv, e in entry["versions"].items()}
+
+
+def _run_versions(doc: dict) -> dict[str, int]:
+    """run -> its only Lance version (these runs log one model each)."""
+    return {r: e["lance_version"] for r, (e,) in doc["runs"].items()}
+
+
 def test_sidecar_maps_runs_and_model_versions_and_survives_damage(tracking, monkeypatch):
     logged = [_log("sidecar-model", seed) for seed in (1, 2, 3)]
     uri = logged[0][1]["lance_uri"]
     path = Path(sidecar.sidecar_uri(uri))
     doc = yaml.safe_load(path.read_text())
-    assert doc["model_name"] == "sidecar-model" and doc["lance_latest_version"] == 3
-    assert {r: e["lance_version"] for r, e in doc["runs"].items()} == {r: c["lance_version"] for r, c in logged}
-    assert {k: v["lance_version"] for k, v in doc["model_versions"].items()} == {"1": 1, "2": 2, "3": 3}
+    assert doc["lance_latest_version"] == 3
+    assert _run_versions(doc) == {r: c["lance_version"] for r, c in logged}
+    assert _model_versions(doc, "sidecar-model") == {"1": 1, "2": 2, "3": 3}
+    assert {e["lance_version"] for e in doc["logged_models"].values()} == {1, 2, 3}
     assert path.read_text().startswith("# Written by mlflow-lance")
 
     # no tracking server needed: the sidecar alone finds a run's version
@@ -102,8 +114,9 @@ def test_sidecar_maps_runs_and_model_versions_and_survives_damage(tracking, monk
             got = ml.load_state_dict(uri, run_id=run_id)
             assert torch.equal(got["head.weight"], trained(SmallCNN(), seed).head.weight), damage
         rebuilt = yaml.safe_load(path.read_text())
-        assert set(rebuilt["runs"]) == {r for r, _ in logged} and len(rebuilt["model_versions"]) == 3
-    with pytest.raises(ml.VersionNotFoundError, match="no pinned version"):
+        assert set(rebuilt["runs"]) == {r for r, _ in logged}
+        assert _model_versions(rebuilt, "sidecar-model") == {"1": 1, "2": 2, "3": 3}
+    with pytest.raises(ml.VersionNotFoundError, match="no stored version"):
         ml.load_state_dict(uri, run_id="0" * 32)
 
 
@@ -112,16 +125,18 @@ def test_pinned_versions_survive_gc_and_sync_unpins_deleted_model_versions(track
     uri = logged[0][1]["lance_uri"]
     ml.save_state_dict(trained(SmallCNN(), 7).state_dict(), uri)  # an unreferenced version
     ml.save_state_dict(trained(SmallCNN(), 8).state_dict(), uri)
+    binding = MlflowClient().get_registered_model("pinned-model").tags["mlflow_lance.binding"]
     tags = ml.tags(uri)
-    assert {tags[f"run.{r}"] for r, _ in logged} == {1, 2, 3}
-    assert {tags[f"model-version.{n}"] for n in "123"} == {1, 2, 3}
-    assert ml.gc(uri, keep_last=1, grace=timedelta(0)).removed_versions == [4]
+    assert sorted(v for t, v in tags.items() if t.startswith("model.")) == [1, 2, 3]
+    assert {tags[sidecar.model_version_pin(binding, n)] for n in "123"} == {1, 2, 3}
+    assert ml.gc(uri, keep_last=1, grace=timedelta(0))[0].removed_versions == [4]
     MlflowClient().delete_model_version("pinned-model", "2")
-    report = ml.sync("pinned-model")
-    assert report.unpinned == ["model-version.2"] and report.model_versions == {"1": 1, "3": 3}
-    assert "model-version.2" not in ml.tags(uri) and f"run.{logged[1][0]}" in ml.tags(uri)
+    (report,) = ml.sync("pinned-model")
+    assert report.unpinned == [sidecar.model_version_pin(binding, 2)] and report.model_versions == {"1": 1, "3": 3}
+    assert sidecar.model_version_pin(binding, 2) not in ml.tags(uri)
+    assert sorted(v for t, v in ml.tags(uri).items() if t.startswith("model.")) == [1, 2, 3]  # logged models live
     doc = sidecar.read(uri)
-    assert set(doc["model_versions"]) == {"1", "3"} and len(doc["runs"]) == 3
+    assert _model_versions(doc, "pinned-model") == {"1": 1, "3": 3} and len(doc["runs"]) == 3
     for mv, seed in (("1", 4), ("3", 6)):
         got = ml.load_state_dict(f"models:/pinned-model/{mv}")
         assert torch.equal(got["head.weight"], trained(SmallCNN(), seed).head.weight)
@@ -169,8 +184,8 @@ def _check_round(name: str, results: list[dict], expected_versions: int, opts: d
     assert len({r["model_version"] for r in results}) == len(results)
     doc = sidecar.refresh(uri, opts)
     for r in results:
-        assert doc["runs"][r["run_id"]]["lance_version"] == r["lance_version"]
-        assert doc["model_versions"][r["model_version"]]["lance_version"] == r["lance_version"]
+        assert [e["lance_version"] for e in doc["runs"][r["run_id"]]] == [r["lance_version"]]
+        assert _model_versions(doc, name)[r["model_version"]] == r["lance_version"]
         want = trained(SmallCNN(), r["seed"]).state_dict()
         for got in (ml.load_state_dict(f"runs:/{r['run_id']}/model"),
                     ml.load_state_dict(f"models:/{name}/{r['model_version']}")):
@@ -178,9 +193,10 @@ def _check_round(name: str, results: list[dict], expected_versions: int, opts: d
     assert len(MlflowClient().search_model_versions(f"name='{name}'")) == expected_versions
 
 
-def test_four_trainers_log_into_one_model_at_once_on_local_disk(tracking):
+def test_four_trainers_log_into_one_model_at_once_on_local_disk(any_backend):
+    """On SQLite and on PostgreSQL: every round 4 Lance versions, 4 model versions, no loss."""
     name = "concurrent-local"
-    env = {"MLFLOW_TRACKING_URI": tracking["url"], "MLFLOW_LANCE_ROOT": os.environ["MLFLOW_LANCE_ROOT"]}
+    env = {"MLFLOW_TRACKING_URI": any_backend["url"], "MLFLOW_LANCE_ROOT": os.environ["MLFLOW_LANCE_ROOT"]}
     for round_ in range(3):
         results = _writers(name, [10 * round_ + i for i in range(4)], env)
         _check_round(name, results, expected_versions=4 * (round_ + 1))
