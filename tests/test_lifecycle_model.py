@@ -8,7 +8,8 @@ invariants are checked after every gc:
 - every logged model MLflow still lists loads its exact weights (through MLflow and Lance);
 - every model version that exists keeps its exact weights in Lance, and loads through
   MLflow while MLflow still has its files;
-- every Lance version nothing references is gone, except each dataset's latest.
+- every Lance version nothing references is gone, except each dataset's latest, and so is
+  every data file no surviving version uses.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import lance
 import mlflow
 import pytest
 import torch
@@ -269,6 +271,10 @@ class World:
             stored = [v.version for v in store.versions(uri)]
             expected = referenced.get(uri, set()) | {stored[-1]}
             assert set(stored) == expected, f"{uri}: stored {stored}, referenced {sorted(expected)}"
+            # and the space came back: no data file is left that no surviving version uses
+            ds = lance.dataset(uri)
+            used = {f.path for v in stored for frag in ds.checkout_version(v).get_fragments() for f in frag.metadata.files}
+            assert set(os.listdir(Path(uri) / "data")) == used, f"{uri}: data files no version uses"
 
     OPS = {
         "op_log": 24, "op_register_later": 8, "op_copy": 6, "op_rename": 4, "op_alias_or_stage": 4,
