@@ -137,6 +137,8 @@ def dataset_location(
     """Where the weights of ``model_name`` go (see the module docstring for the rules)."""
     if lance_uri:
         uri = to_lance_uri(os.fspath(lance_uri))
+        if "://" not in uri:  # recorded in MLmodel and the registry: must not depend on the cwd
+            uri = os.path.abspath(uri)
     else:
         root = lance_root(artifact_location, experiment_id)
         sub = "models" if registered else f"experiments/{experiment_id or '0'}"

@@ -155,7 +155,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
     _target_or_all(args)
     older = timedelta(days=args.older_than_days) if args.older_than_days is not None else None
     results = gc(args.target, all=args.all, keep_last=args.keep_last, older_than=older,
-                 grace=timedelta(minutes=args.grace_minutes), dry_run=args.dry_run)  # fmt: skip
+                 grace=timedelta(minutes=args.grace_minutes), dry_run=args.dry_run,
+                 assume_logged_here=args.assume_logged_here)  # fmt: skip
     verb = "would remove" if args.dry_run else "removed"
     lines = []
     for r in results:
@@ -278,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-minutes", type=float, default=30.0,
                    help="keep versions superseded less than this long ago (default 30)")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--assume-logged-here", action="store_true",
+                   help="trust that this tracking server logged the dataset even though it knows none of its "
+                        "experiments, runs or models (they were all purged)")
     p = add("export", cmd_export, "write a version to a safetensors file")
     p.add_argument("target", **target)
     p.add_argument("output")

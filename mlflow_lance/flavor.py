@@ -132,6 +132,8 @@ def save_model(
     path = os.path.abspath(path)
     _validate_and_prepare_target_save_path(path)
     mlflow_model = mlflow_model or Model()
+    if lance_uri and "://" not in os.fspath(lance_uri):  # the pointer must not depend on the cwd
+        lance_uri = os.path.abspath(lance_uri)
     location = Location(os.fspath(lance_uri), dict(storage_options or {})) if lance_uri else None
     try:
         conf = _write_small_files(
@@ -183,6 +185,7 @@ def save_model(
             pytorch_version=str(torch.__version__),
             pylance_version=_dist_version("pylance"),
             mlflow_lance_version=_dist_version("mlflow-lance"),
+            **({"self_contained": True} if uri_in_pointer == "weights.lance" else {}),
             **conf,
         )
         pyfunc.add_to_model(

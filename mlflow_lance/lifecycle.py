@@ -38,6 +38,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
+from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
 from . import sidecar, store
@@ -47,7 +48,7 @@ FLAVOR_NAME = "mlflow_lance"
 BINDING_TAG = "mlflow_lance.binding"
 DATASET_TAG = "mlflow_lance.dataset"
 _MODEL_ID_SOURCE = re.compile(r"^models:/(m-[0-9A-Za-z]+)/?$")
-_MODEL_VERSION_SOURCE = re.compile(r"^models:/([^@]+)/(\d+)/?$")
+_MODEL_VERSION_SOURCE = re.compile(r"^models:/[^@]+/\d+/?$")
 _LOGGED_MODEL_LOCATION = re.compile(r"/models/(m-[0-9a-f]{32})/artifacts/?$")
 
 
@@ -178,7 +179,7 @@ def _adopt(client: MlflowClient, name: str) -> str | None:
             conf = flavor_conf(f"models:/{name}/{mv.version}")
         except (MlflowException, OSError):
             continue
-        if conf is not None:
+        if conf is not None and not conf.get("self_contained"):
             return conf["lance_uri"]
     return None
 
@@ -199,14 +200,18 @@ class References:
     """One read of everything MLflow references; logged models are looked up on demand.
 
     ``write_bindings=False`` (dry runs) computes missing bindings without storing them.
+    ``assume_logged_here`` skips the check that this tracking server logged a dataset (for
+    datasets whose experiments, runs and models were all purged).
     """
 
-    def __init__(self, client: MlflowClient | None = None, *, write_bindings: bool = True):
+    def __init__(self, client: MlflowClient | None = None, *, write_bindings: bool = True,
+                 assume_logged_here: bool = False):  # fmt: skip
         self.client = client or MlflowClient()
         self.write_bindings = write_bindings
+        self.assume_logged_here = assume_logged_here
         self.registered = {rm.name: rm for rm in paged(self.client.search_registered_models, max_results=1000)}
-        self.model_versions = list(paged(self.client.search_model_versions, max_results=10000))
-        self._by_key = {(mv.name, str(mv.version)): mv for mv in self.model_versions}
+        self.model_versions = list(paged(self.client.search_model_versions, max_results=10000,
+                                         order_by=["name ASC", "version_number ASC"]))  # fmt: skip
         self._bindings: dict[str, str] = {}
         self._logged: dict[str, bool] = {}
         self._runs: dict[str, bool] = {}
@@ -215,6 +220,8 @@ class References:
     def binding(self, name: str, *, store_tag: bool = False) -> str:
         """The binding of registered model ``name``; with ``store_tag`` (before a pin names
         it) a model that has none gets its tag, unless this is a dry run."""
+        if name not in self.registered:  # registered (or renamed) after the snapshot was read
+            self.registered[name] = self.client.get_registered_model(name)
         rm = self.registered[name]
         found = (rm.tags or {}).get(BINDING_TAG) or self._bindings.get(name)
         if found:
@@ -263,6 +270,28 @@ class References:
             self.run_live(r) for r in sorted(runs)
         )
 
+    def still_referenced(self, pin: str) -> bool:
+        """A fresh look (no snapshot, no cache) at whether a pin's reference exists now."""
+        try:
+            if pin.startswith(sidecar.MODEL_PIN):
+                self.client.get_logged_model(pin[len(sidecar.MODEL_PIN):])
+                return True
+            if (parsed := sidecar.parse_model_version_pin(pin)) is not None:
+                binding, version = parsed
+                models = self.client.search_registered_models(
+                    filter_string=f"tags.`{BINDING_TAG}` = {quote_filter(binding)}", max_results=10)
+                for rm in models:
+                    self.client.get_model_version(rm.name, version)
+                    return True
+                return False
+            if pin.startswith(sidecar.LEGACY_RUN_PIN):
+                return self.run_live(pin[len(sidecar.LEGACY_RUN_PIN):])
+        except MlflowException as err:
+            if not_found(err):
+                return False
+            raise
+        return False
+
     def run_live(self, run_id: str) -> bool:
         """True unless MLflow says the run does not exist (a deleted run can still be restored)."""
         if run_id not in self._runs:
@@ -275,7 +304,7 @@ class References:
                 self._runs[run_id] = False
         return self._runs[run_id]
 
-    def target(self, mv: Any, _depth: int = 0) -> Target | None:
+    def target(self, mv: Any) -> Target | None:
         """What model version ``mv`` points at, or None when that cannot be told (kept pinned)."""
         key = (mv.name, str(mv.version))
         if key in self._targets:
@@ -284,10 +313,8 @@ class References:
         found: Target | None = None
         if m := _MODEL_ID_SOURCE.match(source):
             found = Target(model_id=m.group(1))
-        elif (m := _MODEL_VERSION_SOURCE.match(source)) and (m.group(1), m.group(2)) in self._by_key and _depth < 16:
-            found = self.target(self._by_key[(m.group(1), m.group(2))], _depth + 1)
-        if found is None:  # a copy whose source version is gone: where its files live says
-            try:
+        elif _MODEL_VERSION_SOURCE.match(source):  # a copy: its source's *name* may since name
+            try:                                    # another model, so ask where its files live
                 location = self.client.get_model_version_download_uri(mv.name, str(mv.version))
             except MlflowException:
                 location = ""
@@ -308,8 +335,8 @@ class References:
                 conf = {"lance_uri": tags["lance.uri"], "lance_version": tags["lance.version"]}
             else:
                 return None  # its MLmodel is gone or unreachable: nothing can be told
-        if conf is None:
-            return Target()  # another flavor: references no Lance version
+        if conf is None or conf.get("self_contained"):
+            return Target()  # another flavor, or weights that travel inside the model directory
         return Target(uri=conf["lance_uri"], version=int(conf["lance_version"]))
 
 
@@ -354,9 +381,15 @@ def plan(uri: str, refs: References, opts: Mapping[str, str] | None = None) -> P
             p.desired[sidecar.legacy_run_pin(run_id)] = info.version  # the run's newest such version
     unknown_bindings: dict[str, set[str]] = {}
     for mv in refs.model_versions:
+        try:
+            binding = refs.binding(mv.name)
+        except MlflowException as err:
+            if not_found(err):
+                continue  # the registered model was deleted since the snapshot
+            raise
         target = refs.target(mv)
         if target is None:
-            unknown_bindings.setdefault(refs.binding(mv.name), set()).add(str(mv.version))
+            unknown_bindings.setdefault(binding, set()).add(str(mv.version))
             continue
         if target.model_id is not None and target.model_id in by_model:
             version = by_model[target.model_id]
@@ -369,24 +402,30 @@ def plan(uri: str, refs: References, opts: Mapping[str, str] | None = None) -> P
         if pin in p.desired:
             continue
         parsed = sidecar.parse_model_version_pin(pin)
-        if parsed is not None and parsed[1] in unknown_bindings.get(parsed[0], ()):
+        legacy = pin.startswith(sidecar.LEGACY_MODEL_VERSION_PIN)
+        if (parsed is not None and parsed[1] in unknown_bindings.get(parsed[0], ())) or (legacy and unknown_bindings):
             p.kept_unknown.append(pin)
         else:
             p.stale.append(pin)
     for pin, version in {**{t: pins[t] for t in p.kept_unknown}, **p.desired}.items():
         p.referenced.setdefault(version, []).append(pin)
-    if p.from_mlflow and not refs.knows(infos, p):
+    if p.from_mlflow and not refs.assume_logged_here and not refs.knows(infos, p):
         raise ForeignDataset(
             f"the tracking server at {mlflow.get_tracking_uri()} knows none of the experiments, runs, logged "
             f"models or model versions that wrote {uri}; nothing was changed. Point MLFLOW_TRACKING_URI at the "
-            f"server that logged them."
+            f"server that logged them (or, if its experiments were purged, pass assume_logged_here=True / "
+            f"--assume-logged-here)."
         )
     return p
 
 
-def apply_pins(p: Plan, opts: Mapping[str, str] | None, scope: Callable[[str], bool] = lambda pin: True,
-               ) -> tuple[list[str], list[str]]:  # fmt: skip
-    """Set the desired pins and remove the stale ones (within ``scope``); (pinned, unpinned)."""
+def apply_pins(p: Plan, refs: References, opts: Mapping[str, str] | None,
+               scope: Callable[[str], bool] = lambda pin: True) -> tuple[list[str], list[str]]:  # fmt: skip
+    """Set the desired pins and remove the stale ones (within ``scope``); (pinned, unpinned).
+
+    MLflow was read before this dataset's pins were, so each stale pin's reference is looked
+    up again, fresh, right before the pin goes: a registration made while gc runs keeps it.
+    """
     current = store.tags(p.dataset, storage_options=opts)
     pinned, unpinned = [], []
     for pin, version in sorted(p.desired.items()):
@@ -394,7 +433,7 @@ def apply_pins(p: Plan, opts: Mapping[str, str] | None, scope: Callable[[str], b
             store.tag(p.dataset, pin, version, storage_options=opts)
             pinned.append(pin)
     for pin in sorted(p.stale):
-        if scope(pin) and pin in current:
+        if scope(pin) and pin in current and not refs.still_referenced(pin):
             try:
                 store.untag(p.dataset, pin, storage_options=opts)
             except store.VersionNotFoundError:
@@ -447,7 +486,7 @@ def gc_dataset(
     """
     opts = storage_options if storage_options is not None else (storage_options_for(uri) or None)
     p = plan(uri, refs, opts)
-    pinned, unpinned = ([], []) if dry_run else apply_pins(p, opts)
+    pinned, unpinned = ([], []) if dry_run else apply_pins(p, refs, opts)
     policy = keep_last is not None or older_than is not None
     pool = set(p.versions) if policy else p.from_mlflow
     candidates = pool - set(p.referenced)
@@ -464,7 +503,7 @@ def gc_dataset(
 
 def looks_like_dataset(target: str) -> bool:
     """A URI or an existing path (as opposed to a registered model name)."""
-    return "://" in target or os.path.exists(target) or target.endswith(".lance")
+    return "://" in target or os.path.exists(target)
 
 
 def gc(
@@ -475,6 +514,7 @@ def gc(
     older_than: timedelta | None = None,
     grace: timedelta = timedelta(minutes=30),
     dry_run: bool = False,
+    assume_logged_here: bool = False,
     storage_options: Mapping[str, str] | None = None,
 ) -> list[GcResult]:
     """Remove weights nothing references any more, one result per dataset.
@@ -482,20 +522,22 @@ def gc(
     ``target`` is a dataset URI, or a registered model name (the datasets its versions use);
     ``all=True`` takes every dataset under the Lance roots and every registered model's.
     Where MLflow logged the versions, MLflow's references decide (read once for all
-    datasets) and ``keep_last``/``older_than`` are optional; a dataset MLflow never wrote to
-    is collected by the store's rules alone and needs one of them.
+    datasets) and ``keep_last``/``older_than`` are optional. A dataset MLflow never wrote to
+    needs one of them; its versions that a model version still points at (a model directory
+    saved with ``lance_uri=`` and registered) are kept when a tracking server is configured,
+    and with none configured the store's rules alone apply.
     """
     if not all and target is not None and looks_like_dataset(os.fspath(target)):
         uri = os.fspath(target)
         opts = dict(storage_options or {}) or storage_options_for(uri) or None
-        if not is_managed(uri, opts):
+        if not is_managed(uri, opts) and not is_tracking_uri_set():
             if dry_run:
                 doomed = store.gc_plan(uri, keep_last=keep_last, older_than=older_than, grace=grace,
                                        storage_options=opts)  # fmt: skip
                 return [GcResult(uri, doomed, 0, [], [], [], dry_run=True)]
             r = store.gc(uri, keep_last=keep_last, older_than=older_than, grace=grace, storage_options=opts)
             return [GcResult(uri, r.removed_versions, r.bytes_removed, [], [], r.kept_tagged)]
-    refs = References(write_bindings=not dry_run)
+    refs = References(write_bindings=not dry_run, assume_logged_here=assume_logged_here)
     results = []
     for u in datasets_for(target, refs, all=all):
         try:

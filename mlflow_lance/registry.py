@@ -256,7 +256,7 @@ def _sync_dataset(uri: str, refs: References, *, full: bool) -> SyncReport:
     report = SyncReport(dataset=uri)
     if full:
         p = lifecycle.plan(uri, refs, opts)
-        report.pinned, report.unpinned = lifecycle.apply_pins(p, opts)
+        report.pinned, report.unpinned = lifecycle.apply_pins(p, refs, opts)
     doc = sidecar.refresh(uri, opts, force=True, names=refs.bindings())
     report.runs = len(doc["runs"])
     return report
@@ -284,7 +284,7 @@ def _sync_model(name: str, refs: References) -> list[SyncReport]:
             return pin.startswith(own_versions) or (home and pin.startswith(sidecar.MODEL_PIN))
 
         report = SyncReport(dataset=uri, registered_model=name)
-        report.pinned, report.unpinned = lifecycle.apply_pins(p, opts, scope)
+        report.pinned, report.unpinned = lifecycle.apply_pins(p, refs, opts, scope)
         report.model_versions = {pin[len(own_versions):]: v for pin, v in p.desired.items()
                                  if pin.startswith(own_versions)}  # fmt: skip
         reports.append(report)

@@ -3,6 +3,7 @@ deleted gives its space back. The five cases of issue 9, each against a real `ml
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from datetime import timedelta
@@ -219,3 +220,41 @@ def test_gc_through_another_tracking_server_removes_nothing(tracking, tmp_path, 
     assert [v.version for v in ml.versions(uri)] == [1, 2]
     assert cli(["gc", uri, "--grace-minutes", "0"]) == 3
     mlflow.set_tracking_uri(tracking["url"])
+
+
+def test_attacks_found_in_review_lose_nothing(tracking, tmp_path):
+    """Sequences a reviewer found: a copy whose source name is reused; a model directory saved
+    with lance_uri= and registered by plain MLflow; a relative lance_uri."""
+    client = MlflowClient()
+    m1 = net(11)
+    with mlflow.start_run():
+        first = ml.log_model(m1, name="model", registered_model_name="reuse-r")
+        ml.log_model(net(12), name="model", registered_model_name="reuse-r")
+    client.copy_model_version("models:/reuse-r/1", "reuse-s")
+    client.delete_registered_model("reuse-r")
+    client.delete_logged_model(first.model_id)
+    ml.gc(all=True, grace=NOW)
+    with mlflow.start_run():
+        ml.log_model(net(13), name="model", registered_model_name="reuse-r")  # a new reuse-r/1
+    ml.gc(all=True, grace=NOW)
+    assert_loads("models:/reuse-s/1", expect(m1))
+
+    ds = str(tmp_path / "shared.lance")
+    with mlflow.start_run() as run:
+        for i, seed in enumerate((21, 22)):
+            ml.save_model(net(seed), str(tmp_path / f"p{i}"), lance_uri=ds)
+            mlflow.log_artifacts(str(tmp_path / f"p{i}"), f"m{i}")
+    client.create_registered_model("saved-r")
+    client.create_model_version("saved-r", source=f"{run.info.artifact_uri}/m0", run_id=run.info.run_id)
+    assert ml.gc(ds, keep_last=1, grace=NOW)[0].removed_versions == []
+    assert_loads("models:/saved-r/1", expect(net(21)))
+
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        with mlflow.start_run():
+            info = ml.log_model(net(31), name="model", registered_model_name="relative", lance_uri="rel/w.lance")
+    finally:
+        os.chdir(cwd)
+    assert os.path.isabs(info.flavors["mlflow_lance"]["lance_uri"])
+    assert_loads("models:/relative/1", expect(net(31)))
