@@ -414,8 +414,8 @@ def _raise_problems(ds: lance.LanceDataset, problems: list[Problem]) -> None:
         p = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CorruptionError(
-            f"version {ds.version} of {ds.uri} is corrupt or crafted: tensor {p.name[:200]!r}: "
-            f"{p.detail}{more}. Nothing was loaded; run verify() for the full list, or load "
+            f"version {ds.version} of {ds.uri} is corrupt or crafted: "
+            f"{f'tensor {p.name[:200]!r}: ' if p.name else ''}{p.detail}{more}. Nothing was loaded; run verify() for the full list, or load "
             f"another version"
         )
 
@@ -570,15 +570,23 @@ def _write_index(ds: lance.LanceDataset, table: list[tuple[int, str]], rows: lis
 
 def _entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
     """Every tensor of the checked-out version, in saved order (reads no tensor bytes)."""
+    return _build_entries(_located(ds)[0])
+
+
+def _located(ds: lance.LanceDataset, use_index: bool = True) -> tuple[list[_Located], bool]:
+    """The version's rows (from its index when that checks out, else a scan) and whether
+    they agree with the digest its commit recorded (True when it recorded none)."""
     table = _fragment_table(ds, ds.get_fragments())
     digest = _recorded_digest(ds)
-    rows = _read_index(ds, table, digest)
-    if rows is None:
-        _check_local_files(ds, table)
-        rows = _scan(ds)
-        if digest is not None and _rows_digest(m for m, *_ in rows) == digest:
-            _write_index(ds, table, rows)
-    return _build_entries(rows)
+    rows = _read_index(ds, table, digest) if use_index else None
+    if rows is not None:
+        return rows, True
+    _check_local_files(ds, table)
+    rows = _scan(ds)
+    agree = digest is None or _rows_digest(m for m, *_ in rows) == digest
+    if digest is not None and agree:
+        _write_index(ds, table, rows)
+    return rows, agree
 
 
 def _check_local_files(ds: lance.LanceDataset, table: list[tuple[int, str]]) -> None:
@@ -588,6 +596,9 @@ def _check_local_files(ds: lance.LanceDataset, table: list[tuple[int, str]]) -> 
     if root is None:
         return
     data = os.path.join(root, "data")
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISDIR(os.lstat(data).st_mode):
+            raise CorruptionError(_not_a_directory(ds, data))
     for _, name in table:
         path = os.path.join(data, name)
         try:
@@ -596,6 +607,13 @@ def _check_local_files(ds: lance.LanceDataset, table: list[tuple[int, str]]) -> 
             continue  # missing: Lance says so
         if not stat.S_ISREG(st.st_mode):
             raise CorruptionError(_not_regular(ds, path))
+
+
+def _not_a_directory(ds: lance.LanceDataset, path: str) -> str:
+    return (
+        f"{path} of {ds.uri} is not a directory (a symbolic link?); only files inside the "
+        f"dataset are read"
+    )
 
 
 def _not_regular(ds: lance.LanceDataset, path: str) -> str:
@@ -707,9 +725,15 @@ class _Reader:
     def _open(self, row: _Row) -> tuple[int, int]:
         path = self.file_of(row)
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        if self._dir is None:
+            data = os.path.join(self.root, "data")
+            try:
+                self._dir = os.open(data, flags | os.O_DIRECTORY)
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise CorruptionError(_not_a_directory(self.ds, data)) from None
+                raise
         try:
-            if self._dir is None:
-                self._dir = os.open(os.path.join(self.root, "data"), flags | os.O_DIRECTORY)
             fd = os.open(row.file, flags, dir_fd=self._dir)
         except OSError as err:
             if err.errno in (errno.ELOOP, errno.ENOTDIR):
@@ -883,13 +907,27 @@ def _materialize(reader: _Reader, e: _Entry, *, verify: bool) -> torch.Tensor:
     return t
 
 
-def _read_version(ds: lance.LanceDataset) -> tuple[str, OrderedDict[str, _Entry], list[Problem]]:
+def _read_version(
+    ds: lance.LanceDataset, use_index: bool = True
+) -> tuple[str, OrderedDict[str, _Entry], list[Problem]]:
     """A checked-out version's kind, tensors and their metadata problems."""
     kind = _kind(ds)
     if kind != "weights":
         return kind, _seed_entries(ds), []
-    entries = _entries(ds)
-    return kind, entries, _problems(ds, entries, _compression(ds) is not None)
+    entries, problems = _checked_entries(ds, use_index)
+    if problems and use_index:  # never blame the rows for their derived index: ask the rows
+        entries, problems = _checked_entries(ds, use_index=False)
+    return kind, entries, problems
+
+
+def _checked_entries(ds: lance.LanceDataset, use_index: bool) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
+    rows, agree = _located(ds, use_index)
+    entries = _build_entries(rows)
+    problems = _problems(ds, entries, _compression(ds) is not None)
+    if not agree:
+        problems.append(Problem("", -1, "", f"the rows differ from what commit {ds.version} recorded "
+                                f"({_PROP}rows): they were rewritten after the commit"))
+    return entries, problems
 
 
 def _open_version(
@@ -1390,7 +1428,7 @@ def verify(
     """
     ds = _checkout(_open(_uri(uri), storage_options), version)
     try:
-        kind, entries, problems = _read_version(ds)
+        kind, entries, problems = _read_version(ds, use_index=False)  # the rows themselves
     except CorruptionError as err:  # the version's rows themselves cannot be read
         return VerifyReport(ds.uri, ds.version, 0, 0, 0, [Problem("", -1, "", str(err))])
     problems += _commit_problems(ds, entries)
