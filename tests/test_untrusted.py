@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from collections import Counter
 from pathlib import Path
 
@@ -179,8 +178,10 @@ def in_subprocess(code: str, timeout: float = 90, env: dict | None = None) -> di
     out = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), **(env or {})},
+        check=False,
     )  # fmt: skip
-    assert out.returncode == 0, f"exit {out.returncode} ({signal.Signals(-out.returncode).name if out.returncode < 0 else ''}): {out.stderr[-3000:]}"  # noqa: E501
+    died = f" ({signal.Signals(-out.returncode).name})" if out.returncode < 0 else ""
+    assert out.returncode == 0, f"exit {out.returncode}{died}: {out.stderr[-3000:]}"
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -198,7 +199,7 @@ def silent_store():
     code = """
         import json, sys, time
         import mlflow_lance as ml
-        opts = {"aws_endpoint": "http://127.0.0.1:%d", "allow_http": "true", "aws_access_key_id": "a",
+        opts = {"aws_endpoint": "http://127.0.0.1:PORT", "allow_http": "true", "aws_access_key_id": "a",
                 "aws_secret_access_key": "b", "aws_region": "us-east-1", **json.loads(sys.argv[1])}
         t0 = time.monotonic()
         try:
@@ -207,7 +208,7 @@ def silent_store():
         except ConnectionError as e:
             err = str(e)
         print(json.dumps({"error": err, "seconds": time.monotonic() - t0}))
-    """ % port
+    """.replace("PORT", str(port))
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     procs = {
         name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), opts], stdout=subprocess.PIPE,
@@ -342,11 +343,11 @@ def test_1_a_factory_registered_by_an_installed_package_loads(factory_model, tmp
 
 
 TIE_ATTACKS = {
-    "tied to itself": dict(alias="x"),
-    "tied to a missing tensor": dict(alias="nowhere"),
-    "tied to a tie": dict(alias="head"),
-    "tied to another shape": dict(alias="emb", shape=[8, 8]),
-    "tie with a payload": dict(alias="emb", payload=b"\x01" * 256),
+    "tied to itself": {"alias": "x"},
+    "tied to a missing tensor": {"alias": "nowhere"},
+    "tied to a tie": {"alias": "head"},
+    "tied to another shape": {"alias": "emb", "shape": [8, 8]},
+    "tie with a payload": {"alias": "emb", "payload": b"\x01" * 256},
 }
 
 
@@ -736,10 +737,12 @@ COLUMN_VALUES = {
 @given(
     target=st.sampled_from(["index", "rows"]),
     edits=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(sorted(COLUMN_VALUES)), st.data()),
-                   min_size=1, max_size=3),  # fmt: skip
+                   min_size=1, max_size=3),
     payload_cut=st.sampled_from([None, 0, 1, 63]),
 )
 def test_fuzz_mutated_index_and_rows_never_load_unsafely(pristine, tmp_path_factory, target, edits, payload_cut):
+    """The index mutated (must be ignored: correct data), or rows crafted in a new commit
+    (must be refused, or return exactly their payloads; verify() OK implies a clean load)."""
     uri = tmp_path_factory.mktemp("fuzz") / "w.lance"
     shutil.copytree(pristine, uri)
     rows = [list(r) for r in base_rows()]
