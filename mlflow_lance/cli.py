@@ -291,7 +291,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, PermissionError, ConnectionError) as err:
         print(f"mlflow-lance {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except Exception:
+    except Exception:  # noqa: BLE001 - anything else is a bug: exit 4 with its traceback
         return _internal(args)
 
 

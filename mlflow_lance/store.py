@@ -384,7 +384,7 @@ def _entry_problem(e: _Entry, entries: Mapping[str, _Entry], compressed: bool) -
             return f"it is tied to {e.alias!r}, which is itself a tie"
         if (target.dtype, target.shape) != (e.dtype, e.shape):
             return f"it is tied to {e.alias!r} of another dtype or shape"
-        if len(e.rows) != 1 or e.rows[0].stored:
+        if len(e.rows) != 1 or e.rows[0].stored or e.rows[0].offset or e.rows[0].chunk:
             return "a tie must be one empty row"
         return None
     if [r.chunk for r in e.rows] != list(range(len(e.rows))):
@@ -400,7 +400,7 @@ def _entry_problem(e: _Entry, entries: Mapping[str, _Entry], compressed: bool) -
     return None
 
 
-def _problems(ds: lance.LanceDataset, entries: Mapping[str, _Entry], compressed: bool) -> list[Problem]:
+def _problems(entries: Mapping[str, _Entry], compressed: bool) -> list[Problem]:
     """Every tensor of the version whose metadata is inconsistent (see ``_entry_problem``)."""
     out = []
     for e in entries.values():
@@ -416,8 +416,8 @@ def _raise_problems(ds: lance.LanceDataset, problems: list[Problem]) -> None:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise CorruptionError(
             f"version {ds.version} of {ds.uri} is corrupt or crafted: "
-            f"{f'tensor {p.name[:200]!r}: ' if p.name else ''}{p.detail}{more}. Nothing was loaded; run verify() for the full list, or load "
-            f"another version"
+            f"{f'tensor {p.name[:200]!r}: ' if p.name else ''}{p.detail}{more}. Nothing was "
+            f"loaded; run verify() for the full list, or load another version"
         )
 
 
@@ -507,6 +507,7 @@ def _valid_index_row(row: object, n: int) -> bool:
 
 
 def _read_index(ds: lance.LanceDataset, table: list[tuple[int, str]], digest: str | None) -> list[_Located] | None:
+    """The version's rows from its index, or None unless the index checks out (see above)."""
     path = _index_path(ds, ds.version)
     if path is None or digest is None:
         return None
@@ -548,13 +549,13 @@ def _write_index(ds: lance.LanceDataset, table: list[tuple[int, str]], rows: lis
         "rows": [[m[c] for c in META_COLUMNS] + [pos, stored] for m, _, pos, _, stored in rows],
     }
     folder = os.path.dirname(path)
+    if os.path.realpath(folder) != os.path.join(os.path.realpath(_local_path(ds.uri) or ""), *_INDEX_DIR):
+        return  # a link out of the dataset: write nothing there
     tmp = None
     try:
         os.makedirs(folder, exist_ok=True)
-        root = os.path.realpath(_local_path(ds.uri) or "")
-        if os.path.realpath(folder) != os.path.join(root, *_INDEX_DIR):
-            return  # a link out of the dataset: write nothing there
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{ds.version}.", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # readable like the data files (mkstemp makes it private)
         with open(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f, separators=(",", ":"))
         os.replace(tmp, path)
@@ -629,7 +630,8 @@ def _seed_entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
     for index, row in enumerate(table.to_pylist()):
         shape = list(row["shape"] or [])
         name = row["name"]
-        if not isinstance(name, str) or name in out or any(s is None or s < 0 for s in shape) or len(shape) > _MAX_DIMS:
+        if (not isinstance(name, str) or name in out or len(shape) > _MAX_DIMS
+                or any(s is None or s < 0 for s in shape)):  # fmt: skip
             raise CorruptionError(
                 f"row {index} of {ds.uri} (version {ds.version}) repeats the name {name!r} or has "
                 f"shape {shape[:10]}, which is not a list of non-negative sizes"
@@ -928,7 +930,7 @@ def _read_version(
 def _checked_entries(ds: lance.LanceDataset, use_index: bool) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
     rows, agree = _located(ds, use_index)
     entries = _build_entries(rows)
-    problems = _problems(ds, entries, _compression(ds) is not None)
+    problems = _problems(entries, _compression(ds) is not None)
     if not agree:
         problems.append(Problem("", -1, "", f"the rows differ from what commit {ds.version} recorded "
                                 f"({_PROP}rows): they were rewritten after the commit"))
@@ -986,7 +988,7 @@ def save_state_dict(
             )
         schema = _schema(existing)
         previous = _entries(parent)
-        bad = {p.name for p in _problems(parent, previous, existing is not None)}
+        bad = {p.name for p in _problems(previous, existing is not None)}
         previous = {n: e for n, e in previous.items() if n not in bad}  # never reuse those rows
 
     aliases = find_aliases(state_dict)
