@@ -384,7 +384,8 @@ def _entry_problem(e: _Entry, entries: Mapping[str, _Entry], compressed: bool) -
             return f"it is tied to {e.alias!r}, which is itself a tie"
         if (target.dtype, target.shape) != (e.dtype, e.shape):
             return f"it is tied to {e.alias!r} of another dtype or shape"
-        if len(e.rows) != 1 or e.rows[0].stored or e.rows[0].offset or e.rows[0].chunk:
+        tie = e.rows[0]  # compressed, its empty payload is a (never read) empty zstd frame
+        if len(e.rows) != 1 or tie.offset or tie.chunk or (tie.stored and not compressed):
             return "a tie must be one empty row"
         return None
     if [r.chunk for r in e.rows] != list(range(len(e.rows))):
@@ -775,12 +776,13 @@ class _Reader:
                     self._read_stored(row, head, whole=False)
                     try:
                         size = zstandard.frame_content_size(memoryview(head.numpy()))
+                        what = f"a zstd frame of {size} bytes" if size >= 0 else "a zstd frame of unknown size"
                     except zstandard.ZstdError:
-                        size = -2
+                        size, what = None, "not a zstd frame"
                     if size != row.size:
                         raise CorruptionError(
-                            f"chunk {row.chunk} at {self.file_of(row)} is a zstd frame of {size} "
-                            f"bytes, but its tensor records {row.size}; run verify() on {self.ds.uri}"
+                            f"chunk {row.chunk} at {self.file_of(row)} is {what}, but its tensor "
+                            f"records {row.size} bytes; run verify() on {self.ds.uri}"
                         )
 
     def mapped(self, row: _Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:

@@ -503,6 +503,20 @@ def test_4_rows_that_lie_are_refused_before_anything_is_allocated(uri, tmp_path,
     assert outcome(uri, None, "4 lies", tmp_path) == "refused"
 
 
+@pytest.mark.parametrize("payload", ["a zstd frame of 64 bytes", "not a zstd frame"])
+def test_4_a_compressed_row_claiming_more_than_its_frame_is_refused(tmp_path, payload):
+    import zstandard
+
+    uri = tmp_path / "z.lance"
+    ml.save_state_dict(weights(), uri, compression="zstd")
+    assert {k: raw(v) for k, v in ml.load_state_dict(uri).items()} == expected()
+    data = zstandard.ZstdCompressor().compress(b"\x00" * 64) if payload.startswith("a zstd") else b"\x01" * 64
+    craft(uri, [row("emb", data, shape=[512 << 20], nbytes=2 << 30, hash=hash_bytes(b"\x00" * 64))])
+    assert outcome(uri, None, "4 lies", tmp_path) == "refused"
+    with pytest.raises(ml.CorruptionError, match="zstd frame.* records 2147483648 bytes"):
+        ml.load_state_dict(uri)
+
+
 def test_4_rows_rewritten_after_their_commit_are_refused(uri, tmp_path):
     """A tamperer who rewrites the rows but keeps the commit's record (its digest)."""
     ds = lance.dataset(str(uri))
