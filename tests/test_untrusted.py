@@ -188,10 +188,11 @@ def in_subprocess(code: str, timeout: float = 90, env: dict | None = None) -> di
 # --------------------------------------------------------------------------- 6: a silent object store
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", autouse=True)
 def silent_store():
     """An S3 endpoint that accepts connections and never answers, probed by two background
-    processes for the whole module: one with the default limits, one overriding them."""
+    processes from the module's first test on (so the wait overlaps the other tests): one
+    with the default limits, one overriding them."""
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(64)
@@ -747,7 +748,8 @@ COLUMN_VALUES = {
 }
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, derandomize=True, database=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])  # reproducible counts
 @given(
     target=st.sampled_from(["index", "rows"]),
     edits=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(sorted(COLUMN_VALUES)), st.data()),
