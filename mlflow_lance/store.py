@@ -357,12 +357,13 @@ def _entry_problem(e: _Entry, entries: Mapping[str, _Entry], compressed: bool) -
     shape is the recorded size; chunks tile exactly that size, each stored with exactly its
     bytes; a tie names another stored, untied tensor of the same dtype and shape.
     """
-    first = e.meta[0]
-    if any((m["dtype"], m["shape"], m["nbytes"], m["alias"]) != (first["dtype"], first["shape"],
-           first["nbytes"], first["alias"]) for m in e.meta):  # fmt: skip
-        return "its rows disagree on dtype, shape, size or tie"
-    if [r.index for r in e.rows] != list(range(e.rows[0].index, e.rows[0].index + len(e.rows))):
-        return "the name is stored more than once"
+    if len(e.rows) > 1:
+        first = e.meta[0]
+        if any((m["dtype"], m["shape"], m["nbytes"], m["alias"]) != (first["dtype"], first["shape"],
+               first["nbytes"], first["alias"]) for m in e.meta):  # fmt: skip
+            return "its rows disagree on dtype, shape, size or tie"
+        if [r.index for r in e.rows] != list(range(e.rows[0].index, e.rows[0].index + len(e.rows))):
+            return "the name is stored more than once"
     try:
         check_key(e.name)
     except (TypeError, ValueError) as err:

@@ -119,7 +119,7 @@ def check_key(key: object) -> None:
         raise TypeError(f"state dict key {key!r} is a {type(key).__name__}; keys must be str")
     if not key or key.strip() != key:
         raise ValueError(f"state dict key {key!r} is empty or has leading/trailing whitespace; rename it")
-    if len(key) > MAX_NAME_LENGTH or any(ord(c) < 32 for c in key):
+    if len(key) > MAX_NAME_LENGTH or min(key) < " ":  # a control character
         raise ValueError(
             f"state dict key {key[:80]!r}... is longer than {MAX_NAME_LENGTH} characters or "
             f"holds control characters; rename it"
