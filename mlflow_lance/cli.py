@@ -3,7 +3,9 @@
 Every command takes a TARGET: a Lance dataset URI (a path, file://, s3://, ...) or the name
 of a registered model logged with mlflow_lance (its dataset is found through the registry).
 Tables by default, ``--json`` for scripts. Exit codes: 0 success, 1 verification found
-problems, 2 bad usage or input, 3 dataset, version, tag or model not found.
+problems, 2 bad usage or input (including a corrupt or crafted dataset, and storage that
+cannot be reached), 3 dataset, version, tag or model not found, 4 internal error (a bug:
+the traceback is printed; please report it).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import timedelta
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NOT_FOUND = 0, 1, 2, 3
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
 EXAMPLES = {
     "versions": "mlflow-lance versions ./weights.lance\n  mlflow-lance versions churn-model --json",
@@ -65,7 +68,7 @@ def _emit(args: argparse.Namespace, payload, text: str) -> None:
     print(json.dumps(payload, indent=2, default=str) if args.json else text)
 
 
-def _bar(args: argparse.Namespace, total: int, unit: str, desc: str):
+def _bar(args: argparse.Namespace, total: int | None, unit: str, desc: str):
     from tqdm import tqdm
 
     return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc, file=sys.stderr,
@@ -133,7 +136,10 @@ def cmd_verify(args: argparse.Namespace) -> int:
     uri = _resolve(args.target)
     opts = _opts(uri)
     version = store.resolve_version(uri, _version(args.version), storage_options=opts)
-    total = next(v.total_bytes for v in store.versions(uri, storage_options=opts) if v.version == version)
+    try:
+        total = next(v.total_bytes for v in store.versions(uri, storage_options=opts) if v.version == version)
+    except store.WeightsError:  # a malformed commit: verify reports it; the bar has no total
+        total = None
     with _bar(args, total, "B", "verify") as bar:
         report = store.verify(uri, version, storage_options=opts, progress=bar.update)
     text = [f"{uri} version {report.version}: {report.tensors} tensors, {report.chunks} chunks, "
@@ -302,12 +308,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (FileNotFoundError, store.VersionNotFoundError, LookupError) as err:
+    except (FileNotFoundError, store.VersionNotFoundError) as err:
         print(f"mlflow-lance {args.command}: {err}", file=sys.stderr)
         return EXIT_NOT_FOUND
-    except (ValueError, TypeError, PermissionError) as err:
+    except (KeyError, IndexError):  # lookups that failed inside the code: a bug, not "not found"
+        return _internal(args)
+    except LookupError as err:  # the registry has no such model
+        print(f"mlflow-lance {args.command}: {err}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except (ValueError, TypeError, PermissionError, ConnectionError) as err:
         print(f"mlflow-lance {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
+    except Exception:  # noqa: BLE001 - anything else is a bug: exit 4 with its traceback
+        return _internal(args)
+
+
+def _internal(args: argparse.Namespace) -> int:
+    """Report an unexpected exception (being handled) with its traceback: exit code 4."""
+    traceback.print_exc()
+    print(f"mlflow-lance {args.command}: internal error (exit code {EXIT_INTERNAL}); please report "
+          f"it with the traceback above", file=sys.stderr)  # fmt: skip
+    return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

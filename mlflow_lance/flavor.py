@@ -60,6 +60,7 @@ from .skeleton import (
     dump_skeleton,
     load_skeleton,
     materialize,
+    pickle_allowed,
     retie,
     tie_groups,
 )
@@ -160,13 +161,17 @@ def save_model(
         }.items()
         if v
     }
-    info = store.save_state_dict(
-        state_dict,
-        location.uri,
-        message=message or (f"mlflow run {mlflow_model.run_id}" if mlflow_model.run_id else None),
-        properties=properties,
-        storage_options=location.storage_options or None,
-    )
+    try:  # nothing committed if this fails: leave no directory behind, so a retry can start over
+        info = store.save_state_dict(
+            state_dict,
+            location.uri,
+            message=message or (f"mlflow run {mlflow_model.run_id}" if mlflow_model.run_id else None),
+            properties=properties,
+            storage_options=location.storage_options or None,
+        )
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
     try:
         model_id = getattr(mlflow_model, "model_id", None)
         pin = model_pin(model_id) if model_id else legacy_run_pin(mlflow_model.run_id) if mlflow_model.run_id else None
@@ -201,6 +206,8 @@ def save_model(
         mlflow_model.save(os.path.join(path, MLMODEL_FILE_NAME))
     except BaseException as err:
         shutil.rmtree(path, ignore_errors=True)
+        if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: as they are
+            raise
         raise RuntimeError(
             f"saving the model failed after its weights were committed as version "
             f"{info.version} of {location.uri}; no run or model references that version, "
@@ -373,12 +380,16 @@ def _location_for(
 
 
 def _read_pointer(data_path: str) -> tuple[str, int]:
-    with open(os.path.join(data_path, _POINTER_FILE)) as f:
-        doc = yaml.safe_load(f)
-    uri = doc["lance_uri"]
+    path = os.path.join(data_path, _POINTER_FILE)
+    with open(path) as f:
+        doc = yaml.safe_load(f.read(1 << 16))
+    uri = doc.get("lance_uri") if isinstance(doc, dict) else None
+    version = doc.get("lance_version") if isinstance(doc, dict) else None
+    if not isinstance(uri, str) or not uri or isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{path} must map lance_uri to a URI and lance_version to a version number")
     if "://" not in uri and not os.path.isabs(uri):  # a dataset inside the model directory
         uri = os.path.join(data_path, uri)
-    return uri, int(doc["lance_version"])
+    return uri, version
 
 
 def _load_from_local(
@@ -394,15 +405,20 @@ def _load_from_local(
     A skeleton's parameters become the loaded tensors themselves (``assign``): on a local
     dataset those are copy-on-write maps of the data files, so loading copies nothing and
     several processes serving one model share its pages. A factory-built module is
-    filled in place (``load_into``).
+    filled in place (``load_into``). With pickle refused the directory is untrusted: its
+    code/ is not put on sys.path and a factory must pass ``skeleton.trusted_factory``.
     """
     conf = _get_flavor_configuration(local_path, FLAVOR_NAME)
     uri, version = _read_pointer(os.path.join(local_path, _DATA_SUBPATH))
     device = torch.device(map_location) if map_location is not None else torch.device("cpu")
     opts = storage_options_for(uri) or None
-    _add_code_from_conf_to_system_path(local_path, conf)
+    trusted_only = not pickle_allowed(allow_pickle)
+    if not trusted_only:
+        _add_code_from_conf_to_system_path(local_path, conf)
     if "model_factory" in conf:
-        module = build_from_factory(conf["model_factory"], conf.get("factory_kwargs")).to(device)
+        module = build_from_factory(
+            conf["model_factory"], conf.get("factory_kwargs"), trusted_only=trusted_only, model_dir=local_path
+        ).to(device)
         store.load_into(module, uri, version, strict=strict, storage_options=opts, verify=verify)
         return module.eval()
     module = load_skeleton(os.path.join(local_path, conf["skeleton"]), allow_pickle=allow_pickle)
@@ -427,12 +443,20 @@ def load_model(
     The architecture comes from MLflow's artifact store (a few KB), the weights straight
     from the Lance version the model was logged with, onto ``map_location``.
     ``allow_pickle=False`` (or MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false) refuses the
-    skeleton pickle; models logged with ``model_factory`` load without it.
+    skeleton pickle and treats the model as untrusted: its ``model_factory`` must be one the
+    installed environment vouches for (see ``skeleton.trusted_factory``).
     """
-    local_path = _download_model(model_uri, dst_path)
-    return _load_from_local(
-        local_path, map_location=map_location, strict=strict, verify=verify, allow_pickle=allow_pickle
-    )
+    options = {"map_location": map_location, "strict": strict, "verify": verify, "allow_pickle": allow_pickle}
+    if os.path.isdir(model_uri):
+        return _load_from_local(model_uri, **options)
+    if dst_path is not None:
+        return _load_from_local(_download_model(model_uri, dst_path), **options)
+    tmp = tempfile.mkdtemp(prefix="mlflow_lance_")
+    try:
+        return _load_from_local(_download_model(model_uri, tmp), **options)
+    finally:  # keep the download only if its code/ went onto sys.path (imports may still need it)
+        if not any(p.startswith(tmp) for p in sys.path):
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def load_state_dict(
@@ -475,20 +499,17 @@ def load_state_dict(
     )
 
 
-def _download_model(model_uri: str, dst_path: str | None) -> str:
+def _download_model(model_uri: str, dst_path: str) -> str:
     """Fetch what loading needs (MLmodel, data/ with the architecture and pointer, code/)
     and nothing else: no environment files, no examples, never weights."""
-    if os.path.isdir(model_uri):
-        return model_uri
     base = lifecycle.model_dir_uri(model_uri).rstrip("/")
-    local = dst_path or tempfile.mkdtemp(prefix="mlflow_lance_")
-    os.makedirs(local, exist_ok=True)
-    _download_artifact_from_uri(f"{base}/{MLMODEL_FILE_NAME}", output_path=local)
-    conf = _get_flavor_configuration(local, FLAVOR_NAME)
+    os.makedirs(dst_path, exist_ok=True)
+    _download_artifact_from_uri(f"{base}/{MLMODEL_FILE_NAME}", output_path=dst_path)
+    conf = _get_flavor_configuration(dst_path, FLAVOR_NAME)
     for sub in (_DATA_SUBPATH, conf.get("code")):
         if sub:
-            _download_artifact_from_uri(f"{base}/{sub}", output_path=local)
-    return local
+            _download_artifact_from_uri(f"{base}/{sub}", output_path=dst_path)
+    return dst_path
 
 
 def _model_pointer(uri: str) -> tuple[str, int] | None:

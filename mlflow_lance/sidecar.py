@@ -333,7 +333,7 @@ def _commit_matches(uri: str, version: int, run_id: str, entry: dict, opts: Mapp
     """Whether version ``version``'s commit properties say it was logged by this run (and model)."""
     try:
         props = store.version_properties(uri, version, storage_options=opts)
-    except store.VersionNotFoundError:
+    except store.WeightsError:  # gone, or its commit is malformed: not to be trusted
         return False
     return props.get("mlflow.run_id") == run_id and (
         entry.get("model_id") is None or props.get("mlflow.model_id") == entry.get("model_id")

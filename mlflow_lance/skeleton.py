@@ -7,21 +7,32 @@ as causal masks) keep their values. Ties survive: a Parameter shared by two modu
 pickled object.
 
 The factory is a ``"package.module:callable"`` plus JSON-serialisable keyword arguments that
-build the module; nothing is unpickled on load.
+build the module; nothing is unpickled on load. When pickle is refused, the model directory
+is untrusted, so the factory it names must be vouched for by the installed environment
+before anything is imported or called (``trusted_factory``): a callable an installed
+distribution registers in the entry-point group ``mlflow_lance.factories``, or a
+``torch.nn.Module`` subclass of a module the process has already imported.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
+import inspect
 import io
 import json
 import os
-from collections.abc import Mapping
+import re
+import sys
+from collections.abc import Callable, Mapping
 
 import cloudpickle
 import torch
 
 SKELETON_FILE = "skeleton.pkl"
+FACTORY_GROUP = "mlflow_lance.factories"
+_DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
 
 
 def _meta_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
@@ -78,11 +89,13 @@ def load_skeleton(path: str, *, allow_pickle: bool | None = None) -> torch.nn.Mo
 
 
 def check_factory(model_factory: str, factory_kwargs: Mapping | None) -> dict:
-    """Validate a factory spec before anything is saved; returns the kwargs as a plain dict."""
-    if not isinstance(model_factory, str) or model_factory.count(":") != 1:
+    """Validate a factory spec (at save and at load); returns the kwargs as a plain dict."""
+    if not isinstance(model_factory, str) or not re.fullmatch(f"{_DOTTED}:{_DOTTED}", model_factory):
         raise ValueError(
             f"model_factory must look like 'package.module:callable', got {model_factory!r}"
         )
+    if factory_kwargs is not None and not isinstance(factory_kwargs, Mapping):
+        raise ValueError(f"factory_kwargs must be a mapping, got {type(factory_kwargs).__name__}")
     kwargs = dict(factory_kwargs or {})
     try:
         return json.loads(json.dumps(kwargs))
@@ -90,8 +103,67 @@ def check_factory(model_factory: str, factory_kwargs: Mapping | None) -> dict:
         raise ValueError(f"factory_kwargs must be JSON-serialisable: {err}") from None
 
 
-def build_from_factory(model_factory: str, factory_kwargs: Mapping | None) -> torch.nn.Module:
-    """Import and call ``package.module:callable`` with the recorded keyword arguments."""
+def build_from_factory(
+    model_factory: str, factory_kwargs: Mapping | None, *, trusted_only: bool, model_dir: str
+) -> torch.nn.Module:
+    """Build the module with ``package.module:callable(**factory_kwargs)``.
+
+    ``trusted_only`` (pickle refused): the factory must pass ``trusted_factory``, checked
+    before anything is imported; else it is imported like any code the model ships.
+    """
+    kwargs = check_factory(model_factory, factory_kwargs)
+    target = trusted_factory(model_factory, model_dir) if trusted_only else _import_factory(model_factory)
+    module = target(**kwargs)
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"model factory {model_factory!r} returned {type(module).__name__}, not a Module")
+    return module
+
+
+def trusted_factory(model_factory: str, model_dir: str) -> Callable:
+    """The factory, if the installed environment vouches for it; else PermissionError before
+    anything is imported or called.
+
+    Vouched for: (1) the value of an entry point in group ``mlflow_lance.factories`` of an
+    installed distribution, whose package does not resolve inside ``model_dir`` (code the
+    model ships cannot shadow it); (2) a ``torch.nn.Module`` subclass of a module already
+    imported from outside ``model_dir``, found without running any code (no import, no
+    ``__getattr__``).
+    """
+    module_name, _, attr = model_factory.partition(":")
+    inside = os.path.realpath(model_dir) + os.sep
+
+    def shipped(path: str | None) -> bool:  # a file of the model directory?
+        return bool(path) and os.path.isabs(path) and os.path.realpath(path).startswith(inside)
+
+    registered = {f"{ep.module}:{ep.attr}" for ep in importlib.metadata.entry_points(group=FACTORY_GROUP)}
+    if model_factory in registered:
+        spec = importlib.util.find_spec(module_name.split(".")[0])  # top level: imports nothing
+        places = [spec.origin or "", *(spec.submodule_search_locations or [])] if spec else []
+        if spec is not None and not any(shipped(p) for p in places):
+            return _import_factory(model_factory)
+    module = sys.modules.get(module_name)
+    target = module
+    if module is not None and not shipped(getattr(module, "__file__", None)):
+        for part in attr.split("."):
+            try:
+                target = inspect.getattr_static(target, part)
+            except AttributeError:
+                target = None
+                break
+        if isinstance(target, type) and issubclass(target, torch.nn.Module):
+            return target
+    raise PermissionError(
+        f"refusing to build the model with factory {model_factory!r}: pickle deserialization "
+        f"is disabled (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false or allow_pickle=False), so "
+        f"the model directory is untrusted and only factories the installed environment "
+        f"vouches for run: a callable an installed package registers in the entry-point group "
+        f"{FACTORY_GROUP!r}, or a torch.nn.Module subclass of a module this process has "
+        f"already imported. Register the factory (README, Security), import its module "
+        f"first, or pass allow_pickle=True if you trust this model. Nothing was imported or run."
+    )
+
+
+def _import_factory(model_factory: str) -> Callable:
     module_name, _, attr = model_factory.partition(":")
     try:
         target = importlib.import_module(module_name)
@@ -102,14 +174,11 @@ def build_from_factory(model_factory: str, factory_kwargs: Mapping | None) -> to
             f"cannot import model factory {model_factory!r} ({err}); install the package that "
             f"defines it or log the model with code_paths=[...]"
         ) from None
-    module = target(**dict(factory_kwargs or {}))
-    if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"model factory {model_factory!r} returned {type(module).__name__}, not a Module")
-    return module
+    return target
 
 
 def materialize(module: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """Give every meta tensor real (uninitialised) memory on ``device`` and move the rest.
+    """Give every meta tensor real (zeroed) memory on ``device`` and move the rest.
 
     Unlike ``Module.to_empty``, tensors that already hold values (non-persistent buffers)
     keep them, and a Parameter shared by several modules stays one Parameter (tied).
@@ -118,7 +187,7 @@ def materialize(module: torch.nn.Module, device: torch.device) -> torch.nn.Modul
 
     def convert(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in memo:
-            data = torch.empty_like(t, device=device) if t.is_meta else t.detach().to(device)
+            data = torch.zeros_like(t, device=device) if t.is_meta else t.detach().to(device)
             if isinstance(t, torch.nn.Parameter):
                 memo[id(t)] = t if data is t else torch.nn.Parameter(data, requires_grad=t.requires_grad)
             else:

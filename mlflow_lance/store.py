@@ -14,20 +14,27 @@ Nothing here knows about MLflow.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import fnmatch
 import json
+import mmap
 import os
 import random
+import stat
+import tempfile
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 from urllib.parse import unquote, urlparse
 
 import lance
+import numpy as np
 import pyarrow as pa
 import torch
 import zstandard
@@ -36,14 +43,17 @@ from lance.fragment import FragmentMetadata, write_fragments
 
 from .tensors import (
     DEFAULT_CHUNK_BYTES,
+    DTYPES,
     META_COLUMNS,
     SCHEMA_FIELDS,
     TensorRows,
+    check_key,
     dtype_from_name,
     find_aliases,
     hash_bytes,
     readonly_bytes,
     rows_batch,
+    stored_nbytes,
     tensor_key,
     to_rows,
     uint8_view,
@@ -70,7 +80,7 @@ class VersionNotFoundError(WeightsError, LookupError):
 
 
 class CorruptionError(WeightsError):
-    """Stored bytes no longer match their content hash."""
+    """A version's stored bytes or metadata are inconsistent: corrupted, truncated or crafted."""
 
 
 @dataclass(frozen=True)
@@ -161,9 +171,11 @@ def _local_path(uri: str) -> str | None:
     return None
 
 
-# Object stores: fail within about half a minute instead of retrying for minutes when the
-# endpoint is down or silent (Lance's defaults retry for up to 180 s). Callers may override.
-_REMOTE_DEFAULTS = {"connect_timeout": "5s", "client_max_retries": "3", "client_retry_timeout": "30"}
+# Object stores: a request with no complete answer within 10 s fails (reads go in 16 MiB
+# requests, so that is a stall, not a slow link), and a silent endpoint fails the call within
+# about 70 s (Lance retries each request a few times) instead of ~185 s. Callers may override.
+_REMOTE_DEFAULTS = {"connect_timeout": "5s", "timeout": "10s", "client_max_retries": "1",
+                    "client_retry_timeout": "10"}  # fmt: skip
 
 
 def _lance_options(uri: str, storage_options: StorageOptions) -> dict[str, str] | None:
@@ -323,6 +335,12 @@ class _Entry:
 # A row's metadata, Lance row address, blob position, data file and stored payload size.
 _Located = tuple[dict, int, "int | None", str, "int | None"]
 
+# What a version's rows may claim. Checked before any byte is read or any tensor allocated:
+# a dataset or version index from someone else is input, not a promise.
+_MAX_DIMS = 64
+_MAX_INDEX_BYTES = 64 << 20  # a version index larger than this is ignored (rebuilt by a scan)
+_MAX_PROPERTY_BYTES = 16 << 20  # a commit property larger than this is malformed
+
 
 def _build_entries(rows: Iterable[_Located]) -> OrderedDict[str, _Entry]:
     out: OrderedDict[str, _Entry] = OrderedDict()
@@ -345,11 +363,92 @@ def _build_entries(rows: Iterable[_Located]) -> OrderedDict[str, _Entry]:
     return out
 
 
+def _entry_problem(e: _Entry, entries: Mapping[str, _Entry], compressed: bool) -> str | None:
+    """Why ``e``'s metadata cannot be loaded as it claims, or None when it is consistent.
+
+    The rules: one name is one run of rows that agree on dtype, shape, size and tie; dtype ×
+    shape is the recorded size; chunks tile exactly that size, each stored with exactly its
+    bytes; a tie names another stored, untied tensor of the same dtype and shape.
+    """
+    if len(e.rows) > 1:
+        first = e.meta[0]
+        if any((m["dtype"], m["shape"], m["nbytes"], m["alias"]) != (first["dtype"], first["shape"],
+               first["nbytes"], first["alias"]) for m in e.meta):  # fmt: skip
+            return "its rows disagree on dtype, shape, size or tie"
+        if [r.index for r in e.rows] != list(range(e.rows[0].index, e.rows[0].index + len(e.rows))):
+            return "the name is stored more than once"
+    try:
+        check_key(e.name)
+    except (TypeError, ValueError) as err:
+        return str(err)
+    if e.dtype not in DTYPES:
+        return f"dtype {e.dtype!r} is unknown to torch {torch.__version__}"
+    if len(e.shape) > _MAX_DIMS or any(s is None or s < 0 for s in e.shape):
+        return f"shape {e.shape} is not a list of at most {_MAX_DIMS} non-negative sizes"
+    expected = stored_nbytes(e.dtype, e.shape)
+    if e.nbytes != expected:
+        return f"it records {e.nbytes} bytes, but {e.dtype} x {e.shape} takes {expected}"
+    if e.alias is not None:
+        target = entries.get(e.alias)
+        if e.alias == e.name:
+            return "it is tied to itself"
+        if target is None:
+            return f"it is tied to {e.alias!r}, which is not stored"
+        if target.alias is not None:
+            return f"it is tied to {e.alias!r}, which is itself a tie"
+        if (target.dtype, target.shape) != (e.dtype, e.shape):
+            return f"it is tied to {e.alias!r} of another dtype or shape"
+        tie = e.rows[0]  # compressed, its empty payload is a (never read) empty zstd frame
+        if len(e.rows) != 1 or tie.offset or tie.chunk or (tie.stored and not compressed):
+            return "a tie must be one empty row"
+        return None
+    if [r.chunk for r in e.rows] != list(range(len(e.rows))):
+        return f"its chunks are numbered {[r.chunk for r in e.rows][:10]}, not 0..{len(e.rows) - 1}"
+    smallest = 1 if len(e.rows) > 1 else 0  # only a one-row tensor may be empty
+    if e.rows[0].offset != 0 or any(r.size < smallest for r in e.rows):
+        return f"its chunk offsets {[r.offset for r in e.rows][:10]} do not tile its {e.nbytes} bytes"
+    for r in e.rows:
+        if (r.position is not None and r.position < 0) or r.stored < 0:
+            return f"chunk {r.chunk} has a negative position or size"
+        if not compressed and r.stored != r.size:
+            return f"chunk {r.chunk} stores {r.stored} bytes, but its part of the tensor takes {r.size}"
+    return None
+
+
+def _problems(entries: Mapping[str, _Entry], compressed: bool) -> list[Problem]:
+    """Every tensor of the version whose metadata is inconsistent (see ``_entry_problem``)."""
+    out = []
+    for e in entries.values():
+        detail = _entry_problem(e, entries, compressed)
+        if detail is not None:
+            out.append(Problem(e.name, -1, e.rows[0].file, detail))
+    return out
+
+
+def _raise_problems(ds: lance.LanceDataset, problems: list[Problem]) -> None:
+    if problems:
+        p = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CorruptionError(
+            f"version {ds.version} of {ds.uri} is corrupt or crafted: "
+            f"{f'tensor {p.name[:200]!r}: ' if p.name else ''}{p.detail}{more}. Nothing was "
+            f"loaded; run verify() for the full list, or load another version"
+        )
+
+
 def _scan(ds: lance.LanceDataset, fragments: list | None = None) -> list[_Located]:
     """Read the metadata columns (and blob descriptors) of every row, or of ``fragments``."""
     cols = [*META_COLUMNS, "data"]  # a blob column scans as (position, size) descriptors
-    files = dict(_fragment_table(fragments if fragments is not None else ds.get_fragments()))
-    table = ds.scanner(columns=cols, with_row_address=True, fragments=fragments).to_table()
+    files = dict(_fragment_table(ds, fragments if fragments is not None else ds.get_fragments()))
+    try:
+        table = ds.scanner(columns=cols, with_row_address=True, fragments=fragments).to_table()
+    except (OSError, ValueError) as err:
+        if (unreachable := _unreachable(ds.uri, err)) is not None:
+            raise unreachable from None
+        raise CorruptionError(
+            f"the rows of version {ds.version} of {ds.uri} cannot be read ({str(err)[:300]}); "
+            f"restore the dataset or load another version"
+        ) from None
     out = []
     for row in table.to_pylist():
         address = row.pop("_rowaddr")
@@ -360,10 +459,14 @@ def _scan(ds: lance.LanceDataset, fragments: list | None = None) -> list[_Locate
 
 # The version index: a JSON copy of a version's metadata rows and blob positions, kept next
 # to a local dataset so that opening a version reads one small file instead of one footer per
-# data file (40 ms for GPT-2's 148 files). It is derived data: it is checked against the
-# manifest's fragment list on every read and rebuilt from a scan when missing or stale.
+# data file (40 ms for GPT-2's 148 files). It is derived data: it is used only when its rows
+# hash to the digest the version's commit recorded (``mlflow_lance.rows``) and its file list
+# is the manifest's; anything else (missing, stale, unparsable, oversized, a version committed
+# without a digest) is ignored and the rows are scanned.
 _INDEX_DIR = ("_mlflow_lance", "index")
 _INDEX_FORMAT = 1
+_ROW_TYPES = [{str}, {int}, {int}, {int}, {str}, {list}, {str}, {str, type(None)}]  # per META_COLUMNS
+_SHAPE = META_COLUMNS.index("shape")
 
 
 def _index_path(ds: lance.LanceDataset, version: int) -> str | None:
@@ -371,40 +474,86 @@ def _index_path(ds: lance.LanceDataset, version: int) -> str | None:
     return None if root is None else os.path.join(root, *_INDEX_DIR, f"{version}.json")
 
 
-def _fragment_table(fragments) -> list[tuple[int, str]]:
-    """(fragment id, data file) of each fragment, in order."""
+def _fragment_table(ds: lance.LanceDataset, fragments) -> list[tuple[int, str]]:
+    """(fragment id, data file) of each fragment, in order.
+
+    Data files must be plain names in the dataset's own data/ directory: a manifest that
+    points elsewhere (``../x``, an absolute path, another base) is refused, naming the file.
+    """
     out = []
     for f in fragments:
         files = f.metadata.files
-        out.append((f.fragment_id, files[0].path if files else ""))
+        path = files[0].path if files else ""
+        if files and (
+            len(files) != 1 or files[0].base_id is not None or not path or path in (".", "..")
+            or any(c in path for c in "/\\\0")
+        ):  # fmt: skip
+            raise CorruptionError(
+                f"version {ds.version} of {ds.uri} names data file {path[:200]!r} for fragment "
+                f"{f.fragment_id}, which is not a file of the dataset's data/ directory; only "
+                f"files inside the dataset are read"
+            )
+        out.append((f.fragment_id, path))
     return out
 
 
-def _read_index(ds: lance.LanceDataset, table: list[tuple[int, str]]) -> list[_Located] | None:
-    path = _index_path(ds, ds.version)
+def _rows_digest(metas: Iterable[Mapping]) -> str:
+    """Digest of a version's metadata rows, recorded in its commit to check the index against."""
+    rows = [[m[c] for c in META_COLUMNS] for m in metas]
+    return hash_bytes(json.dumps(rows, separators=(",", ":")).encode())
+
+
+def _recorded_digest(ds: lance.LanceDataset) -> str | None:
     try:
-        with open(path or "", encoding="utf-8") as f:
-            doc = json.load(f)
+        txn = ds.read_transaction(ds.version)
     except (OSError, ValueError):
+        return None
+    props = (txn.transaction_properties or {}) if txn is not None else {}
+    return props.get(_PROP + "rows")
+
+
+def _valid_index_row(row: object, n: int) -> bool:
+    """Each value of an index row has its column's JSON type (ints are never bools)."""
+    if type(row) is not list or len(row) != n + 2:
+        return False
+    if any(type(v) not in types for v, types in zip(row, _ROW_TYPES)):
+        return False
+    return all(type(v) is int for v in row[_SHAPE]) and all(v is None or type(v) is int for v in row[n:])
+
+
+def _read_index(ds: lance.LanceDataset, table: list[tuple[int, str]], digest: str | None) -> list[_Located] | None:
+    """The version's rows from its index, or None unless the index checks out (see above)."""
+    path = _index_path(ds, ds.version)
+    if path is None or digest is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_INDEX_BYTES:
+                return None
+            doc = json.loads(f.read(_MAX_INDEX_BYTES))
+    except (OSError, ValueError, RecursionError):
         return None
     n = len(META_COLUMNS)
     rows = doc.get("rows") if isinstance(doc, dict) else None
     if (
-        doc.get("index_format") != _INDEX_FORMAT
+        not isinstance(rows, list)
+        or doc.get("index_format") != _INDEX_FORMAT
         or doc.get("files") != [path for _, path in table]
-        or not isinstance(rows, list)
         or len(rows) != len(table)
-        or any(not isinstance(row, list) or len(row) != n + 2 for row in rows)
+        or not all(_valid_index_row(row, n) for row in rows)
     ):
         return None
-    return [
+    located = [
         (dict(zip(META_COLUMNS, row[:n])), fid << 32, row[n], path, row[n + 1])
         for row, (fid, path) in zip(rows, table)
     ]
+    return located if _rows_digest(m for m, *_ in located) == digest else None
 
 
 def _write_index(ds: lance.LanceDataset, table: list[tuple[int, str]], rows: list[_Located]) -> None:
-    """Best effort: a failure only means the next open scans."""
+    """Best effort: a failure only means the next open scans. Writes only inside the dataset."""
     path = _index_path(ds, ds.version)
     if path is None or len(rows) != len(table):
         return
@@ -414,24 +563,79 @@ def _write_index(ds: lance.LanceDataset, table: list[tuple[int, str]], rows: lis
         "files": [f for _, f in table],
         "rows": [[m[c] for c in META_COLUMNS] + [pos, stored] for m, _, pos, _, stored in rows],
     }
+    folder = os.path.dirname(path)
+    if os.path.realpath(folder) != os.path.join(os.path.realpath(_local_path(ds.uri) or ""), *_INDEX_DIR):
+        return  # a link out of the dataset: write nothing there
+    tmp = None
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{ds.version}.", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # readable like the data files (mkstemp makes it private)
+        with open(fd, "w", encoding="utf-8") as f:
             json.dump(doc, f, separators=(",", ":"))
         os.replace(tmp, path)
+        tmp = None
     except OSError:
         pass
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
 
 
 def _entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
     """Every tensor of the checked-out version, in saved order (reads no tensor bytes)."""
-    table = _fragment_table(ds.get_fragments())
-    rows = _read_index(ds, table)
-    if rows is None:
-        rows = _scan(ds)
+    return _build_entries(_located(ds)[0])
+
+
+def _located(ds: lance.LanceDataset, use_index: bool = True) -> tuple[list[_Located], bool]:
+    """The version's rows (from its index when that checks out, else a scan) and whether
+    they agree with the digest its commit recorded (True when it recorded none)."""
+    table = _fragment_table(ds, ds.get_fragments())
+    digest = _recorded_digest(ds)
+    rows = _read_index(ds, table, digest) if use_index else None
+    if rows is not None:
+        return rows, True
+    _check_local_files(ds, table)
+    rows = _scan(ds)
+    agree = digest is None or _rows_digest(m for m, *_ in rows) == digest
+    if digest is not None and agree:
         _write_index(ds, table, rows)
-    return _build_entries(rows)
+    return rows, agree
+
+
+def _check_local_files(ds: lance.LanceDataset, table: list[tuple[int, str]]) -> None:
+    """Before Lance scans a local dataset: every data file is a regular file in data/ (a
+    symlink or FIFO there is refused, naming it, instead of followed or waited on)."""
+    root = _local_path(ds.uri)
+    if root is None:
+        return
+    data = os.path.join(root, "data")
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISDIR(os.lstat(data).st_mode):
+            raise CorruptionError(_not_a_directory(ds, data))
+    for _, name in table:
+        path = os.path.join(data, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue  # missing: Lance says so
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptionError(_not_regular(ds, path))
+
+
+def _not_a_directory(ds: lance.LanceDataset, path: str) -> str:
+    return (
+        f"{path} of {ds.uri} is not a directory (a symbolic link?); only files inside the "
+        f"dataset are read"
+    )
+
+
+def _not_regular(ds: lance.LanceDataset, path: str) -> str:
+    return (
+        f"data file {path} of version {ds.version} of {ds.uri} is not a regular file (a symbolic "
+        f"link, FIFO, device or directory); only regular files inside the dataset are read"
+    )
 
 
 def _seed_entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
@@ -440,11 +644,16 @@ def _seed_entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
     out: OrderedDict[str, _Entry] = OrderedDict()
     for index, row in enumerate(table.to_pylist()):
         shape = list(row["shape"] or [])
-        numel = 1
-        for s in shape:
-            numel *= s
-        out[row["name"]] = _Entry(row["name"], "float64", shape, numel * 8, None, [],
-                                  [_Row(0, 0, numel * 8, "", row["_rowaddr"], index, None, "", numel * 8)])
+        name = row["name"]
+        if (not isinstance(name, str) or name in out or len(shape) > _MAX_DIMS
+                or any(s is None or s < 0 for s in shape)):  # fmt: skip
+            raise CorruptionError(
+                f"row {index} of {ds.uri} (version {ds.version}) repeats the name {name!r} or has "
+                f"shape {shape[:10]}, which is not a list of non-negative sizes"
+            )
+        nbytes = stored_nbytes("float64", shape)
+        out[name] = _Entry(name, "float64", shape, nbytes, None, [],
+                           [_Row(0, 0, nbytes, "", row["_rowaddr"], index, None, "", nbytes)])
     return out
 
 
@@ -473,19 +682,16 @@ _PIECE = 16 << 20
 _THREADS = min(4, os.cpu_count() or 1)
 _PARALLEL_WRITE_BYTES = 64 << 20
 _COMMIT_ATTEMPTS = 64
+_ZSTD_HEADER = 18  # the longest zstd frame header: enough to read the frame's content size
 
 
-def _pread_exact(path: str, position: int, dst: torch.Tensor) -> None:
+def _pread_exact(fd: int, path: str, position: int, dst: torch.Tensor) -> None:
     view, got = memoryview(dst.numpy()), 0
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while got < len(view):
-            n = os.preadv(fd, [view[got:]], position + got)
-            if n == 0:
-                raise CorruptionError(f"{path} ends at byte {position + got}, before its tensor does")
-            got += n
-    finally:
-        os.close(fd)
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], position + got)
+        if n == 0:
+            raise CorruptionError(f"{path} ends at byte {position + got}, before its tensor does")
+        got += n
 
 
 def _mmap_enabled() -> bool:
@@ -495,12 +701,14 @@ def _mmap_enabled() -> bool:
 
 
 class _Reader:
-    """Reads chunk payloads of one version.
+    """Reads chunk payloads of one version; use as a context manager (it holds open files).
 
     Local datasets are read straight from the data files with ``preadv`` into memory the
     caller owns, or memory-mapped copy-on-write (``mapped``): that is what makes loads as
-    fast as safetensors. Object storage goes through Lance's blob API, seed-format datasets
-    through Lance's reader.
+    fast as safetensors. Each data file is opened once, relative to the dataset's data/
+    directory, without following links and without waiting on FIFOs, and must be a regular
+    file holding every byte its rows claim. Object storage goes through Lance's blob API,
+    seed-format datasets through Lance's reader.
     """
 
     def __init__(self, ds: lance.LanceDataset, kind: str = "weights"):
@@ -508,30 +716,100 @@ class _Reader:
         self.kind = kind
         self.codec = _compression(ds) if kind == "weights" else None
         self.root = _local_path(ds.uri) if kind == "weights" else None
+        self._dir: int | None = None
+        self._files: dict[str, tuple[int, int]] = {}  # data file -> (fd, size)
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+        if self._dir is not None:
+            os.close(self._dir)
+            self._dir = None
 
     def file_of(self, row: _Row) -> str:
-        base = self.root if self.root is not None else self.ds.uri.rstrip("/")
-        return f"{base}/data/{row.file}"
+        return self.path_of(row.file)
 
-    def _local(self, row: _Row) -> str | None:
+    def path_of(self, file: str) -> str:
+        """The full path or URI of a data file named in the manifest."""
+        base = self.root if self.root is not None else self.ds.uri.rstrip("/")
+        return f"{base}/data/{file}"
+
+    def _open(self, row: _Row) -> tuple[int, int]:
+        path = self.file_of(row)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        if self._dir is None:
+            data = os.path.join(self.root, "data")
+            try:
+                self._dir = os.open(data, flags | os.O_DIRECTORY)
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise CorruptionError(_not_a_directory(self.ds, data)) from None
+                raise
+        try:
+            fd = os.open(row.file, flags, dir_fd=self._dir)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CorruptionError(_not_regular(self.ds, path)) from None
+            raise CorruptionError(
+                f"data file {path} of version {self.ds.version} of {self.ds.uri} cannot be "
+                f"opened ({err.strerror}); restore it or load another version"
+            ) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise CorruptionError(_not_regular(self.ds, path))
+        return fd, st.st_size
+
+    def _local(self, row: _Row) -> int | None:
+        """The open data file of a local chunk, checked to hold the chunk's bytes; else None."""
         if self.root is None or row.position is None:
             return None
-        path = self.file_of(row)
-        try:
-            if os.stat(path).st_size >= row.position + row.stored:
-                return path
-        except OSError:
-            pass
-        return None
+        if row.file not in self._files:
+            self._files[row.file] = self._open(row)
+        fd, size = self._files[row.file]
+        if row.position + row.stored > size:
+            raise CorruptionError(
+                f"data file {self.file_of(row)} holds {size} bytes, but chunk {row.chunk} of "
+                f"version {self.ds.version} claims bytes {row.position}..{row.position + row.stored}; "
+                f"the file was truncated or the metadata is crafted. Run verify() on {self.ds.uri}"
+            )
+        return fd
+
+    def check(self, rows: Iterable[_Row]) -> None:
+        """Before anything is allocated or written: each local file exists, is regular and
+        holds its chunk; a compressed chunk's frame decompresses to exactly its size."""
+        for row in rows:
+            if row.stored and self.kind == "weights":
+                self._local(row)
+                if self.codec:
+                    head = torch.empty(min(row.stored, _ZSTD_HEADER), dtype=torch.uint8)
+                    self._read_stored(row, head, whole=False)
+                    try:
+                        size = zstandard.frame_content_size(memoryview(head.numpy()))
+                        what = f"a zstd frame of {size} bytes" if size >= 0 else "a zstd frame of unknown size"
+                    except zstandard.ZstdError:
+                        size, what = None, "not a zstd frame"
+                    if size != row.size:
+                        raise CorruptionError(
+                            f"chunk {row.chunk} at {self.file_of(row)} is {what}, but its tensor "
+                            f"records {row.size} bytes; run verify() on {self.ds.uri}"
+                        )
 
     def mapped(self, row: _Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
         """The chunk as a copy-on-write memory map of its data file (lazy, no copy), or None."""
-        path = self._local(row)
-        itemsize = torch.empty((), dtype=dtype).element_size()
-        if path is None or self.codec or row.size == 0 or row.position % itemsize or not _mmap_enabled():
+        if self.codec or row.size == 0 or not _mmap_enabled():
             return None
-        storage = torch.UntypedStorage.from_file(path, shared=False, nbytes=row.position + row.size)
-        return torch.empty(0, dtype=dtype).set_(storage, row.position // itemsize, shape)
+        fd = self._local(row)
+        if fd is None or row.position % dtype.itemsize:
+            return None
+        start = row.position - row.position % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(fd, row.position + row.size - start, access=mmap.ACCESS_COPY, offset=start)
+        flat = torch.frombuffer(mapping, dtype=torch.uint8, count=row.size, offset=row.position - start)
+        return flat.view(dtype).reshape(shape)
 
     def read_many(self, jobs: list[tuple[_Row, torch.Tensor]]) -> None:
         """Fill each flat, contiguous uint8 CPU tensor with its chunk's bytes.
@@ -545,12 +823,12 @@ class _Reader:
             return
         pieces, other = [], []
         for row, dst in jobs:
-            path = self._local(row) if row.size else None
-            if path is None:
+            fd = self._local(row) if row.size else None
+            if fd is None:
                 other.append((row, dst))
                 continue
             for start in range(0, row.size, _PIECE):
-                pieces.append((path, row.position + start, dst[start : start + _PIECE]))
+                pieces.append((fd, self.file_of(row), row.position + start, dst[start : start + _PIECE]))
         if len(pieces) > 1 and _THREADS > 1:
             with ThreadPoolExecutor(_THREADS) as pool:
                 list(pool.map(lambda p: _pread_exact(*p), pieces))
@@ -560,30 +838,33 @@ class _Reader:
         for row, dst in other:
             self._read_stored(row, dst)
 
-    def _read_stored(self, row: _Row, dst: torch.Tensor) -> None:
-        """The payload as stored, through the local file, Lance's blob API or its reader."""
+    def _read_stored(self, row: _Row, dst: torch.Tensor, whole: bool = True) -> None:
+        """The payload as stored (or its first ``dst.numel()`` bytes unless ``whole``), through
+        the local file, Lance's blob API or its reader. Remote reads go in 16 MiB requests,
+        so that the object-store request timeout bounds a stall, not a large tensor."""
+        want = dst.numel()
         if row.stored == 0:
             got = 0
         elif self.kind == "seed":
             value = self.ds.take([row.index], columns=["value"]).column(0).combine_chunks()
             src = readonly_bytes(value.flatten().to_numpy(zero_copy_only=False))
             got = src.numel()
-            dst[: min(got, dst.numel())].copy_(src[: dst.numel()])
-        elif (path := self._local(row)) is not None:
-            _pread_exact(path, row.position, dst)
-            got = dst.numel()
+            dst[: min(got, want)].copy_(src[:want])
+        elif (fd := self._local(row)) is not None:
+            _pread_exact(fd, self.file_of(row), row.position, dst)
+            got = want
         else:
             (blob,) = self.ds.take_blobs("data", addresses=[row.address])
             view, got = memoryview(dst.numpy()), 0
-            while got < dst.numel():
-                n = blob.readinto(view[got:])
+            while got < want:
+                n = blob.readinto(view[got : got + _PIECE])
                 if not n:
                     break
                 got += n
-        if got != dst.numel():
+        if got != want or (whole and want != row.stored):
             raise CorruptionError(
                 f"chunk {row.chunk} at {self.file_of(row)} holds {got} bytes, expected "
-                f"{dst.numel()}; run verify() on {self.ds.uri}"
+                f"{want}; run verify() on {self.ds.uri}"
             )
 
     def _decompress(self, row: _Row, dst: torch.Tensor) -> None:
@@ -613,36 +894,71 @@ def _device(map_location: str | torch.device | None) -> torch.device:
     )
 
 
-def _check_hashes(reader: _Reader, e: _Entry, flat: torch.Tensor, version: int) -> None:
-    for row in e.rows:
-        got = hash_bytes(memoryview(flat[row.offset : row.offset + row.size].numpy()))
-        if got != row.hash:
-            raise CorruptionError(
-                f"tensor {e.name!r} (chunk {row.chunk}) of version {version} in {reader.ds.uri} "
-                f"is corrupt: content hash {got} != recorded {row.hash} (file "
-                f"{reader.file_of(row)}); restore that file or load another version"
-            )
+def _check_row(reader: _Reader, e: _Entry, row: _Row, chunk: torch.Tensor) -> None:
+    """Raise CorruptionError unless ``chunk`` (the chunk's bytes) hashes to what was recorded."""
+    got = hash_bytes(memoryview(chunk.numpy()))
+    if got != row.hash:
+        raise CorruptionError(
+            f"tensor {e.name!r} (chunk {row.chunk}) of version {reader.ds.version} in {reader.ds.uri} "
+            f"is corrupt: content hash {got} != recorded {row.hash} (file "
+            f"{reader.file_of(row)}); restore that file or load another version"
+        )
 
 
-def _materialize(reader: _Reader, e: _Entry, *, verify: bool) -> torch.Tensor:
-    """The stored tensor on the CPU: a lazy copy-on-write map where possible, else read."""
-    dtype = dtype_from_name(e.dtype, key=e.name)
-    t = reader.mapped(e.rows[0], dtype, e.shape) if len(e.rows) == 1 else None
-    if t is None:
-        t = torch.empty(e.shape, dtype=dtype)
-        flat = uint8_view(t)
-        reader.read_many([(row, flat[row.offset : row.offset + row.size]) for row in e.rows])
+def _materialize(reader: _Reader, entries: list[_Entry], *, verify: bool) -> dict[str, torch.Tensor]:
+    """The stored tensors on the CPU: lazy copy-on-write maps where possible, else read
+    (all in one ``read_many``, so that the reads run in parallel).
+
+    With ``verify`` they are always read into fresh memory and hashed, so that what comes
+    back is exactly what was checked: nothing outside the process can change it afterwards.
+    """
+    out: dict[str, torch.Tensor] = {}
+    jobs: list[tuple[_Entry, _Row, torch.Tensor]] = []
+    for e in entries:
+        dtype = dtype_from_name(e.dtype, key=e.name)
+        reader.check(e.rows)
+        t = reader.mapped(e.rows[0], dtype, e.shape) if len(e.rows) == 1 and not verify else None
+        if t is None:
+            t = torch.empty(e.shape, dtype=dtype)
+            flat = uint8_view(t)
+            jobs += [(e, row, flat[row.offset : row.offset + row.size]) for row in e.rows]
+        out[e.name] = t
+    reader.read_many([(row, dst) for _, row, dst in jobs])
     if verify and reader.kind == "weights":
-        _check_hashes(reader, e, uint8_view(t), reader.ds.version)
-    return t
+        for e, row, dst in jobs:
+            _check_row(reader, e, row, dst)
+    return out
+
+
+def _read_version(
+    ds: lance.LanceDataset, use_index: bool = True
+) -> tuple[str, OrderedDict[str, _Entry], list[Problem]]:
+    """A checked-out version's kind, tensors and their metadata problems."""
+    kind = _kind(ds)
+    if kind != "weights":
+        return kind, _seed_entries(ds), []
+    entries, problems = _checked_entries(ds, use_index)
+    if problems and use_index:  # never blame the rows for their derived index: ask the rows
+        entries, problems = _checked_entries(ds, use_index=False)
+    return kind, entries, problems
+
+
+def _checked_entries(ds: lance.LanceDataset, use_index: bool) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
+    rows, agree = _located(ds, use_index)
+    entries = _build_entries(rows)
+    problems = _problems(entries, _compression(ds) is not None)
+    if not agree:
+        problems.append(Problem("", -1, "", f"the rows differ from what commit {ds.version} recorded "
+                                f"({_PROP}rows): they were rewritten after the commit"))
+    return entries, problems
 
 
 def _open_version(
     uri: str | os.PathLike, version: Version | None, storage_options: StorageOptions
-) -> tuple[lance.LanceDataset, str, OrderedDict[str, _Entry]]:
+) -> tuple[lance.LanceDataset, str, OrderedDict[str, _Entry], list[Problem]]:
+    """The checked-out version, its kind, its tensors and their metadata problems."""
     ds = _checkout(_open(_uri(uri), storage_options), version)
-    kind = _kind(ds)
-    return ds, kind, (_entries(ds) if kind == "weights" else _seed_entries(ds))
+    return ds, *_read_version(ds)
 
 
 # --------------------------------------------------------------------------- public API
@@ -688,6 +1004,8 @@ def save_state_dict(
             )
         schema = _schema(existing)
         previous = _entries(parent)
+        bad = {p.name for p in _problems(previous, existing is not None)}
+        previous = {n: e for n, e in previous.items() if n not in bad}  # never reuse those rows
 
     aliases = find_aliases(state_dict)
     reusable = {f.fragment_id: f.metadata for f in parent.get_fragments()} if parent else {}
@@ -727,6 +1045,7 @@ def save_state_dict(
         "bytes_written": str(bytes_written),
         "changed": json.dumps(changed),
         "removed": json.dumps(removed),
+        "rows": _rows_digest(m for rows, _ in plan for m in rows.meta),
     }
     txn_props = {_PROP + k: v for k, v in summary.items()}
     if message:
@@ -734,7 +1053,7 @@ def save_state_dict(
     ds = _commit(uri, lance.LanceOperation.Overwrite(schema, fragments), txn_props,
                  parent.version if parent else 0, storage_options)
     _index_new_version(ds, plan)
-    return _version_info(ds.version, _now(ds), txn_props, ())
+    return _version_info(uri, ds.version, _now(ds), txn_props, ())
 
 
 def _commit(
@@ -758,7 +1077,7 @@ def _commit(
             retryable = isinstance(err, CommitConflictError) or "conflict" in str(err).lower() \
                 or "already exists" in str(err).lower()
             if not retryable or attempt == _COMMIT_ATTEMPTS - 1:
-                raise _write_error(uri, err) from err
+                _raise_write_error(uri, err)
             time.sleep(random.uniform(0, 0.02 * 2 ** min(attempt, 6)))
             read_version = _open(uri, storage_options).version
     raise AssertionError("unreachable")
@@ -769,7 +1088,7 @@ def _index_new_version(ds: lance.LanceDataset, plan: list[tuple[TensorRows, _Ent
     fragments = ds.get_fragments()
     if _index_path(ds, ds.version) is None or len(fragments) != sum(len(r.meta) for r, _ in plan):
         return
-    table = _fragment_table(fragments)
+    table = _fragment_table(ds, fragments)
     located: list[_Located] = []
     fresh = []
     it = iter(zip(fragments, table))
@@ -790,16 +1109,16 @@ def _index_new_version(ds: lance.LanceDataset, plan: list[tuple[TensorRows, _Ent
     _write_index(ds, table, located)
 
 
-def _write_error(uri: str, err: Exception) -> Exception:
-    """What a failed write means for the user: nothing was committed."""
+def _raise_write_error(uri: str, err: Exception) -> NoReturn:
+    """Raise what a failed write means for the user (nothing was committed), else ``err``."""
     if (unreachable := _unreachable(uri, err)) is not None:
-        return unreachable
+        raise unreachable from err
     if "No space left" in str(err) or "Disk quota" in str(err) or "ENOSPC" in str(err):
-        return OSError(
+        raise OSError(
             f"writing a new version to {uri!r} failed: no space left on the device. Nothing was "
             f"committed and earlier versions are intact; free space (or run gc) and save again."
-        )
-    return err
+        ) from err
+    raise err
 
 
 def _write_rows(
@@ -846,7 +1165,7 @@ def _write_rows(
         except OSError as err:  # another writer created the dataset since we looked
             if mode == "create" and "already exists" in str(err):
                 return write(group, "append")
-            raise _write_error(uri, err) from err
+            _raise_write_error(uri, err)
 
     if n == 1:
         results = [write(groups[0])]
@@ -880,21 +1199,60 @@ def _aware(ts: datetime) -> datetime:
     return ts.astimezone(timezone.utc)
 
 
-def _version_info(version: int, ts: datetime, props: Mapping[str, str], tags: tuple[str, ...]) -> VersionInfo:
+def _version_info(
+    uri: str, version: int, ts: datetime, props: Mapping[str, str], tags: tuple[str, ...]
+) -> VersionInfo:
+    """A version's summary from its commit properties; WeightsError names a malformed one."""
+    return VersionInfo(version=version, timestamp=ts, tags=tags, **_summary(uri, version, props))
+
+
+def _summary(uri: str, version: int, props: Mapping[str, str]) -> dict:
+    """The VersionInfo fields a commit's properties hold, each checked."""
     p = {k[len(_PROP):]: v for k, v in props.items() if k.startswith(_PROP)}
-    return VersionInfo(
-        version=version,
-        timestamp=ts,
-        message=p.get("message") or None,
-        properties=json.loads(p.get("properties") or "{}"),
-        num_tensors=int(p.get("tensors", 0)),
-        total_bytes=int(p.get("bytes", 0)),
-        bytes_written=int(p.get("bytes_written", 0)),
-        changed=tuple(json.loads(p.get("changed") or "[]")),
-        removed=tuple(json.loads(p.get("removed") or "[]")),
-        parent=int(p["parent"]) if p.get("parent") else None,
-        tags=tags,
-    )
+
+    def bad(key: str, why: str) -> WeightsError:
+        return WeightsError(
+            f"version {version} of {uri} has a malformed commit property {_PROP}{key}="
+            f"{str(p.get(key))[:80]!r} ({why}); the commit was altered or not written by "
+            f"mlflow-lance. Its weights load only if their own metadata is consistent: run "
+            f"`mlflow-lance verify {uri} --version {version}`"
+        )
+
+    def count(key: str, default: str = "0") -> int:
+        text = p.get(key) or default
+        if not isinstance(text, str) or not text.isascii() or not text.isdigit() or len(text) > 20:
+            raise bad(key, "not a non-negative integer")
+        return int(text)
+
+    def parsed(key: str, default: str, check: Callable[[object], bool]) -> object:
+        text = p.get(key) or default
+        if not isinstance(text, str) or len(text) > _MAX_PROPERTY_BYTES:
+            raise bad(key, f"not a JSON string of at most {_MAX_PROPERTY_BYTES} bytes")
+        try:
+            value = json.loads(text)
+        except (ValueError, RecursionError):
+            raise bad(key, "not JSON, or nested too deeply") from None
+        if not check(value):
+            raise bad(key, "not the JSON shape mlflow-lance writes")
+        return value
+
+    def names(v: object) -> bool:
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+
+    def strings(v: object) -> bool:
+        return isinstance(v, dict) and all(isinstance(x, str) for x in v.values())
+
+    message = p.get("message")
+    return {
+        "message": message if isinstance(message, str) and message else None,
+        "properties": parsed("properties", "{}", strings),
+        "num_tensors": count("tensors"),
+        "total_bytes": count("bytes"),
+        "bytes_written": count("bytes_written"),
+        "changed": tuple(parsed("changed", "[]", names)),
+        "removed": tuple(parsed("removed", "[]", names)),
+        "parent": count("parent") if p.get("parent") else None,
+    }
 
 
 def load_state_dict(
@@ -910,21 +1268,22 @@ def load_state_dict(
 
     ``names`` selects tensors: a list of keys, or one string that is a prefix or a glob;
     only their bytes are read. Local datasets come back memory-mapped copy-on-write (lazy,
-    no copy). Tied tensors come back as one tensor under each name. ``verify`` recomputes
-    every content hash and raises CorruptionError on a mismatch.
+    no copy; see the README on what a map shares with its file). Tied tensors come back as
+    one tensor under each name. ``verify`` recomputes every content hash, raises
+    CorruptionError on a mismatch, and returns fresh memory instead of maps.
+    A version whose metadata is inconsistent raises CorruptionError before anything is read.
     """
     device = _device(map_location)
-    ds, kind, entries = _open_version(uri, version, storage_options)
-    reader = _Reader(ds, kind)
-    out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    loaded: dict[str, torch.Tensor] = {}
-    for name in _select(entries, names):
-        source = entries[name].alias or name
-        if source not in loaded:
-            t = _materialize(reader, entries[source], verify=verify)
-            loaded[source] = t if device.type == "cpu" else t.to(device)
-        out[name] = loaded[source]
-    return out
+    ds, kind, entries, problems = _open_version(uri, version, storage_options)
+    _raise_problems(ds, problems)
+    selected = _select(entries, names)
+    sources = {entries[name].alias or name: None for name in selected}  # ordered, unique
+    with _Reader(ds, kind) as reader:
+        if device.type == "cpu":
+            loaded = _materialize(reader, [entries[s] for s in sources], verify=verify)
+        else:  # one at a time: host memory holds one tensor on its way to the device
+            loaded = {s: _materialize(reader, [entries[s]], verify=verify)[s].to(device) for s in sources}
+    return OrderedDict((name, loaded[entries[name].alias or name]) for name in selected)
 
 
 def load_into(
@@ -939,10 +1298,15 @@ def load_into(
     """Read a version straight into ``module``'s parameters and buffers, tensor by tensor.
 
     Bytes go from the data files into the parameters' memory without an intermediate state
-    dict, so peak memory stays near one tensor. Keys are checked before anything is
-    written: with ``strict`` missing or unexpected keys raise, as do shape mismatches.
+    dict, so peak memory stays near one tensor. Keys, shapes, the version's metadata and
+    every data file are checked before anything is written: with ``strict`` missing or
+    unexpected keys raise, as do shape mismatches. With ``verify`` each chunk is read into
+    a staging buffer (at most one chunk, 1 GiB, at a time) and hashed before it is copied
+    into the module, so the module never holds unverified bytes; a corrupt chunk raises
+    CorruptionError, and the tensors copied before it keep their new values.
     """
-    ds, kind, entries = _open_version(uri, version, storage_options)
+    ds, kind, entries, problems = _open_version(uri, version, storage_options)
+    _raise_problems(ds, problems)
     targets = module.state_dict(keep_vars=True)
     missing = [k for k in targets if k not in entries]
     unexpected = [k for k in entries if k not in targets]
@@ -962,10 +1326,10 @@ def load_into(
             f"Error(s) in loading {ds.uri} (version {ds.version}) into "
             f"{type(module).__name__}:\n\t" + "\n\t".join(errors)
         )
-    reader = _Reader(ds, kind)
     dtypes = {name: dtype_from_name(e.dtype, key=name) for name, e in entries.items()}
-    with torch.no_grad():
+    with _Reader(ds, kind) as reader, torch.no_grad():
         dsts = {name: targets[name].detach() for name in entries if name in targets}
+        reader.check(row for name in dsts for row in entries[entries[name].alias or name].rows)
         # 1. Tensors whose memory can take the bytes as they are: read straight into it.
         direct = [
             name for name, dst in dsts.items()
@@ -975,14 +1339,17 @@ def load_into(
             and dst.is_contiguous()
             and dst.dtype == dtypes[name]
         ]  # fmt: skip
-        reader.read_many([
-            (row, uint8_view(dsts[name])[row.offset : row.offset + row.size])
-            for name in direct
-            for row in entries[name].rows
-        ])  # fmt: skip
+        jobs = [(entries[name], row, uint8_view(dsts[name])[row.offset : row.offset + row.size])
+                for name in direct for row in entries[name].rows]  # fmt: skip
         if verify:
-            for name in direct:
-                _check_hashes(reader, entries[name], uint8_view(dsts[name]), ds.version)
+            stage = torch.empty(max((row.size for _, row, _ in jobs), default=0), dtype=torch.uint8)
+            for e, row, dst in jobs:
+                chunk = stage[: row.size]
+                reader.read_many([(row, chunk)])
+                _check_row(reader, e, row, chunk)
+                np.copyto(dst.numpy(), chunk.numpy())  # a plain memcpy (uint8 copy_ is ~50x slower here)
+        else:
+            reader.read_many([(row, dst) for _, row, dst in jobs])
         # 2. The rest (other dtype or device, non-contiguous, tied): through a CPU tensor.
         done = set(direct)
         for name, dst in dsts.items():
@@ -993,7 +1360,7 @@ def load_into(
             if source in done and source in dsts:
                 src = dsts[source]
             else:
-                src = _materialize(reader, entries[source], verify=verify)
+                src = _materialize(reader, [entries[source]], verify=verify)[source]
             if not (src.data_ptr() == dst.data_ptr() and src.device == dst.device):
                 dst.copy_(src)
             done.add(name)
@@ -1019,7 +1386,7 @@ def versions(uri: str | os.PathLike, *, storage_options: StorageOptions = None) 
             total = sum(e.nbytes for e in entries.values() if e.alias is None)
             props = {_PROP + "tensors": str(len(entries)), _PROP + "bytes": str(total),
                      _PROP + "bytes_written": str(total), _PROP + "changed": json.dumps(list(entries))}
-        out.append(_version_info(n, _aware(v["timestamp"]), props, tags))
+        out.append(_version_info(ds.uri, n, _aware(v["timestamp"]), props, tags))
     return out
 
 
@@ -1082,40 +1449,67 @@ def verify(
     storage_options: StorageOptions = None,
     progress: Callable[[int], object] | None = None,
 ) -> VerifyReport:
-    """Recompute the content hash of every chunk of a version and report each mismatch.
+    """Check a version: its metadata (rows consistent with each other, with the data files
+    and with its commit) and the content hash of every chunk; report each problem.
 
     ``progress`` is called with the bytes of each chunk checked (for progress bars).
     """
-    ds, kind, entries = _open_version(uri, version, storage_options)
-    reader = _Reader(ds, kind)
-    problems: list[Problem] = []
-    buf = torch.empty(max((r.size for e in entries.values() for r in e.rows), default=0), dtype=torch.uint8)
+    ds = _checkout(_open(_uri(uri), storage_options), version)
+    try:
+        kind, entries, problems = _read_version(ds, use_index=False)  # the rows themselves
+    except CorruptionError as err:  # the version's rows themselves cannot be read
+        return VerifyReport(ds.uri, ds.version, 0, 0, 0, [Problem("", -1, "", str(err))])
+    problems += _commit_problems(ds, entries)
+    bad = {p.name for p in problems}
+    buf = torch.empty(0, dtype=torch.uint8)
     chunks = nbytes = 0
-    for e in entries.values():
-        covered = 0
-        for row in e.rows:
-            chunks += 1
-            covered += row.size
-            dst = buf[: row.size]
-            try:
-                reader.read_many([(row, dst)])
-            except (OSError, CorruptionError) as err:
-                problems.append(Problem(e.name, row.chunk, reader.file_of(row), f"unreadable: {err}"))
+    with _Reader(ds, kind) as reader:
+        problems = [dataclasses.replace(p, file=reader.path_of(p.file)) if p.file else p for p in problems]
+        for e in entries.values():
+            chunks += len(e.rows)
+            if e.name in bad:
                 continue
-            nbytes += row.size
-            if progress is not None:
-                progress(row.size)
-            if kind != "weights":
-                continue
-            got = hash_bytes(memoryview(dst.numpy()))
-            if got != row.hash:
-                problems.append(Problem(e.name, row.chunk, reader.file_of(row),
-                                        f"content hash {got} != recorded {row.hash}"))
-        if e.alias is None and covered != e.nbytes:
-            problems.append(Problem(e.name, -1, "", f"chunks hold {covered} bytes, expected {e.nbytes}"))
-        elif e.alias is not None and e.alias not in entries:
-            problems.append(Problem(e.name, -1, "", f"tied to {e.alias!r}, which is not stored"))
+            for row in e.rows:
+                try:
+                    reader.check([row])
+                    if buf.numel() < row.size:
+                        buf = torch.empty(row.size, dtype=torch.uint8)
+                    dst = buf[: row.size]
+                    reader.read_many([(row, dst)])
+                except (OSError, CorruptionError) as err:
+                    problems.append(Problem(e.name, row.chunk, reader.file_of(row), f"unreadable: {err}"))
+                    continue
+                nbytes += row.size
+                if progress is not None:
+                    progress(row.size)
+                if kind != "weights":
+                    continue
+                got = hash_bytes(memoryview(dst.numpy()))
+                if got != row.hash:
+                    problems.append(Problem(e.name, row.chunk, reader.file_of(row),
+                                            f"content hash {got} != recorded {row.hash}"))
     return VerifyReport(ds.uri, ds.version, len(entries), chunks, nbytes, problems)
+
+
+def _commit_problems(ds: lance.LanceDataset, entries: Mapping[str, _Entry]) -> list[Problem]:
+    """What the version's commit records and its rows disagree on (nothing for commits that
+    other writers made without mlflow-lance's properties)."""
+    try:
+        txn = ds.read_transaction(ds.version)
+    except (OSError, ValueError):
+        return []
+    props = dict(txn.transaction_properties or {}) if txn is not None else {}
+    if _PROP + "tensors" not in props:
+        return []
+    try:
+        summary = _summary(ds.uri, ds.version, props)
+    except WeightsError as err:
+        return [Problem("", -1, "", str(err))]
+    total = sum(e.nbytes for e in entries.values() if e.alias is None)
+    if (summary["num_tensors"], summary["total_bytes"]) != (len(entries), total):
+        return [Problem("", -1, "", f"the commit records {summary['num_tensors']} tensors of "
+                        f"{summary['total_bytes']} bytes; the rows hold {len(entries)} of {total}")]
+    return []
 
 
 def latest_version(uri: str | os.PathLike, *, storage_options: StorageOptions = None) -> int:
@@ -1131,15 +1525,12 @@ def resolve_version(uri: str | os.PathLike, version: Version | None, *, storage_
 def version_properties(
     uri: str | os.PathLike, version: Version, *, storage_options: StorageOptions = None
 ) -> dict[str, str]:
-    """The ``properties`` one version was saved with (reads that version's transaction only)."""
+    """The ``properties`` one version was saved with (reads that version's transaction only);
+    WeightsError if they are malformed."""
     ds = _checkout(_open(_uri(uri), storage_options), version)
     txn = ds.read_transaction(ds.version)
     props = dict(txn.transaction_properties or {}) if txn is not None else {}
-    try:
-        found = json.loads(props.get(_PROP + "properties") or "{}")
-    except ValueError:
-        return {}
-    return {k: v for k, v in found.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(found, dict) else {}
+    return dict(_summary(ds.uri, ds.version, props)["properties"])
 
 
 def _gc_select(

@@ -91,17 +91,7 @@ def validate_state_dict(state_dict: Mapping[str, object]) -> None:
             f"{type(state_dict).__name__}; pass model.state_dict()."
         )
     for key, value in state_dict.items():
-        if not isinstance(key, str):
-            raise TypeError(f"state dict key {key!r} is a {type(key).__name__}; keys must be str")
-        if not key or key.strip() != key:
-            raise ValueError(
-                f"state dict key {key!r} is empty or has leading/trailing whitespace; rename it"
-            )
-        if len(key) > MAX_NAME_LENGTH or any(ord(c) < 32 for c in key):
-            raise ValueError(
-                f"state dict key {key[:80]!r}... is longer than {MAX_NAME_LENGTH} characters or "
-                f"holds control characters; rename it"
-            )
+        check_key(key)
         if not isinstance(value, torch.Tensor):
             raise TypeError(
                 f"state dict entry {key!r} is a {type(value).__name__}, not a torch.Tensor; "
@@ -121,6 +111,27 @@ def validate_state_dict(state_dict: Mapping[str, object]) -> None:
         if value.device.type == "meta":
             raise ValueError(f"tensor {key!r} is on the meta device and has no data to store")
         dtype_name(value.dtype, key=key)
+
+
+def check_key(key: object) -> None:
+    """Raise a TypeError/ValueError unless ``key`` is a storable tensor name."""
+    if not isinstance(key, str):
+        raise TypeError(f"state dict key {key!r} is a {type(key).__name__}; keys must be str")
+    if not key or key.strip() != key:
+        raise ValueError(f"state dict key {key!r} is empty or has leading/trailing whitespace; rename it")
+    if len(key) > MAX_NAME_LENGTH or min(key) < " ":  # a control character
+        raise ValueError(
+            f"state dict key {key[:80]!r}... is longer than {MAX_NAME_LENGTH} characters or "
+            f"holds control characters; rename it"
+        )
+
+
+def stored_nbytes(dtype: str, shape: list[int]) -> int:
+    """Bytes a tensor of dtype name ``dtype`` and ``shape`` takes (Python ints: no overflow)."""
+    n = DTYPES[dtype].itemsize
+    for s in shape:
+        n *= s
+    return n
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
