@@ -797,6 +797,67 @@ def test_fuzz_mutated_index_and_rows_never_load_unsafely(pristine, tmp_path_fact
         ml.load_state_dict(uri, verify=True)
 
 
+# --------------------------------------------------------------------------- sidecars
+
+
+def _runs_dataset(tmp_path: Path) -> tuple[str, dict[str, dict]]:
+    """A dataset with two runs' versions (commit properties as log_model writes them)."""
+    uri = str(tmp_path / "runs.lance")
+    sds = {}
+    for run, seed in (("run1", 1), ("run2", 2)):
+        sds[run] = {"w": torch.full((4,), float(seed))}
+        ml.save_state_dict(sds[run], uri, properties={"mlflow.run_id": run, "mlflow.model_id": f"m-{run}"})
+    return uri, sds
+
+
+@pytest.mark.parametrize("garbage", ["nested", "binary", "huge", "fifo", "wrong-types"])
+def test_5_a_sidecar_that_does_not_parse_is_ignored_and_rebuilt(tmp_path, garbage):
+    from mlflow_lance import sidecar
+
+    uri, sds = _runs_dataset(tmp_path)
+    path = Path(sidecar.sidecar_uri(uri))
+    if path.exists():
+        path.unlink()
+    if garbage == "nested":
+        path.write_text("[" * 200_000 + "]" * 200_000)
+    elif garbage == "binary":
+        path.write_bytes(bytes(range(256)) * 64)
+    elif garbage == "huge":  # 100 MB: not parsed at all (8 MiB limit)
+        with open(path, "wb") as f:
+            f.truncate(100 << 20)
+    elif garbage == "fifo":
+        os.mkfifo(path)
+    else:
+        path.write_text(yaml.safe_dump({"runs": {"run1": 7}, "logged_models": [], "registered_models": {},
+                                        "pins": {}, "lance_latest_version": "x"}))
+    import time
+
+    started = time.monotonic()
+    got = ml.load_state_dict(uri, run_id="run2")
+    assert torch.equal(got["w"], sds["run2"]["w"]) and time.monotonic() - started < 10
+    if garbage != "fifo":
+        assert sidecar.read(uri) is not None  # rebuilt
+    record("5 sidecar", "correct")
+
+
+def test_8_a_sidecar_that_maps_a_run_to_another_runs_version_is_not_believed(tmp_path):
+    from mlflow_lance import sidecar
+
+    uri, sds = _runs_dataset(tmp_path)
+    doc = sidecar.refresh(uri)
+    doc["runs"]["run2"] = [dict(doc["runs"]["run1"][0])]  # run2 -> run1's version
+    sidecar.write(uri, doc)
+    got = ml.load_state_dict(uri, run_id="run2")
+    assert torch.equal(got["w"], sds["run2"]["w"])
+    record("8 sidecar", "correct")
+    doc = sidecar.refresh(uri)
+    doc["runs"]["ghost"] = [dict(doc["runs"]["run1"][0])]  # a run that never logged here
+    sidecar.write(uri, doc)
+    with pytest.raises(ml.VersionNotFoundError, match="ghost"):
+        ml.load_state_dict(uri, run_id="ghost")
+    record("8 sidecar", "refused")
+
+
 # --------------------------------------------------------------------------- the count
 
 
