@@ -21,7 +21,9 @@ _EXPORTS = {
         "VersionNotFoundError", "WeightsError", "diff", "latest_version", "load_into",
         "resolve_version", "save_state_dict", "tag", "tags", "untag", "verify", "versions",
     ],
-    "flavor": ["get_default_pip_requirements", "load_model", "load_state_dict", "log_model", "save_model"],
+    "flavor": ["get_default_conda_env", "get_default_pip_requirements", "load_model", "log_model", "log_state_dict",
+               "save_model"],
+    "loading": ["load_state_dict"],
     "registry": ["SyncReport", "register_model", "sync"],
     "lifecycle": ["GcResult", "gc"],
 }  # fmt: skip
@@ -40,12 +42,14 @@ __all__ = [
     "WeightsError",
     "diff",
     "gc",
+    "get_default_conda_env",
     "get_default_pip_requirements",
     "latest_version",
     "load_into",
     "load_model",
     "load_state_dict",
     "log_model",
+    "log_state_dict",
     "register_model",
     "resolve_version",
     "save_model",
@@ -72,7 +76,10 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs
-    from .flavor import get_default_pip_requirements, load_model, load_state_dict, log_model, save_model
+    from .flavor import (
+        get_default_conda_env, get_default_pip_requirements, load_model, log_model, log_state_dict, save_model,
+    )  # fmt: skip
+    from .loading import load_state_dict
     from .lifecycle import GcResult, gc
     from .registry import SyncReport, register_model, sync
     from .store import (

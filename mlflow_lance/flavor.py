@@ -1,7 +1,8 @@
-"""The MLflow flavor: log_model / save_model / load_model / load_state_dict and pyfunc.
+"""The MLflow flavor: log_model / save_model / load_model, log_state_dict and pyfunc.
 
 The model directory MLflow stores holds MLmodel, the environment files, the architecture
-(a weight-free skeleton, or a factory reference) and ``data/lance.yaml``, a pointer to the
+(a weight-free skeleton, a TorchScript program without its weights, or a factory reference)
+and ``data/lance.yaml``, a pointer to the
 Lance dataset and version that hold the weights. Weight bytes never enter MLflow's artifact
 store and are never downloaded through it: loading reads them straight from Lance.
 
@@ -13,13 +14,16 @@ no run references, and the error says so.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
+import io
+import logging
 import os
 import shutil
 import sys
 import tempfile
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import mlflow
@@ -29,6 +33,8 @@ import yaml
 from mlflow import pyfunc
 from mlflow.models import Model, ModelInputExample, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
+from mlflow.exceptions import MlflowException
+from mlflow.models.signature import _infer_signature_from_input_example
 from mlflow.models.utils import _save_example
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 from mlflow.utils.environment import (
@@ -70,6 +76,13 @@ from .tensors import validate_state_dict
 FLAVOR_NAME = "mlflow_lance"
 _DATA_SUBPATH = "data"
 _POINTER_FILE = "lance.yaml"
+_PROGRAM_FILE = "program.pt"  # a TorchScript program without its weights
+_STATE_DICT_POINTER = "lance-state-dict.yaml"  # what log_state_dict leaves in the run's artifacts
+# torch.save options mlflow.pytorch passes through; they concern pickle files, which are never written
+_TORCH_SAVE_OPTIONS = {"pickle_protocol", "_use_new_zipfile_serialization", "_disable_byteorder_record"}
+# torch.load options mlflow.pytorch passes through: accepted; weights are never unpickled
+_TORCH_LOAD_OPTIONS = {"weights_only", "pickle_module", "mmap", "encoding"}
+_logger = logging.getLogger(__name__)
 
 
 def _dist_version(name: str) -> str:
@@ -91,6 +104,28 @@ def get_default_pip_requirements() -> list[str]:
         f"torch=={torch_version}",
         f"pylance=={_dist_version('pylance')}",
     ]
+
+
+def get_default_conda_env() -> dict:
+    """The default Conda environment of models this flavor writes (as mlflow.pytorch's)."""
+    from mlflow.utils.environment import _mlflow_conda_env
+
+    return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
+
+
+@contextlib.contextmanager
+def _quiet_downloads():
+    """No 'Downloading artifacts' bars for the few KB of MLmodel and pointers we fetch."""
+    key = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
+    before = os.environ.get(key)
+    os.environ[key] = "false"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = before
 
 
 # --------------------------------------------------------------------------- saving
@@ -115,19 +150,31 @@ def save_model(
     factory_kwargs: Mapping[str, Any] | None = None,
     message: str | None = None,
     lance_properties: Mapping[str, str] | None = None,
+    serialization_format: str | None = None,
+    pickle_module: Any = None,
+    **torch_save_kwargs: Any,
 ) -> None:
     """Save ``pytorch_model`` as an MLflow model directory at ``path``.
 
     The weights become a new version of the Lance dataset ``lance_uri`` (default: a dataset
-    inside ``path``). The architecture is a weight-free skeleton, or with ``model_factory``
+    inside ``path``). The architecture is a weight-free skeleton; for a TorchScript module
+    (``torch.jit.script``/``trace``) the program without its weights; with ``model_factory``
     (``"package.module:callable"`` and JSON ``factory_kwargs``) a reference that loads
     without pickle. ``lance_properties`` are stored with the Lance version. A version
-    written inside a run is pinned (Lance tag ``run.<run id>``) as soon as it is committed.
+    written for a logged model is pinned (Lance tag ``model.<model id>``) as soon as it is
+    committed. A signature is inferred from ``input_example`` as mlflow.pytorch does
+    (``signature=False`` turns that off).
+
+    Accepted for drop-in compatibility with ``mlflow.pytorch.save_model``:
+    ``serialization_format`` ``None`` or ``"pickle"`` (``"pt2"`` is refused, see the README),
+    ``pickle_module`` and torch.save's options (no pickle file is written, so they change
+    nothing).
     """
     if not isinstance(pytorch_model, torch.nn.Module):
         raise TypeError(f"pytorch_model must be a torch.nn.Module, got {type(pytorch_model).__name__}")
+    _check_pytorch_options(serialization_format, torch_save_kwargs)
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
-    factory = (model_factory, check_factory(model_factory, factory_kwargs)) if model_factory else None
+    factory = (model_factory, check_factory(model_factory, factory_kwargs, resolve=True)) if model_factory else None
     state_dict = pytorch_model.state_dict()
     validate_state_dict(state_dict)
     path = os.path.abspath(path)
@@ -231,13 +278,23 @@ def _write_small_files(
     conf: dict[str, Any] = {}
     if factory:
         conf["model_factory"], conf["factory_kwargs"] = factory
+    elif isinstance(module, torch.jit.ScriptModule):
+        with open(os.path.join(path, _DATA_SUBPATH, _PROGRAM_FILE), "wb") as f:
+            f.write(_program_without_weights(module))
+        conf["torchscript"] = f"{_DATA_SUBPATH}/{_PROGRAM_FILE}"
     else:
         with open(os.path.join(path, _DATA_SUBPATH, SKELETON_FILE), "wb") as f:
             f.write(dump_skeleton(module))
         conf["skeleton"] = f"{_DATA_SUBPATH}/{SKELETON_FILE}"
+    saved_example = None
     if input_example is not None:
-        _save_example(mlflow_model, input_example, path)
-    if signature is not None:
+        try:
+            saved_example = _save_example(mlflow_model, input_example, path)
+        except MlflowException:  # tensors and lists of arrays: saved nowhere, as in mlflow.pytorch
+            saved_example = None
+    if signature is None and saved_example is not None:
+        signature = _infer_signature_from_input_example(saved_example, _LanceModelWrapper(module, torch.device("cpu")))
+    if signature:  # False: no signature
         mlflow_model.signature = signature
     if metadata is not None:
         mlflow_model.metadata = metadata
@@ -246,6 +303,49 @@ def _write_small_files(
         conf["code"] = code
     conf.update(_copy_extra_files(extra_files, path))
     return conf
+
+
+def _check_pytorch_options(serialization_format: str | None, torch_save_kwargs: Mapping[str, Any]) -> None:
+    if serialization_format not in (None, "pickle"):
+        raise ValueError(
+            f"serialization_format={serialization_format!r} is not supported by mlflow_lance: the weights "
+            f"always go to Lance, and the architecture is stored as a weight-free skeleton (pass "
+            f"serialization_format='pickle' or leave it out), a TorchScript program (pass a "
+            f"torch.jit.script/trace module) or a model_factory that loads without pickle"
+        )
+    unknown = sorted(set(torch_save_kwargs) - _TORCH_SAVE_OPTIONS)
+    if unknown:
+        raise TypeError(f"save_model() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+
+
+def _program_without_weights(module: torch.jit.ScriptModule) -> bytes:
+    """The TorchScript program with every state-dict tensor replaced by an empty one of its
+    dtype: code and structure (a few KB), not the weights, which go to Lance."""
+    buf = io.BytesIO()
+    torch.jit.save(module, buf)
+    copy = torch.jit.load(io.BytesIO(buf.getvalue()), map_location="cpu")
+    for _, sub in copy.named_modules():
+        for name, p in list(sub.named_parameters(recurse=False)):
+            setattr(sub, name, torch.nn.Parameter(torch.empty(0, dtype=p.dtype), requires_grad=p.requires_grad))
+        for name, b in list(sub.named_buffers(recurse=False)):
+            setattr(sub, name, torch.empty(0, dtype=b.dtype))
+    out = io.BytesIO()
+    torch.jit.save(copy, out)
+    return out.getvalue()
+
+
+def _load_program(path: str, state_dict: Mapping[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+    """A TorchScript program given the stored weights (each tensor set on its submodule)."""
+    module = torch.jit.load(path, map_location=device)
+    subs = dict(module.named_modules())
+    for key, tensor in state_dict.items():
+        owner, _, name = key.rpartition(".")
+        sub = subs[owner]
+        current = getattr(sub, name)
+        value = tensor.to(device)
+        setattr(sub, name, torch.nn.Parameter(value, requires_grad=current.requires_grad)
+                if isinstance(current, torch.nn.Parameter) else value)  # fmt: skip
+    return module
 
 
 def _environment(conda_env, pip_requirements, extra_pip_requirements) -> tuple:
@@ -412,9 +512,22 @@ def _load_from_local(
     uri, version = _read_pointer(os.path.join(local_path, _DATA_SUBPATH))
     device = torch.device(map_location) if map_location is not None else torch.device("cpu")
     opts = storage_options_for(uri) or None
+    saved_with = str(conf.get("pytorch_version", ""))
+    if saved_with and saved_with != str(torch.__version__):
+        _logger.warning("Stored model version '%s' does not match installed PyTorch version '%s'",
+                        saved_with, torch.__version__)  # fmt: skip
     trusted_only = not pickle_allowed(allow_pickle)
     if not trusted_only:
         _add_code_from_conf_to_system_path(local_path, conf)
+    if "torchscript" in conf:  # a program: code from the artifact, refused like the skeleton pickle
+        if trusted_only:
+            raise PermissionError(
+                f"refusing to load the TorchScript program at {local_path}: pickle deserialization is "
+                f"disabled, and a program is code from the model directory. Load only the weights with "
+                f"mlflow_lance.load_state_dict()."
+            )
+        state_dict = store.load_state_dict(uri, version, storage_options=opts, verify=verify)
+        return _load_program(os.path.join(local_path, conf["torchscript"]), state_dict, device).eval()
     if "model_factory" in conf:
         module = build_from_factory(
             conf["model_factory"], conf.get("factory_kwargs"), trusted_only=trusted_only, model_dir=local_path
@@ -434,18 +547,29 @@ def load_model(
     dst_path: str | None = None,
     *,
     map_location: str | torch.device | None = None,
+    device: str | torch.device | None = None,
     strict: bool = True,
     verify: bool = False,
     allow_pickle: bool | None = None,
+    **torch_load_kwargs: Any,
 ) -> torch.nn.Module:
     """Load a model logged with this flavor (``runs:/``, ``models:/``, a path, ...).
 
     The architecture comes from MLflow's artifact store (a few KB), the weights straight
-    from the Lance version the model was logged with, onto ``map_location``.
-    ``allow_pickle=False`` (or MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false) refuses the
-    skeleton pickle and treats the model as untrusted: its ``model_factory`` must be one the
-    installed environment vouches for (see ``skeleton.trusted_factory``).
+    from the Lance version the model was logged with, onto ``map_location`` (or ``device``,
+    its alias). ``allow_pickle=False`` (or MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false) refuses
+    the skeleton pickle and TorchScript programs and treats the model as untrusted: its
+    ``model_factory`` must be one the installed environment vouches for (see
+    ``skeleton.trusted_factory``). torch.load's options that ``mlflow.pytorch.load_model``
+    passes through (``weights_only``, ``pickle_module``, ``mmap``, ``encoding``) are
+    accepted; weights are never unpickled, so they change nothing.
     """
+    unknown = sorted(set(torch_load_kwargs) - _TORCH_LOAD_OPTIONS)
+    if unknown:
+        raise TypeError(f"load_model() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    if device is not None and map_location is not None and torch.device(device) != torch.device(map_location):
+        raise ValueError(f"device={device!r} and map_location={map_location!r} disagree; pass one")
+    map_location = map_location if map_location is not None else device
     options = {"map_location": map_location, "strict": strict, "verify": verify, "allow_pickle": allow_pickle}
     if os.path.isdir(model_uri):
         return _load_from_local(model_uri, **options)
@@ -465,38 +589,20 @@ def load_state_dict(
     *,
     map_location: str | torch.device | None = None,
     names: str | list[str] | None = None,
-    storage_options: Mapping[str, str] | None = None,
     verify: bool = False,
-    run_id: str | None = None,
-    step: int | None = None,
-    model_id: str | None = None,
-) -> OrderedDict[str, torch.Tensor]:
-    """Load weights from a Lance dataset URI, or from an MLflow model URI.
-
-    One dispatch: ``runs:/``, ``models:/`` and a local model directory read the Lance URI and
-    version from the model's MLmodel (nothing else is downloaded); anything else is a Lance
-    dataset URI, read at ``version`` (default: latest) or at the version run ``run_id``
-    logged, found through the sidecar with no tracking server (a run that logged several
-    versions needs ``step=`` or ``model_id=``).
-    """
+) -> Any:
+    """The weights (or checkpoint dict) an MLflow model URI, a model directory or a
+    ``log_state_dict`` artifact points at; reads MLmodel or the pointer, nothing else.
+    (``mlflow_lance.load_state_dict`` dispatches here for MLflow URIs only.)"""
     uri = os.fspath(uri)
-    model = _model_pointer(uri)
-    if model is not None or run_id is not None:
+    with _model_pointer(uri) as model:
+        if model is None:
+            raise ValueError(f"{uri} is neither an MLflow model URI nor a model directory")
         if version is not None:
             raise ValueError(f"{uri} names one model version; do not pass version= as well")
-    if model is not None:
-        uri, version = model
-    elif run_id is not None:
-        opts = dict(storage_options or {}) or storage_options_for(uri)
-        version = sidecar.version_for_run(uri, run_id, opts, step=step, model_id=model_id)
-    return store.load_state_dict(
-        uri,
-        version,
-        map_location=map_location,
-        names=names,
-        storage_options=dict(storage_options or {}) or storage_options_for(uri) or None,
-        verify=verify,
-    )
+        dataset, version = model
+        return store.load_state_dict(dataset, version, map_location=map_location, names=names,
+                                     storage_options=storage_options_for(dataset) or None, verify=verify)  # fmt: skip
 
 
 def _download_model(model_uri: str, dst_path: str) -> str:
@@ -504,32 +610,96 @@ def _download_model(model_uri: str, dst_path: str) -> str:
     and nothing else: no environment files, no examples, never weights."""
     base = lifecycle.model_dir_uri(model_uri).rstrip("/")
     os.makedirs(dst_path, exist_ok=True)
-    _download_artifact_from_uri(f"{base}/{MLMODEL_FILE_NAME}", output_path=dst_path)
-    conf = _get_flavor_configuration(dst_path, FLAVOR_NAME)
-    for sub in (_DATA_SUBPATH, conf.get("code")):
-        if sub:
-            _download_artifact_from_uri(f"{base}/{sub}", output_path=dst_path)
+    with _quiet_downloads():
+        _download_artifact_from_uri(f"{base}/{MLMODEL_FILE_NAME}", output_path=dst_path)
+        conf = _get_flavor_configuration(dst_path, FLAVOR_NAME)
+        for sub in (_DATA_SUBPATH, conf.get("code")):
+            if sub:
+                _download_artifact_from_uri(f"{base}/{sub}", output_path=dst_path)
     return dst_path
 
 
-def _model_pointer(uri: str) -> tuple[str, int] | None:
-    """(Lance URI, version) of an MLflow model URI or model directory, else None."""
+@contextlib.contextmanager
+def _model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
+    """(Lance URI, version) of an MLflow model URI, a model directory or a state dict that
+    ``log_state_dict`` logged; None for anything else (a dataset URI). A self-contained model
+    directory's dataset is downloaded for the duration (maps of it stay valid after)."""
     scheme = uri.split(":", 1)[0] if ":" in uri else ""
     if scheme in ("runs", "models", "mlflow-artifacts"):
-        conf = lifecycle.flavor_conf(uri)
+        with _quiet_downloads():
+            try:
+                conf = lifecycle.flavor_conf(uri)
+            except (MlflowException, OSError):
+                pointer = _state_dict_pointer(uri)
+                if pointer is None:
+                    raise
+                yield pointer
+                return
         if conf is None:
             raise ValueError(f"{uri} was not logged with mlflow_lance (no {FLAVOR_NAME} flavor)")
-        return conf["lance_uri"], int(conf["lance_version"])
+        if not conf.get("self_contained"):
+            yield conf["lance_uri"], int(conf["lance_version"])
+            return
+        with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as tmp:
+            yield _read_pointer(os.path.join(_download_model(uri, tmp), _DATA_SUBPATH))
+        return
     if os.path.isfile(os.path.join(uri, MLMODEL_FILE_NAME)):
-        return _read_pointer(os.path.join(uri, _DATA_SUBPATH))
-    return None
+        yield _read_pointer(os.path.join(uri, _DATA_SUBPATH))
+        return
+    yield None
+
+
+def _state_dict_pointer(uri: str) -> tuple[str, int] | None:
+    """The (Lance URI, version) a ``log_state_dict`` artifact points at, or None."""
+    with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as tmp:
+        try:
+            path = _download_artifact_from_uri(f"{uri.rstrip('/')}/{_STATE_DICT_POINTER}", output_path=tmp)
+        except (MlflowException, OSError):
+            return None
+        with open(path, encoding="utf-8") as f:
+            doc = yaml.safe_load(f.read(1 << 16))
+    if not (isinstance(doc, dict) and isinstance(doc.get("lance_uri"), str) and type(doc.get("lance_version")) is int):
+        raise ValueError(f"{uri}/{_STATE_DICT_POINTER} must map lance_uri to a URI and lance_version to a number")
+    return doc["lance_uri"], doc["lance_version"]
+
+
+def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: Any) -> None:
+    """Log a state dict, or any checkpoint dict (optimizer and scheduler states, counters),
+    to the active run, as ``mlflow.pytorch.log_state_dict`` does: its tensors become a Lance
+    version (deduplicated against the run's earlier ones), the rest JSON; the run's
+    artifacts get a small pointer at ``artifact_path``, so that
+    ``load_state_dict("runs:/<run id>/<artifact_path>")`` reads it back. torch.save's
+    options are accepted and change nothing (nothing is pickled).
+    """
+    unknown = sorted(set(kwargs) - _TORCH_SAVE_OPTIONS - {"pickle_module"})
+    if unknown:
+        raise TypeError(f"log_state_dict() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    run = mlflow.active_run() or mlflow.start_run()
+    experiment_id = run.info.experiment_id
+    location = dataset_location(
+        model_name=artifact_path.strip("/") or "state_dict", registered=False, experiment_id=experiment_id,
+        artifact_location=mlflow.get_experiment(experiment_id).artifact_location,
+    )  # fmt: skip
+    info = store.save_state_dict(
+        state_dict, location.uri, message=f"mlflow run {run.info.run_id}: {artifact_path}",
+        properties={"mlflow.run_id": run.info.run_id, "mlflow.artifact_path": artifact_path,
+                    "mlflow.experiment_id": str(experiment_id)},
+        storage_options=location.storage_options or None,
+    )  # fmt: skip
+    store.tag(location.uri, legacy_run_pin(run.info.run_id), info.version, storage_options=location.storage_options or None)
+    with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as tmp:
+        with open(os.path.join(tmp, _STATE_DICT_POINTER), "w", encoding="utf-8") as f:
+            yaml.safe_dump({"lance_uri": location.uri, "lance_version": info.version}, f)
+        mlflow.log_artifact(os.path.join(tmp, _STATE_DICT_POINTER), artifact_path)
 
 
 # --------------------------------------------------------------------------- pyfunc
 
 
 class _LanceModelWrapper:
-    """``mlflow.pyfunc`` view of the module: numpy / pandas / dict of arrays in, numpy out."""
+    """``mlflow.pyfunc`` view of the module, as mlflow.pytorch's: a DataFrame in (cast to
+    float32) gives a DataFrame out with the input's index; numpy arrays and dicts of arrays
+    (keyword inputs) give numpy; ``params`` are passed to ``forward`` as keyword arguments."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
         self.module = module
@@ -552,12 +722,38 @@ class _LanceModelWrapper:
         return torch.float32
 
     def predict(self, data: Any, params: dict | None = None) -> Any:
+        import pandas as pd
+
+        if params and "device" in params:
+            raise ValueError(
+                "'device' can no longer be specified as an inference parameter. It must be specified at "
+                "load time, for example: mlflow.pyfunc.load_model(model_uri, model_config={'device': 'cuda'})."
+            )
+        kwargs = dict(params or {})
         with torch.no_grad():
-            if isinstance(data, Mapping):
-                out = self.module(**{k: self._tensor(v) for k, v in data.items()})
+            if isinstance(data, pd.DataFrame):
+                out = self.module(self._tensor(_float32(data)), **kwargs)
+                if isinstance(out, torch.Tensor):
+                    return pd.DataFrame(out.detach().cpu().numpy(), index=data.index)
+            elif isinstance(data, Mapping):
+                out = self.module(**{k: self._tensor(v) for k, v in data.items()}, **kwargs)
             else:
-                out = self.module(self._tensor(data))
+                out = self.module(self._tensor(data), **kwargs)
         return _to_numpy(out)
+
+
+def _float32(frame: Any) -> np.ndarray:
+    """A DataFrame as float32, as mlflow.pytorch feeds it; an error names what cannot be cast."""
+    try:
+        return frame.to_numpy(dtype=np.float32)
+    except (TypeError, ValueError) as err:
+        from pandas.api.types import is_bool_dtype, is_numeric_dtype
+
+        bad = [str(c) for c, t in frame.dtypes.items() if not (is_numeric_dtype(t) or is_bool_dtype(t))]
+        raise TypeError(
+            f"the model takes float32 input; DataFrame column(s) {bad or list(frame.columns)} cannot be cast "
+            f"({err}). Convert them to numbers first."
+        ) from None
 
 
 def _to_numpy(out: Any) -> Any:
@@ -571,9 +767,15 @@ def _to_numpy(out: Any) -> Any:
     return out
 
 
+def _default_device(model_config: dict | None) -> str:
+    """model_config's device, else MLFLOW_DEFAULT_PREDICTION_DEVICE, else CUDA when available."""
+    return ((model_config or {}).get("device") or os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE")
+            or ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
+
+
 def _load_pyfunc(data_path: str, model_config: dict | None = None) -> _LanceModelWrapper:
     """Called by ``mlflow.pyfunc.load_model`` with the model's ``data`` directory."""
-    device = (model_config or {}).get("device") or os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE") or "cpu"
+    device = _default_device(model_config)
     local_path = os.path.dirname(os.path.abspath(data_path))
     module = _load_from_local(local_path, map_location=device, strict=True, verify=False, allow_pickle=None)
     return _LanceModelWrapper(module, torch.device(device))

@@ -88,8 +88,12 @@ def load_skeleton(path: str, *, allow_pickle: bool | None = None) -> torch.nn.Mo
     return module
 
 
-def check_factory(model_factory: str, factory_kwargs: Mapping | None) -> dict:
-    """Validate a factory spec (at save and at load); returns the kwargs as a plain dict."""
+def check_factory(model_factory: str, factory_kwargs: Mapping | None, *, resolve: bool = False) -> dict:
+    """Validate a factory spec (at save and at load); returns the kwargs as a plain dict.
+
+    ``resolve`` (at save time, in the process that logs the model) also imports the factory,
+    so that a spec that names nothing fails at log time, not at the first load.
+    """
     if not isinstance(model_factory, str) or not re.fullmatch(f"{_DOTTED}:{_DOTTED}", model_factory):
         raise ValueError(
             f"model_factory must look like 'package.module:callable', got {model_factory!r}"
@@ -98,9 +102,12 @@ def check_factory(model_factory: str, factory_kwargs: Mapping | None) -> dict:
         raise ValueError(f"factory_kwargs must be a mapping, got {type(factory_kwargs).__name__}")
     kwargs = dict(factory_kwargs or {})
     try:
-        return json.loads(json.dumps(kwargs))
+        kwargs = json.loads(json.dumps(kwargs))
     except (TypeError, ValueError) as err:
         raise ValueError(f"factory_kwargs must be JSON-serialisable: {err}") from None
+    if resolve and not callable(_import_factory(model_factory)):
+        raise TypeError(f"model factory {model_factory!r} is not callable")
+    return kwargs
 
 
 def build_from_factory(

@@ -22,6 +22,7 @@ import json
 import mmap
 import os
 import random
+import re
 import stat
 import tempfile
 import time
@@ -41,6 +42,7 @@ import zstandard
 from lance.commit import CommitConflictError
 from lance.fragment import FragmentMetadata, write_fragments
 
+from . import tree
 from .tensors import (
     DEFAULT_CHUNK_BYTES,
     DTYPES,
@@ -976,14 +978,20 @@ def save_state_dict(
 ) -> VersionInfo:
     """Save ``state_dict`` as a new version of the weights dataset at ``uri``.
 
+    A checkpoint dict (tensors nested in dicts, lists and tuples next to numbers, strings and
+    None: an optimizer's state dict, an epoch counter) is stored too: its tensors as rows
+    named by their path, the rest as JSON with the version (see tree.py); it loads back equal.
     Only tensors whose bytes, dtype or shape differ from the latest version are written;
     the rest reuse that version's data files. ``properties`` (str -> str) are stored with
     the version. ``compression="zstd"`` applies to a new dataset only; the default stores
     raw bytes, which load fastest (memory-mapped, no decode).
     """
+    spec = None
+    if isinstance(state_dict, Mapping) and not tree.is_flat(state_dict):  # a checkpoint dict
+        state_dict, spec = tree.flatten(state_dict)
     validate_state_dict(state_dict)
     if not state_dict:
-        raise ValueError("the state dict is empty; there is nothing to save")
+        raise ValueError("the state dict holds no tensor; there is nothing to save")
     props = _check_properties(properties)
     uri = _uri(uri)
     parent = _exists(uri, storage_options)
@@ -1048,6 +1056,8 @@ def save_state_dict(
         "rows": _rows_digest(m for rows, _ in plan for m in rows.meta),
     }
     txn_props = {_PROP + k: v for k, v in summary.items()}
+    if spec is not None:
+        txn_props[_PROP + "tree"] = tree.encode(spec)
     if message:
         txn_props["lance.commit.message"] = message
     ds = _commit(uri, lance.LanceOperation.Overwrite(schema, fragments), txn_props,
@@ -1118,6 +1128,16 @@ def _raise_write_error(uri: str, err: Exception) -> NoReturn:
             f"writing a new version to {uri!r} failed: no space left on the device. Nothing was "
             f"committed and earlier versions are intact; free space (or run gc) and save again."
         ) from err
+    text = str(err)
+    for marker in ("Permission denied", "Operation not permitted", "Read-only file system", "AccessDenied"):
+        if marker in text:
+            where = re.search(r'at path "([^"]+)"', text)
+            raise PermissionError(
+                f"writing a new version to {uri!r} failed: {marker.lower()}"
+                + (f" for {where.group(1)!r}" if where else "")
+                + ". Nothing was committed and earlier versions are intact; write where you have write "
+                "access (lance_uri= / MLFLOW_LANCE_ROOT) or fix the permissions."
+            ) from err
     raise err
 
 
@@ -1264,7 +1284,8 @@ def load_state_dict(
     storage_options: StorageOptions = None,
     verify: bool = False,
 ) -> OrderedDict[str, torch.Tensor]:
-    """Load a version (a number or a tag; default latest) as an ordered state dict.
+    """Load a version (a number or a tag; default latest) as an ordered state dict, or as the
+    checkpoint dict it was saved as.
 
     ``names`` selects tensors: a list of keys, or one string that is a prefix or a glob;
     only their bytes are read. Local datasets come back memory-mapped copy-on-write (lazy,
@@ -1283,7 +1304,21 @@ def load_state_dict(
             loaded = _materialize(reader, [entries[s] for s in sources], verify=verify)
         else:  # one at a time: host memory holds one tensor on its way to the device
             loaded = {s: _materialize(reader, [entries[s]], verify=verify)[s].to(device) for s in sources}
-    return OrderedDict((name, loaded[entries[name].alias or name]) for name in selected)
+    out = OrderedDict((name, loaded[entries[name].alias or name]) for name in selected)
+    spec = _tree_spec(ds) if names is None and kind == "weights" else None
+    return out if spec is None else tree.unflatten(spec, out)
+
+
+def _tree_spec(ds: lance.LanceDataset) -> dict | None:
+    """The checkpoint-dict spec saved with the checked-out version, if it holds one."""
+    txn = ds.read_transaction(ds.version)
+    text = (txn.transaction_properties or {}).get(_PROP + "tree") if txn is not None else None
+    if text is None:
+        return None
+    try:
+        return tree.decode(text)
+    except ValueError as err:
+        raise CorruptionError(f"version {ds.version} of {ds.uri}: {err}") from None
 
 
 def load_into(

@@ -1,0 +1,62 @@
+"""``load_state_dict`` for any URI, importing MLflow only when the URI is MLflow's.
+
+A Lance dataset URI (a path, ``s3://``, ...) is read by the store alone, at a version, a tag,
+or the version a run logged (found through the sidecar, no tracking server). ``runs:/``,
+``models:/``, ``mlflow-artifacts:`` and local model directories go through the flavor, which
+reads the model's MLmodel (or a ``log_state_dict`` pointer) to find the dataset and version.
+A fresh process that loads a dataset never pays MLflow's import (about a second here).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from . import sidecar, store
+from .artifacts import storage_options_for
+
+_MLFLOW_SCHEMES = ("runs", "models", "mlflow-artifacts")
+
+
+def is_mlflow_uri(uri: str) -> bool:
+    """An MLflow model URI or a local MLflow model directory (as opposed to a dataset)."""
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    return scheme in _MLFLOW_SCHEMES or os.path.isfile(os.path.join(uri, "MLmodel"))
+
+
+def load_state_dict(
+    uri: str | os.PathLike,
+    version: store.Version | None = None,
+    *,
+    map_location: str | torch.device | None = None,
+    names: str | list[str] | None = None,
+    storage_options: Mapping[str, str] | None = None,
+    verify: bool = False,
+    run_id: str | None = None,
+    step: int | None = None,
+    model_id: str | None = None,
+) -> Any:
+    """Load weights (a state dict, or the checkpoint dict that was saved) from a Lance
+    dataset URI or an MLflow model URI.
+
+    For a dataset: ``version`` (a number or tag; default latest), or ``run_id`` (with
+    ``step=`` or ``model_id=`` when the run logged several versions). ``names`` selects
+    tensors by list, prefix or glob and reads only their bytes.
+    """
+    uri = os.fspath(uri)
+    if is_mlflow_uri(uri):
+        if run_id is not None:
+            raise ValueError(f"{uri} names one model; run_id= selects a version of a dataset URI")
+        from .flavor import load_state_dict as from_model
+
+        return from_model(uri, version, map_location=map_location, names=names, verify=verify)
+    opts = dict(storage_options or {}) or storage_options_for(uri) or None
+    if run_id is not None:
+        if version is not None:
+            raise ValueError("pass either version= or run_id=, not both")
+        version = sidecar.version_for_run(uri, run_id, opts, step=step, model_id=model_id)
+    return store.load_state_dict(uri, version, map_location=map_location, names=names, storage_options=opts,
+                                 verify=verify)  # fmt: skip

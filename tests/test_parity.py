@@ -1,0 +1,254 @@
+"""Drop-in parity with mlflow.pytorch: where mlflow.pytorch supports a call, the same model is
+logged with both flavors in the same test and the outputs compared (values, types, index,
+signature). One test per row of the parity table (issue 10)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import mlflow
+import mlflow.pytorch
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from mlflow.models import Model, infer_signature
+
+import mlflow_lance as ml
+from mlflow_lance import flavor
+
+HERE = Path(__file__).resolve().parent
+
+
+class WithParam(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 1)
+
+    def forward(self, x, y: int = 1):
+        return self.lin(x) * y
+
+
+def linear(seed: int = 0, n_in: int = 4, n_out: int = 1) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return torch.nn.Linear(n_in, n_out)
+
+
+def both(tmp_path: Path, model: torch.nn.Module, **kwargs) -> tuple[str, str]:
+    """The same model saved with mlflow.pytorch and with mlflow_lance."""
+    theirs, ours = str(tmp_path / "pytorch"), str(tmp_path / "lance")
+    mlflow.pytorch.save_model(model, theirs, serialization_format="pickle", pip_requirements=[], **kwargs)
+    ml.save_model(model, ours, pip_requirements=[], **kwargs)
+    return theirs, ours
+
+
+X = np.arange(12, dtype="float32").reshape(3, 4) / 10
+
+
+# 1 ------------------------------------------------------------------ TorchScript
+
+
+@pytest.mark.parametrize("compile_", ["script", "trace"])
+def test_1_torchscript_round_trips_without_its_weights_in_the_artifact(tmp_path, compile_):
+    model = linear(1)
+    program = torch.jit.script(model) if compile_ == "script" else torch.jit.trace(model, torch.from_numpy(X))
+    theirs, ours = both(tmp_path, program)
+    a = mlflow.pyfunc.load_model(theirs).predict(X)
+    b = mlflow.pyfunc.load_model(ours).predict(X)
+    np.testing.assert_array_equal(a, b)
+    loaded = ml.load_model(ours)
+    assert isinstance(loaded, torch.jit.ScriptModule)
+    assert torch.equal(loaded(torch.from_numpy(X)), program(torch.from_numpy(X)))
+
+
+def test_1_a_scripted_mlp_with_10_mb_of_weights_makes_an_artifact_under_100_kb(tmp_path):
+    torch.manual_seed(0)
+    mlp = torch.jit.script(torch.nn.Sequential(torch.nn.Linear(1000, 2500), torch.nn.ReLU(), torch.nn.Linear(2500, 4)))
+    path = tmp_path / "m"
+    ml.save_model(mlp, str(path), lance_uri=str(tmp_path / "w.lance"), pip_requirements=[])
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    assert size < 100_000, size
+    x = torch.randn(2, 1000)
+    assert torch.equal(ml.load_model(str(path))(x), mlp(x))
+    with pytest.raises(PermissionError, match="TorchScript"):
+        ml.load_model(str(path), allow_pickle=False)
+
+
+# 2-5 --------------------------------------------------------------- pyfunc
+
+
+def test_2_the_signature_is_inferred_from_the_input_example_as_mlflow_pytorch_does(tmp_path):
+    theirs, ours = both(tmp_path, linear(2), input_example=np.zeros((3, 4), "f4"))
+    assert Model.load(ours).signature is not None
+    assert Model.load(ours).signature == Model.load(theirs).signature
+    frame = pd.DataFrame(X, columns=list("abcd"))
+    theirs2, ours2 = both(tmp_path / "df", linear(2), input_example=frame)
+    assert Model.load(ours2).signature == Model.load(theirs2).signature
+    bad = pd.DataFrame({"a": ["x", "y", "z"]})  # the schema is enforced when serving
+    with pytest.raises(Exception, match="(?i)schema|column|type"):
+        mlflow.pyfunc.load_model(ours2).predict(bad)
+    _, no_sig = both(tmp_path / "none", linear(2), input_example=np.zeros((3, 4), "f4"), signature=False)
+    assert Model.load(no_sig).signature is None
+
+
+def test_3_and_4_dataframes_come_back_as_dataframes_with_their_index_and_ints_are_cast(tmp_path):
+    theirs, ours = both(tmp_path, linear(3))
+    frames = [
+        pd.DataFrame(X, columns=list("abcd"), index=[10, 20, 30]),
+        pd.DataFrame({"a": [1, 2], "b": [3, 4], "c": [5, 6], "d": [7, 8]}, index=["p", "q"]),  # ints
+    ]
+    for frame in frames:
+        a = mlflow.pyfunc.load_model(theirs).predict(frame)
+        b = mlflow.pyfunc.load_model(ours).predict(frame)
+        assert isinstance(b, pd.DataFrame)
+        pd.testing.assert_frame_equal(a, b)
+    text = pd.DataFrame({"a": ["x"], "b": [1.0], "c": [1.0], "d": [1.0]})  # mlflow.pytorch: a ValueError
+    with pytest.raises(TypeError, match="'a'"):
+        flavor._load_pyfunc(os.path.join(ours, "data")).predict(text)
+
+
+def test_5_params_are_passed_to_forward(tmp_path):
+    model = WithParam()
+    signature = infer_signature(X, model(torch.from_numpy(X)).detach().numpy(), params={"y": 1})
+    theirs, ours = both(tmp_path, model, signature=signature)
+    a = mlflow.pyfunc.load_model(theirs).predict(X, params={"y": 2})
+    b = mlflow.pyfunc.load_model(ours).predict(X, params={"y": 2})
+    np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(b, model(torch.from_numpy(X), y=2).detach().numpy())
+    with pytest.raises(ValueError, match="load time"):
+        flavor._load_pyfunc(os.path.join(ours, "data")).predict(X, params={"device": "cpu"})
+
+
+# 6-11 -------------------------------------------------------------- loading and logging
+
+
+def test_6_a_model_saved_with_another_torch_version_logs_a_warning(tmp_path, caplog):
+    path = tmp_path / "m"
+    ml.save_model(linear(), str(path), pip_requirements=[])
+    doc = yaml.safe_load((path / "MLmodel").read_text())
+    doc["flavors"]["mlflow_lance"]["pytorch_version"] = "1.0.0"
+    (path / "MLmodel").write_text(yaml.safe_dump(doc))
+    with caplog.at_level(logging.WARNING, logger="mlflow_lance.flavor"):
+        ml.load_model(str(path))
+    assert "1.0.0" in caplog.text and str(torch.__version__) in caplog.text
+
+
+def test_7_device_and_torch_load_options_are_accepted(tmp_path):
+    path = str(tmp_path / "m")
+    ml.save_model(linear(7), path, pip_requirements=[])
+    for kwargs in ({"device": "cpu"}, {"weights_only": False}, {"weights_only": True, "map_location": "cpu"}):
+        assert torch.equal(ml.load_model(path, **kwargs).weight, linear(7).weight)
+    with pytest.raises(TypeError, match="'no_such_option'"):
+        ml.load_model(path, no_such_option=1)
+
+
+def test_8_and_9_log_state_dict_takes_checkpoint_dicts_and_load_state_dict_reads_them(tracking):
+    model = linear(8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.from_numpy(X)).sum().backward()
+    opt.step()
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3}
+    with mlflow.start_run() as run:
+        ml.log_state_dict(model.state_dict(), "model")
+        ml.log_state_dict(ckpt, "ckpt")
+        mlflow.pytorch.log_state_dict(ckpt, "theirs")
+    plain = ml.load_state_dict(f"runs:/{run.info.run_id}/model")
+    assert all(torch.equal(plain[k], v) for k, v in model.state_dict().items())
+    ours = ml.load_state_dict(f"runs:/{run.info.run_id}/ckpt")
+    theirs = mlflow.pytorch.load_state_dict(f"runs:/{run.info.run_id}/theirs")
+    assert ours["epoch"] == theirs["epoch"] == 3 and set(ours["optimizer"]["state"]) == {0, 1}
+    assert ours["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
+    for k in theirs["optimizer"]["state"][0]:
+        assert torch.equal(ours["optimizer"]["state"][0][k], theirs["optimizer"]["state"][0][k])
+    env = ml.get_default_conda_env()
+    assert any(str(d).startswith("torch") for d in env["dependencies"][-1]["pip"])
+    with pytest.raises(TypeError, match="optimizer"):
+        ml.save_state_dict({"optimizer": opt}, str(Path(os.environ["MLFLOW_LANCE_ROOT"]) / "x.lance"))
+
+
+def test_10_serialization_format_and_pickle_module_are_accepted_and_pt2_refused(tmp_path):
+    ml.save_model(linear(), str(tmp_path / "a"), serialization_format="pickle", pickle_module=pickle,
+                  pip_requirements=[], pickle_protocol=4)  # fmt: skip
+    assert torch.equal(ml.load_model(str(tmp_path / "a")).weight, linear().weight)
+    with pytest.raises(ValueError, match="serialization_format='pickle'"):
+        ml.save_model(linear(), str(tmp_path / "b"), serialization_format="pt2", pip_requirements=[])
+    assert not (tmp_path / "b").exists()
+
+
+def test_11_pyfunc_takes_cuda_when_available_and_nothing_says_otherwise(monkeypatch):
+    monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert flavor._default_device(None) == "cuda"
+    assert flavor._default_device({"device": "cpu"}) == "cpu"
+    monkeypatch.setenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
+    assert flavor._default_device({"device": None}) == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE")
+    assert flavor._default_device({}) == "cpu"
+
+
+# 12-16 ------------------------------------------------------------- errors and quiet
+
+
+def test_12_a_factory_that_names_nothing_fails_at_log_time(tracking):
+    root = Path(os.environ["MLFLOW_LANCE_ROOT"])
+    with mlflow.start_run(), pytest.raises(ImportError, match="no.such.module:make"):
+        ml.log_model(linear(), name="model", model_factory="no.such.module:make")
+    assert not root.exists() or not any(root.rglob("*.lance"))
+
+
+def test_13_a_dataset_on_an_endpoint_that_is_down_is_reported_unreachable():
+    opts = {"aws_endpoint": "http://127.0.0.1:9", "allow_http": "true", "aws_access_key_id": "a",
+            "aws_secret_access_key": "b", "aws_region": "us-east-1"}  # fmt: skip
+    with pytest.raises(ConnectionError, match="cannot reach"):
+        ml.load_state_dict("s3://bucket/w.lance", storage_options=opts)
+
+
+def test_14_writing_to_a_read_only_dataset_names_the_path_and_writes_nothing(tmp_path):
+    uri = HERE.parent / "test-artifacts" / f"read-only-{os.getpid()}.lance"  # a disk that has chattr
+    ml.save_state_dict({"w": torch.ones(3)}, str(uri))
+    if subprocess.run(["chattr", "-R", "+i", str(uri)], capture_output=True).returncode != 0:
+        pytest.skip("chattr +i is not supported here")
+    try:
+        with pytest.raises(PermissionError, match=f"{uri.name}.*(not permitted|denied)"):
+            ml.save_state_dict({"w": torch.zeros(3)}, str(uri))
+    finally:
+        subprocess.run(["chattr", "-R", "-i", str(uri)], check=True)
+    assert [v.version for v in ml.versions(str(uri))] == [1]
+    assert torch.equal(ml.load_state_dict(str(uri))["w"], torch.ones(3))
+    import shutil
+
+    shutil.rmtree(uri)
+
+
+def test_15_loading_a_dataset_in_a_fresh_process_does_not_import_mlflow(tmp_path):
+    uri = str(tmp_path / "w.lance")
+    ml.save_state_dict({"w": torch.ones(3)}, uri)
+    code = f"""
+        import sys, mlflow_lance
+        sd = mlflow_lance.load_state_dict({uri!r})
+        print(sd["w"].sum().item(), "mlflow" in sys.modules)
+    """
+    out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["3.0", "False"]
+
+
+def test_16_small_fetches_print_no_progress_bars(tracking, capfd):
+    with mlflow.start_run() as run:
+        ml.log_model(linear(), name="model", registered_model_name="quiet-model")
+    capfd.readouterr()
+    ml.load_model(f"runs:/{run.info.run_id}/model")
+    ml.load_state_dict("models:/quiet-model/1")
+    from mlflow_lance.cli import main as cli
+
+    assert cli(["versions", "quiet-model"]) == 0
+    assert "Downloading artifacts" not in capfd.readouterr().err
