@@ -48,8 +48,10 @@ _STEP_TAG = "mlflow_lance.checkpoint.step"
 # --------------------------------------------------------------------------- staging
 
 
-def _copier() -> Any:
-    """Copies tensors to CPU once each (ties stay ties); pinned memory for device tensors."""
+def _copier(clone: bool = True) -> Any:
+    """Copies tensors to CPU once each (ties stay ties); pinned memory for device tensors.
+    Without ``clone`` (a blocking write) CPU tensors are used as they are: nothing changes
+    them before the write returns."""
     memo: dict[int, torch.Tensor] = {}
 
     def copy(t: torch.Tensor) -> torch.Tensor:
@@ -57,7 +59,7 @@ def _copier() -> Any:
         if key not in memo:
             src = t.detach()
             if src.device.type == "cpu":
-                memo[key] = src.clone()
+                memo[key] = src.clone() if clone else src
             else:
                 dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=torch.cuda.is_available())
                 memo[key] = dst.copy_(src, non_blocking=True)
@@ -136,9 +138,10 @@ def _set_rng_state(state: Mapping) -> None:
         torch.cuda.set_rng_state_all(list(state["cuda"]))
 
 
-def _stage(model, optimizer, scheduler, *, step: int, metrics: Mapping | None, extra: Mapping | None) -> flavor.Staged:
-    """Everything a checkpoint holds, copied to CPU memory now (training may go on after)."""
-    copy = _copier()
+def _stage(model, optimizer, scheduler, *, step: int, metrics: Mapping | None, extra: Mapping | None,
+           clone: bool = True) -> flavor.Staged:  # fmt: skip
+    """Everything a checkpoint holds, on the CPU (copied when ``clone``: training may go on)."""
+    copy = _copier(clone)
     state_dict = {k: copy(v) for k, v in model.state_dict().items()}
     rest: dict[str, Any] = {"step": int(step), "metrics": dict(metrics or {}), "extra": _deep_copy(dict(extra or {}), copy)}
     if optimizer is not None:
@@ -299,7 +302,7 @@ def log_checkpoint(
             raise ValueError(f"keep_best ranks by {metric!r}; pass it in metrics=")
     _writer.wait()  # an earlier background failure surfaces here, before more work is queued
     run = mlflow.active_run() or mlflow.start_run()
-    staged = _stage(model, optimizer, scheduler, step=step, metrics=metrics, extra=extra)
+    staged = _stage(model, optimizer, scheduler, step=step, metrics=metrics, extra=extra, clone=not blocking)
     dataset = _checkpoint_dataset(run, lance_uri)
     args = (staged, model, run.info.run_id, int(step), metrics, name, dataset, keep_last, keep_best)
     if blocking:
