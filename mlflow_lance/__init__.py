@@ -26,9 +26,12 @@ _EXPORTS = {
     "loading": ["load_state_dict"],
     "registry": ["SyncReport", "register_model", "sync"],
     "lifecycle": ["GcResult", "gc"],
+    "checkpoint": ["Checkpoint", "CheckpointHandle", "load_checkpoint", "log_checkpoint", "wait_for_checkpoints"],
 }  # fmt: skip
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = [
+    "Checkpoint",
+    "CheckpointHandle",
     "CorruptionError",
     "Diff",
     "GcReport",
@@ -46,8 +49,10 @@ __all__ = [
     "get_default_pip_requirements",
     "latest_version",
     "load_into",
+    "load_checkpoint",
     "load_model",
     "load_state_dict",
+    "log_checkpoint",
     "log_model",
     "log_state_dict",
     "register_model",
@@ -60,6 +65,7 @@ __all__ = [
     "untag",
     "verify",
     "versions",
+    "wait_for_checkpoints",
 ]
 
 
@@ -80,6 +86,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs
         get_default_conda_env, get_default_pip_requirements, load_model, log_model, log_state_dict, save_model,
     )  # fmt: skip
     from .loading import load_state_dict
+    from .checkpoint import Checkpoint, CheckpointHandle, load_checkpoint, log_checkpoint, wait_for_checkpoints
     from .lifecycle import GcResult, gc
     from .registry import SyncReport, register_model, sync
     from .store import (

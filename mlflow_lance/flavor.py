@@ -24,6 +24,7 @@ import sys
 import tempfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import mlflow
@@ -57,7 +58,7 @@ from mlflow.utils.model_utils import (
     _validate_and_prepare_target_save_path,
 )
 
-from . import lifecycle, registry, sidecar, store
+from . import lifecycle, registry, sidecar, store, tree
 from .artifacts import Location, dataset_location, storage_options_for
 from .skeleton import (
     SKELETON_FILE,
@@ -131,6 +132,20 @@ def _quiet_downloads():
 # --------------------------------------------------------------------------- saving
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A model captured for a write that happens later (an async checkpoint): CPU copies of
+    its state dict, its weight-free skeleton, and the rest of a checkpoint (optimizer,
+    scheduler, RNG, counters) stored in the same Lance version under their own keys."""
+
+    state_dict: Mapping[str, torch.Tensor]
+    skeleton: bytes
+    extra: Mapping[str, Any]
+
+
+_MODEL_KEY = "model"  # where a checkpoint version keeps the model's own tensors
+
+
 def save_model(
     pytorch_model: torch.nn.Module,
     path: str,
@@ -152,6 +167,7 @@ def save_model(
     lance_properties: Mapping[str, str] | None = None,
     serialization_format: str | None = None,
     pickle_module: Any = None,
+    _staged: Staged | None = None,
     **torch_save_kwargs: Any,
 ) -> None:
     """Save ``pytorch_model`` as an MLflow model directory at ``path``.
@@ -175,7 +191,7 @@ def save_model(
     _check_pytorch_options(serialization_format, torch_save_kwargs)
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     factory = (model_factory, check_factory(model_factory, factory_kwargs, resolve=True)) if model_factory else None
-    state_dict = pytorch_model.state_dict()
+    state_dict = _staged.state_dict if _staged is not None else pytorch_model.state_dict()
     validate_state_dict(state_dict)
     path = os.path.abspath(path)
     _validate_and_prepare_target_save_path(path)
@@ -186,8 +202,10 @@ def save_model(
     try:
         conf = _write_small_files(
             pytorch_model, path, mlflow_model, factory, signature, input_example, metadata,
-            code_paths, extra_files,
+            code_paths, extra_files, _staged.skeleton if _staged is not None else None,
         )  # fmt: skip
+        if _staged is not None:  # a checkpoint: the model's tensors live under "model/"
+            conf["state_prefix"] = tree.subtree_prefix(_MODEL_KEY)
         if location is None:  # a self-contained model directory
             location = Location(os.path.join(path, _DATA_SUBPATH, "weights.lance"))
             uri_in_pointer = "weights.lance"
@@ -210,7 +228,7 @@ def save_model(
     }
     try:  # nothing committed if this fails: leave no directory behind, so a retry can start over
         info = store.save_state_dict(
-            state_dict,
+            state_dict if _staged is None else {_MODEL_KEY: state_dict, **_staged.extra},
             location.uri,
             message=message or (f"mlflow run {mlflow_model.run_id}" if mlflow_model.run_id else None),
             properties=properties,
@@ -272,6 +290,7 @@ def _write_small_files(
     metadata: dict | None,
     code_paths: list[str] | None,
     extra_files: list[str] | None,
+    skeleton: bytes | None = None,
 ) -> dict:
     """Everything but the weights; returns the flavor's configuration entries."""
     os.makedirs(os.path.join(path, _DATA_SUBPATH))
@@ -284,7 +303,7 @@ def _write_small_files(
         conf["torchscript"] = f"{_DATA_SUBPATH}/{_PROGRAM_FILE}"
     else:
         with open(os.path.join(path, _DATA_SUBPATH, SKELETON_FILE), "wb") as f:
-            f.write(dump_skeleton(module))
+            f.write(skeleton if skeleton is not None else dump_skeleton(module))
         conf["skeleton"] = f"{_DATA_SUBPATH}/{SKELETON_FILE}"
     saved_example = None
     if input_example is not None:
@@ -405,8 +424,10 @@ def log_model(
         _validate_model_name(registered_model_name)
     if not isinstance(pytorch_model, torch.nn.Module):
         raise TypeError(f"pytorch_model must be a torch.nn.Module, got {type(pytorch_model).__name__}")
-    validate_state_dict(pytorch_model.state_dict())  # before the registered model is created
-    location, experiment_id, binding = _location_for(name, registered_model_name, lance_uri, storage_options)
+    staged = kwargs.get("_staged")
+    validate_state_dict(staged.state_dict if staged else pytorch_model.state_dict())  # before anything is created
+    location, experiment_id, binding = _location_for(name, registered_model_name, lance_uri, storage_options,
+                                                     kwargs.get("run_id"))  # fmt: skip
     lance_properties = {"mlflow.step": str(int(step or 0)), "mlflow.experiment_id": str(experiment_id)}
     if registered_model_name:
         lance_properties.update({"mlflow.registered_model_name": registered_model_name, "mlflow.binding": binding})
@@ -440,14 +461,14 @@ def log_model(
 
 
 def _location_for(
-    name: str, registered_model_name: str | None, lance_uri: str | None, storage_options
+    name: str, registered_model_name: str | None, lance_uri: str | None, storage_options, run_id: str | None = None
 ) -> tuple[Location, str, str | None]:
     """Where the weights go, the experiment, and the registered model's binding (see lifecycle.py).
 
     A registered model writes to the dataset it is bound to for its whole life (renames
     included); an explicit ``lance_uri`` wins but does not rebind the model.
     """
-    run = mlflow.active_run()
+    run = mlflow.MlflowClient().get_run(run_id) if run_id else mlflow.active_run()
     experiment_id = run.info.experiment_id if run else mlflow.tracking.fluent._get_experiment_id()
     binding = None
     if registered_model_name:
@@ -536,7 +557,11 @@ def _load_from_local(
         return module.eval()
     module = load_skeleton(os.path.join(local_path, conf["skeleton"]), allow_pickle=allow_pickle)
     ties = tie_groups(module)
-    state_dict = store.load_state_dict(uri, version, map_location=device, storage_options=opts, verify=verify)
+    prefix = conf.get("state_prefix")  # a checkpoint: the model's tensors only
+    state_dict = store.load_state_dict(uri, version, map_location=device, storage_options=opts, verify=verify,
+                                       names=prefix)  # fmt: skip
+    if prefix:
+        state_dict = tree.strip_prefix(state_dict, prefix)
     module.load_state_dict(state_dict, strict=strict, assign=True)
     retie(ties)
     return materialize(module, device).eval()  # what the weights did not cover (strict=False)

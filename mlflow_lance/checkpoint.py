@@ -1,0 +1,402 @@
+"""Training checkpoints through MLflow: log them while training, resume anywhere, keep the best.
+
+A checkpoint is an MLflow 3 logged model (``name="checkpoint"``, with its ``step`` and its
+metrics linked to it) whose Lance version holds, under one commit:
+
+- ``model/...``: the model's state dict (``load_model`` on the checkpoint gives the model);
+- ``optimizer``: the optimizer's state with parameters named, not numbered (``state`` keyed
+  by parameter name, ``param_groups[i]["params"]`` as names), so a checkpoint survives a
+  change in parameter order;
+- ``scheduler``, ``rng`` (torch CPU and CUDA, numpy, python), ``extra``, ``step``, ``metrics``.
+
+Tensors are deduplicated against the run's previous checkpoint (one Lance dataset per run),
+so frozen parameters and their absent optimizer state cost nothing after the first.
+
+The three steps are kept apart, as in ``torch.distributed.checkpoint``: **staging** copies
+the state to CPU memory (the only part that blocks training with ``blocking=False``);
+**writing** hashes, writes and commits the Lance version and logs the model (a background
+thread, at most one checkpoint in flight); **retention** deletes the logged models that fall
+out of ``keep_last`` / ``keep_best`` (never one registered as a model version), whose bytes
+``mlflow-lance gc`` then reclaims.
+"""
+
+from __future__ import annotations
+
+import atexit
+import random
+import threading
+import time
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.entities import Metric
+
+from . import flavor, lifecycle, store
+from .artifacts import lance_root
+from .skeleton import dump_skeleton
+
+CHECKPOINT_NAME = "checkpoint"
+_STEP_TAG = "mlflow_lance.checkpoint.step"
+
+
+# --------------------------------------------------------------------------- staging
+
+
+def _copier(clone: bool = True) -> Any:
+    """Copies tensors to CPU once each (ties stay ties); pinned memory for device tensors.
+    Without ``clone`` (a blocking write) CPU tensors are used as they are: nothing changes
+    them before the write returns."""
+    memo: dict[int, torch.Tensor] = {}
+
+    def copy(t: torch.Tensor) -> torch.Tensor:
+        key = id(t)
+        if key not in memo:
+            src = t.detach()
+            if src.device.type == "cpu":
+                memo[key] = src.clone() if clone else src
+            else:
+                dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=torch.cuda.is_available())
+                memo[key] = dst.copy_(src, non_blocking=True)
+        return memo[key]
+
+    return copy
+
+
+def _deep_copy(value: Any, copy) -> Any:
+    if isinstance(value, torch.Tensor):
+        return copy(value)
+    if isinstance(value, Mapping):
+        return {k: _deep_copy(v, copy) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_deep_copy(v, copy) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_deep_copy(v, copy) for v in value)
+    return value
+
+
+def _param_names(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:
+    """The model's name for each of the optimizer's parameters, in the optimizer's order."""
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    order = [p for group in optimizer.param_groups for p in group["params"]]
+    missing = [i for i, p in enumerate(order) if id(p) not in names]
+    if missing:
+        raise ValueError(
+            f"the optimizer holds {len(missing)} parameter(s) that are not parameters of the model "
+            f"(positions {missing[:5]}); pass the model the optimizer trains"
+        )
+    return [names[id(p)] for p in order]
+
+
+def _named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    names = _param_names(model, optimizer)
+    sd = optimizer.state_dict()
+    return {
+        "state": {names[i]: s for i, s in sd["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in sd["param_groups"]],
+    }
+
+
+def _indexed_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, named: dict) -> dict:
+    """The stored, name-keyed optimizer state in the index form this optimizer loads."""
+    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    unknown = [n for n in named["state"] if n not in index]
+    if unknown:
+        raise KeyError(f"the checkpoint has optimizer state for {unknown[:5]}, which this optimizer does not train")
+    return {
+        "state": {index[n]: s for n, s in named["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
+    }
+
+
+def _rng_state() -> dict:
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    version, internal, gauss_next = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(np.array(keys, dtype=np.uint32)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
+    }  # fmt: skip
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(list(state["cuda"]))
+
+
+def _stage(model, optimizer, scheduler, *, step: int, metrics: Mapping | None, extra: Mapping | None,
+           clone: bool = True) -> flavor.Staged:  # fmt: skip
+    """Everything a checkpoint holds, on the CPU (copied when ``clone``: training may go on)."""
+    copy = _copier(clone)
+    state_dict = {k: copy(v) for k, v in model.state_dict().items()}
+    rest: dict[str, Any] = {"step": int(step), "metrics": dict(metrics or {}), "extra": _deep_copy(dict(extra or {}), copy)}
+    if optimizer is not None:
+        rest["optimizer"] = _deep_copy(_named_optimizer_state(model, optimizer), copy)
+    if scheduler is not None:
+        rest["scheduler"] = _deep_copy(scheduler.state_dict(), copy)
+    rest["rng"] = _rng_state()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the pinned copies are complete before training moves on
+    return flavor.Staged(state_dict=state_dict, skeleton=dump_skeleton(model), extra=rest)
+
+
+# --------------------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A logged checkpoint: its logged model, step and Lance version."""
+
+    model_id: str
+    model_uri: str
+    run_id: str
+    step: int
+    lance_uri: str
+    lance_version: int
+    deleted: tuple[str, ...] = ()  # logged models retention deleted after this one
+
+
+class CheckpointHandle:
+    """What ``log_checkpoint(blocking=False)`` returns: ``result()`` waits for the write."""
+
+    def __init__(self, future: Future):
+        self._future = future
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def result(self, timeout: float | None = None) -> Checkpoint:
+        try:
+            return self._future.result(timeout)
+        finally:
+            if self._future.done():
+                _writer.surfaced(self._future)
+
+
+class _Writer:
+    """One background thread, at most one checkpoint in flight; errors surface once."""
+
+    def __init__(self) -> None:
+        self._pool: ThreadPoolExecutor | None = None
+        self._inflight: Future | None = None
+        self._lock = threading.Lock()
+        self._unsurfaced: Future | None = None
+
+    def surfaced(self, future: Future) -> None:
+        with self._lock:
+            if self._unsurfaced is future:
+                self._unsurfaced = None
+
+    def wait(self) -> None:
+        """Wait for the checkpoint in flight; raise a background error not raised yet."""
+        with self._lock:
+            future = self._inflight
+        if future is not None:
+            future.exception()  # waits
+        with self._lock:
+            pending, self._unsurfaced = self._unsurfaced, None
+        if pending is not None and pending.exception() is not None:
+            raise RuntimeError(f"an earlier checkpoint failed to write: {pending.exception()}") from pending.exception()
+
+    def submit(self, fn, *args) -> Future:
+        self.wait()
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-lance-checkpoint")
+            future = self._pool.submit(fn, *args)
+            self._inflight = future
+        future.add_done_callback(self._finished)
+        return future
+
+    def _finished(self, future: Future) -> None:
+        with self._lock:
+            if future.exception() is not None:
+                self._unsurfaced = future
+
+
+_writer = _Writer()
+
+
+def wait_for_checkpoints() -> None:
+    """Wait until the checkpoint in flight is written; raises if a background write failed."""
+    _writer.wait()
+
+
+@atexit.register
+def _flush_at_exit() -> None:
+    try:
+        _writer.wait()
+    except RuntimeError as err:  # nothing to raise to at exit: say it
+        import sys
+
+        print(f"mlflow-lance: {err}", file=sys.stderr)
+
+
+def _checkpoint_dataset(run: Any, lance_uri: str | None) -> str:
+    """One dataset per run: each checkpoint deduplicates against the run's previous one."""
+    if lance_uri:
+        return lance_uri
+    experiment = mlflow.get_experiment(run.info.experiment_id)
+    root = lance_root(experiment.artifact_location, run.info.experiment_id)
+    return f"{root}/experiments/{run.info.experiment_id}/checkpoints/{run.info.run_id}.lance"
+
+
+def _write(staged: flavor.Staged, model: torch.nn.Module, run_id: str, step: int, metrics: Mapping | None,
+           name: str, lance_uri: str, keep_last: int | None, keep_best: tuple | None) -> Checkpoint:  # fmt: skip
+    client = MlflowClient()
+    if metrics:  # logged to the run first: MLflow links a step's metrics to the model logged at it
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    info = flavor.log_model(model, name=name, step=step, run_id=run_id, lance_uri=lance_uri,
+                            pip_requirements=None, tags={_STEP_TAG: str(step)}, _staged=staged)  # fmt: skip
+    conf = info.flavors[flavor.FLAVOR_NAME]
+    deleted = _retain(client, run_id, name, keep_last, keep_best) if keep_last or keep_best else ()
+    return Checkpoint(info.model_id, f"models:/{info.model_id}", run_id, step, conf["lance_uri"],
+                      int(conf["lance_version"]), tuple(deleted))  # fmt: skip
+
+
+def log_checkpoint(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None = None,
+    *,
+    step: int,
+    scheduler: Any = None,
+    metrics: Mapping[str, float] | None = None,
+    extra: Mapping[str, Any] | None = None,
+    blocking: bool = True,
+    keep_last: int | None = None,
+    keep_best: tuple[str, str, int] | None = None,
+    name: str = CHECKPOINT_NAME,
+    lance_uri: str | None = None,
+) -> Checkpoint | CheckpointHandle:
+    """Log a training checkpoint to the active run (started if none).
+
+    ``blocking=False`` returns a handle as soon as the state is staged (CPU copies); the
+    write and the MLflow calls run in a background thread, one at a time (the next call
+    waits), and ``wait_for_checkpoints()`` or process exit flushes them. A background error
+    is raised by the next call (or by ``handle.result()``). ``keep_last=N`` and
+    ``keep_best=(metric, "min"|"max", k)`` delete the run's other checkpoints as logged
+    models afterwards (never one registered as a model version).
+    """
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    if keep_best is not None:
+        metric, mode, k = keep_best
+        if mode not in ("min", "max") or int(k) < 1:
+            raise ValueError(f"keep_best must be (metric, 'min' or 'max', k >= 1), got {keep_best!r}")
+        if metrics is None or metric not in metrics:
+            raise ValueError(f"keep_best ranks by {metric!r}; pass it in metrics=")
+    _writer.wait()  # an earlier background failure surfaces here, before more work is queued
+    run = mlflow.active_run() or mlflow.start_run()
+    staged = _stage(model, optimizer, scheduler, step=step, metrics=metrics, extra=extra, clone=not blocking)
+    dataset = _checkpoint_dataset(run, lance_uri)
+    args = (staged, model, run.info.run_id, int(step), metrics, name, dataset, keep_last, keep_best)
+    if blocking:
+        return _write(*args)
+    return CheckpointHandle(_writer.submit(_write, *args))
+
+
+# --------------------------------------------------------------------------- retention
+
+
+def _checkpoints(client: MlflowClient, run_id: str, name: str) -> list[Any]:
+    """The run's checkpoints MLflow still lists (finished writes only)."""
+    run = client.get_run(run_id)
+    found = lifecycle.paged(client.search_logged_models, experiment_ids=[run.info.experiment_id],
+                            filter_string=f"name = {lifecycle.quote_filter(name)}", max_results=1000)  # fmt: skip
+    return [m for m in found if m.source_run_id == run_id and str(m.status) in ("READY", "LoggedModelStatus.READY")
+            and _STEP_TAG in (m.tags or {})]  # fmt: skip
+
+
+def _retain(client: MlflowClient, run_id: str, name: str, keep_last: int | None, keep_best: tuple | None) -> list[str]:
+    """Delete the run's checkpoints outside keep_last / keep_best; the ids deleted."""
+    models = _checkpoints(client, run_id, name)
+    step = {m.model_id: int(m.tags[_STEP_TAG]) for m in models}
+    keep: set[str] = set()
+    if keep_last:
+        keep |= {m.model_id for m in sorted(models, key=lambda m: -step[m.model_id])[:keep_last]}
+    if keep_best:
+        metric, mode, k = keep_best
+        scored = [(v, m.model_id) for m in models if (v := _metric(m, metric)) is not None]
+        scored.sort(key=lambda vm: vm[0] if mode == "min" else -vm[0])
+        keep |= {mid for _, mid in scored[: int(k)]}
+    registered = {mv.source.rstrip("/").rsplit("/", 1)[-1]
+                  for mv in client.search_model_versions(f"run_id = {lifecycle.quote_filter(run_id)}")}  # fmt: skip
+    deleted = []
+    for m in models:
+        if m.model_id not in keep and m.model_id not in registered:
+            client.delete_logged_model(m.model_id)
+            deleted.append(m.model_id)
+    return deleted
+
+
+def _metric(model: Any, key: str) -> float | None:
+    values = [m for m in (model.metrics or []) if m.key == key]
+    return values[-1].value if values else None
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _resolve(uri: str) -> str:
+    """``runs:/<run id>/<name>`` names the run's latest checkpoint (by step); else as is."""
+    if not uri.startswith("runs:"):
+        return uri
+    run_id, _, name = uri[len("runs:"):].lstrip("/").partition("/")
+    models = _checkpoints(MlflowClient(), run_id, name.rstrip("/") or CHECKPOINT_NAME)
+    if not models:
+        raise store.VersionNotFoundError(f"run {run_id!r} has no finished checkpoint named {name!r}")
+    latest = max(models, key=lambda m: (int(m.tags[_STEP_TAG]), m.creation_timestamp))
+    return f"models:/{latest.model_id}"
+
+
+def load_checkpoint(
+    uri: str,
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler: Any = None,
+    *,
+    restore_rng: bool = True,
+    strict: bool = True,
+) -> dict[str, Any]:
+    """Restore a checkpoint in place: the model's weights, the optimizer's and scheduler's
+    state and (``restore_rng``) the random number generators, so that training goes on as
+    if it had never stopped. ``uri``: ``models:/<model id>``, ``runs:/<run id>/checkpoint``
+    (the run's latest) or a model directory. Returns ``step``, ``metrics``, ``extra`` and the
+    ``model_uri`` restored from.
+    """
+    resolved = _resolve(uri)
+    state = flavor.load_state_dict(resolved)
+    if not isinstance(state, Mapping) or "model" not in state or "step" not in state:
+        raise ValueError(f"{uri} is not a checkpoint logged by mlflow_lance.log_checkpoint")
+    if model is not None:
+        model.load_state_dict(state["model"], strict=strict)
+    if optimizer is not None:
+        if model is None:
+            raise ValueError("pass the model too: optimizer state is stored by parameter name")
+        if "optimizer" not in state:
+            raise KeyError(f"{uri} holds no optimizer state")
+        optimizer.load_state_dict(_indexed_optimizer_state(model, optimizer, state["optimizer"]))
+    if scheduler is not None:
+        if "scheduler" not in state:
+            raise KeyError(f"{uri} holds no scheduler state")
+        scheduler.load_state_dict(state["scheduler"])
+    if restore_rng:
+        _set_rng_state(state["rng"])
+    return {"step": state["step"], "metrics": state.get("metrics", {}), "extra": state.get("extra", {}),
+            "model_uri": resolved}  # fmt: skip
+
