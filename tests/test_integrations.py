@@ -12,7 +12,7 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_lance as ml
-from mlflow_lance import checkpoint
+from mlflow_lance import checkpoint, lifecycle
 
 torch.set_num_threads(1)
 
@@ -94,3 +94,73 @@ def test_lightning_save_top_k_keeps_exactly_the_k_best(tracking, tmp_path):
     with mlflow.start_run() as run:
         fit(tmp_path, 0, 2, [MLflowLanceCheckpoint(every_n_train_steps=3, save_top_k=-1)])
     assert live_steps(run.info.run_id) == [3, 6]
+
+
+# --------------------------------------------------------------------------- Hugging Face Trainer
+
+transformers = pytest.importorskip("transformers")
+from mlflow_lance.integrations.transformers import MLflowLanceTrainerCallback, resume_training
+
+
+def gpt2(seed: int, **config):
+    """A tiny GPT-2 built from a config (no downloads), initialised from ``seed``."""
+    torch.manual_seed(seed)
+    conf = {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 64, "n_positions": 16, **config}
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**conf))
+
+
+def tokens(n: int = 32, vocab: int = 64) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (n, 16), generator=g)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def hf_trainer(model, tmp_path, seed: int, **args) -> transformers.Trainer:
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, per_device_eval_batch_size=8,
+        learning_rate=1e-2, save_strategy="steps", logging_steps=2, report_to=[], use_cpu=True, seed=seed,
+        disable_tqdm=True, dataloader_num_workers=0, **args,
+    )  # fmt: skip
+    return transformers.Trainer(model=model, args=arguments, train_dataset=tokens(), eval_dataset=tokens(8),
+                                callbacks=[MLflowLanceTrainerCallback()])  # fmt: skip
+
+
+def test_hf_trainer_resumes_mid_epoch_bit_identically_and_keeps_save_total_limit(tracking, tmp_path):
+    with mlflow.start_run() as run:  # 8 steps an epoch: step 10 is mid-way through the second
+        straight = gpt2(0)
+        hf_trainer(straight, tmp_path, 0, max_steps=12, save_steps=2, save_total_limit=2).train()
+    assert live_steps(run.info.run_id) == [10, 12]
+    assert not list((tmp_path / "hf").glob("checkpoint-*"))  # the Trainer wrote no folders of its own
+    (at_10,) = [m for m in checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint")
+                if m.tags[checkpoint._STEP_TAG] == "10"]  # fmt: skip
+    with mlflow.start_run():
+        resumed = gpt2(1)
+        trainer = hf_trainer(resumed, tmp_path, 1, max_steps=12, save_steps=2)
+        resume_training(trainer, f"models:/{at_10.model_id}")
+    assert trainer.state.global_step == 12
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_hf_metric_for_best_model_keeps_the_best_besides_the_last(tracking, tmp_path):
+    with mlflow.start_run() as run:  # the eval loss falls as it trains: "greater is better" makes the first best
+        hf_trainer(gpt2(0), tmp_path, 0, max_steps=8, save_steps=2, eval_strategy="steps", eval_steps=2,
+                   save_total_limit=1, metric_for_best_model="loss", greater_is_better=True).train()  # fmt: skip
+    history = MlflowClient().get_metric_history(run.info.run_id, "eval_loss")
+    assert [m.step for m in sorted(history, key=lambda m: -m.value)][:1] == [2]
+    assert live_steps(run.info.run_id) == [2, 8]
+
+
+def test_peft_lora_checkpoints_after_the_first_write_only_adapters_and_their_optimizer_state(tracking, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = gpt2(0, n_layer=2, n_embd=64, vocab_size=1024)
+    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                      task_type="CAUSAL_LM"))  # fmt: skip
+    adapters = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    with mlflow.start_run() as run:
+        hf_trainer(model, tmp_path, 0, max_steps=6, save_steps=2).train()
+    (first, *_) = checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint")
+    written = [v.bytes_written for v in ml.versions(lifecycle.flavor_conf(f"models:/{first.model_id}")["lance_uri"])]
+    assert len(written) == 3 and written[0] > base_bytes > 3 * adapters + 256 * 1024
+    for w in written[1:]:  # the adapters, their two Adam moments, counters and RNG states: no base weights
+        assert w <= 3 * adapters + 256 * 1024, (written, adapters)
