@@ -80,6 +80,7 @@ def test_lightning_fit_resumes_from_a_checkpoint_uri_bit_identically(tracking, t
         resumed, trainer = fit(tmp_path, 123, 4, [MLflowLanceCheckpoint()], ckpt_path=f"runs:/{run.info.run_id}/checkpoint")
     assert trainer.global_step == 16 and trainer.current_epoch == 4
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert not list(tmp_path.rglob("*.ckpt"))  # no default ModelCheckpoint was added
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == 4  # StepLR stepped once an epoch, across the two fits
 
@@ -150,17 +151,27 @@ def test_hf_metric_for_best_model_keeps_the_best_besides_the_last(tracking, tmp_
     assert live_steps(run.info.run_id) == [2, 8]
 
 
-def test_peft_lora_checkpoints_after_the_first_write_only_adapters_and_their_optimizer_state(tracking, tmp_path):
+def lora(seed: int):
     peft = pytest.importorskip("peft")
-    base = gpt2(0, n_layer=2, n_embd=64, vocab_size=1024)
-    base_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
-    model = peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
-                                                      task_type="CAUSAL_LM"))  # fmt: skip
+    base = gpt2(0, n_layer=2, n_embd=64, vocab_size=1024)  # the same base weights each time
+    torch.manual_seed(seed)  # ... and adapters initialised from ``seed``
+    return peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                     init_lora_weights="gaussian", task_type="CAUSAL_LM"))  # fmt: skip
+
+
+def test_peft_lora_checkpoints_after_the_first_write_only_adapters_and_their_optimizer_state(tracking, tmp_path):
+    model = lora(0)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     adapters = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     with mlflow.start_run() as run:
         hf_trainer(model, tmp_path, 0, max_steps=6, save_steps=2).train()
-    (first, *_) = checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint")
-    written = [v.bytes_written for v in ml.versions(lifecycle.flavor_conf(f"models:/{first.model_id}")["lance_uri"])]
+    ckpts = sorted(checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint"),
+                   key=lambda m: int(m.tags[checkpoint._STEP_TAG]))  # fmt: skip
+    written = [v.bytes_written for v in ml.versions(lifecycle.flavor_conf(f"models:/{ckpts[0].model_id}")["lance_uri"])]
     assert len(written) == 3 and written[0] > base_bytes > 3 * adapters + 256 * 1024
     for w in written[1:]:  # the adapters, their two Adam moments, counters and RNG states: no base weights
         assert w <= 3 * adapters + 256 * 1024, (written, adapters)
+    with mlflow.start_run():  # a fresh PeftModel resumes from step 4 to the same adapters
+        resumed = lora(1)
+        resume_training(hf_trainer(resumed, tmp_path, 1, max_steps=6, save_steps=2), f"models:/{ckpts[1].model_id}")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
