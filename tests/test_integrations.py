@@ -6,6 +6,9 @@ checkpoint. Resumes run in the test's process, with fresh Trainers and freshly b
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import mlflow
 import pytest
 import torch
@@ -20,6 +23,13 @@ torch.set_num_threads(1)
 def live_steps(run_id: str) -> list[int]:
     """Steps of the run's checkpoints MLflow still lists."""
     return sorted(int(m.tags[checkpoint._STEP_TAG]) for m in checkpoint._checkpoints(MlflowClient(), run_id, "checkpoint"))
+
+
+def test_the_integrations_package_imports_no_framework():
+    code = ("import sys, mlflow_lance.integrations; "
+            "print(sorted({'lightning', 'transformers', 'peft', 'torch'} & set(sys.modules)))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 # --------------------------------------------------------------------------- Lightning
@@ -95,6 +105,8 @@ def test_lightning_save_top_k_keeps_exactly_the_k_best(tracking, tmp_path):
     with mlflow.start_run() as run:
         fit(tmp_path, 0, 2, [MLflowLanceCheckpoint(every_n_train_steps=3, save_top_k=-1)])
     assert live_steps(run.info.run_id) == [3, 6]
+    with mlflow.start_run(), pytest.raises(KeyError, match="found no such metric.*self.log"):
+        fit(tmp_path, 0, 1, [MLflowLanceCheckpoint(monitor="val_acc")])
 
 
 # --------------------------------------------------------------------------- Hugging Face Trainer
@@ -119,8 +131,8 @@ def tokens(n: int = 32, vocab: int = 64) -> list[dict]:
 def hf_trainer(model, tmp_path, seed: int, **args) -> transformers.Trainer:
     arguments = transformers.TrainingArguments(
         output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, per_device_eval_batch_size=8,
-        learning_rate=1e-2, save_strategy="steps", logging_steps=2, report_to=[], use_cpu=True, seed=seed,
-        disable_tqdm=True, dataloader_num_workers=0, **args,
+        learning_rate=1e-2, logging_steps=2, report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
+        dataloader_num_workers=0, **{"save_strategy": "steps", **args},
     )  # fmt: skip
     return transformers.Trainer(model=model, args=arguments, train_dataset=tokens(), eval_dataset=tokens(8),
                                 callbacks=[MLflowLanceTrainerCallback()])  # fmt: skip
@@ -149,6 +161,9 @@ def test_hf_metric_for_best_model_keeps_the_best_besides_the_last(tracking, tmp_
     history = MlflowClient().get_metric_history(run.info.run_id, "eval_loss")
     assert [m.step for m in sorted(history, key=lambda m: -m.value)][:1] == [2]
     assert live_steps(run.info.run_id) == [2, 8]
+    for refused in ({"load_best_model_at_end": True, "eval_strategy": "steps"}, {"save_strategy": "best", "eval_strategy": "steps", "metric_for_best_model": "loss"}):
+        with pytest.raises(ValueError, match="MLflowLanceTrainerCallback"):
+            hf_trainer(gpt2(0), tmp_path, 0, max_steps=2, **{"save_steps": 2, **refused}).train()
 
 
 def lora(seed: int):

@@ -58,6 +58,12 @@ class MLflowLanceTrainerCallback(TrainerCallback):
         self._after_evaluation: dict[str, Any] | None = None  # a save waiting for this step's evaluation
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        if args.save_strategy == "best":
+            raise ValueError(
+                "save_strategy='best' is decided after the callbacks have run, so MLflowLanceTrainerCallback cannot "
+                "log those saves; use save_strategy='steps' or 'epoch' with metric_for_best_model (the best is kept "
+                "besides the latest save_total_limit)"
+            )
         if args.load_best_model_at_end:
             raise ValueError(
                 "load_best_model_at_end=True reloads a checkpoint folder, which MLflowLanceTrainerCallback does not "
