@@ -110,7 +110,8 @@ class MLflowLanceCheckpoint(Checkpoint):
     ``save_last=True`` also keeps the latest, so that ``runs:/<run id>/checkpoint`` resumes
     from where training stopped. ``every_n_train_steps`` or ``every_n_epochs`` (default 1)
     say when. Writes run in the background (``blocking=False``) and are flushed when
-    training ends. Single-device and DDP strategies (rank 0 holds the whole module).
+    training ends. Single-device and DDP strategies (rank 0 holds the whole module). It takes
+    the place of Lightning's default ``ModelCheckpoint``: leave ``enable_checkpointing`` on.
     """
 
     def __init__(
