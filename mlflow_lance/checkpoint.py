@@ -128,7 +128,8 @@ def _rng_state() -> dict:
     return state
 
 
-def _set_rng_state(state: Mapping) -> None:
+def set_rng_state(state: Mapping) -> None:
+    """Restore the random number generators from a checkpoint's ``rng`` entry."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
     np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached"]))
@@ -379,10 +380,7 @@ def load_checkpoint(
     (the run's latest) or a model directory. Returns ``step``, ``metrics``, ``extra`` and the
     ``model_uri`` restored from.
     """
-    resolved = _resolve(uri)
-    state = flavor.load_state_dict(resolved)
-    if not isinstance(state, Mapping) or "model" not in state or "step" not in state:
-        raise ValueError(f"{uri} is not a checkpoint logged by mlflow_lance.log_checkpoint")
+    state = read_checkpoint(uri)
     if model is not None:
         model.load_state_dict(state["model"], strict=strict)
     if optimizer is not None:
@@ -396,7 +394,28 @@ def load_checkpoint(
             raise KeyError(f"{uri} holds no scheduler state")
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
-        _set_rng_state(state["rng"])
+        set_rng_state(state["rng"])
     return {"step": state["step"], "metrics": state.get("metrics", {}), "extra": state.get("extra", {}),
-            "model_uri": resolved}  # fmt: skip
+            "model_uri": state["model_uri"]}  # fmt: skip
+
+
+def read_checkpoint(uri: str) -> dict[str, Any]:
+    """A checkpoint as stored, restoring nothing: ``model`` (the state dict), ``optimizer`` (keyed
+    by parameter name), ``scheduler``, ``rng``, ``step``, ``metrics``, ``extra``, and the
+    ``model_uri`` it was read from (``runs:/<run id>/checkpoint`` resolved to the latest)."""
+    resolved = _resolve(uri)
+    state = flavor.load_state_dict(resolved)
+    if not isinstance(state, Mapping) or "model" not in state or "step" not in state:
+        raise ValueError(f"{uri} is not a checkpoint logged by mlflow_lance.log_checkpoint")
+    return {**state, "model_uri": resolved}
+
+
+def optimizer_state_in_saved_order(named: Mapping) -> dict:
+    """A stored (name-keyed) optimizer state in the index form ``optimizer.state_dict()`` had
+    when it was saved: for frameworks that build the optimizer after reading the checkpoint."""
+    index = {n: i for i, n in enumerate(n for g in named["param_groups"] for n in g["params"])}
+    return {
+        "state": {index[n]: s for n, s in named["state"].items()},
+        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
+    }
 

@@ -1,0 +1,192 @@
+"""The Lightning and Hugging Face integrations with the real frameworks, on tiny models (CPU):
+resume continues bit-identically, retention keeps what ModelCheckpoint / Trainer would keep,
+and a LoRA fine-tune writes only its adapters and their optimizer state after the first
+checkpoint. Resumes run in the test's process, with fresh Trainers and freshly built models
+(seeded differently, so that only the checkpoint can make them equal)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+import torch
+from mlflow import MlflowClient
+
+import mlflow_lance as ml
+from mlflow_lance import checkpoint, lifecycle
+
+torch.set_num_threads(1)
+
+
+def live_steps(run_id: str) -> list[int]:
+    """Steps of the run's checkpoints MLflow still lists."""
+    return sorted(int(m.tags[checkpoint._STEP_TAG]) for m in checkpoint._checkpoints(MlflowClient(), run_id, "checkpoint"))
+
+
+def test_the_integrations_package_imports_no_framework():
+    code = ("import sys, mlflow_lance.integrations; "
+            "print(sorted({'lightning', 'transformers', 'peft', 'torch'} & set(sys.modules)))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --------------------------------------------------------------------------- Lightning
+
+L = pytest.importorskip("lightning.pytorch")
+from mlflow_lance.integrations.lightning import MLflowLanceCheckpoint
+
+SCORES = [3.0, 1.0, 4.0, 0.5]  # a made-up validation score per epoch: best two are epochs 1 and 3
+
+
+class TinyModule(L.LightningModule):
+    """Dropout, a shuffled loader and a scheduler: resuming exactly needs every state restored."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
+                                       torch.nn.Linear(16, 1))  # fmt: skip
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", torch.nn.functional.mse_loss(self.net(x), y))
+        self.log("score", SCORES[self.current_epoch % len(SCORES)])
+
+    def configure_optimizers(self):
+        opt = torch.optim.AdamW(self.parameters(), lr=1e-2)
+        return [opt], [torch.optim.lr_scheduler.StepLR(opt, step_size=3, gamma=0.5)]
+
+
+def loaders() -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]:
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
+    data = torch.utils.data.TensorDataset(x, y)
+    return (torch.utils.data.DataLoader(data, batch_size=8, shuffle=True),
+            torch.utils.data.DataLoader(data, batch_size=16))  # fmt: skip
+
+
+def fit(tmp_path, seed: int, epochs: int, callbacks: list, ckpt_path: str | None = None):
+    L.seed_everything(seed, verbose=False)
+    module = TinyModule()
+    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", deterministic=True, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=callbacks)  # fmt: skip
+    trainer.fit(module, *loaders(), ckpt_path=ckpt_path)
+    return module, trainer
+
+
+def test_lightning_fit_resumes_from_a_checkpoint_uri_bit_identically(tracking, tmp_path):
+    with mlflow.start_run():
+        straight, _ = fit(tmp_path, 0, 4, [MLflowLanceCheckpoint()])
+    with mlflow.start_run() as run:
+        fit(tmp_path, 0, 2, [MLflowLanceCheckpoint()])
+    assert live_steps(run.info.run_id) == [8]  # 4 batches an epoch; save_top_k=1 keeps the latest
+    with mlflow.start_run():
+        resumed, trainer = fit(tmp_path, 123, 4, [MLflowLanceCheckpoint()], ckpt_path=f"runs:/{run.info.run_id}/checkpoint")
+    assert trainer.global_step == 16 and trainer.current_epoch == 4
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert not list(tmp_path.rglob("*.ckpt"))  # no default ModelCheckpoint was added
+    scheduler = trainer.lr_scheduler_configs[0].scheduler
+    assert scheduler.last_epoch == 4  # StepLR stepped once an epoch, across the two fits
+
+
+def test_lightning_save_top_k_keeps_exactly_the_k_best(tracking, tmp_path):
+    with mlflow.start_run() as run:
+        fit(tmp_path, 0, 4, [MLflowLanceCheckpoint(monitor="score", mode="min", save_top_k=2)])
+    assert live_steps(run.info.run_id) == [8, 16]  # epochs 1 and 3 (scores 1.0 and 0.5), 4 steps an epoch
+    with mlflow.start_run() as run:
+        fit(tmp_path, 0, 4, [MLflowLanceCheckpoint(monitor="score", mode="max", save_top_k=1, save_last=True)])
+    assert live_steps(run.info.run_id) == [12, 16]  # the best (4.0 at epoch 2) and the last
+    with mlflow.start_run() as run:
+        fit(tmp_path, 0, 2, [MLflowLanceCheckpoint(every_n_train_steps=3, save_top_k=-1)])
+    assert live_steps(run.info.run_id) == [3, 6]
+    with mlflow.start_run(), pytest.raises(KeyError, match="found no such metric.*self.log"):
+        fit(tmp_path, 0, 1, [MLflowLanceCheckpoint(monitor="val_acc")])
+
+
+# --------------------------------------------------------------------------- Hugging Face Trainer
+
+transformers = pytest.importorskip("transformers")
+from mlflow_lance.integrations.transformers import MLflowLanceTrainerCallback, resume_training
+
+
+def gpt2(seed: int, **config):
+    """A tiny GPT-2 built from a config (no downloads), initialised from ``seed``."""
+    torch.manual_seed(seed)
+    conf = {"n_layer": 1, "n_embd": 32, "n_head": 2, "vocab_size": 64, "n_positions": 16, **config}
+    return transformers.GPT2LMHeadModel(transformers.GPT2Config(**conf))
+
+
+def tokens(n: int = 32, vocab: int = 64) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (n, 16), generator=g)
+    return [{"input_ids": row, "labels": row} for row in ids]
+
+
+def hf_trainer(model, tmp_path, seed: int, **args) -> transformers.Trainer:
+    arguments = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, per_device_eval_batch_size=8,
+        learning_rate=1e-2, logging_steps=2, report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
+        dataloader_num_workers=0, **{"save_strategy": "steps", **args},
+    )  # fmt: skip
+    return transformers.Trainer(model=model, args=arguments, train_dataset=tokens(), eval_dataset=tokens(8),
+                                callbacks=[MLflowLanceTrainerCallback()])  # fmt: skip
+
+
+def test_hf_trainer_resumes_mid_epoch_bit_identically_and_keeps_save_total_limit(tracking, tmp_path):
+    with mlflow.start_run() as run:  # 8 steps an epoch: step 10 is mid-way through the second
+        straight = gpt2(0)
+        hf_trainer(straight, tmp_path, 0, max_steps=12, save_steps=2, save_total_limit=2).train()
+    assert live_steps(run.info.run_id) == [10, 12]
+    assert not list((tmp_path / "hf").glob("checkpoint-*"))  # the Trainer wrote no folders of its own
+    (at_10,) = [m for m in checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint")
+                if m.tags[checkpoint._STEP_TAG] == "10"]  # fmt: skip
+    with mlflow.start_run():
+        resumed = gpt2(1)
+        trainer = hf_trainer(resumed, tmp_path, 1, max_steps=12, save_steps=2)
+        resume_training(trainer, f"models:/{at_10.model_id}")
+    assert trainer.state.global_step == 12
+    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_hf_metric_for_best_model_keeps_the_best_besides_the_last(tracking, tmp_path):
+    with mlflow.start_run() as run:  # the eval loss falls as it trains: "greater is better" makes the first best
+        hf_trainer(gpt2(0), tmp_path, 0, max_steps=8, save_steps=2, eval_strategy="steps", eval_steps=2,
+                   save_total_limit=1, metric_for_best_model="loss", greater_is_better=True).train()  # fmt: skip
+    history = MlflowClient().get_metric_history(run.info.run_id, "eval_loss")
+    assert [m.step for m in sorted(history, key=lambda m: -m.value)][:1] == [2]
+    assert live_steps(run.info.run_id) == [2, 8]
+    for refused in ({"load_best_model_at_end": True, "eval_strategy": "steps"}, {"save_strategy": "best", "eval_strategy": "steps", "metric_for_best_model": "loss"}):
+        with pytest.raises(ValueError, match="MLflowLanceTrainerCallback"):
+            hf_trainer(gpt2(0), tmp_path, 0, max_steps=2, **{"save_steps": 2, **refused}).train()
+
+
+def lora(seed: int):
+    peft = pytest.importorskip("peft")
+    base = gpt2(0, n_layer=2, n_embd=64, vocab_size=1024)  # the same base weights each time
+    torch.manual_seed(seed)  # ... and adapters initialised from ``seed``
+    return peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
+                                                     init_lora_weights="gaussian", task_type="CAUSAL_LM"))  # fmt: skip
+
+
+def test_peft_lora_checkpoints_after_the_first_write_only_adapters_and_their_optimizer_state(tracking, tmp_path):
+    model = lora(0)
+    base_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
+    adapters = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    with mlflow.start_run() as run:
+        hf_trainer(model, tmp_path, 0, max_steps=6, save_steps=2).train()
+    ckpts = sorted(checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint"),
+                   key=lambda m: int(m.tags[checkpoint._STEP_TAG]))  # fmt: skip
+    written = [v.bytes_written for v in ml.versions(lifecycle.flavor_conf(f"models:/{ckpts[0].model_id}")["lance_uri"])]
+    assert len(written) == 3 and written[0] > base_bytes > 3 * adapters + 256 * 1024
+    for w in written[1:]:  # the adapters, their two Adam moments, counters and RNG states: no base weights
+        assert w <= 3 * adapters + 256 * 1024, (written, adapters)
+    with mlflow.start_run():  # a fresh PeftModel resumes from step 4 to the same adapters
+        resumed = lora(1)
+        resume_training(hf_trainer(resumed, tmp_path, 1, max_steps=6, save_steps=2), f"models:/{ckpts[1].model_id}")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
