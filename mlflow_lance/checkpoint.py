@@ -23,7 +23,10 @@ out of ``keep_last`` / ``keep_best`` (never one registered as a model version), 
 from __future__ import annotations
 
 import atexit
+import json
+import math
 import random
+import re
 import threading
 import time
 from collections.abc import Mapping
@@ -42,7 +45,9 @@ from .artifacts import lance_root
 from .skeleton import dump_skeleton
 
 CHECKPOINT_NAME = "checkpoint"
+_REGISTERED_SOURCE = re.compile(r"(m-[0-9a-f]{32})(?:/artifacts)?/?$")
 _STEP_TAG = "mlflow_lance.checkpoint.step"
+_METRICS_TAG = "mlflow_lance.checkpoint.metrics"  # this checkpoint's own metrics (retention ranks by them)
 
 
 # --------------------------------------------------------------------------- staging
@@ -103,15 +108,30 @@ def _named_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 
 def _indexed_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, named: dict) -> dict:
-    """The stored, name-keyed optimizer state in the index form this optimizer loads."""
-    index = {n: i for i, n in enumerate(_param_names(model, optimizer))}
+    """The stored, name-keyed optimizer state in the form this optimizer loads.
+
+    torch pairs saved groups and parameters with the current ones by position, so the groups
+    are rebuilt in the current optimizer's order: each current group takes the hyperparameters
+    of the saved group that holds the same parameters; a different grouping is refused.
+    """
+    names = _param_names(model, optimizer)
+    index = {n: i for i, n in enumerate(names)}
     unknown = [n for n in named["state"] if n not in index]
     if unknown:
         raise KeyError(f"the checkpoint has optimizer state for {unknown[:5]}, which this optimizer does not train")
-    return {
-        "state": {index[n]: s for n, s in named["state"].items()},
-        "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
-    }
+    saved = {frozenset(g["params"]): g for g in named["param_groups"]}
+    groups, start = [], 0
+    for group in optimizer.param_groups:
+        mine = names[start:start + len(group["params"])]
+        start += len(group["params"])
+        match = saved.get(frozenset(mine))
+        if match is None:
+            raise ValueError(
+                f"the optimizer's parameter groups differ from the checkpoint's (a group of {mine[:3]}... "
+                f"has no saved counterpart); build the optimizer with the same groups"
+            )
+        groups.append({**match, "params": [index[n] for n in mine]})
+    return {"state": {index[n]: s for n, s in named["state"].items()}, "param_groups": groups}
 
 
 def _rng_state() -> dict:
@@ -143,7 +163,7 @@ def _stage(model, optimizer, scheduler, *, step: int, metrics: Mapping | None, e
            clone: bool = True) -> flavor.Staged:  # fmt: skip
     """Everything a checkpoint holds, on the CPU (copied when ``clone``: training may go on)."""
     copy = _copier(clone)
-    state_dict = {k: copy(v) for k, v in model.state_dict().items()}
+    state_dict = {k: copy(v) for k, v in model.state_dict(keep_vars=True).items()}  # tied: one object
     rest: dict[str, Any] = {"step": int(step), "metrics": dict(metrics or {}), "extra": _deep_copy(dict(extra or {}), copy)}
     if optimizer is not None:
         rest["optimizer"] = _deep_copy(_named_optimizer_state(model, optimizer), copy)
@@ -189,44 +209,41 @@ class CheckpointHandle:
 
 
 class _Writer:
-    """One background thread, at most one checkpoint in flight; errors surface once."""
+    """One background thread, at most one checkpoint in flight; each error surfaces once
+    (at ``handle.result()``, the next ``log_checkpoint`` or ``wait_for_checkpoints``)."""
 
     def __init__(self) -> None:
         self._pool: ThreadPoolExecutor | None = None
         self._inflight: Future | None = None
+        self._surfaced: set[int] = set()
         self._lock = threading.Lock()
-        self._unsurfaced: Future | None = None
 
     def surfaced(self, future: Future) -> None:
         with self._lock:
-            if self._unsurfaced is future:
-                self._unsurfaced = None
+            self._surfaced.add(id(future))
 
     def wait(self) -> None:
-        """Wait for the checkpoint in flight; raise a background error not raised yet."""
+        """Wait for the checkpoint in flight; raise its error unless it was raised already."""
         with self._lock:
             future = self._inflight
-        if future is not None:
-            future.exception()  # waits
+        if future is None:
+            return
+        error = future.exception()  # waits
         with self._lock:
-            pending, self._unsurfaced = self._unsurfaced, None
-        if pending is not None and pending.exception() is not None:
-            raise RuntimeError(f"an earlier checkpoint failed to write: {pending.exception()}") from pending.exception()
+            if self._inflight is future:
+                self._inflight = None  # nothing keeps the staged copy alive any more
+            seen = id(future) in self._surfaced
+            self._surfaced.discard(id(future))
+        if error is not None and not seen:
+            raise RuntimeError(f"an earlier checkpoint failed to write: {error}") from error
 
     def submit(self, fn, *args) -> Future:
         self.wait()
         with self._lock:
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="mlflow-lance-checkpoint")
-            future = self._pool.submit(fn, *args)
-            self._inflight = future
-        future.add_done_callback(self._finished)
-        return future
-
-    def _finished(self, future: Future) -> None:
-        with self._lock:
-            if future.exception() is not None:
-                self._unsurfaced = future
+            self._inflight = self._pool.submit(fn, *args)
+            return self._inflight
 
 
 _writer = _Writer()
@@ -262,10 +279,11 @@ def _write(staged: flavor.Staged, model: torch.nn.Module, run_id: str, step: int
     if metrics:  # logged to the run first: MLflow links a step's metrics to the model logged at it
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+    tags = {_STEP_TAG: str(step), _METRICS_TAG: json.dumps({k: float(v) for k, v in (metrics or {}).items()})}
     info = flavor.log_model(model, name=name, step=step, run_id=run_id, lance_uri=lance_uri,
-                            pip_requirements=None, tags={_STEP_TAG: str(step)}, _staged=staged)  # fmt: skip
+                            pip_requirements=None, tags=tags, _staged=staged)  # fmt: skip
     conf = info.flavors[flavor.FLAVOR_NAME]
-    deleted = _retain(client, run_id, name, keep_last, keep_best) if keep_last or keep_best else ()
+    deleted = _retain(client, run_id, name, keep_last, keep_best, info.model_id) if keep_last or keep_best else ()
     return Checkpoint(info.model_id, f"models:/{info.model_id}", run_id, step, conf["lance_uri"],
                       int(conf["lance_version"]), tuple(deleted))  # fmt: skip
 
@@ -301,11 +319,14 @@ def log_checkpoint(
             raise ValueError(f"keep_best must be (metric, 'min' or 'max', k >= 1), got {keep_best!r}")
         if metrics is None or metric not in metrics:
             raise ValueError(f"keep_best ranks by {metric!r}; pass it in metrics=")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("log_checkpoint takes the nn.Module being trained, not a TorchScript module; "
+                        "log the scripted program with mlflow_lance.log_model()")
     _writer.wait()  # an earlier background failure surfaces here, before more work is queued
     run = mlflow.active_run() or mlflow.start_run()
     staged = _stage(model, optimizer, scheduler, step=step, metrics=metrics, extra=extra, clone=not blocking)
     dataset = _checkpoint_dataset(run, lance_uri)
-    args = (staged, model, run.info.run_id, int(step), metrics, name, dataset, keep_last, keep_best)
+    args = (staged, model, run.info.run_id, int(step), dict(metrics or {}), name, dataset, keep_last, keep_best)
     if blocking:
         return _write(*args)
     return CheckpointHandle(_writer.submit(_write, *args))
@@ -323,20 +344,29 @@ def _checkpoints(client: MlflowClient, run_id: str, name: str) -> list[Any]:
             and _STEP_TAG in (m.tags or {})]  # fmt: skip
 
 
-def _retain(client: MlflowClient, run_id: str, name: str, keep_last: int | None, keep_best: tuple | None) -> list[str]:
-    """Delete the run's checkpoints outside keep_last / keep_best; the ids deleted."""
+def _retain(client: MlflowClient, run_id: str, name: str, keep_last: int | None, keep_best: tuple | None,
+            newest: str) -> list[str]:  # fmt: skip
+    """Delete the run's checkpoints outside keep_last / keep_best; the ids deleted.
+
+    The checkpoint just written (``newest``) and registered ones always stay; "last" means
+    most recently written (a run that resumed from an earlier step goes on from there); a
+    NaN or missing metric ranks worst.
+    """
     models = _checkpoints(client, run_id, name)
-    step = {m.model_id: int(m.tags[_STEP_TAG]) for m in models}
-    keep: set[str] = set()
+    keep: set[str] = {newest}
     if keep_last:
-        keep |= {m.model_id for m in sorted(models, key=lambda m: -step[m.model_id])[:keep_last]}
+        recent = sorted(models, key=lambda m: (m.creation_timestamp, int(m.tags[_STEP_TAG])), reverse=True)
+        keep |= {m.model_id for m in recent[:keep_last]}
     if keep_best:
         metric, mode, k = keep_best
-        scored = [(v, m.model_id) for m in models if (v := _metric(m, metric)) is not None]
-        scored.sort(key=lambda vm: vm[0] if mode == "min" else -vm[0])
-        keep |= {mid for _, mid in scored[: int(k)]}
-    registered = {mv.source.rstrip("/").rsplit("/", 1)[-1]
-                  for mv in client.search_model_versions(f"run_id = {lifecycle.quote_filter(run_id)}")}  # fmt: skip
+        scored = [(v if mode == "min" else -v, m.model_id) for m in models
+                  if (v := _metric(m, metric)) is not None and math.isfinite(v)]  # fmt: skip
+        keep |= {mid for _, mid in sorted(scored)[: int(k)]}
+    registered = set()
+    for mv in client.search_model_versions(f"run_id = {lifecycle.quote_filter(run_id)}"):
+        found = _REGISTERED_SOURCE.search(mv.source or "")
+        registered |= {found.group(1)} if found else set()
+        registered |= {mv.model_id} if getattr(mv, "model_id", None) else set()
     deleted = []
     for m in models:
         if m.model_id not in keep and m.model_id not in registered:
@@ -346,8 +376,12 @@ def _retain(client: MlflowClient, run_id: str, name: str, keep_last: int | None,
 
 
 def _metric(model: Any, key: str) -> float | None:
-    values = [m for m in (model.metrics or []) if m.key == key]
-    return values[-1].value if values else None
+    """The checkpoint's own value of ``key`` (from its tag, not the run's metrics at its step)."""
+    try:
+        value = json.loads((model.tags or {}).get(_METRICS_TAG) or "{}").get(key)
+    except (ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, (int, float)) else None
 
 
 # --------------------------------------------------------------------------- loading
@@ -361,7 +395,7 @@ def _resolve(uri: str) -> str:
     models = _checkpoints(MlflowClient(), run_id, name.rstrip("/") or CHECKPOINT_NAME)
     if not models:
         raise store.VersionNotFoundError(f"run {run_id!r} has no finished checkpoint named {name!r}")
-    latest = max(models, key=lambda m: (int(m.tags[_STEP_TAG]), m.creation_timestamp))
+    latest = max(models, key=lambda m: (m.creation_timestamp, int(m.tags[_STEP_TAG])))  # the last written
     return f"models:/{latest.model_id}"
 
 

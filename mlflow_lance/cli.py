@@ -186,7 +186,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import store
 
     uri = _resolve(args.target)
-    sd = store.load_state_dict(uri, _version(args.version), storage_options=_opts(uri))
+    sd = store.load_state_dict(uri, _version(args.version), storage_options=_opts(uri), names="*")  # flat, trees too
     seen: dict[int, str] = {}
     out = {}
     with _bar(args, len(sd), "tensor", "export") as bar:

@@ -179,8 +179,8 @@ def _adopt(client: MlflowClient, name: str) -> str | None:
             conf = flavor_conf(f"models:/{name}/{mv.version}")
         except (MlflowException, OSError):
             continue
-        if conf is not None and not conf.get("self_contained"):
-            return conf["lance_uri"]
+        if conf is not None and not conf.get("self_contained") and not conf.get("state_prefix"):
+            return conf["lance_uri"]  # (a checkpoint's dataset belongs to its run)
     return None
 
 
@@ -622,6 +622,7 @@ def _datasets_under_roots(refs: References) -> list[str]:
         found += [d for d in _list_dirs(f"{root}/models", opts) if d.endswith(".lance")]
         for exp in _list_dirs(f"{root}/experiments", opts):
             found += [d for d in _list_dirs(exp, opts) if d.endswith(".lance")]
+            found += [d for d in _list_dirs(f"{exp}/checkpoints", opts) if d.endswith(".lance")]  # one per run
     return found
 
 

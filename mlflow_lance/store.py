@@ -176,6 +176,7 @@ def _local_path(uri: str) -> str | None:
 # Object stores: a request with no complete answer within 10 s fails (reads go in 16 MiB
 # requests, so that is a stall, not a slow link), and a silent endpoint fails the call within
 # about 70 s (Lance retries each request a few times) instead of ~185 s. Callers may override.
+_JITTER = random.Random()  # retry jitter: never draws from the global RNG that training resumes bit-exactly
 _REMOTE_DEFAULTS = {"connect_timeout": "5s", "timeout": "10s", "client_max_retries": "1",
                     "client_retry_timeout": "10"}  # fmt: skip
 
@@ -235,7 +236,7 @@ def _tag_list(ds: lance.LanceDataset) -> dict:
         except (ValueError, OSError) as err:
             if "not found" not in str(err).lower() or attempt == 7:
                 raise
-            time.sleep(random.uniform(0, 0.005 * 2**attempt))
+            time.sleep(_JITTER.uniform(0, 0.005 * 2**attempt))
     raise AssertionError("unreachable")
 
 
@@ -1088,7 +1089,7 @@ def _commit(
                 or "already exists" in str(err).lower()
             if not retryable or attempt == _COMMIT_ATTEMPTS - 1:
                 _raise_write_error(uri, err)
-            time.sleep(random.uniform(0, 0.02 * 2 ** min(attempt, 6)))
+            time.sleep(_JITTER.uniform(0, 0.02 * 2 ** min(attempt, 6)))
             read_version = _open(uri, storage_options).version
     raise AssertionError("unreachable")
 
@@ -1460,7 +1461,7 @@ def tag(uri: str | os.PathLike, name: str, version: int, *, storage_options: Sto
         except (ValueError, OSError, RuntimeError):
             if attempt == 7:
                 raise
-            time.sleep(random.uniform(0, 0.01 * 2**attempt))
+            time.sleep(_JITTER.uniform(0, 0.01 * 2**attempt))
 
 
 def untag(uri: str | os.PathLike, name: str, *, storage_options: StorageOptions = None) -> None:

@@ -173,3 +173,45 @@ def test_sigkill_during_async_writes_loses_no_earlier_checkpoint(tracking):
     report = json.loads(path.read_text()) if path.exists() else {}
     report["async_checkpoint_kills"] = {"trials": trials, "checkpoints_checked": checked, "lost_or_corrupt": 0}
     path.write_text(json.dumps(report, indent=2, sort_keys=True))
+
+
+def test_review_findings_hold(tracking, tmp_path, capsys):
+    """Optimizer state follows parameter names when the order and groups are built differently;
+    NaN never outranks a real metric; gc --all finds run checkpoint datasets; tied weights are
+    staged once; the CLI exports a checkpoint version as flat tensors."""
+    model, _ = small(3)
+    opt = torch.optim.SGD([{"params": [model[0].weight, model[1].weight], "lr": 0.1},
+                           {"params": [model[0].bias, model[1].bias], "lr": 0.5}], momentum=0.9)  # fmt: skip
+    step_once(model, opt)
+    with mlflow.start_run() as run:
+        first = ml.log_checkpoint(model, opt, step=1, metrics={"loss": 0.1}, keep_best=("loss", "min", 1))
+        second = ml.log_checkpoint(model, opt, step=2, metrics={"loss": float("nan")}, keep_best=("loss", "min", 1))
+        third = ml.log_checkpoint(model, opt, step=3, metrics={"loss": 0.3}, keep_best=("loss", "min", 1))
+    live = {m.model_id for m in checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint")}
+    assert first.model_id in live and third.model_id in live and second.model_id not in live
+    fresh, _ = small(4)  # the same parameters, grouped and ordered differently
+    opt2 = torch.optim.SGD([{"params": [fresh[1].bias, fresh[0].bias], "lr": 0.5},
+                            {"params": [fresh[1].weight, fresh[0].weight], "lr": 0.1}], momentum=0.9)  # fmt: skip
+    ml.load_checkpoint(first.model_uri, fresh, opt2, restore_rng=False)
+    by_param = {p: opt.state[q]["momentum_buffer"] for p, q in zip(fresh.parameters(), model.parameters())}
+    for p, buf in by_param.items():
+        assert torch.equal(opt2.state[p]["momentum_buffer"], buf)
+    assert [g["lr"] for g in opt2.param_groups] == [0.5, 0.1]
+    results = ml.gc(all=True, grace=timedelta(0))
+    assert any(r.dataset.endswith(f"checkpoints/{run.info.run_id}.lance") for r in results)
+
+    emb = torch.nn.Embedding(1000, 64)
+    tied = torch.nn.ModuleDict({"emb": emb, "head": torch.nn.Linear(64, 1000, bias=False)})
+    tied["head"].weight = emb.weight
+    with mlflow.start_run():
+        handle = ml.log_checkpoint(tied, None, step=1, blocking=False)
+        ckpt = handle.result(timeout=120)
+    written = next(v for v in ml.versions(ckpt.lance_uri) if v.version == ckpt.lance_version).bytes_written
+    assert written < 1.5 * emb.weight.numel() * 4  # one copy of the tied matrix
+    from mlflow_lance.cli import main as cli
+
+    out = tmp_path / "ckpt.safetensors"
+    assert cli(["export", first.lance_uri, str(out), "--version", str(first.lance_version)]) == 0
+    from safetensors.torch import load_file
+
+    assert "model/0.weight" in load_file(str(out))
