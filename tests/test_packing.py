@@ -242,3 +242,15 @@ def test_plan_packs_small_tensors_between_large_ones_and_keeps_chunks_apart():
     units, changed = store._plan(ts, {}, {})
     assert [[m["name"] for m, _ in u.rows] for u in units] == [["s0"], ["big"], ["s1", "s2"], ["chunked"], ["chunked"]]
     assert changed == [t.name for t in ts]
+
+
+def test_a_large_compressed_save_writes_in_parallel_threads(tmp_path: Path, monkeypatch):
+    monkeypatch.setattr(store, "_PARALLEL_WRITE_BYTES", 1)  # every save takes the threaded path
+    uri = tmp_path / "w.lance"
+    sd = two_runs()
+    sd.update((f"c{i}", small(20 + i)) for i in range(3))  # runs of 4, 4 and 3 rows: several calls
+    for step in range(3):
+        sd = OrderedDict((k, v + step if v.is_floating_point() else v) for k, v in sd.items())
+        ml.save_state_dict(sd, uri, compression="zstd")
+    assert_loads(uri, sd)
+    assert ml.verify(uri, 1).ok
