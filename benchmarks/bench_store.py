@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ import mlflow_lance as ml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from docs_example import docs_load_state_dict, docs_save_model  # noqa: E402
-from shapes import llama_state_dict, module_for, resnet50_state_dict  # noqa: E402
+from shapes import llama_state_dict, module_for, resnet50_state_dict
 
 
 def build_model() -> torch.nn.Module:
@@ -206,13 +207,24 @@ def print_gpt2_extras(x: dict, raw: int) -> None:
           f"{rss['largest_tensor']:,}; target <= 2x)")
 
 
+def _gpt2() -> tuple[dict, torch.nn.Module]:
+    model = build_model()
+    return model.state_dict(), model
+
+
+def _shaped(build) -> Callable[[], tuple[dict, torch.nn.Module]]:
+    def make() -> tuple[dict, torch.nn.Module]:
+        sd = build()
+        return sd, module_for(sd)
+
+    return make
+
+
 WORKLOADS = {  # name -> (label, state dict and module builder, the tensor a new version changes)
-    "gpt2": ("GPT-2 small, fp32", lambda: (lambda m: (m.state_dict(), m))(build_model()), "h.11.mlp.c_proj.weight"),
-    "resnet50": ("ResNet-50-shaped, fp32", lambda: (lambda sd: (sd, module_for(sd)))(resnet50_state_dict()),
-                 "fc.weight"),
-    "llama": ("LLaMA-shaped, bf16", lambda: (lambda sd: (sd, module_for(sd)))(llama_state_dict()),
-              "model.layers.15.mlp.down_proj.weight"),
-}  # fmt: skip
+    "gpt2": ("GPT-2 small, fp32", _gpt2, "h.11.mlp.c_proj.weight"),
+    "resnet50": ("ResNet-50-shaped, fp32", _shaped(resnet50_state_dict), "fc.weight"),
+    "llama": ("LLaMA-shaped, bf16", _shaped(llama_state_dict), "model.layers.15.mlp.down_proj.weight"),
+}
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -144,7 +145,7 @@ def test_packed_rows_of_every_dtype_are_contiguous_aligned_and_load_every_way(tm
     assert len(ds.get_fragments()) == 1
     rows = ds.scanner(columns=["name", "dtype", "data"], with_row_address=True).to_table().to_pylist()
     spans = sorted((r["data"]["position"], r["data"]["size"]) for r in rows if r["data"]["size"])
-    assert all(a + n <= b for (a, n), (b, _) in zip(spans, spans[1:]))  # no overlap
+    assert all(a + n <= b for (a, n), (b, _) in itertools.pairwise(spans))  # no overlap
     assert all(pos % 8 == 0 for pos, _ in spans)  # maps of any dtype need aligned payloads
     data = (uri / "data" / ds.get_fragments()[0].metadata.files[0].path).read_bytes()
     for r in rows:
