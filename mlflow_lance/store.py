@@ -6,7 +6,7 @@ A new version is a Lance ``Overwrite`` commit whose fragment list reuses every f
 whose rows are all unchanged since the latest version (same name, dtype, shape and content
 hash, in the same order) and adds new fragments for the rest: a version costs the changed
 bytes, plus the other tensors of the runs they were packed in (at most 1 MiB per run; see
-"the save plan").
+plan.py).
 
 Nothing here knows about MLflow.
 """
@@ -60,6 +60,7 @@ from .layout import (  # how a dataset is laid out and read
     _index_path,
     _kind,
     _lance_options,
+    _local_path,  # noqa: F401 (sidecar.py and lifecycle.py use store._local_path)
     _Located,
     _materialize,
     _open,
@@ -68,7 +69,6 @@ from .layout import (  # how a dataset is laid out and read
     _raise_problems,
     _read_version,
     _Reader,
-    _Row,
     _rows_digest,
     _schema,
     _seed_entries,
@@ -78,10 +78,10 @@ from .layout import (  # how a dataset is laid out and read
     _uri,
     _write_index,
 )
-from .layout import _local_path as _local_path  # for sidecar.py and lifecycle.py
+from .plan import RowData, Unit, plan_version
 from .tensors import (
     DEFAULT_CHUNK_BYTES,
-    TensorRows,
+    META_COLUMNS,  # noqa: F401 (tests use store.META_COLUMNS)
     dtype_from_name,
     find_aliases,
     hash_bytes,
@@ -90,7 +90,6 @@ from .tensors import (
     uint8_view,
     validate_state_dict,
 )
-from .tensors import META_COLUMNS as META_COLUMNS  # the column order, as before the split
 
 _PARALLEL_WRITE_BYTES = 64 << 20
 _COMMIT_ATTEMPTS = 64
@@ -157,93 +156,6 @@ class LoadResult(NamedTuple):
     unexpected_keys: list[str]
 
 
-# --------------------------------------------------------------------------- the save plan
-
-# Packing. Lance writes one data file per fragment, and each file costs time to write (~0.15
-# ms here) and a footer read whenever its fragment is scanned: one file per tensor made the
-# first save of a ResNet-50 state dict (320 tensors, 278 under 256 KiB) 2.4-3.4x safetensors.
-# So a run of consecutive new tensors smaller than _PACK_TENSOR_BYTES shares one fragment, up
-# to _PACK_RUN_BYTES of payload per run. A later version reuses a run only as a whole:
-# changing one tensor of a run rewrites the run, so runs are kept small (the measurements
-# behind these two figures are in the README, "Performance").
-_PACK_TENSOR_BYTES = 256 << 10
-_PACK_RUN_BYTES = 1 << 20
-
-_RowData = tuple[dict, memoryview]  # one row's metadata and payload
-
-
-@dataclass
-class _Unit:
-    """One fragment of a new version: a parent fragment reused whole, or rows to write."""
-
-    rows: list[_RowData]
-    reused: int | None = None  # the parent's fragment id, when reused
-    old: list[_Row] = field(default_factory=list)  # where the reused rows lie in it
-
-
-def _plan(
-    tensors: list[TensorRows], previous: Mapping[str, _Entry], fragment_rows: Mapping[int, int]
-) -> tuple[list[_Unit], list[str]]:
-    """The new version's fragments, in order, and the names added or changed.
-
-    Unchanged tensors (same name and key as in ``previous``) keep their rows wherever whole
-    parent fragments (``fragment_rows``: id -> rows) hold exactly a stretch of them; every
-    other tensor is written, small single-row ones packed into runs.
-    """
-    same = {t.name: previous[t.name] for t in tensors if t.name in previous and previous[t.name].key == t.key}
-    keep = _reusable(tensors, same, fragment_rows)
-    units: list[_Unit] = []
-    run: list[_RowData] = []
-    run_bytes = 0
-    for t in tensors:
-        rows = list(zip(t.meta, t.payloads))
-        packable = t.name not in keep and len(rows) == 1 and t.nbytes < _PACK_TENSOR_BYTES
-        if run and (not packable or run_bytes + t.nbytes > _PACK_RUN_BYTES):
-            units.append(_Unit(run))
-            run, run_bytes = [], 0
-        if packable:
-            run.append(rows[0])
-            run_bytes += t.nbytes
-        elif t.name in keep:
-            for row, old in zip(rows, same[t.name].rows):
-                if units and units[-1].reused == old.address >> 32:
-                    units[-1].rows.append(row)
-                    units[-1].old.append(old)
-                else:
-                    units.append(_Unit([row], old.address >> 32, [old]))
-        else:
-            units += [_Unit([row]) for row in rows]
-    if run:
-        units.append(_Unit(run))
-    return units, [t.name for t in tensors if t.name not in same]
-
-
-def _reusable(tensors: list[TensorRows], same: Mapping[str, _Entry], fragment_rows: Mapping[int, int]) -> set[str]:
-    """Names of unchanged tensors whose rows can all be taken over in whole parent fragments:
-    a fragment is reused only when the new version's rows at that place are exactly its rows,
-    in order (a run of which one tensor changed, or was removed or moved, is rewritten)."""
-    keep = set(same)
-    while True:
-        addresses = [
-            (t.name, same[t.name].rows[i].address if t.name in keep else None)
-            for t in tensors for i in range(len(t.meta))
-        ]  # fmt: skip
-        covered = [False] * len(addresses)
-        p = 0
-        while p < len(addresses):
-            first = addresses[p][1]
-            k = fragment_rows.get(first >> 32, 0) if first is not None and first & 0xFFFFFFFF == 0 else 0
-            if k and [a for _, a in addresses[p : p + k]] == list(range(first, first + k)):
-                covered[p : p + k] = [True] * k
-                p += k
-            else:
-                p += 1
-        drop = {name for (name, _), c in zip(addresses, covered) if not c} & keep
-        if not drop:
-            return keep
-        keep -= drop
-
-
 # --------------------------------------------------------------------------- public API
 
 
@@ -299,7 +211,7 @@ def save_state_dict(
     aliases = find_aliases(state_dict)
     tensors = [to_rows(name, t, alias=aliases.get(name), chunk_bytes=chunk_bytes) for name, t in state_dict.items()]
     reusable = {f.fragment_id: f.metadata for f in parent.get_fragments()} if parent else {}
-    units, changed = _plan(tensors, previous, {fid: f.physical_rows for fid, f in reusable.items()})
+    units, changed = plan_version(tensors, previous, {fid: f.physical_rows for fid, f in reusable.items()})
     fresh = [u.rows for u in units if u.reused is None]
     written = iter(_write_rows(fresh, uri, schema, storage_options, create=parent is None))
     fragments = [reusable[u.reused] if u.reused is not None else next(written) for u in units]
@@ -356,7 +268,7 @@ def _commit(
     raise AssertionError("unreachable")
 
 
-def _index_new_version(ds: lance.LanceDataset, units: list[_Unit]) -> None:
+def _index_new_version(ds: lance.LanceDataset, units: list[Unit]) -> None:
     """Write the version index of a just-committed version, scanning only its new fragments."""
     fragments = ds.get_fragments()
     if _index_path(ds, ds.version) is None or len(fragments) != len(units):
@@ -405,7 +317,7 @@ def _raise_write_error(uri: str, err: Exception) -> NoReturn:
 
 
 def _write_rows(
-    units: list[list[_RowData]],
+    units: list[list[RowData]],
     uri: str,
     schema: pa.Schema,
     storage_options: StorageOptions,
@@ -459,11 +371,11 @@ def _write_rows(
     return written
 
 
-def _unit_bytes(unit: list[_RowData]) -> int:
+def _unit_bytes(unit: list[RowData]) -> int:
     return sum(len(p) for _, p in unit)
 
 
-def _write_calls(units: list[list[_RowData]]) -> list[list[int]]:
+def _write_calls(units: list[list[RowData]]) -> list[list[int]]:
     """Unit indices per ``write_fragments`` call: units spread over _THREADS byte-balanced
     groups (one group below _PARALLEL_WRITE_BYTES), then split by row count, in order."""
     total = sum(_unit_bytes(u) for u in units)

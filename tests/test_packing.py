@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import mlflow_lance as ml
-from mlflow_lance import store
+from mlflow_lance import layout, plan, store
 from mlflow_lance.tensors import to_rows
 
-SMALL = store._PACK_RUN_BYTES // 8  # bytes of one packed tensor: 8 fill a run
-assert SMALL < store._PACK_TENSOR_BYTES
+SMALL = plan.PACK_RUN_BYTES // 8  # bytes of one packed tensor: 8 fill a run
+assert SMALL < plan.PACK_TENSOR_BYTES
 
 
 def bits(t: torch.Tensor) -> bytes:
@@ -33,7 +33,7 @@ def small(seed: int, dtype: torch.dtype = torch.float32, nbytes: int = SMALL) ->
 def two_runs() -> OrderedDict[str, torch.Tensor]:
     """Four small tensors, a large one, four small ones: two runs and one single file."""
     sd: OrderedDict[str, torch.Tensor] = OrderedDict((f"a{i}", small(i)) for i in range(4))
-    sd["big"] = small(9, nbytes=store._PACK_TENSOR_BYTES)
+    sd["big"] = small(9, nbytes=plan.PACK_TENSOR_BYTES)
     sd.update((f"b{i}", small(10 + i)) for i in range(4))
     return sd
 
@@ -81,7 +81,7 @@ def test_runs_hold_at_most_the_run_limit(tmp_path: Path):
     ml.save_state_dict(sd, uri)
     ds = lance.dataset(str(uri))
     assert [f.metadata.physical_rows for f in ds.get_fragments()] == [8, 8, 4]
-    assert all(f.metadata.files[0].file_size_bytes < store._PACK_RUN_BYTES + 64 * 1024 for f in ds.get_fragments())
+    assert all(f.metadata.files[0].file_size_bytes < plan.PACK_RUN_BYTES + 64 * 1024 for f in ds.get_fragments())
 
 
 def test_changing_one_packed_tensor_rewrites_only_its_run(tmp_path: Path):
@@ -172,7 +172,7 @@ def test_compressed_datasets_pack_too(tmp_path: Path):
 def test_old_one_row_per_fragment_datasets_load_and_take_packed_versions(tmp_path: Path, monkeypatch):
     uri = tmp_path / "w.lance"
     sd = two_runs()
-    monkeypatch.setattr(store, "_PACK_TENSOR_BYTES", 0)  # how versions were written before packing
+    monkeypatch.setattr(plan, "PACK_TENSOR_BYTES", 0)  # how versions were written before packing
     ml.save_state_dict(sd, uri)
     monkeypatch.undo()
     old = files_of(uri)
@@ -213,34 +213,34 @@ def test_a_failed_commit_leaves_the_previous_version_whole(tmp_path: Path, monke
 # --------------------------------------------------------------------------- the plan, without Lance
 
 
-def entry(t, fragment: int, row: int) -> store._Entry:
+def entry(t, fragment: int, row: int) -> layout._Entry:
     """A stored single-row tensor at row ``row`` of fragment ``fragment``."""
     meta = t.meta[0]
-    return store._Entry(t.name, meta["dtype"], meta["shape"], meta["nbytes"], None, t.meta,
-                        [store._Row(0, 0, t.nbytes, meta["hash"], fragment << 32 | row, 0, 0, "f", t.nbytes)])
+    return layout._Entry(t.name, meta["dtype"], meta["shape"], meta["nbytes"], None, t.meta,
+                        [layout._Row(0, 0, t.nbytes, meta["hash"], fragment << 32 | row, 0, 0, "f", t.nbytes)])
 
 
 def test_plan_reuses_whole_fragments_only():
     ts = [to_rows(f"t{i}", small(i)) for i in range(4)]
     previous = {t.name: entry(t, 7, i) for i, t in enumerate(ts[:3])}  # t0..t2 in fragment 7
-    units, changed = store._plan(ts, previous, {7: 3})
+    units, changed = plan.plan_version(ts, previous, {7: 3})
     assert [u.reused for u in units] == [7, None] and changed == ["t3"]
     assert [m["name"] for m, _ in units[0].rows] == ["t0", "t1", "t2"]
 
     ts[1] = to_rows("t1", small(99))  # one tensor of the fragment changed: the run is rewritten
-    units, changed = store._plan(ts, previous, {7: 3})
+    units, changed = plan.plan_version(ts, previous, {7: 3})
     assert [u.reused for u in units] == [None] and changed == ["t1", "t3"]
     assert [m["name"] for m, _ in units[0].rows] == ["t0", "t1", "t2", "t3"]
 
-    units, _ = store._plan(ts[:1], previous, {7: 3})  # a fragment partly in the new version
+    units, _ = plan.plan_version(ts[:1], previous, {7: 3})  # a fragment partly in the new version
     assert units[0].reused is None
 
 
 def test_plan_packs_small_tensors_between_large_ones_and_keeps_chunks_apart():
-    big = torch.zeros(store._PACK_TENSOR_BYTES // 4)
+    big = torch.zeros(plan.PACK_TENSOR_BYTES // 4)
     ts = [to_rows("s0", small(0)), to_rows("big", big), to_rows("s1", small(1)), to_rows("s2", small(2)),
           to_rows("chunked", small(3), chunk_bytes=SMALL // 2)]  # fmt: skip
-    units, changed = store._plan(ts, {}, {})
+    units, changed = plan.plan_version(ts, {}, {})
     assert [[m["name"] for m, _ in u.rows] for u in units] == [["s0"], ["big"], ["s1", "s2"], ["chunked"], ["chunked"]]
     assert changed == [t.name for t in ts]
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mlflow_lance as ml
-from mlflow_lance import store
+from mlflow_lance import plan, store
 from mlflow_lance.tensors import DTYPES
 
 
@@ -223,7 +223,7 @@ def test_dtype_or_shape_change_with_equal_bytes_is_a_change(uri):
 
 
 def test_versions_report_what_each_version_wrote(uri):
-    n = store._PACK_TENSOR_BYTES // 4  # unpacked tensors: a version rewrites b alone
+    n = plan.PACK_TENSOR_BYTES // 4  # unpacked tensors: a version rewrites b alone
     sd = {"a": torch.ones(n), "b": torch.zeros(n)}
     ml.save_state_dict(sd, uri, message="first", properties={"run": "r1"})
     sd["b"] = sd["b"] + 1
