@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mlflow_lance as ml
-from mlflow_lance import store
+from mlflow_lance import plan, store
 from mlflow_lance.tensors import DTYPES
 
 
@@ -223,7 +223,8 @@ def test_dtype_or_shape_change_with_equal_bytes_is_a_change(uri):
 
 
 def test_versions_report_what_each_version_wrote(uri):
-    sd = {"a": torch.ones(100), "b": torch.zeros(100)}
+    n = plan.PACK_TENSOR_BYTES // 4  # unpacked tensors: a version rewrites b alone
+    sd = {"a": torch.ones(n), "b": torch.zeros(n)}
     ml.save_state_dict(sd, uri, message="first", properties={"run": "r1"})
     sd["b"] = sd["b"] + 1
     ml.save_state_dict(sd, uri, message="second")
@@ -231,8 +232,8 @@ def test_versions_report_what_each_version_wrote(uri):
     vs = ml.versions(uri)
     assert [v.version for v in vs] == [1, 2]
     assert vs[0].message == "first" and vs[0].properties == {"run": "r1"} and vs[0].tags == ("best",)
-    assert vs[0].num_tensors == 2 and vs[0].total_bytes == 800 and vs[0].changed == ("a", "b")
-    assert vs[1].changed == ("b",) and vs[1].parent == 1 and 400 <= vs[1].bytes_written < vs[0].bytes_written
+    assert vs[0].num_tensors == 2 and vs[0].total_bytes == 8 * n and vs[0].changed == ("a", "b")
+    assert vs[1].changed == ("b",) and vs[1].parent == 1 and 4 * n <= vs[1].bytes_written < vs[0].bytes_written
     assert vs[1].timestamp >= vs[0].timestamp and vs[1].timestamp.tzinfo is not None
 
 
@@ -287,10 +288,12 @@ def test_verify_and_verified_loads_name_the_corrupt_tensor(uri):
     ml.save_state_dict(sd, uri)
     assert ml.verify(uri).ok
     ds = lance.dataset(str(uri))
-    b_file = ds.get_fragments()[1].metadata.files[0].path
+    rows = ds.scanner(columns=["name", "data"], with_row_address=True).to_table().to_pylist()
+    b = next(r for r in rows if r["name"] == "b")
+    b_file = next(f for f in ds.get_fragments() if f.fragment_id == b["_rowaddr"] >> 32).metadata.files[0].path
     path = uri / "data" / b_file
     raw = bytearray(path.read_bytes())
-    raw[100] ^= 0xFF  # inside the payload, which starts the file
+    raw[b["data"]["position"] + 100] ^= 0xFF  # inside b's payload (a shares the file: packed)
     path.write_bytes(bytes(raw))
     report = ml.verify(uri)
     assert not report.ok and [p.name for p in report.problems] == ["b"]

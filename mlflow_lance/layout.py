@@ -1,0 +1,896 @@
+"""How a weights dataset is laid out and read: opening a dataset or version, its schema, the
+metadata rows of a version and the rules they must keep, the version index, and the reader
+of payload bytes (preadv, copy-on-write maps, Lance's blob API).
+
+Layout: one row per tensor chunk (see tensors.py), in the state dict's key order. Each
+Lance fragment (one data file) holds either one row of a large tensor or a run of small,
+single-row tensors (packing, see plan.py). The ``data`` column is a Lance blob column in
+file format 2.0: the raw bytes of a chunk sit contiguously (64-byte aligned) in its data
+file, so local reads can memory-map them, and object storage is read through Lance's blob
+API. Everything read here is input, not a promise: it is checked before it is used.
+
+Nothing here writes a version (see store.py) or knows about MLflow.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fnmatch
+import json
+import mmap
+import os
+import random
+import stat
+import tempfile
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import NamedTuple
+from urllib.parse import unquote, urlparse
+
+import lance
+import pyarrow as pa
+import torch
+import zstandard
+
+from .tensors import (
+    DTYPES,
+    META_COLUMNS,
+    SCHEMA_FIELDS,
+    check_key,
+    dtype_from_name,
+    hash_bytes,
+    readonly_bytes,
+    stored_nbytes,
+    tensor_key,
+    uint8_view,
+)
+
+FORMAT_VERSION = 1
+_FORMAT_KEY = "mlflow_lance.format"
+_COMPRESSION_KEY = "mlflow_lance.compression"
+_PROP = "mlflow_lance."  # prefix of our transaction properties
+_STORAGE_VERSION = "2.0"  # Lance file format whose blob payloads sit contiguous in the data file
+_COMPRESSIONS = ("zstd",)
+
+Version = int | str  # a version number or a tag name
+StorageOptions = Mapping[str, str] | None
+
+
+class WeightsError(ValueError):
+    """A weights dataset, version or tensor is missing, malformed or corrupt."""
+
+
+class VersionNotFoundError(WeightsError, LookupError):
+    """The requested version or tag does not exist (the message lists what does)."""
+
+
+class CorruptionError(WeightsError):
+    """A version's stored bytes or metadata are inconsistent: corrupted, truncated or crafted."""
+
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One chunk whose bytes do not match what was recorded."""
+
+    name: str
+    chunk: int
+    file: str
+    detail: str
+
+
+
+# --------------------------------------------------------------------------- opening
+
+
+def _uri(uri: str | os.PathLike) -> str:
+    return os.fspath(uri)
+
+
+def _local_path(uri: str) -> str | None:
+    """The filesystem path of a local dataset URI, or None for object storage."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        return unquote(parsed.path)
+    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return uri
+    return None
+
+
+# Object stores: a request with no complete answer within 10 s fails (reads go in 16 MiB
+# requests, so that is a stall, not a slow link), and a silent endpoint fails the call within
+# about 70 s (Lance retries each request a few times) instead of ~185 s. Callers may override.
+JITTER = random.Random()  # retry jitter: never draws from the global RNG that training resumes bit-exactly
+_REMOTE_DEFAULTS = {"connect_timeout": "5s", "timeout": "10s", "client_max_retries": "1",
+                    "client_retry_timeout": "10"}  # fmt: skip
+
+
+def _lance_options(uri: str, storage_options: StorageOptions) -> dict[str, str] | None:
+    """Storage options as Lance takes them, with time limits for object storage."""
+    opts = dict(storage_options or {})
+    if _local_path(uri) is None:
+        opts = {**_REMOTE_DEFAULTS, **opts}
+    return opts or None
+
+
+def _unreachable(uri: str, err: Exception, elapsed: float = 0.0) -> ConnectionError | None:
+    """A clear error for storage that cannot be reached, or None if ``err`` is something else."""
+    text = str(err)
+    markers = ("error sending request", "timed out", "Timeout", "Connection refused", "dns error",
+               "connect error", "tcp connect")  # fmt: skip
+    if not any(m in text for m in markers):
+        return None
+    silent = "timed out" in text or "Timeout" in text or elapsed > 5
+    reason = f"timed out after {elapsed:.0f}s" if silent else "the connection failed"
+    return ConnectionError(
+        f"cannot reach the storage of {uri!r}: {reason} ({text.split(',')[0][:200]}). Check the "
+        f"endpoint (MLFLOW_S3_ENDPOINT_URL or storage_options['aws_endpoint']), the credentials "
+        f"and the network; nothing was written."
+    )
+
+
+def _open(uri: str, storage_options: StorageOptions = None) -> lance.LanceDataset:
+    started = time.monotonic()
+    try:
+        return lance.dataset(uri, storage_options=_lance_options(uri, storage_options))
+    except (ValueError, OSError) as e:
+        if (err := _unreachable(uri, e, time.monotonic() - started)) is not None:
+            raise err from None
+        if "was not found" in str(e) or "Not found" in str(e):
+            raise FileNotFoundError(
+                f"no weights dataset at {uri!r}: nothing has been saved there yet "
+                f"(check the URI, or save a version first)"
+            ) from None
+        raise
+
+
+def _exists(uri: str, storage_options: StorageOptions) -> lance.LanceDataset | None:
+    try:
+        return _open(uri, storage_options)
+    except FileNotFoundError:
+        return None
+
+
+def _tag_list(ds: lance.LanceDataset) -> dict:
+    """Lance's tag listing, retried: a tag deleted by another process between Lance's directory
+    listing and its read of the tag file makes one listing fail with 'Not found'."""
+    for attempt in range(8):
+        try:
+            return ds.tags.list()
+        except (ValueError, OSError) as err:
+            if "not found" not in str(err).lower() or attempt == 7:
+                raise
+            time.sleep(JITTER.uniform(0, 0.005 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def _available(ds: lance.LanceDataset) -> str:
+    versions = [v["version"] for v in ds.versions()]
+    tags = sorted(_tag_list(ds))
+    span = f"{versions[0]}..{versions[-1]}" if len(versions) > 2 else ", ".join(map(str, versions))
+    return f"versions: {span}" + (f"; tags: {', '.join(tags)}" if tags else "; no tags")
+
+
+def _checkout(ds: lance.LanceDataset, version: Version | None) -> lance.LanceDataset:
+    if version is None:
+        return ds
+    if isinstance(version, bool) or not isinstance(version, (int, str)):
+        raise TypeError(f"version must be an int or a tag name, got {version!r}")
+    try:
+        return ds.checkout_version(version)
+    except (ValueError, OSError):
+        kind = "tag" if isinstance(version, str) else "version"
+        raise VersionNotFoundError(
+            f"{kind} {version!r} does not exist in {ds.uri}; {_available(ds)}"
+        ) from None
+
+
+def _kind(ds: lance.LanceDataset) -> str:
+    """'weights' for our layout, 'seed' for the Lance docs example's, else an error."""
+    meta = ds.schema.metadata or {}
+    if _FORMAT_KEY.encode() in meta:
+        found = int(meta[_FORMAT_KEY.encode()])
+        if found > FORMAT_VERSION:
+            raise WeightsError(
+                f"{ds.uri} uses weights format {found}, newer than this mlflow-lance reads "
+                f"({FORMAT_VERSION}); upgrade mlflow-lance"
+            )
+        return "weights"
+    names = set(ds.schema.names)
+    if {"name", "value", "shape"} <= names and pa.types.is_list(ds.schema.field("value").type):
+        return "seed"
+    raise WeightsError(
+        f"{ds.uri} is a Lance dataset but not a weights dataset (columns: "
+        f"{', '.join(ds.schema.names)}); point at a dataset written by mlflow-lance"
+    )
+
+
+def _schema(compression: str | None) -> pa.Schema:
+    """Schema of a new dataset. ``data`` is a blob column: each payload is stored contiguous.
+
+    Compression is ours, per payload (zstd), recorded in the schema: Lance's own encodings
+    leave one-value pages uncompressed, and our layout has one value per data file.
+    """
+    if compression is not None and compression not in _COMPRESSIONS:
+        raise ValueError(f"compression must be None or one of {_COMPRESSIONS}, got {compression!r}")
+    data = pa.field("data", pa.large_binary(), nullable=False, metadata={"lance-encoding:blob": "true"})
+    return pa.schema(
+        [*SCHEMA_FIELDS, data],
+        metadata={_FORMAT_KEY: str(FORMAT_VERSION), _COMPRESSION_KEY: compression or "none"},
+    )
+
+
+def _compression(ds: lance.LanceDataset) -> str | None:
+    found = (ds.schema.metadata or {}).get(_COMPRESSION_KEY.encode(), b"none").decode()
+    return None if found == "none" else found
+
+
+# --------------------------------------------------------------------------- reading metadata
+
+
+class _Row(NamedTuple):
+    """Where one chunk of a stored tensor lives."""
+
+    chunk: int
+    offset: int  # byte offset of the chunk inside the tensor
+    size: int  # payload bytes
+    hash: str
+    address: int  # Lance row address (fragment id << 32 | row)
+    index: int  # position of the row in the version
+    position: int | None  # byte position of a blob payload inside its data file
+    file: str  # the data file, relative to the dataset's data/ directory
+    stored: int  # payload bytes in the file (differs from `size` when compressed)
+
+
+@dataclass
+class _Entry:
+    """One stored tensor of a version, built from the small metadata columns only."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    alias: str | None
+    meta: list[dict]
+    rows: list[_Row]
+
+    @property
+    def key(self) -> tuple:
+        return tensor_key(self.meta)
+
+
+# A row's metadata, Lance row address, blob position, data file and stored payload size.
+_Located = tuple[dict, int, "int | None", str, "int | None"]
+
+# What a version's rows may claim. Checked before any byte is read or any tensor allocated:
+# a dataset or version index from someone else is input, not a promise.
+_MAX_DIMS = 64
+_MAX_INDEX_BYTES = 64 << 20  # a version index larger than this is ignored (rebuilt by a scan)
+_MAX_PROPERTY_BYTES = 16 << 20  # a commit property larger than this is malformed
+
+
+def _build_entries(rows: Iterable[_Located]) -> OrderedDict[str, _Entry]:
+    out: OrderedDict[str, _Entry] = OrderedDict()
+    for index, (meta, address, position, file, stored) in enumerate(rows):
+        e = out.get(meta["name"])
+        if e is None:
+            e = out[meta["name"]] = _Entry(
+                meta["name"], meta["dtype"], meta["shape"], meta["nbytes"], meta["alias"], [], []
+            )
+        e.meta.append(meta)
+        e.rows.append(
+            _Row(meta["chunk"], meta["offset"], 0, meta["hash"], address, index, position, file, stored or 0)
+        )
+    for e in out.values():  # a chunk's size runs to the next chunk's offset
+        ends = [r.offset for r in e.rows[1:]] + [0 if e.alias else e.nbytes]
+        e.rows = [
+            r._replace(size=end - r.offset, stored=r.stored if r.position is not None else end - r.offset)
+            for r, end in zip(e.rows, ends)
+        ]
+    return out
+
+
+def _entry_problem(e: _Entry, entries: Mapping[str, _Entry], compressed: bool) -> str | None:
+    """Why ``e``'s metadata cannot be loaded as it claims, or None when it is consistent.
+
+    The rules: one name is one run of rows that agree on dtype, shape, size and tie; dtype ×
+    shape is the recorded size; chunks tile exactly that size, each stored with exactly its
+    bytes; a tie names another stored, untied tensor of the same dtype and shape.
+    """
+    if len(e.rows) > 1:
+        first = e.meta[0]
+        if any((m["dtype"], m["shape"], m["nbytes"], m["alias"]) != (first["dtype"], first["shape"],
+               first["nbytes"], first["alias"]) for m in e.meta):  # fmt: skip
+            return "its rows disagree on dtype, shape, size or tie"
+        if [r.index for r in e.rows] != list(range(e.rows[0].index, e.rows[0].index + len(e.rows))):
+            return "the name is stored more than once"
+    try:
+        check_key(e.name)
+    except (TypeError, ValueError) as err:
+        return str(err)
+    if e.dtype not in DTYPES:
+        return f"dtype {e.dtype!r} is unknown to torch {torch.__version__}"
+    if len(e.shape) > _MAX_DIMS or any(s is None or s < 0 for s in e.shape):
+        return f"shape {e.shape} is not a list of at most {_MAX_DIMS} non-negative sizes"
+    expected = stored_nbytes(e.dtype, e.shape)
+    if e.nbytes != expected:
+        return f"it records {e.nbytes} bytes, but {e.dtype} x {e.shape} takes {expected}"
+    if e.alias is not None:
+        target = entries.get(e.alias)
+        if e.alias == e.name:
+            return "it is tied to itself"
+        if target is None:
+            return f"it is tied to {e.alias!r}, which is not stored"
+        if target.alias is not None:
+            return f"it is tied to {e.alias!r}, which is itself a tie"
+        if (target.dtype, target.shape) != (e.dtype, e.shape):
+            return f"it is tied to {e.alias!r} of another dtype or shape"
+        tie = e.rows[0]  # compressed, its empty payload is a (never read) empty zstd frame
+        if len(e.rows) != 1 or tie.offset or tie.chunk or (tie.stored and not compressed):
+            return "a tie must be one empty row"
+        return None
+    if [r.chunk for r in e.rows] != list(range(len(e.rows))):
+        return f"its chunks are numbered {[r.chunk for r in e.rows][:10]}, not 0..{len(e.rows) - 1}"
+    smallest = 1 if len(e.rows) > 1 else 0  # only a one-row tensor may be empty
+    if e.rows[0].offset != 0 or any(r.size < smallest for r in e.rows):
+        return f"its chunk offsets {[r.offset for r in e.rows][:10]} do not tile its {e.nbytes} bytes"
+    for r in e.rows:
+        if (r.position is not None and r.position < 0) or r.stored < 0:
+            return f"chunk {r.chunk} has a negative position or size"
+        if not compressed and r.stored != r.size:
+            return f"chunk {r.chunk} stores {r.stored} bytes, but its part of the tensor takes {r.size}"
+    return None
+
+
+def _problems(entries: Mapping[str, _Entry], compressed: bool) -> list[Problem]:
+    """Every tensor of the version whose metadata is inconsistent (see ``_entry_problem``)."""
+    out = []
+    for e in entries.values():
+        detail = _entry_problem(e, entries, compressed)
+        if detail is not None:
+            out.append(Problem(e.name, -1, e.rows[0].file, detail))
+    return out
+
+
+def _raise_problems(ds: lance.LanceDataset, problems: list[Problem]) -> None:
+    if problems:
+        p = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise CorruptionError(
+            f"version {ds.version} of {ds.uri} is corrupt or crafted: "
+            f"{f'tensor {p.name[:200]!r}: ' if p.name else ''}{p.detail}{more}. Nothing was "
+            f"loaded; run verify() for the full list, or load another version"
+        )
+
+
+def _scan(ds: lance.LanceDataset, fragments: list | None = None) -> list[_Located]:
+    """Read the metadata columns (and blob descriptors) of every row, or of ``fragments``."""
+    cols = [*META_COLUMNS, "data"]  # a blob column scans as (position, size) descriptors
+    listed = fragments if fragments is not None else ds.get_fragments()
+    files = {fid: path for fid, path, _ in _fragment_table(ds, listed)}
+    try:
+        table = ds.scanner(columns=cols, with_row_address=True, fragments=fragments).to_table()
+    except (OSError, ValueError) as err:
+        if (unreachable := _unreachable(ds.uri, err)) is not None:
+            raise unreachable from None
+        raise CorruptionError(
+            f"the rows of version {ds.version} of {ds.uri} cannot be read ({str(err)[:300]}); "
+            f"restore the dataset or load another version"
+        ) from None
+    out = []
+    for row in table.to_pylist():
+        address = row.pop("_rowaddr")
+        desc = row.pop("data")
+        out.append((row, address, desc["position"], files.get(address >> 32, ""), desc["size"]))
+    return out
+
+
+# The version index: a JSON copy of a version's metadata rows and blob positions, kept next
+# to a local dataset so that opening a version reads one small file instead of one footer per
+# data file (40 ms for GPT-2's 148 files). It is derived data: it is used only when its rows
+# hash to the digest the version's commit recorded (``mlflow_lance.rows``) and its file list
+# is the manifest's; anything else (missing, stale, unparsable, oversized, a version committed
+# without a digest) is ignored and the rows are scanned.
+_INDEX_DIR = ("_mlflow_lance", "index")
+_INDEX_FORMAT = 1
+_ROW_TYPES = [{str}, {int}, {int}, {int}, {str}, {list}, {str}, {str, type(None)}]  # per META_COLUMNS
+_SHAPE = META_COLUMNS.index("shape")
+
+
+def _index_path(ds: lance.LanceDataset, version: int) -> str | None:
+    root = _local_path(ds.uri)
+    return None if root is None else os.path.join(root, *_INDEX_DIR, f"{version}.json")
+
+
+def _fragment_table(ds: lance.LanceDataset, fragments) -> list[tuple[int, str, int]]:
+    """(fragment id, data file, rows) of each fragment, in order (rows as the manifest says).
+
+    Data files must be plain names in the dataset's own data/ directory: a manifest that
+    points elsewhere (``../x``, an absolute path, another base) is refused, naming the file.
+    """
+    out = []
+    for f in fragments:
+        files = f.metadata.files
+        path = files[0].path if files else ""
+        if files and (
+            len(files) != 1 or files[0].base_id is not None or not path or path in (".", "..")
+            or any(c in path for c in "/\\\0")
+        ):  # fmt: skip
+            raise CorruptionError(
+                f"version {ds.version} of {ds.uri} names data file {path[:200]!r} for fragment "
+                f"{f.fragment_id}, which is not a file of the dataset's data/ directory; only "
+                f"files inside the dataset are read"
+            )
+        out.append((f.fragment_id, path, f.metadata.physical_rows))
+    return out
+
+
+def _rows_digest(metas: Iterable[Mapping]) -> str:
+    """Digest of a version's metadata rows, recorded in its commit to check the index against."""
+    rows = [[m[c] for c in META_COLUMNS] for m in metas]
+    return hash_bytes(json.dumps(rows, separators=(",", ":")).encode())
+
+
+def _recorded_digest(ds: lance.LanceDataset) -> str | None:
+    try:
+        txn = ds.read_transaction(ds.version)
+    except (OSError, ValueError):
+        return None
+    props = (txn.transaction_properties or {}) if txn is not None else {}
+    return props.get(_PROP + "rows")
+
+
+def _valid_index_row(row: object, n: int) -> bool:
+    """Each value of an index row has its column's JSON type (ints are never bools)."""
+    if type(row) is not list or len(row) != n + 2:
+        return False
+    if any(type(v) not in types for v, types in zip(row, _ROW_TYPES)):
+        return False
+    return all(type(v) is int for v in row[_SHAPE]) and all(v is None or type(v) is int for v in row[n:])
+
+
+def _read_index(
+    ds: lance.LanceDataset, table: list[tuple[int, str, int]], digest: str | None
+) -> list[_Located] | None:
+    """The version's rows from its index, or None unless the index checks out (see above).
+
+    Row addresses come from the manifest: fragment by fragment, as many rows as each holds."""
+    path = _index_path(ds, ds.version)
+    if path is None or digest is None:
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with open(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_INDEX_BYTES:
+                return None
+            doc = json.loads(f.read(_MAX_INDEX_BYTES))
+    except (OSError, ValueError, RecursionError):
+        return None
+    n = len(META_COLUMNS)
+    rows = doc.get("rows") if isinstance(doc, dict) else None
+    if (
+        not isinstance(rows, list)
+        or doc.get("index_format") != _INDEX_FORMAT
+        or doc.get("files") != [path for _, path, _ in table]
+        or len(rows) != sum(count for *_, count in table)
+        or not all(_valid_index_row(row, n) for row in rows)
+    ):
+        return None
+    places = [(fid << 32 | i, path) for fid, path, count in table for i in range(count)]
+    located = [
+        (dict(zip(META_COLUMNS, row[:n])), address, row[n], path, row[n + 1])
+        for row, (address, path) in zip(rows, places)
+    ]
+    return located if _rows_digest(m for m, *_ in located) == digest else None
+
+
+def _write_index(ds: lance.LanceDataset, table: list[tuple[int, str, int]], rows: list[_Located]) -> None:
+    """Best effort: a failure only means the next open scans. Writes only inside the dataset."""
+    path = _index_path(ds, ds.version)
+    if path is None or len(rows) != sum(count for *_, count in table):
+        return
+    doc = {
+        "index_format": _INDEX_FORMAT,
+        "version": ds.version,
+        "files": [f for _, f, _ in table],
+        "rows": [[m[c] for c in META_COLUMNS] + [pos, stored] for m, _, pos, _, stored in rows],
+    }
+    folder = os.path.dirname(path)
+    if os.path.realpath(folder) != os.path.join(os.path.realpath(_local_path(ds.uri) or ""), *_INDEX_DIR):
+        return  # a link out of the dataset: write nothing there
+    tmp = None
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{ds.version}.", suffix=".tmp")
+        os.fchmod(fd, 0o644)  # readable like the data files (mkstemp makes it private)
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, separators=(",", ":"))
+        os.replace(tmp, path)
+        tmp = None
+    except OSError:
+        pass
+    finally:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+
+
+def _entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
+    """Every tensor of the checked-out version, in saved order (reads no tensor bytes)."""
+    return _build_entries(_located(ds)[0])
+
+
+def _located(ds: lance.LanceDataset, use_index: bool = True) -> tuple[list[_Located], bool]:
+    """The version's rows (from its index when that checks out, else a scan) and whether
+    they agree with the digest its commit recorded (True when it recorded none)."""
+    table = _fragment_table(ds, ds.get_fragments())
+    digest = _recorded_digest(ds)
+    rows = _read_index(ds, table, digest) if use_index else None
+    if rows is not None:
+        return rows, True
+    _check_local_files(ds, table)
+    rows = _scan(ds)
+    agree = digest is None or _rows_digest(m for m, *_ in rows) == digest
+    if digest is not None and agree:
+        _write_index(ds, table, rows)
+    return rows, agree
+
+
+def _check_local_files(ds: lance.LanceDataset, table: list[tuple[int, str, int]]) -> None:
+    """Before Lance scans a local dataset: every data file is a regular file in data/ (a
+    symlink or FIFO there is refused, naming it, instead of followed or waited on)."""
+    root = _local_path(ds.uri)
+    if root is None:
+        return
+    data = os.path.join(root, "data")
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISDIR(os.lstat(data).st_mode):
+            raise CorruptionError(_not_a_directory(ds, data))
+    for _, name, _ in table:
+        path = os.path.join(data, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue  # missing: Lance says so
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptionError(_not_regular(ds, path))
+
+
+def _not_a_directory(ds: lance.LanceDataset, path: str) -> str:
+    return (
+        f"{path} of {ds.uri} is not a directory (a symbolic link?); only files inside the "
+        f"dataset are read"
+    )
+
+
+def _not_regular(ds: lance.LanceDataset, path: str) -> str:
+    return (
+        f"data file {path} of version {ds.version} of {ds.uri} is not a regular file (a symbolic "
+        f"link, FIFO, device or directory); only regular files inside the dataset are read"
+    )
+
+
+def _seed_entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
+    """Tensors of a dataset written by the Lance docs example (name / value / shape)."""
+    table = ds.to_table(columns=["name", "shape"], with_row_address=True)
+    out: OrderedDict[str, _Entry] = OrderedDict()
+    for index, row in enumerate(table.to_pylist()):
+        shape = list(row["shape"] or [])
+        name = row["name"]
+        if (not isinstance(name, str) or name in out or len(shape) > _MAX_DIMS
+                or any(s is None or s < 0 for s in shape)):  # fmt: skip
+            raise CorruptionError(
+                f"row {index} of {ds.uri} (version {ds.version}) repeats the name {name!r} or has "
+                f"shape {shape[:10]}, which is not a list of non-negative sizes"
+            )
+        nbytes = stored_nbytes("float64", shape)
+        out[name] = _Entry(name, "float64", shape, nbytes, None, [],
+                           [_Row(0, 0, nbytes, "", row["_rowaddr"], index, None, "", nbytes)])
+    return out
+
+
+def _select(entries: Mapping[str, _Entry], names: str | Iterable[str] | None) -> list[str]:
+    """Names matching ``names``: None = all, a str = a prefix or a glob, else exact keys."""
+    if names is None:
+        return list(entries)
+    if isinstance(names, str):
+        if any(c in names for c in "*?["):
+            return [n for n in entries if fnmatch.fnmatchcase(n, names)]
+        return [n for n in entries if n.startswith(names)]
+    wanted = list(names)
+    missing = [n for n in wanted if n not in entries]
+    if missing:
+        raise KeyError(
+            f"tensor(s) {missing[:10]} not stored in this version ({len(entries)} tensors, e.g. "
+            f"{list(entries)[:3]}); pass a prefix or a glob to select by pattern"
+        )
+    return wanted
+
+
+# --------------------------------------------------------------------------- reading bytes
+
+
+_PIECE = 16 << 20
+_THREADS = min(4, os.cpu_count() or 1)
+_ZSTD_HEADER = 18  # the longest zstd frame header: enough to read the frame's content size
+
+
+def _pread_exact(fd: int, path: str, position: int, dst: torch.Tensor) -> None:
+    view, got = memoryview(dst.numpy()), 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], position + got)
+        if n == 0:
+            raise CorruptionError(f"{path} ends at byte {position + got}, before its tensor does")
+        got += n
+
+
+def _mmap_enabled() -> bool:
+    """MLFLOW_LANCE_MMAP=0 makes load_state_dict read into fresh memory instead of mapping
+    files (for filesystems where a mapped file may change or vanish under the reader)."""
+    return os.environ.get("MLFLOW_LANCE_MMAP", "1").lower() not in ("0", "false", "no")
+
+
+class _Reader:
+    """Reads chunk payloads of one version; use as a context manager (it holds open files).
+
+    Local datasets are read straight from the data files with ``preadv`` into memory the
+    caller owns, or memory-mapped copy-on-write (``mapped``): that is what makes loads as
+    fast as safetensors. Each data file is opened once, relative to the dataset's data/
+    directory, without following links and without waiting on FIFOs, and must be a regular
+    file holding every byte its rows claim. Object storage goes through Lance's blob API,
+    seed-format datasets through Lance's reader.
+    """
+
+    def __init__(self, ds: lance.LanceDataset, kind: str = "weights"):
+        self.ds = ds
+        self.kind = kind
+        self.codec = _compression(ds) if kind == "weights" else None
+        self.root = _local_path(ds.uri) if kind == "weights" else None
+        self._dir: int | None = None
+        self._files: dict[str, tuple[int, int]] = {}  # data file -> (fd, size)
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+        if self._dir is not None:
+            os.close(self._dir)
+            self._dir = None
+
+    def file_of(self, row: _Row) -> str:
+        return self.path_of(row.file)
+
+    def path_of(self, file: str) -> str:
+        """The full path or URI of a data file named in the manifest."""
+        base = self.root if self.root is not None else self.ds.uri.rstrip("/")
+        return f"{base}/data/{file}"
+
+    def _open(self, row: _Row) -> tuple[int, int]:
+        path = self.file_of(row)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        if self._dir is None:
+            data = os.path.join(self.root, "data")
+            try:
+                self._dir = os.open(data, flags | os.O_DIRECTORY)
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise CorruptionError(_not_a_directory(self.ds, data)) from None
+                raise
+        try:
+            fd = os.open(row.file, flags, dir_fd=self._dir)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CorruptionError(_not_regular(self.ds, path)) from None
+            raise CorruptionError(
+                f"data file {path} of version {self.ds.version} of {self.ds.uri} cannot be "
+                f"opened ({err.strerror}); restore it or load another version"
+            ) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise CorruptionError(_not_regular(self.ds, path))
+        return fd, st.st_size
+
+    def _local(self, row: _Row) -> int | None:
+        """The open data file of a local chunk, checked to hold the chunk's bytes; else None."""
+        if self.root is None or row.position is None:
+            return None
+        if row.file not in self._files:
+            self._files[row.file] = self._open(row)
+        fd, size = self._files[row.file]
+        if row.position + row.stored > size:
+            raise CorruptionError(
+                f"data file {self.file_of(row)} holds {size} bytes, but chunk {row.chunk} of "
+                f"version {self.ds.version} claims bytes {row.position}..{row.position + row.stored}; "
+                f"the file was truncated or the metadata is crafted. Run verify() on {self.ds.uri}"
+            )
+        return fd
+
+    def check(self, rows: Iterable[_Row]) -> None:
+        """Before anything is allocated or written: each local file exists, is regular and
+        holds its chunk; a compressed chunk's frame decompresses to exactly its size."""
+        for row in rows:
+            if row.stored and self.kind == "weights":
+                self._local(row)
+                if self.codec:
+                    head = torch.empty(min(row.stored, _ZSTD_HEADER), dtype=torch.uint8)
+                    self._read_stored(row, head, whole=False)
+                    try:
+                        size = zstandard.frame_content_size(memoryview(head.numpy()))
+                        what = f"a zstd frame of {size} bytes" if size >= 0 else "a zstd frame of unknown size"
+                    except zstandard.ZstdError:
+                        size, what = None, "not a zstd frame"
+                    if size != row.size:
+                        raise CorruptionError(
+                            f"chunk {row.chunk} at {self.file_of(row)} is {what}, but its tensor "
+                            f"records {row.size} bytes; run verify() on {self.ds.uri}"
+                        )
+
+    def mapped(self, row: _Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
+        """The chunk as a copy-on-write memory map of its data file (lazy, no copy), or None."""
+        if self.codec or row.size == 0 or not _mmap_enabled():
+            return None
+        fd = self._local(row)
+        if fd is None or row.position % dtype.itemsize:
+            return None
+        start = row.position - row.position % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(fd, row.position + row.size - start, access=mmap.ACCESS_COPY, offset=start)
+        flat = torch.frombuffer(mapping, dtype=torch.uint8, count=row.size, offset=row.position - start)
+        return flat.view(dtype).reshape(shape)
+
+    def read_many(self, jobs: list[tuple[_Row, torch.Tensor]]) -> None:
+        """Fill each flat, contiguous uint8 CPU tensor with its chunk's bytes.
+
+        Local files are read by a few threads in 16 MiB pieces: page-cache copies are
+        memory-bound, and one core does not saturate memory.
+        """
+        if self.codec:
+            for row, dst in jobs:
+                self._decompress(row, dst)
+            return
+        pieces, other = [], []
+        for row, dst in jobs:
+            fd = self._local(row) if row.size else None
+            if fd is None:
+                other.append((row, dst))
+                continue
+            for start in range(0, row.size, _PIECE):
+                pieces.append((fd, self.file_of(row), row.position + start, dst[start : start + _PIECE]))
+        if len(pieces) > 1 and _THREADS > 1:
+            with ThreadPoolExecutor(_THREADS) as pool:
+                list(pool.map(lambda p: _pread_exact(*p), pieces))
+        else:
+            for p in pieces:
+                _pread_exact(*p)
+        for row, dst in other:
+            self._read_stored(row, dst)
+
+    def _read_stored(self, row: _Row, dst: torch.Tensor, whole: bool = True) -> None:
+        """The payload as stored (or its first ``dst.numel()`` bytes unless ``whole``), through
+        the local file, Lance's blob API or its reader. Remote reads go in 16 MiB requests,
+        so that the object-store request timeout bounds a stall, not a large tensor."""
+        want = dst.numel()
+        if row.stored == 0:
+            got = 0
+        elif self.kind == "seed":
+            value = self.ds.take([row.index], columns=["value"]).column(0).combine_chunks()
+            src = readonly_bytes(value.flatten().to_numpy(zero_copy_only=False))
+            got = src.numel()
+            dst[: min(got, want)].copy_(src[:want])
+        elif (fd := self._local(row)) is not None:
+            _pread_exact(fd, self.file_of(row), row.position, dst)
+            got = want
+        else:
+            (blob,) = self.ds.take_blobs("data", addresses=[row.address])
+            view, got = memoryview(dst.numpy()), 0
+            while got < want:
+                n = blob.readinto(view[got : got + _PIECE])
+                if not n:
+                    break
+                got += n
+        if got != want or (whole and want != row.stored):
+            raise CorruptionError(
+                f"chunk {row.chunk} at {self.file_of(row)} holds {got} bytes, expected "
+                f"{want}; run verify() on {self.ds.uri}"
+            )
+
+    def _decompress(self, row: _Row, dst: torch.Tensor) -> None:
+        packed = torch.empty(row.stored, dtype=torch.uint8)
+        self._read_stored(row, packed)
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(memoryview(packed.numpy()), max_output_size=row.size)
+        except zstandard.ZstdError as err:
+            raise CorruptionError(
+                f"chunk {row.chunk} at {self.file_of(row)} does not decompress ({err}); "
+                f"run verify() on {self.ds.uri}"
+            ) from None
+        if len(raw) != row.size:
+            raise CorruptionError(f"chunk {row.chunk} at {self.file_of(row)} decompresses to "
+                                  f"{len(raw)} bytes, expected {row.size}")
+        dst.copy_(readonly_bytes(raw))
+
+
+def _device(map_location: str | torch.device | None) -> torch.device:
+    if map_location is None:
+        return torch.device("cpu")
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location)
+    raise TypeError(
+        f"map_location must be None, a device string such as 'cuda:0', or a torch.device; "
+        f"got {map_location!r}"
+    )
+
+
+def _check_row(reader: _Reader, e: _Entry, row: _Row, chunk: torch.Tensor) -> None:
+    """Raise CorruptionError unless ``chunk`` (the chunk's bytes) hashes to what was recorded."""
+    got = hash_bytes(memoryview(chunk.numpy()))
+    if got != row.hash:
+        raise CorruptionError(
+            f"tensor {e.name!r} (chunk {row.chunk}) of version {reader.ds.version} in {reader.ds.uri} "
+            f"is corrupt: content hash {got} != recorded {row.hash} (file "
+            f"{reader.file_of(row)}); restore that file or load another version"
+        )
+
+
+def _materialize(reader: _Reader, entries: list[_Entry], *, verify: bool) -> dict[str, torch.Tensor]:
+    """The stored tensors on the CPU: lazy copy-on-write maps where possible, else read
+    (all in one ``read_many``, so that the reads run in parallel).
+
+    With ``verify`` they are always read into fresh memory and hashed, so that what comes
+    back is exactly what was checked: nothing outside the process can change it afterwards.
+    """
+    out: dict[str, torch.Tensor] = {}
+    jobs: list[tuple[_Entry, _Row, torch.Tensor]] = []
+    for e in entries:
+        dtype = dtype_from_name(e.dtype, key=e.name)
+        reader.check(e.rows)
+        t = reader.mapped(e.rows[0], dtype, e.shape) if len(e.rows) == 1 and not verify else None
+        if t is None:
+            t = torch.empty(e.shape, dtype=dtype)
+            flat = uint8_view(t)
+            jobs += [(e, row, flat[row.offset : row.offset + row.size]) for row in e.rows]
+        out[e.name] = t
+    reader.read_many([(row, dst) for _, row, dst in jobs])
+    if verify and reader.kind == "weights":
+        for e, row, dst in jobs:
+            _check_row(reader, e, row, dst)
+    return out
+
+
+def _read_version(
+    ds: lance.LanceDataset, use_index: bool = True
+) -> tuple[str, OrderedDict[str, _Entry], list[Problem]]:
+    """A checked-out version's kind, tensors and their metadata problems."""
+    kind = _kind(ds)
+    if kind != "weights":
+        return kind, _seed_entries(ds), []
+    entries, problems = _checked_entries(ds, use_index)
+    if problems and use_index:  # never blame the rows for their derived index: ask the rows
+        entries, problems = _checked_entries(ds, use_index=False)
+    return kind, entries, problems
+
+
+def _checked_entries(ds: lance.LanceDataset, use_index: bool) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
+    rows, agree = _located(ds, use_index)
+    entries = _build_entries(rows)
+    problems = _problems(entries, _compression(ds) is not None)
+    if not agree:
+        problems.append(Problem("", -1, "", f"the rows differ from what commit {ds.version} recorded "
+                                f"({_PROP}rows): they were rewritten after the commit"))
+    return entries, problems
+
+
+def _open_version(
+    uri: str | os.PathLike, version: Version | None, storage_options: StorageOptions
+) -> tuple[lance.LanceDataset, str, OrderedDict[str, _Entry], list[Problem]]:
+    """The checked-out version, its kind, its tensors and their metadata problems."""
+    ds = _checkout(_open(_uri(uri), storage_options), version)
+    return ds, *_read_version(ds)
