@@ -17,7 +17,9 @@ from .tensors import TensorRows
 # So a run of consecutive new tensors smaller than PACK_TENSOR_BYTES shares one fragment, up
 # to PACK_RUN_BYTES of payload per run. A later version reuses a run only as a whole:
 # changing one tensor of a run rewrites the run, so runs are kept small (the measurements
-# behind these two figures are in the README, "Performance").
+# behind these two figures are in the README, "Performance"), and a version that rewrites a
+# run splits it into runs of changed and of unchanged tensors: from then on, tensors that
+# change every version (LoRA adapters, a trained head) no longer rewrite frozen neighbours.
 PACK_TENSOR_BYTES = 256 << 10
 PACK_RUN_BYTES = 1 << 20
 
@@ -47,12 +49,15 @@ def plan_version(
     units: list[Unit] = []
     run: list[RowData] = []
     run_bytes = 0
+    run_changed = False
     for t in tensors:
         rows = list(zip(t.meta, t.payloads))
         packable = t.name not in keep and len(rows) == 1 and t.nbytes < PACK_TENSOR_BYTES
-        if run and (not packable or run_bytes + t.nbytes > PACK_RUN_BYTES):
-            units.append(Unit(run))
-            run, run_bytes = [], 0
+        changed = t.name not in same  # changed tensors and rewritten unchanged ones never share a run,
+        if run and (not packable or run_bytes + t.nbytes > PACK_RUN_BYTES or changed != run_changed):
+            units.append(Unit(run))  # so tensors that keep changing (adapters, a head) stop dragging
+            run, run_bytes = [], 0  # frozen neighbours into every later version
+        run_changed = changed
         if packable:
             run.append(rows[0])
             run_bytes += t.nbytes
