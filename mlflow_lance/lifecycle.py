@@ -94,6 +94,17 @@ def not_found(err: BaseException) -> bool:
     return isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST"
 
 
+def _found(lookup: Callable[..., Any], *args: Any) -> bool:
+    """Whether MLflow finds the thing; False only when it says it does not exist."""
+    try:
+        lookup(*args)
+        return True
+    except MlflowException as err:
+        if not_found(err):
+            return False
+        raise
+
+
 def paged(search: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
     token = None
     while True:
@@ -239,24 +250,12 @@ class References:
     def logged_model_live(self, model_id: str) -> bool:
         """True unless MLflow says the logged model does not exist (deleted or purged)."""
         if model_id not in self._logged:
-            try:
-                self.client.get_logged_model(model_id)
-                self._logged[model_id] = True
-            except MlflowException as err:
-                if not not_found(err):
-                    raise
-                self._logged[model_id] = False
+            self._logged[model_id] = _found(self.client.get_logged_model, model_id)
         return self._logged[model_id]
 
     def experiment_exists(self, experiment_id: str) -> bool:
         """True if this tracking server has the experiment (in any lifecycle stage)."""
-        try:
-            self.client.get_experiment(experiment_id)
-            return True
-        except MlflowException as err:
-            if not_found(err):
-                return False
-            raise
+        return _found(self.client.get_experiment, experiment_id)
 
     def knows(self, infos: list[store.VersionInfo], p: Plan) -> bool:
         """Whether this tracking server is the one that logged these versions: something it
@@ -271,37 +270,26 @@ class References:
         )
 
     def still_referenced(self, pin: str) -> bool:
-        """A fresh look (no snapshot, no cache) at whether a pin's reference exists now."""
-        try:
-            if pin.startswith(sidecar.MODEL_PIN):
-                self.client.get_logged_model(pin[len(sidecar.MODEL_PIN):])
-                return True
-            if (parsed := sidecar.parse_model_version_pin(pin)) is not None:
-                binding, version = parsed
-                models = self.client.search_registered_models(
-                    filter_string=f"tags.`{BINDING_TAG}` = {quote_filter(binding)}", max_results=10)
-                for rm in models:
-                    self.client.get_model_version(rm.name, version)
-                    return True
-                return False
-            if pin.startswith(sidecar.LEGACY_RUN_PIN):
-                return self.run_live(pin[len(sidecar.LEGACY_RUN_PIN):])
-        except MlflowException as err:
-            if not_found(err):
-                return False
-            raise
+        """A fresh look (no snapshot, no cache) at whether a pin's reference exists now.
+
+        Only pins that a reference made after the snapshot could have set are looked at:
+        ``model.`` and ``mv.`` pins. Old ``run.``/``model-version.`` pins are judged by the plan
+        alone, so that gc replaces them (a run that still exists must not keep a version its
+        logged models already pin, or no longer reference).
+        """
+        if pin.startswith(sidecar.MODEL_PIN):
+            return _found(self.client.get_logged_model, pin[len(sidecar.MODEL_PIN):])
+        if (parsed := sidecar.parse_model_version_pin(pin)) is not None:
+            binding, version = parsed
+            models = self.client.search_registered_models(
+                filter_string=f"tags.`{BINDING_TAG}` = {quote_filter(binding)}", max_results=10)
+            return any(_found(self.client.get_model_version, rm.name, version) for rm in models)
         return False
 
     def run_live(self, run_id: str) -> bool:
         """True unless MLflow says the run does not exist (a deleted run can still be restored)."""
         if run_id not in self._runs:
-            try:
-                self.client.get_run(run_id)
-                self._runs[run_id] = True
-            except MlflowException as err:
-                if not not_found(err):
-                    raise
-                self._runs[run_id] = False
+            self._runs[run_id] = _found(self.client.get_run, run_id)
         return self._runs[run_id]
 
     def target(self, mv: Any) -> Target | None:

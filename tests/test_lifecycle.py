@@ -258,3 +258,27 @@ def test_attacks_found_in_review_lose_nothing(tracking, tmp_path):
         os.chdir(cwd)
     assert os.path.isabs(info.flavors["mlflow_lance"]["lance_uri"])
     assert_loads("models:/relative/1", expect(net(31)))
+
+
+def test_pins_of_the_old_scheme_protect_until_gc_replaces_them(tracking):
+    """A dataset pinned the old way (run.<id>, model-version.<n>): gc keeps what MLflow still
+    references, replaces the old pins, and reclaims a version once MLflow lets go of it, even
+    though its run still exists."""
+    old, new = net(41), net(42)
+    with mlflow.start_run() as run:
+        first = ml.log_model(old, name="model", registered_model_name="legacy-pins")
+    with mlflow.start_run():
+        ml.log_model(new, name="model", registered_model_name="legacy-pins")
+    uri = first.flavors["mlflow_lance"]["lance_uri"]
+    for pin in [t for t in ml.tags(uri) if t.startswith(("model.", "mv."))]:
+        ml.untag(uri, pin)
+    ml.tag(uri, f"run.{run.info.run_id}", 1)
+    ml.tag(uri, "model-version.1", 1)
+    (result,) = ml.gc(uri, grace=NOW)
+    assert result.removed_versions == [] and set(result.unpinned) == {f"run.{run.info.run_id}", "model-version.1"}
+    assert not any(t.startswith(("run.", "model-version.")) for t in ml.tags(uri))
+    assert_loads("models:/legacy-pins/1", expect(old))
+    MlflowClient().delete_model_version("legacy-pins", "1")
+    MlflowClient().delete_logged_model(first.model_id)
+    assert ml.gc(uri, grace=NOW)[0].removed_versions == [1]  # its run still exists: no matter
+    assert_loads("models:/legacy-pins/2", expect(new))
