@@ -24,6 +24,7 @@ import random
 import stat
 import tempfile
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -435,13 +436,24 @@ def _rows_digest(metas: Iterable[Mapping]) -> str:
     return hash_bytes(json.dumps(rows, separators=(",", ":")).encode())
 
 
+_COMMITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # checked-out dataset -> its commit's properties
+
+
+def _commit_properties(ds: lance.LanceDataset) -> dict[str, str] | None:
+    """The transaction properties of the checked-out version (None if its commit cannot be
+    read), read once per checked-out dataset: a load asks for the rows digest and the
+    checkpoint spec, verify for the summary."""
+    if ds not in _COMMITS:
+        try:
+            txn = ds.read_transaction(ds.version)
+        except (OSError, ValueError):
+            return None
+        _COMMITS[ds] = dict(txn.transaction_properties or {}) if txn is not None else {}
+    return _COMMITS[ds]
+
+
 def _recorded_digest(ds: lance.LanceDataset) -> str | None:
-    try:
-        txn = ds.read_transaction(ds.version)
-    except (OSError, ValueError):
-        return None
-    props = (txn.transaction_properties or {}) if txn is not None else {}
-    return props.get(_PROP + "rows")
+    return (_commit_properties(ds) or {}).get(_PROP + "rows")
 
 
 def _valid_index_row(row: object, n: int) -> bool:

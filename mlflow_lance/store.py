@@ -51,6 +51,7 @@ from .layout import (  # how a dataset is laid out and read
     _available,
     _check_row,
     _checkout,
+    _commit_properties,
     _compression,
     _device,
     _entries,
@@ -505,8 +506,10 @@ def load_state_dict(
 
 def _tree_spec(ds: lance.LanceDataset) -> dict | None:
     """The checkpoint-dict spec saved with the checked-out version, if it holds one."""
-    txn = ds.read_transaction(ds.version)
-    text = (txn.transaction_properties or {}).get(_PROP + "tree") if txn is not None else None
+    props = _commit_properties(ds)
+    if props is None:
+        raise CorruptionError(f"the commit of version {ds.version} of {ds.uri} cannot be read")
+    text = props.get(_PROP + "tree")
     if text is None:
         return None
     try:
@@ -723,11 +726,7 @@ def verify(
 def _commit_problems(ds: lance.LanceDataset, entries: Mapping[str, _Entry]) -> list[Problem]:
     """What the version's commit records and its rows disagree on (nothing for commits that
     other writers made without mlflow-lance's properties)."""
-    try:
-        txn = ds.read_transaction(ds.version)
-    except (OSError, ValueError):
-        return []
-    props = dict(txn.transaction_properties or {}) if txn is not None else {}
+    props = _commit_properties(ds) or {}
     if _PROP + "tensors" not in props:
         return []
     try:
@@ -757,8 +756,9 @@ def version_properties(
     """The ``properties`` one version was saved with (reads that version's transaction only);
     WeightsError if they are malformed."""
     ds = _checkout(_open(_uri(uri), storage_options), version)
-    txn = ds.read_transaction(ds.version)
-    props = dict(txn.transaction_properties or {}) if txn is not None else {}
+    props = _commit_properties(ds)
+    if props is None:
+        raise WeightsError(f"the commit of version {ds.version} of {ds.uri} cannot be read")
     return dict(_summary(ds.uri, ds.version, props)["properties"])
 
 
