@@ -38,7 +38,7 @@ import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
-from mlflow.entities import Metric
+from mlflow.entities import LoggedModelStatus, Metric
 
 from . import flavor, lifecycle, store
 from .artifacts import lance_root
@@ -340,7 +340,7 @@ def _checkpoints(client: MlflowClient, run_id: str, name: str) -> list[Any]:
     run = client.get_run(run_id)
     found = lifecycle.paged(client.search_logged_models, experiment_ids=[run.info.experiment_id],
                             filter_string=f"name = {lifecycle.quote_filter(name)}", max_results=1000)  # fmt: skip
-    return [m for m in found if m.source_run_id == run_id and str(m.status) in ("READY", "LoggedModelStatus.READY")
+    return [m for m in found if m.source_run_id == run_id and m.status == LoggedModelStatus.READY
             and _STEP_TAG in (m.tags or {})]  # fmt: skip
 
 

@@ -500,14 +500,20 @@ def _location_for(
 # --------------------------------------------------------------------------- loading
 
 
-def _read_pointer(data_path: str) -> tuple[str, int]:
-    path = os.path.join(data_path, _POINTER_FILE)
-    with open(path) as f:
+def _load_pointer(path: str, name: str) -> tuple[str, int]:
+    """(Lance URI, version) from a pointer file (``name`` is how errors call it)."""
+    with open(path, encoding="utf-8") as f:
         doc = yaml.safe_load(f.read(1 << 16))
     uri = doc.get("lance_uri") if isinstance(doc, dict) else None
     version = doc.get("lance_version") if isinstance(doc, dict) else None
     if not isinstance(uri, str) or not uri or isinstance(version, bool) or not isinstance(version, int):
-        raise ValueError(f"{path} must map lance_uri to a URI and lance_version to a version number")
+        raise ValueError(f"{name} must map lance_uri to a URI and lance_version to a version number")
+    return uri, version
+
+
+def _read_pointer(data_path: str) -> tuple[str, int]:
+    path = os.path.join(data_path, _POINTER_FILE)
+    uri, version = _load_pointer(path, path)
     if "://" not in uri and not os.path.isabs(uri):  # a dataset inside the model directory
         uri = os.path.join(data_path, uri)
     return uri, version
@@ -681,11 +687,7 @@ def _state_dict_pointer(uri: str) -> tuple[str, int] | None:
             path = _download_artifact_from_uri(f"{uri.rstrip('/')}/{_STATE_DICT_POINTER}", output_path=tmp)
         except (MlflowException, OSError):
             return None
-        with open(path, encoding="utf-8") as f:
-            doc = yaml.safe_load(f.read(1 << 16))
-    if not (isinstance(doc, dict) and isinstance(doc.get("lance_uri"), str) and type(doc.get("lance_version")) is int):
-        raise ValueError(f"{uri}/{_STATE_DICT_POINTER} must map lance_uri to a URI and lance_version to a number")
-    return doc["lance_uri"], doc["lance_version"]
+        return _load_pointer(path, f"{uri.rstrip('/')}/{_STATE_DICT_POINTER}")
 
 
 def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: Any) -> None:

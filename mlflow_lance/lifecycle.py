@@ -518,7 +518,7 @@ def gc(
     if not all and target is not None and looks_like_dataset(os.fspath(target)):
         uri = os.fspath(target)
         opts = dict(storage_options or {}) or storage_options_for(uri) or None
-        if not is_managed(uri, opts) and not is_tracking_uri_set():
+        if not is_tracking_uri_set() and not is_managed(uri, opts):  # the cheap check first
             if dry_run:
                 doomed = store.gc_plan(uri, keep_last=keep_last, older_than=older_than, grace=grace,
                                        storage_options=opts)  # fmt: skip

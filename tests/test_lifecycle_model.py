@@ -162,19 +162,18 @@ class World:
                 warnings.simplefilter("ignore")
                 self.client.transition_model_version_stage(name, version, self.rng.choice(["Staging", "Production"]))
 
+    def _move_run(self, source: str, target: str, action) -> None:
+        candidates = [r for r, state in self.runs.items() if state == source]
+        if candidates:
+            run_id = self.rng.choice(candidates)
+            action(run_id)
+            self.runs[run_id] = target
+
     def op_delete_run(self) -> None:
-        active = [r for r, s in self.runs.items() if s == "active"]
-        if active:
-            run_id = self.rng.choice(active)
-            self.client.delete_run(run_id)
-            self.runs[run_id] = "deleted"
+        self._move_run("active", "deleted", self.client.delete_run)
 
     def op_restore_run(self) -> None:
-        deleted = [r for r, s in self.runs.items() if s == "deleted"]
-        if deleted:
-            run_id = self.rng.choice(deleted)
-            self.client.restore_run(run_id)
-            self.runs[run_id] = "active"
+        self._move_run("deleted", "active", self.client.restore_run)
 
     def op_delete_model_version(self) -> None:
         if self.versions:
