@@ -86,7 +86,7 @@ from .tensors import (
     dtype_from_name,
     find_aliases,
     hash_bytes,
-    rows_batch,
+    unit_batch,
     to_rows,
     uint8_view,
     validate_state_dict,
@@ -340,7 +340,7 @@ def _write_rows(
     def write(call: list[int], mode: str = "create" if create else "append") -> list[FragmentMetadata]:
         # A compressor per call: one ZstdCompressor used by two threads at once fails.
         pack = zstandard.ZstdCompressor(level=3).compress if codec else (lambda p: p)
-        batches = (rows_batch(schema, m, pack(p)) for i in call for m, p in units[i])
+        batches = (unit_batch(schema, [(m, pack(p)) for m, p in units[i]]) for i in call)
         try:
             return write_fragments(
                 pa.RecordBatchReader.from_batches(schema, batches),

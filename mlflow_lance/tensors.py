@@ -242,6 +242,25 @@ def rows_batch(schema: pa.Schema, meta: dict, payload: memoryview) -> pa.RecordB
     return pa.RecordBatch.from_arrays([*columns, data], schema=schema)
 
 
+def unit_batch(schema: pa.Schema, rows: list[tuple[dict, memoryview]]) -> pa.RecordBatch:
+    """One Arrow record batch holding the rows of one data file.
+
+    A single row's payload is not copied; several rows (a packed run of small tensors, at most
+    a few MiB) are copied into one buffer, because Lance writes one batch of many rows about
+    twice as fast as as many one-row batches.
+    """
+    if len(rows) == 1:
+        return rows_batch(schema, *rows[0])
+    columns = [pa.array([meta[f.name] for meta, _ in rows], f.type) for f in SCHEMA_FIELDS]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum([len(payload) for _, payload in rows], out=offsets[1:])
+    values = np.empty(int(offsets[-1]), dtype=np.uint8)
+    for (_, payload), start in zip(rows, offsets):
+        values[start : start + len(payload)] = np.frombuffer(payload, dtype=np.uint8)
+    data = pa.Array.from_buffers(pa.large_binary(), len(rows), [None, pa.py_buffer(offsets), pa.py_buffer(values)])
+    return pa.RecordBatch.from_arrays([*columns, data], schema=schema)
+
+
 def readonly_bytes(buf) -> torch.Tensor:
     """A flat uint8 tensor over a read-only buffer (no copy); only ever read from it."""
     if buf is None or len(memoryview(buf)) == 0:
