@@ -22,7 +22,6 @@ import mmap
 import os
 import random
 import stat
-import tempfile
 import time
 import weakref
 from collections import OrderedDict
@@ -30,13 +29,13 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
-from urllib.parse import unquote, urlparse
 
 import lance
 import pyarrow as pa
 import torch
 import zstandard
 
+from .fs import StorageOptions, lance_options, local_path, read_bytes, write_text
 from .tensors import (
     DTYPES,
     META_COLUMNS,
@@ -58,7 +57,6 @@ _STORAGE_VERSION = "2.0"  # Lance file format whose blob payloads sit contiguous
 _COMPRESSIONS = ("zstd",)
 
 Version = int | str  # a version number or a tag name
-StorageOptions = Mapping[str, str] | None
 
 
 class WeightsError(ValueError):
@@ -92,30 +90,8 @@ def _uri(uri: str | os.PathLike) -> str:
     return os.fspath(uri)
 
 
-def _local_path(uri: str) -> str | None:
-    """The filesystem path of a local dataset URI, or None for object storage."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return unquote(parsed.path)
-    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
-        return uri
-    return None
-
-
-# Object stores: a request with no complete answer within 10 s fails (reads go in 16 MiB
-# requests, so that is a stall, not a slow link), and a silent endpoint fails the call within
-# about 70 s (Lance retries each request a few times) instead of ~185 s. Callers may override.
-JITTER = random.Random()  # retry jitter: never draws from the global RNG that training resumes bit-exactly
-_REMOTE_DEFAULTS = {"connect_timeout": "5s", "timeout": "10s", "client_max_retries": "1",
-                    "client_retry_timeout": "10"}  # fmt: skip
-
-
-def _lance_options(uri: str, storage_options: StorageOptions) -> dict[str, str] | None:
-    """Storage options as Lance takes them, with time limits for object storage."""
-    opts = dict(storage_options or {})
-    if _local_path(uri) is None:
-        opts = {**_REMOTE_DEFAULTS, **opts}
-    return opts or None
+# Retry jitter: never draws from the global RNG that training resumes bit-exactly.
+JITTER = random.Random()
 
 
 def _unreachable(uri: str, err: Exception, elapsed: float = 0.0) -> ConnectionError | None:
@@ -137,7 +113,7 @@ def _unreachable(uri: str, err: Exception, elapsed: float = 0.0) -> ConnectionEr
 def _open(uri: str, storage_options: StorageOptions = None) -> lance.LanceDataset:
     started = time.monotonic()
     try:
-        return lance.dataset(uri, storage_options=_lance_options(uri, storage_options))
+        return lance.dataset(uri, storage_options=lance_options(uri, storage_options))
     except (ValueError, OSError) as e:
         if (err := _unreachable(uri, e, time.monotonic() - started)) is not None:
             raise err from None
@@ -403,7 +379,7 @@ _SHAPE = META_COLUMNS.index("shape")
 
 
 def _index_path(ds: lance.LanceDataset, version: int) -> str | None:
-    root = _local_path(ds.uri)
+    root = local_path(ds.uri)
     return None if root is None else os.path.join(root, *_INDEX_DIR, f"{version}.json")
 
 
@@ -475,12 +451,8 @@ def _read_index(
     if path is None or digest is None:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_INDEX_BYTES:
-                return None
-            doc = json.loads(f.read(_MAX_INDEX_BYTES))
+        data = read_bytes(path, limit=_MAX_INDEX_BYTES, follow_links=False)
+        doc = json.loads(data) if data is not None else None
     except (OSError, ValueError, RecursionError):
         return None
     n = len(META_COLUMNS)
@@ -513,23 +485,10 @@ def _write_index(ds: lance.LanceDataset, table: list[tuple[int, str, int]], rows
         "rows": [[m[c] for c in META_COLUMNS] + [pos, stored] for m, _, pos, _, stored in rows],
     }
     folder = os.path.dirname(path)
-    if os.path.realpath(folder) != os.path.join(os.path.realpath(_local_path(ds.uri) or ""), *_INDEX_DIR):
+    if os.path.realpath(folder) != os.path.join(os.path.realpath(local_path(ds.uri) or ""), *_INDEX_DIR):
         return  # a link out of the dataset: write nothing there
-    tmp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{ds.version}.", suffix=".tmp")
-        os.fchmod(fd, 0o644)  # readable like the data files (mkstemp makes it private)
-        with open(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, separators=(",", ":"))
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
-        pass
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
+    with contextlib.suppress(OSError):  # derived data: not flushed to the disk before the rename
+        write_text(path, json.dumps(doc, separators=(",", ":")), sync=False)
 
 
 def _entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
@@ -556,7 +515,7 @@ def _located(ds: lance.LanceDataset, use_index: bool = True) -> tuple[list[_Loca
 def _check_local_files(ds: lance.LanceDataset, table: list[tuple[int, str, int]]) -> None:
     """Before Lance scans a local dataset: every data file is a regular file in data/ (a
     symlink or FIFO there is refused, naming it, instead of followed or waited on)."""
-    root = _local_path(ds.uri)
+    root = local_path(ds.uri)
     if root is None:
         return
     data = os.path.join(root, "data")
@@ -662,7 +621,7 @@ class _Reader:
         self.ds = ds
         self.kind = kind
         self.codec = _compression(ds) if kind == "weights" else None
-        self.root = _local_path(ds.uri) if kind == "weights" else None
+        self.root = local_path(ds.uri) if kind == "weights" else None
         self._dir: int | None = None
         self._files: dict[str, tuple[int, int]] = {}  # data file -> (fd, size)
 

@@ -33,15 +33,13 @@ writers never lose an entry and a tampered sidecar never picks the weights. Writ
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from urllib.parse import urlparse
 
 import yaml
 
 from . import store
+from .fs import read_text, write_text
 
 MODEL_PIN = "model."
 MODEL_VERSION_PIN = "mv."
@@ -85,77 +83,6 @@ def parse_model_version_pin(tag: str) -> tuple[str, str] | None:
         return None
     binding, _, version = tag[len(MODEL_VERSION_PIN):].rpartition(".")
     return (binding, version) if binding and version.isdigit() else None
-
-
-# --------------------------------------------------------------------------- small-file IO
-
-
-def _filesystem(uri: str, storage_options: Mapping[str, str] | None):
-    """A pyarrow filesystem and path for ``uri`` (object storage), configured like Lance."""
-    from pyarrow import fs
-
-    opts = dict(storage_options or {})
-    parsed = urlparse(uri)
-    if parsed.scheme in ("s3", "s3a"):
-        endpoint = opts.get("aws_endpoint")
-        kwargs = {
-            "access_key": opts.get("aws_access_key_id"),
-            "secret_key": opts.get("aws_secret_access_key"),
-            "session_token": opts.get("aws_session_token"),
-            "region": opts.get("aws_region", "us-east-1"),
-        }
-        if endpoint:
-            ep = urlparse(endpoint)
-            kwargs["endpoint_override"] = ep.netloc or endpoint
-            kwargs["scheme"] = ep.scheme or "https"
-        return fs.S3FileSystem(**{k: v for k, v in kwargs.items() if v}), f"{parsed.netloc}{parsed.path}"
-    filesystem, path = fs.FileSystem.from_uri(uri)
-    return filesystem, path
-
-
-def read_text(uri: str, storage_options: Mapping[str, str] | None = None, *, limit: int = MAX_SIDECAR_BYTES) -> str | None:
-    """The file's text, or None if it does not exist, is not UTF-8 or is over ``limit`` bytes."""
-    local = store._local_path(uri)
-    try:
-        if local is not None:
-            if not os.path.isfile(local):  # a FIFO or device would block or never end
-                return None
-            with open(local, "rb") as f:
-                data = f.read(limit + 1)
-        else:
-            filesystem, path = _filesystem(uri, storage_options)
-            with filesystem.open_input_stream(path) as f:
-                data = f.read(limit + 1)
-        return None if len(data) > limit else data.decode("utf-8")
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError:
-        return None
-    except OSError as err:
-        if "not found" in str(err).lower() or "NoSuchKey" in str(err) or "does not exist" in str(err):
-            return None
-        raise
-
-
-def write_text(uri: str, text: str, storage_options: Mapping[str, str] | None = None) -> None:
-    """Replace the file atomically: readers see the old or the new text, never a mix."""
-    local = store._local_path(uri)
-    if local is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-        tmp = f"{local}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, local)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return
-    filesystem, path = _filesystem(uri, storage_options)
-    with filesystem.open_output_stream(path) as f:  # one PUT: atomic on S3-compatible stores
-        f.write(text.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- the mapping
@@ -245,7 +172,7 @@ def _valid(doc: object) -> bool:
 
 def read(dataset_uri: str, storage_options: Mapping[str, str] | None = None) -> dict | None:
     """The sidecar as stored, or None if it is missing, damaged, too large or of an old format."""
-    text = read_text(sidecar_uri(dataset_uri), storage_options)
+    text = read_text(sidecar_uri(dataset_uri), storage_options, limit=MAX_SIDECAR_BYTES)
     if text is None:
         return None
     try:

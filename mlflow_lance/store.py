@@ -34,6 +34,7 @@ from lance.commit import CommitConflictError
 from lance.fragment import FragmentMetadata, write_fragments
 
 from . import tree
+from .fs import lance_options
 from .layout import (  # how a dataset is laid out and read
     _COMPRESSION_KEY,
     _MAX_PROPERTY_BYTES,
@@ -60,8 +61,6 @@ from .layout import (  # how a dataset is laid out and read
     _fragment_table,
     _index_path,
     _kind,
-    _lance_options,
-    _local_path,  # noqa: F401 (sidecar.py and lifecycle.py use store._local_path)
     _Located,
     _materialize,
     _open,
@@ -254,7 +253,7 @@ def _commit(
     The version is a complete fragment list, so it stays valid on top of any newer version:
     a retry commits the same files against the new latest (jittered backoff, 64 tries).
     """
-    opts = _lance_options(uri, storage_options)
+    opts = lance_options(uri, storage_options)
     for attempt in range(_COMMIT_ATTEMPTS):
         try:
             txn = lance.Transaction(read_version, operation, transaction_properties=properties)
@@ -349,7 +348,7 @@ def _write_rows(
                 mode=mode,
                 max_rows_per_file=len(units[call[0]]),
                 data_storage_version=_STORAGE_VERSION,
-                storage_options=_lance_options(uri, storage_options),
+                storage_options=lance_options(uri, storage_options),
             )
         except OSError as err:  # another writer created the dataset since we looked
             if mode == "create" and "already exists" in str(err):
