@@ -166,8 +166,9 @@ def _checkout(ds: lance.LanceDataset, version: Version | None) -> lance.LanceDat
         ) from None
 
 
-def _kind(ds: lance.LanceDataset) -> str:
-    """'weights' for our layout, 'seed' for the Lance docs example's, else an error."""
+def _reader(ds: lance.LanceDataset) -> _Reader:
+    """The reader for the checked-out version's format, chosen from its schema: ours, or the
+    Lance docs example's (see ``_SeedReader``); any other dataset is refused."""
     meta = ds.schema.metadata or {}
     if _FORMAT_KEY.encode() in meta:
         found = int(meta[_FORMAT_KEY.encode()])
@@ -176,10 +177,10 @@ def _kind(ds: lance.LanceDataset) -> str:
                 f"{ds.uri} uses weights format {found}, newer than this mlflow-lance reads "
                 f"({FORMAT_VERSION}); upgrade mlflow-lance"
             )
-        return "weights"
+        return _Reader(ds)
     names = set(ds.schema.names)
     if {"name", "value", "shape"} <= names and pa.types.is_list(ds.schema.field("value").type):
-        return "seed"
+        return _SeedReader(ds)
     raise WeightsError(
         f"{ds.uri} is a Lance dataset but not a weights dataset (columns: "
         f"{', '.join(ds.schema.names)}); point at a dataset written by mlflow-lance"
@@ -546,25 +547,6 @@ def _not_regular(ds: lance.LanceDataset, path: str) -> str:
     )
 
 
-def _seed_entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
-    """Tensors of a dataset written by the Lance docs example (name / value / shape)."""
-    table = ds.to_table(columns=["name", "shape"], with_row_address=True)
-    out: OrderedDict[str, _Entry] = OrderedDict()
-    for index, row in enumerate(table.to_pylist()):
-        shape = list(row["shape"] or [])
-        name = row["name"]
-        if (not isinstance(name, str) or name in out or len(shape) > _MAX_DIMS
-                or any(s is None or s < 0 for s in shape)):  # fmt: skip
-            raise CorruptionError(
-                f"row {index} of {ds.uri} (version {ds.version}) repeats the name {name!r} or has "
-                f"shape {shape[:10]}, which is not a list of non-negative sizes"
-            )
-        nbytes = stored_nbytes("float64", shape)
-        out[name] = _Entry(name, "float64", shape, nbytes, None, [],
-                           [_Row(0, 0, nbytes, "", row["_rowaddr"], index, None, "", nbytes)])
-    return out
-
-
 def _select(entries: Mapping[str, _Entry], names: str | Iterable[str] | None) -> list[str]:
     """Names matching ``names``: None = all, a str = a prefix or a glob, else exact keys."""
     if names is None:
@@ -613,15 +595,16 @@ class _Reader:
     caller owns, or memory-mapped copy-on-write (``mapped``): that is what makes loads as
     fast as safetensors. Each data file is opened once, relative to the dataset's data/
     directory, without following links and without waiting on FIFOs, and must be a regular
-    file holding every byte its rows claim. Object storage goes through Lance's blob API,
-    seed-format datasets through Lance's reader.
+    file holding every byte its rows claim. Object storage goes through Lance's blob API.
+    Choose a reader with ``_reader(ds)``: the seed format has a reader of its own.
     """
 
-    def __init__(self, ds: lance.LanceDataset, kind: str = "weights"):
+    writable = True  # whether new versions may be saved on top of this format
+
+    def __init__(self, ds: lance.LanceDataset):
         self.ds = ds
-        self.kind = kind
-        self.codec = _compression(ds) if kind == "weights" else None
-        self.root = local_path(ds.uri) if kind == "weights" else None
+        self.codec = _compression(ds)
+        self.root = local_path(ds.uri)
         self._dir: int | None = None
         self._files: dict[str, tuple[int, int]] = {}  # data file -> (fd, size)
 
@@ -635,6 +618,26 @@ class _Reader:
         if self._dir is not None:
             os.close(self._dir)
             self._dir = None
+
+    def entries(self) -> OrderedDict[str, _Entry]:
+        """Every tensor of the version, in saved order, as its rows claim (unchecked)."""
+        return _entries(self.ds)
+
+    def checked(self, use_index: bool = True) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
+        """Every tensor of the version and the problems of its metadata (see ``_entry_problem``)."""
+        entries, problems = _checked_entries(self.ds, use_index)
+        if problems and use_index:  # never blame the rows for their derived index: ask the rows
+            entries, problems = _checked_entries(self.ds, use_index=False)
+        return entries, problems
+
+    def properties(self) -> dict[str, str] | None:
+        """The version's commit properties (None if its commit cannot be read)."""
+        return _commit_properties(self.ds)
+
+    def bad_hash(self, row: _Row, chunk: torch.Tensor) -> str | None:
+        """The content hash of ``chunk`` (the row's bytes) if it differs from the recorded one."""
+        got = hash_bytes(memoryview(chunk.numpy()))
+        return got if got != row.hash else None
 
     def file_of(self, row: _Row) -> str:
         return self.path_of(row.file)
@@ -689,7 +692,7 @@ class _Reader:
         """Before anything is allocated or written: each local file exists, is regular and
         holds its chunk; a compressed chunk's frame decompresses to exactly its size."""
         for row in rows:
-            if row.stored and self.kind == "weights":
+            if row.stored:
                 self._local(row)
                 if self.codec:
                     head = torch.empty(min(row.stored, _ZSTD_HEADER), dtype=torch.uint8)
@@ -749,29 +752,26 @@ class _Reader:
         the local file, Lance's blob API or its reader. Remote reads go in 16 MiB requests,
         so that the object-store request timeout bounds a stall, not a large tensor."""
         want = dst.numel()
-        if row.stored == 0:
-            got = 0
-        elif self.kind == "seed":
-            value = self.ds.take([row.index], columns=["value"]).column(0).combine_chunks()
-            src = readonly_bytes(value.flatten().to_numpy(zero_copy_only=False))
-            got = src.numel()
-            dst[: min(got, want)].copy_(src[:want])
-        elif (fd := self._local(row)) is not None:
-            _pread_exact(fd, self.file_of(row), row.position, dst)
-            got = want
-        else:
-            (blob,) = self.ds.take_blobs("data", addresses=[row.address])
-            view, got = memoryview(dst.numpy()), 0
-            while got < want:
-                n = blob.readinto(view[got : got + _PIECE])
-                if not n:
-                    break
-                got += n
+        got = self._fill(row, dst) if row.stored else 0
         if got != want or (whole and want != row.stored):
             raise CorruptionError(
                 f"chunk {row.chunk} at {self.file_of(row)} holds {got} bytes, expected "
                 f"{want}; run verify() on {self.ds.uri}"
             )
+
+    def _fill(self, row: _Row, dst: torch.Tensor) -> int:
+        """Copy the start of the stored payload into ``dst``; the bytes copied."""
+        if (fd := self._local(row)) is not None:
+            _pread_exact(fd, self.file_of(row), row.position, dst)
+            return dst.numel()
+        (blob,) = self.ds.take_blobs("data", addresses=[row.address])
+        view, got = memoryview(dst.numpy()), 0
+        while got < dst.numel():
+            n = blob.readinto(view[got : got + _PIECE])
+            if not n:
+                break
+            got += n
+        return got
 
     def _decompress(self, row: _Row, dst: torch.Tensor) -> None:
         packed = torch.empty(row.stored, dtype=torch.uint8)
@@ -789,6 +789,51 @@ class _Reader:
         dst.copy_(readonly_bytes(raw))
 
 
+class _SeedReader(_Reader):
+    """Reads a dataset written by the Lance docs example: one row per tensor (``name``,
+    ``shape``, float64 ``value`` list), read through Lance's reader. It records no hashes,
+    compression or commit properties of ours, and takes no new versions."""
+
+    writable = False
+
+    def __init__(self, ds: lance.LanceDataset):
+        super().__init__(ds)
+        self.codec = None  # whatever its schema says: values are never ours to decode
+        self.root = None  # nor read from the data files directly
+
+    def entries(self) -> OrderedDict[str, _Entry]:
+        table = self.ds.to_table(columns=["name", "shape"], with_row_address=True)
+        out: OrderedDict[str, _Entry] = OrderedDict()
+        for index, row in enumerate(table.to_pylist()):
+            shape = list(row["shape"] or [])
+            name = row["name"]
+            if (not isinstance(name, str) or name in out or len(shape) > _MAX_DIMS
+                    or any(s is None or s < 0 for s in shape)):  # fmt: skip
+                raise CorruptionError(
+                    f"row {index} of {self.ds.uri} (version {self.ds.version}) repeats the name {name!r} "
+                    f"or has shape {shape[:10]}, which is not a list of non-negative sizes"
+                )
+            nbytes = stored_nbytes("float64", shape)
+            out[name] = _Entry(name, "float64", shape, nbytes, None, [],
+                               [_Row(0, 0, nbytes, "", row["_rowaddr"], index, None, "", nbytes)])
+        return out
+
+    def checked(self, use_index: bool = True) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
+        return self.entries(), []  # each row was checked as it was read
+
+    def properties(self) -> dict[str, str] | None:
+        return {}
+
+    def bad_hash(self, row: _Row, chunk: torch.Tensor) -> str | None:
+        return None  # nothing recorded to check against
+
+    def _fill(self, row: _Row, dst: torch.Tensor) -> int:
+        value = self.ds.take([row.index], columns=["value"]).column(0).combine_chunks()
+        src = readonly_bytes(value.flatten().to_numpy(zero_copy_only=False))
+        dst[: min(src.numel(), dst.numel())].copy_(src[: dst.numel()])
+        return src.numel()
+
+
 def _device(map_location: str | torch.device | None) -> torch.device:
     if map_location is None:
         return torch.device("cpu")
@@ -802,8 +847,8 @@ def _device(map_location: str | torch.device | None) -> torch.device:
 
 def _check_row(reader: _Reader, e: _Entry, row: _Row, chunk: torch.Tensor) -> None:
     """Raise CorruptionError unless ``chunk`` (the chunk's bytes) hashes to what was recorded."""
-    got = hash_bytes(memoryview(chunk.numpy()))
-    if got != row.hash:
+    got = reader.bad_hash(row, chunk)
+    if got is not None:
         raise CorruptionError(
             f"tensor {e.name!r} (chunk {row.chunk}) of version {reader.ds.version} in {reader.ds.uri} "
             f"is corrupt: content hash {got} != recorded {row.hash} (file "
@@ -830,23 +875,10 @@ def _materialize(reader: _Reader, entries: list[_Entry], *, verify: bool) -> dic
             jobs += [(e, row, flat[row.offset : row.offset + row.size]) for row in e.rows]
         out[e.name] = t
     reader.read_many([(row, dst) for _, row, dst in jobs])
-    if verify and reader.kind == "weights":
+    if verify:
         for e, row, dst in jobs:
             _check_row(reader, e, row, dst)
     return out
-
-
-def _read_version(
-    ds: lance.LanceDataset, use_index: bool = True
-) -> tuple[str, OrderedDict[str, _Entry], list[Problem]]:
-    """A checked-out version's kind, tensors and their metadata problems."""
-    kind = _kind(ds)
-    if kind != "weights":
-        return kind, _seed_entries(ds), []
-    entries, problems = _checked_entries(ds, use_index)
-    if problems and use_index:  # never blame the rows for their derived index: ask the rows
-        entries, problems = _checked_entries(ds, use_index=False)
-    return kind, entries, problems
 
 
 def _checked_entries(ds: lance.LanceDataset, use_index: bool) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
@@ -861,7 +893,7 @@ def _checked_entries(ds: lance.LanceDataset, use_index: bool) -> tuple[OrderedDi
 
 def _open_version(
     uri: str | os.PathLike, version: Version | None, storage_options: StorageOptions
-) -> tuple[lance.LanceDataset, str, OrderedDict[str, _Entry], list[Problem]]:
-    """The checked-out version, its kind, its tensors and their metadata problems."""
-    ds = _checkout(_open(_uri(uri), storage_options), version)
-    return ds, *_read_version(ds)
+) -> tuple[_Reader, OrderedDict[str, _Entry], list[Problem]]:
+    """The reader of the checked-out version, its tensors and their metadata problems."""
+    reader = _reader(_checkout(_open(_uri(uri), storage_options), version))
+    return reader, *reader.checked()

@@ -53,25 +53,21 @@ from .layout import (  # how a dataset is laid out and read
     _check_row,
     _checkout,
     _commit_properties,
-    _compression,
     _device,
-    _entries,
     _Entry,
     _exists,
     _fragment_table,
     _index_path,
-    _kind,
     _Located,
     _materialize,
     _open,
     _open_version,
     _problems,
     _raise_problems,
-    _read_version,
     _Reader,
+    _reader,
     _rows_digest,
     _schema,
-    _seed_entries,
     _select,
     _tag_list,
     _unreachable,
@@ -84,7 +80,6 @@ from .tensors import (
     META_COLUMNS,  # noqa: F401 (tests use store.META_COLUMNS)
     dtype_from_name,
     find_aliases,
-    hash_bytes,
     rows_batch,
     to_rows,
     uint8_view,
@@ -192,19 +187,20 @@ def save_state_dict(
     if parent is None:
         schema = _schema(compression)
     else:
-        if _kind(parent) != "weights":
+        reader = _reader(parent)
+        if not reader.writable:
             raise WeightsError(
                 f"{uri} holds weights in the Lance docs example's layout, which cannot take new "
                 f"versions; load it with load_state_dict() and save to a new URI"
             )
-        existing = _compression(parent)
+        existing = reader.codec
         if compression is not None and compression != existing:
             raise ValueError(
                 f"{uri} was created with compression={existing!r}; compression is fixed per "
                 f"dataset, so pass compression=None or save to a new URI"
             )
         schema = _schema(existing)
-        previous = _entries(parent)
+        previous = reader.entries()
         bad = {p.name for p in _problems(previous, existing is not None)}
         previous = {n: e for n, e in previous.items() if n not in bad}  # never reuse those rows
 
@@ -489,23 +485,24 @@ def load_state_dict(
     A version whose metadata is inconsistent raises CorruptionError before anything is read.
     """
     device = _device(map_location)
-    ds, kind, entries, problems = _open_version(uri, version, storage_options)
-    _raise_problems(ds, problems)
+    reader, entries, problems = _open_version(uri, version, storage_options)
+    _raise_problems(reader.ds, problems)
     selected = _select(entries, names)
     sources = {entries[name].alias or name: None for name in selected}  # ordered, unique
-    with _Reader(ds, kind) as reader:
+    with reader:
         if device.type == "cpu":
             loaded = _materialize(reader, [entries[s] for s in sources], verify=verify)
         else:  # one at a time: host memory holds one tensor on its way to the device
             loaded = {s: _materialize(reader, [entries[s]], verify=verify)[s].to(device) for s in sources}
     out = OrderedDict((name, loaded[entries[name].alias or name]) for name in selected)
-    spec = _tree_spec(ds) if names is None and kind == "weights" else None
+    spec = _tree_spec(reader) if names is None else None
     return out if spec is None else tree.unflatten(spec, out)
 
 
-def _tree_spec(ds: lance.LanceDataset) -> dict | None:
+def _tree_spec(reader: _Reader) -> dict | None:
     """The checkpoint-dict spec saved with the checked-out version, if it holds one."""
-    props = _commit_properties(ds)
+    ds = reader.ds
+    props = reader.properties()
     if props is None:
         raise CorruptionError(f"the commit of version {ds.version} of {ds.uri} cannot be read")
     text = props.get(_PROP + "tree")
@@ -536,7 +533,8 @@ def load_into(
     into the module, so the module never holds unverified bytes; a corrupt chunk raises
     CorruptionError, and the tensors copied before it keep their new values.
     """
-    ds, kind, entries, problems = _open_version(uri, version, storage_options)
+    reader, entries, problems = _open_version(uri, version, storage_options)
+    ds = reader.ds
     _raise_problems(ds, problems)
     targets = module.state_dict(keep_vars=True)
     missing = [k for k in targets if k not in entries]
@@ -558,14 +556,13 @@ def load_into(
             f"{type(module).__name__}:\n\t" + "\n\t".join(errors)
         )
     dtypes = {name: dtype_from_name(e.dtype, key=name) for name, e in entries.items()}
-    with _Reader(ds, kind) as reader, torch.no_grad():
+    with reader, torch.no_grad():
         dsts = {name: targets[name].detach() for name in entries if name in targets}
         reader.check(row for name in dsts for row in entries[entries[name].alias or name].rows)
         # 1. Tensors whose memory can take the bytes as they are: read straight into it.
         direct = [
             name for name, dst in dsts.items()
             if entries[name].alias is None
-            and kind == "weights"
             and dst.device.type == "cpu"
             and dst.is_contiguous()
             and dst.dtype == dtypes[name]
@@ -601,7 +598,7 @@ def load_into(
 def versions(uri: str | os.PathLike, *, storage_options: StorageOptions = None) -> list[VersionInfo]:
     """Every version still stored, oldest first, with what each one wrote and changed."""
     ds = _open(_uri(uri), storage_options)
-    _kind(ds)
+    _reader(ds)  # refuses a dataset that holds no weights
     by_version: dict[int, list[str]] = {}
     for name, t in _tag_list(ds).items():
         by_version.setdefault(t["version"], []).append(name)
@@ -612,8 +609,7 @@ def versions(uri: str | os.PathLike, *, storage_options: StorageOptions = None) 
         props = dict(txn.transaction_properties or {}) if txn is not None else {}
         tags = tuple(sorted(by_version.get(n, ())))
         if _PROP + "tensors" not in props:  # written by something else: derive the figures
-            vds = ds.checkout_version(n)
-            entries = _entries(vds) if _kind(vds) == "weights" else _seed_entries(vds)
+            entries = _reader(ds.checkout_version(n)).entries()
             total = sum(e.nbytes for e in entries.values() if e.alias is None)
             props = {_PROP + "tensors": str(len(entries)), _PROP + "bytes": str(total),
                      _PROP + "bytes_written": str(total), _PROP + "changed": json.dumps(list(entries))}
@@ -627,8 +623,7 @@ def diff(
     """Tensor names added, removed, changed and unchanged from version ``a`` to ``b`` (default latest)."""
     ds = _open(_uri(uri), storage_options)
     da, db = _checkout(ds, a), _checkout(ds, b)
-    ea = _entries(da) if _kind(da) == "weights" else _seed_entries(da)
-    eb = _entries(db) if _kind(db) == "weights" else _seed_entries(db)
+    ea, eb = _reader(da).entries(), _reader(db).entries()
     common = [n for n in eb if n in ea]
     return Diff(
         a=da.version,
@@ -686,15 +681,16 @@ def verify(
     ``progress`` is called with the bytes of each chunk checked (for progress bars).
     """
     ds = _checkout(_open(_uri(uri), storage_options), version)
+    reader = _reader(ds)
     try:
-        kind, entries, problems = _read_version(ds, use_index=False)  # the rows themselves
+        entries, problems = reader.checked(use_index=False)  # the rows themselves
     except CorruptionError as err:  # the version's rows themselves cannot be read
         return VerifyReport(ds.uri, ds.version, 0, 0, 0, [Problem("", -1, "", str(err))])
     problems += _commit_problems(ds, entries)
     bad = {p.name for p in problems}
     buf = torch.empty(0, dtype=torch.uint8)
     chunks = nbytes = 0
-    with _Reader(ds, kind) as reader:
+    with reader:
         problems = [dataclasses.replace(p, file=reader.path_of(p.file)) if p.file else p for p in problems]
         for e in entries.values():
             chunks += len(e.rows)
@@ -713,10 +709,7 @@ def verify(
                 nbytes += row.size
                 if progress is not None:
                     progress(row.size)
-                if kind != "weights":
-                    continue
-                got = hash_bytes(memoryview(dst.numpy()))
-                if got != row.hash:
+                if (got := reader.bad_hash(row, dst)) is not None:
                     problems.append(Problem(e.name, row.chunk, reader.file_of(row),
                                             f"content hash {got} != recorded {row.hash}"))
     return VerifyReport(ds.uri, ds.version, len(entries), chunks, nbytes, problems)
@@ -775,7 +768,7 @@ def _gc_select(
         raise ValueError("gc needs keep_last=N and/or older_than=timedelta(...) to know what to remove")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    _kind(ds)
+    _reader(ds)  # refuses a dataset that holds no weights
     all_versions = ds.versions()
     tagged = {t["version"] for name, t in _tag_list(ds).items() if name not in ignore_tags}
     newest = {v["version"] for v in all_versions[-(keep_last or 1):]}
