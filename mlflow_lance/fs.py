@@ -48,7 +48,9 @@ def lance_options(uri: str, storage_options: StorageOptions) -> dict[str, str] |
     return opts or None
 
 
-def read_bytes(uri: str, storage_options: StorageOptions = None, *, limit: int, follow_links: bool = True) -> bytes | None:
+def read_bytes(
+    uri: str, storage_options: StorageOptions = None, *, limit: int, follow_links: bool = True
+) -> bytes | None:
     """The file's bytes, or None if it does not exist, is over ``limit`` bytes or (locally)
     is not a regular file: a FIFO or device would block or never end. ``follow_links=False``
     also reads a local symbolic link as None instead of following it."""

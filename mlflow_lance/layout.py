@@ -1,6 +1,7 @@
-"""How a weights dataset is laid out and read: opening a dataset or version, its schema, the
-metadata rows of a version and the rules they must keep, the version index, and the reader
-of payload bytes (preadv, copy-on-write maps, Lance's blob API).
+"""How a weights dataset is laid out and read: a handle that opens a dataset once, opening a
+version, its format and schema, the metadata rows of a version and the rules they must keep,
+the version index, and the readers of payload bytes, one per format (preadv, copy-on-write
+maps, Lance's blob API; the Lance docs example's float64 lists).
 
 Layout: one row per tensor chunk (see tensors.py), in the state dict's key order. Each
 Lance fragment (one data file) holds either one row of a large tensor or a run of small,
@@ -86,12 +87,21 @@ class Problem:
 # --------------------------------------------------------------------------- opening
 
 
-def _uri(uri: str | os.PathLike) -> str:
-    return os.fspath(uri)
-
-
-# Retry jitter: never draws from the global RNG that training resumes bit-exactly.
-JITTER = random.Random()
+def _open(uri: str, storage_options: StorageOptions = None) -> lance.LanceDataset:
+    """The dataset at ``uri``, at its latest version; FileNotFoundError that says so if nothing
+    was saved there, ConnectionError if its storage cannot be reached."""
+    started = time.monotonic()
+    try:
+        return lance.dataset(uri, storage_options=lance_options(uri, storage_options))
+    except (ValueError, OSError) as e:
+        if (err := _unreachable(uri, e, time.monotonic() - started)) is not None:
+            raise err from None
+        if "was not found" in str(e) or "Not found" in str(e):
+            raise FileNotFoundError(
+                f"no weights dataset at {uri!r}: nothing has been saved there yet "
+                f"(check the URI, or save a version first)"
+            ) from None
+        raise
 
 
 def _unreachable(uri: str, err: Exception, elapsed: float = 0.0) -> ConnectionError | None:
@@ -110,26 +120,46 @@ def _unreachable(uri: str, err: Exception, elapsed: float = 0.0) -> ConnectionEr
     )
 
 
-def _open(uri: str, storage_options: StorageOptions = None) -> lance.LanceDataset:
-    started = time.monotonic()
-    try:
-        return lance.dataset(uri, storage_options=lance_options(uri, storage_options))
-    except (ValueError, OSError) as e:
-        if (err := _unreachable(uri, e, time.monotonic() - started)) is not None:
-            raise err from None
-        if "was not found" in str(e) or "Not found" in str(e):
-            raise FileNotFoundError(
-                f"no weights dataset at {uri!r}: nothing has been saved there yet "
-                f"(check the URI, or save a version first)"
-            ) from None
-        raise
+class Dataset:
+    """A handle on one weights dataset: its URI and storage options, resolved once, and the
+    Lance dataset, opened on first use and then kept, so that several reads of the same
+    dataset (a sidecar refresh) open it once. Every store verb takes one in place of a URI.
+
+    The open dataset is the version that was latest at the first use; its version and tag
+    listings are read afresh each time.
+    """
+
+    def __init__(self, uri: str | os.PathLike, storage_options: StorageOptions = None):
+        self.uri = os.fspath(uri)
+        self.storage_options = storage_options
+        self._lance: lance.LanceDataset | None = None
+
+    @classmethod
+    def of(cls, uri: str | os.PathLike | Dataset, storage_options: StorageOptions = None) -> Dataset:
+        """``uri`` itself if it is a handle already (with its own storage options), else a new one."""
+        return uri if isinstance(uri, Dataset) else cls(uri, storage_options)
+
+    @property
+    def lance(self) -> lance.LanceDataset:
+        """The open dataset; FileNotFoundError if nothing has been saved there yet."""
+        if self._lance is None:
+            self._lance = _open(self.uri, self.storage_options)
+        return self._lance
+
+    def existing(self) -> lance.LanceDataset | None:
+        """The open dataset, or None if nothing has been saved there yet."""
+        try:
+            return self.lance
+        except FileNotFoundError:
+            return None
+
+    def checkout(self, version: Version | None) -> lance.LanceDataset:
+        """Version ``version`` (a number or a tag; None: the open one)."""
+        return _checkout(self.lance, version)
 
 
-def _exists(uri: str, storage_options: StorageOptions) -> lance.LanceDataset | None:
-    try:
-        return _open(uri, storage_options)
-    except FileNotFoundError:
-        return None
+# Retry jitter: never draws from the global RNG that training resumes bit-exactly.
+JITTER = random.Random()
 
 
 def _tag_list(ds: lance.LanceDataset) -> dict:
@@ -164,6 +194,14 @@ def _checkout(ds: lance.LanceDataset, version: Version | None) -> lance.LanceDat
         raise VersionNotFoundError(
             f"{kind} {version!r} does not exist in {ds.uri}; {_available(ds)}"
         ) from None
+
+
+def _open_version(
+    dataset: Dataset, version: Version | None
+) -> tuple[_Reader, OrderedDict[str, _Entry], list[Problem]]:
+    """The reader of the checked-out version, its tensors and their metadata problems."""
+    reader = _reader(dataset.checkout(version))
+    return reader, *reader.checked()
 
 
 def _reader(ds: lance.LanceDataset) -> _Reader:
@@ -495,6 +533,16 @@ def _write_index(ds: lance.LanceDataset, table: list[tuple[int, str, int]], rows
 def _entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
     """Every tensor of the checked-out version, in saved order (reads no tensor bytes)."""
     return _build_entries(_located(ds)[0])
+
+
+def _checked_entries(ds: lance.LanceDataset, use_index: bool) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
+    rows, agree = _located(ds, use_index)
+    entries = _build_entries(rows)
+    problems = _problems(entries, _compression(ds) is not None)
+    if not agree:
+        problems.append(Problem("", -1, "", f"the rows differ from what commit {ds.version} recorded "
+                                f"({_PROP}rows): they were rewritten after the commit"))
+    return entries, problems
 
 
 def _located(ds: lance.LanceDataset, use_index: bool = True) -> tuple[list[_Located], bool]:
@@ -881,19 +929,3 @@ def _materialize(reader: _Reader, entries: list[_Entry], *, verify: bool) -> dic
     return out
 
 
-def _checked_entries(ds: lance.LanceDataset, use_index: bool) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
-    rows, agree = _located(ds, use_index)
-    entries = _build_entries(rows)
-    problems = _problems(entries, _compression(ds) is not None)
-    if not agree:
-        problems.append(Problem("", -1, "", f"the rows differ from what commit {ds.version} recorded "
-                                f"({_PROP}rows): they were rewritten after the commit"))
-    return entries, problems
-
-
-def _open_version(
-    uri: str | os.PathLike, version: Version | None, storage_options: StorageOptions
-) -> tuple[_Reader, OrderedDict[str, _Entry], list[Problem]]:
-    """The reader of the checked-out version, its tensors and their metadata problems."""
-    reader = _reader(_checkout(_open(_uri(uri), storage_options), version))
-    return reader, *reader.checked()

@@ -96,7 +96,7 @@ def _int(value: object) -> int | None:
 
 
 def build(
-    dataset_uri: str,
+    dataset: str | store.Dataset,
     storage_options: Mapping[str, str] | None = None,
     *,
     names: Mapping[str, str] | None = None,
@@ -106,8 +106,9 @@ def build(
     ``names`` maps bindings to registered model names (the registry knows them; without it
     the name recorded at log time is used).
     """
-    infos = store.versions(dataset_uri, storage_options=storage_options)
-    pins = {t: v for t, v in store.tags(dataset_uri, storage_options=storage_options).items() if is_pin(t)}
+    dataset = store.Dataset.of(dataset, storage_options)
+    infos = store.versions(dataset)
+    pins = _pins(dataset)
     by_version = {v.version: v for v in infos}
     known_names = {v.properties["mlflow.binding"]: v.properties.get("mlflow.registered_model_name")
                    for v in infos if v.properties.get("mlflow.binding")}  # fmt: skip
@@ -145,7 +146,7 @@ def build(
     for entry in registered.values():
         entry["versions"] = dict(sorted(entry["versions"].items(), key=lambda kv: int(kv[0])))
     doc = {
-        "dataset": dataset_uri,
+        "dataset": dataset.uri,
         "lance_latest_version": infos[-1].version if infos else 0,
         "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "runs": runs,
@@ -156,6 +157,11 @@ def build(
     if legacy:
         doc["legacy_pins"] = legacy
     return doc
+
+
+def _pins(dataset: store.Dataset) -> dict[str, int]:
+    """The dataset's pins: its Lance tags that mlflow-lance manages."""
+    return {t: v for t, v in store.tags(dataset).items() if is_pin(t)}
 
 
 def _valid(doc: object) -> bool:
@@ -199,17 +205,16 @@ def refresh(
     Stale means behind the dataset's latest version or its pins: a model version is pinned
     after its Lance commit, so a sidecar another writer wrote in between can lack it.
     """
+    dataset = store.Dataset(dataset_uri, storage_options)  # opened once for the check and the build
     doc = None if force else read(dataset_uri, storage_options)
-    if doc is not None:
-        latest = store.latest_version(dataset_uri, storage_options=storage_options)
-        pins = {t: v for t, v in store.tags(dataset_uri, storage_options=storage_options).items() if is_pin(t)}
-        if doc["lance_latest_version"] != latest or doc["pins"] != pins:
-            doc = None
+    if doc is not None and (doc["lance_latest_version"] != store.latest_version(dataset)
+                            or doc["pins"] != _pins(dataset)):  # fmt: skip
+        doc = None
     if doc is None:
         previous = read(dataset_uri, storage_options) if names is None else None
         carried = {b: e.get("name") for b, e in (previous or {}).get("registered_models", {}).items()
                    if isinstance(e, dict) and isinstance(e.get("name"), str)}  # fmt: skip
-        doc = build(dataset_uri, storage_options, names={**carried, **(names or {})})
+        doc = build(dataset, names={**carried, **(names or {})})
         write(dataset_uri, doc, storage_options)
     return doc
 

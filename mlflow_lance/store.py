@@ -1,6 +1,7 @@
 """The Lance weight store's verbs: save a version, load one (as a state dict or into a module),
 list, diff, tag, verify and garbage-collect versions. How a dataset is laid out and read
-is layout.py.
+is layout.py. Each verb takes a dataset URI, or a ``Dataset`` handle (layout.py) so that
+several verbs on one dataset open it once.
 
 A new version is a Lance ``Overwrite`` commit whose fragment list reuses every fragment
 whose rows are all unchanged since the latest version (same name, dtype, shape and content
@@ -44,6 +45,7 @@ from .layout import (  # how a dataset is laid out and read
     FORMAT_VERSION,
     JITTER,
     CorruptionError,
+    Dataset,
     Problem,
     StorageOptions,
     Version,
@@ -55,7 +57,6 @@ from .layout import (  # how a dataset is laid out and read
     _commit_properties,
     _device,
     _Entry,
-    _exists,
     _fragment_table,
     _index_path,
     _Located,
@@ -71,7 +72,6 @@ from .layout import (  # how a dataset is laid out and read
     _select,
     _tag_list,
     _unreachable,
-    _uri,
     _write_index,
 )
 from .plan import RowData, Unit, plan_version
@@ -156,7 +156,7 @@ class LoadResult(NamedTuple):
 
 def save_state_dict(
     state_dict: Mapping[str, torch.Tensor],
-    uri: str | os.PathLike,
+    uri: str | os.PathLike | Dataset,
     *,
     message: str | None = None,
     properties: Mapping[str, str] | None = None,
@@ -181,8 +181,9 @@ def save_state_dict(
     if not state_dict:
         raise ValueError("the state dict holds no tensor; there is nothing to save")
     props = _check_properties(properties)
-    uri = _uri(uri)
-    parent = _exists(uri, storage_options)
+    dataset = Dataset.of(uri, storage_options)
+    uri, storage_options = dataset.uri, dataset.storage_options
+    parent = dataset.existing()
     previous: Mapping[str, _Entry] = {}
     if parent is None:
         schema = _schema(compression)
@@ -466,7 +467,7 @@ def _summary(uri: str, version: int, props: Mapping[str, str]) -> dict:
 
 
 def load_state_dict(
-    uri: str | os.PathLike,
+    uri: str | os.PathLike | Dataset,
     version: Version | None = None,
     *,
     map_location: str | torch.device | None = None,
@@ -485,7 +486,7 @@ def load_state_dict(
     A version whose metadata is inconsistent raises CorruptionError before anything is read.
     """
     device = _device(map_location)
-    reader, entries, problems = _open_version(uri, version, storage_options)
+    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version)
     _raise_problems(reader.ds, problems)
     selected = _select(entries, names)
     sources = {entries[name].alias or name: None for name in selected}  # ordered, unique
@@ -516,7 +517,7 @@ def _tree_spec(reader: _Reader) -> dict | None:
 
 def load_into(
     module: torch.nn.Module,
-    uri: str | os.PathLike,
+    uri: str | os.PathLike | Dataset,
     version: Version | None = None,
     *,
     strict: bool = True,
@@ -533,7 +534,7 @@ def load_into(
     into the module, so the module never holds unverified bytes; a corrupt chunk raises
     CorruptionError, and the tensors copied before it keep their new values.
     """
-    reader, entries, problems = _open_version(uri, version, storage_options)
+    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version)
     ds = reader.ds
     _raise_problems(ds, problems)
     targets = module.state_dict(keep_vars=True)
@@ -595,9 +596,11 @@ def load_into(
     return LoadResult(missing, unexpected)
 
 
-def versions(uri: str | os.PathLike, *, storage_options: StorageOptions = None) -> list[VersionInfo]:
+def versions(
+    uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None
+) -> list[VersionInfo]:
     """Every version still stored, oldest first, with what each one wrote and changed."""
-    ds = _open(_uri(uri), storage_options)
+    ds = Dataset.of(uri, storage_options).lance
     _reader(ds)  # refuses a dataset that holds no weights
     by_version: dict[int, list[str]] = {}
     for name, t in _tag_list(ds).items():
@@ -618,10 +621,14 @@ def versions(uri: str | os.PathLike, *, storage_options: StorageOptions = None) 
 
 
 def diff(
-    uri: str | os.PathLike, a: Version, b: Version | None = None, *, storage_options: StorageOptions = None
+    uri: str | os.PathLike | Dataset,
+    a: Version,
+    b: Version | None = None,
+    *,
+    storage_options: StorageOptions = None,
 ) -> Diff:
     """Tensor names added, removed, changed and unchanged from version ``a`` to ``b`` (default latest)."""
-    ds = _open(_uri(uri), storage_options)
+    ds = Dataset.of(uri, storage_options).lance
     da, db = _checkout(ds, a), _checkout(ds, b)
     ea, eb = _reader(da).entries(), _reader(db).entries()
     common = [n for n in eb if n in ea]
@@ -635,11 +642,13 @@ def diff(
     )
 
 
-def tag(uri: str | os.PathLike, name: str, version: int, *, storage_options: StorageOptions = None) -> None:
+def tag(
+    uri: str | os.PathLike | Dataset, name: str, version: int, *, storage_options: StorageOptions = None
+) -> None:
     """Point tag ``name`` at ``version`` (moving it if it exists); tagged versions survive gc."""
     if not isinstance(name, str) or not name or name.isdigit():
         raise ValueError(f"tag name must be a non-empty, non-numeric string, got {name!r}")
-    ds = _open(_uri(uri), storage_options)
+    ds = Dataset.of(uri, storage_options).lance
     target = _checkout(ds, version).version
     for attempt in range(8):  # another writer may create or move the same tag in between
         try:
@@ -654,22 +663,22 @@ def tag(uri: str | os.PathLike, name: str, version: int, *, storage_options: Sto
             time.sleep(JITTER.uniform(0, 0.01 * 2**attempt))
 
 
-def untag(uri: str | os.PathLike, name: str, *, storage_options: StorageOptions = None) -> None:
+def untag(uri: str | os.PathLike | Dataset, name: str, *, storage_options: StorageOptions = None) -> None:
     """Remove tag ``name``; the version it pointed at may then be garbage-collected."""
-    ds = _open(_uri(uri), storage_options)
+    ds = Dataset.of(uri, storage_options).lance
     if name not in _tag_list(ds):
         raise VersionNotFoundError(f"tag {name!r} does not exist in {ds.uri}; {_available(ds)}")
     ds.tags.delete(name)
 
 
-def tags(uri: str | os.PathLike, *, storage_options: StorageOptions = None) -> dict[str, int]:
+def tags(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> dict[str, int]:
     """Tag name -> version number."""
-    ds = _open(_uri(uri), storage_options)
+    ds = Dataset.of(uri, storage_options).lance
     return {name: t["version"] for name, t in sorted(_tag_list(ds).items())}
 
 
 def verify(
-    uri: str | os.PathLike,
+    uri: str | os.PathLike | Dataset,
     version: Version | None = None,
     *,
     storage_options: StorageOptions = None,
@@ -680,7 +689,7 @@ def verify(
 
     ``progress`` is called with the bytes of each chunk checked (for progress bars).
     """
-    ds = _checkout(_open(_uri(uri), storage_options), version)
+    ds = Dataset.of(uri, storage_options).checkout(version)
     reader = _reader(ds)
     try:
         entries, problems = reader.checked(use_index=False)  # the rows themselves
@@ -732,22 +741,25 @@ def _commit_problems(ds: lance.LanceDataset, entries: Mapping[str, _Entry]) -> l
     return []
 
 
-def latest_version(uri: str | os.PathLike, *, storage_options: StorageOptions = None) -> int:
-    """The newest version number (reads the manifest pointer only)."""
-    return _open(_uri(uri), storage_options).version
+def latest_version(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> int:
+    """The newest version number (reads the manifest pointer only; for a handle, the version
+    it opened)."""
+    return Dataset.of(uri, storage_options).lance.version
 
 
-def resolve_version(uri: str | os.PathLike, version: Version | None, *, storage_options: StorageOptions = None) -> int:
+def resolve_version(
+    uri: str | os.PathLike | Dataset, version: Version | None, *, storage_options: StorageOptions = None
+) -> int:
     """The version number a number or tag (None: latest) stands for; raises if none."""
-    return _checkout(_open(_uri(uri), storage_options), version).version
+    return Dataset.of(uri, storage_options).checkout(version).version
 
 
 def version_properties(
-    uri: str | os.PathLike, version: Version, *, storage_options: StorageOptions = None
+    uri: str | os.PathLike | Dataset, version: Version, *, storage_options: StorageOptions = None
 ) -> dict[str, str]:
     """The ``properties`` one version was saved with (reads that version's transaction only);
     WeightsError if they are malformed."""
-    ds = _checkout(_open(_uri(uri), storage_options), version)
+    ds = Dataset.of(uri, storage_options).checkout(version)
     props = _commit_properties(ds)
     if props is None:
         raise WeightsError(f"the commit of version {ds.version} of {ds.uri} cannot be read")
@@ -789,7 +801,7 @@ def _gc_select(
 
 
 def gc_plan(
-    uri: str | os.PathLike,
+    uri: str | os.PathLike | Dataset,
     *,
     keep_last: int | None = None,
     older_than: timedelta | None = None,
@@ -800,12 +812,12 @@ def gc_plan(
 ) -> list[int]:
     """The versions ``gc`` with these arguments would remove (see ``gc``), counting the tags in
     ``ignore_tags`` as already removed."""
-    ds = _open(_uri(uri), storage_options)
+    ds = Dataset.of(uri, storage_options).lance
     return _gc_select(ds, keep_last, older_than, grace, candidates, ignore_tags)[0]
 
 
 def gc(
-    uri: str | os.PathLike,
+    uri: str | os.PathLike | Dataset,
     *,
     keep_last: int | None = None,
     older_than: timedelta | None = None,
@@ -825,7 +837,7 @@ def gc(
     This is the store's gc, which knows nothing of MLflow; ``mlflow_lance.gc`` asks MLflow
     what it still references before calling it.
     """
-    ds = _open(_uri(uri), storage_options)
+    ds = Dataset.of(uri, storage_options).lance
     doomed, kept_tagged = _gc_select(ds, keep_last, older_than, grace, candidates)
     if not doomed:
         return GcReport([], 0, kept_tagged)
