@@ -24,7 +24,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import lance
 import numpy as np
@@ -78,6 +78,7 @@ from .plan import RowData, Unit, plan_version
 from .tensors import (
     DEFAULT_CHUNK_BYTES,
     META_COLUMNS,  # noqa: F401 (tests use store.META_COLUMNS)
+    TensorRows,
     dtype_from_name,
     find_aliases,
     rows_batch,
@@ -174,36 +175,12 @@ def save_state_dict(
     the version. ``compression="zstd"`` applies to a new dataset only; the default stores
     raw bytes, which load fastest (memory-mapped, no decode).
     """
-    spec = None
-    if isinstance(state_dict, Mapping) and not tree.is_flat(state_dict):  # a checkpoint dict
-        state_dict, spec = tree.flatten(state_dict)
-    validate_state_dict(state_dict)
-    if not state_dict:
-        raise ValueError("the state dict holds no tensor; there is nothing to save")
+    state_dict, spec = _flat(state_dict)
     props = _check_properties(properties)
     dataset = Dataset.of(uri, storage_options)
     uri, storage_options = dataset.uri, dataset.storage_options
     parent = dataset.existing()
-    previous: Mapping[str, _Entry] = {}
-    if parent is None:
-        schema = _schema(compression)
-    else:
-        reader = _reader(parent)
-        if not reader.writable:
-            raise WeightsError(
-                f"{uri} holds weights in the Lance docs example's layout, which cannot take new "
-                f"versions; load it with load_state_dict() and save to a new URI"
-            )
-        existing = reader.codec
-        if compression is not None and compression != existing:
-            raise ValueError(
-                f"{uri} was created with compression={existing!r}; compression is fixed per "
-                f"dataset, so pass compression=None or save to a new URI"
-            )
-        schema = _schema(existing)
-        previous = reader.entries()
-        bad = {p.name for p in _problems(previous, existing is not None)}
-        previous = {n: e for n, e in previous.items() if n not in bad}  # never reuse those rows
+    schema, previous = _reusable_base(uri, parent, compression)
 
     aliases = find_aliases(state_dict)
     tensors = [to_rows(name, t, alias=aliases.get(name), chunk_bytes=chunk_bytes) for name, t in state_dict.items()]
@@ -214,13 +191,69 @@ def save_state_dict(
     fragments = [reusable[u.reused] if u.reused is not None else next(written) for u in units]
     bytes_written = sum(f.files[0].file_size_bytes or 0 for u, f in zip(units, fragments) if u.reused is None)
 
-    removed = [n for n in previous if n not in state_dict]
+    txn_props = _transaction_properties(
+        message, props, spec, parent, tensors, changed, [n for n in previous if n not in state_dict], bytes_written
+    )
+    ds = _commit(uri, lance.LanceOperation.Overwrite(schema, fragments), txn_props,
+                 parent.version if parent else 0, storage_options)
+    _index_new_version(ds, units)
+    return _version_info(uri, ds.version, _now(ds), txn_props, ())
+
+
+def _flat(state_dict: Mapping[str, Any]) -> tuple[Mapping[str, torch.Tensor], dict | None]:
+    """A state dict to save, checked, and the spec of the checkpoint dict it was flattened
+    from (None for a flat state dict)."""
+    spec = None
+    if isinstance(state_dict, Mapping) and not tree.is_flat(state_dict):  # a checkpoint dict
+        state_dict, spec = tree.flatten(state_dict)
+    validate_state_dict(state_dict)
+    if not state_dict:
+        raise ValueError("the state dict holds no tensor; there is nothing to save")
+    return state_dict, spec
+
+
+def _reusable_base(
+    uri: str, parent: lance.LanceDataset | None, compression: str | None
+) -> tuple[pa.Schema, Mapping[str, _Entry]]:
+    """The new version's schema, and the parent's tensors whose rows it may reuse: all whose
+    metadata is consistent (none for a new dataset). Compression is fixed per dataset."""
+    if parent is None:
+        return _schema(compression), {}
+    reader = _reader(parent)
+    if not reader.writable:
+        raise WeightsError(
+            f"{uri} holds weights in the Lance docs example's layout, which cannot take new "
+            f"versions; load it with load_state_dict() and save to a new URI"
+        )
+    existing = reader.codec
+    if compression is not None and compression != existing:
+        raise ValueError(
+            f"{uri} was created with compression={existing!r}; compression is fixed per "
+            f"dataset, so pass compression=None or save to a new URI"
+        )
+    previous = reader.entries()
+    bad = {p.name for p in _problems(previous, existing is not None)}
+    return _schema(existing), {n: e for n, e in previous.items() if n not in bad}  # never reuse those rows
+
+
+def _transaction_properties(
+    message: str | None,
+    props: dict[str, str],
+    spec: dict | None,
+    parent: lance.LanceDataset | None,
+    tensors: list[TensorRows],
+    changed: list[str],
+    removed: list[str],
+    bytes_written: int,
+) -> dict[str, str]:
+    """What the new version's commit records: the summary ``VersionInfo`` is read back from,
+    the digest its rows are checked against, the checkpoint spec and the message."""
     summary = {
         "format": str(FORMAT_VERSION),
         "message": message or "",
         "properties": json.dumps(props, sort_keys=True),
         "parent": "" if parent is None else str(parent.version),
-        "tensors": str(len(state_dict)),
+        "tensors": str(len(tensors)),
         "bytes": str(sum(t.nbytes for t in tensors)),
         "bytes_written": str(bytes_written),
         "changed": json.dumps(changed),
@@ -232,10 +265,7 @@ def save_state_dict(
         txn_props[_PROP + "tree"] = tree.encode(spec)
     if message:
         txn_props["lance.commit.message"] = message
-    ds = _commit(uri, lance.LanceOperation.Overwrite(schema, fragments), txn_props,
-                 parent.version if parent else 0, storage_options)
-    _index_new_version(ds, units)
-    return _version_info(uri, ds.version, _now(ds), txn_props, ())
+    return txn_props
 
 
 def _commit(
@@ -535,9 +565,27 @@ def load_into(
     CorruptionError, and the tensors copied before it keep their new values.
     """
     reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version)
-    ds = reader.ds
-    _raise_problems(ds, problems)
+    _raise_problems(reader.ds, problems)
     targets = module.state_dict(keep_vars=True)
+    missing, unexpected = _check_targets(module, reader.ds, entries, targets, strict)
+    with reader, torch.no_grad():
+        dsts = {name: targets[name].detach() for name in entries if name in targets}
+        reader.check(row for name in dsts for row in entries[entries[name].alias or name].rows)
+        done = _read_in_place(reader, entries, dsts, verify)
+        _copy_the_rest(reader, entries, dsts, done, verify)
+    return LoadResult(missing, unexpected)
+
+
+def _check_targets(
+    module: torch.nn.Module,
+    ds: lance.LanceDataset,
+    entries: Mapping[str, _Entry],
+    targets: Mapping[str, torch.Tensor],
+    strict: bool,
+) -> tuple[list[str], list[str]]:
+    """The module's keys the version lacks and the version's keys the module lacks; before
+    anything is written, RuntimeError (worded as ``nn.Module.load_state_dict`` words it) for
+    those ``strict`` refuses and for every shape mismatch."""
     missing = [k for k in targets if k not in entries]
     unexpected = [k for k in entries if k not in targets]
     errors = []
@@ -556,44 +604,54 @@ def load_into(
             f"Error(s) in loading {ds.uri} (version {ds.version}) into "
             f"{type(module).__name__}:\n\t" + "\n\t".join(errors)
         )
-    dtypes = {name: dtype_from_name(e.dtype, key=name) for name, e in entries.items()}
-    with reader, torch.no_grad():
-        dsts = {name: targets[name].detach() for name in entries if name in targets}
-        reader.check(row for name in dsts for row in entries[entries[name].alias or name].rows)
-        # 1. Tensors whose memory can take the bytes as they are: read straight into it.
-        direct = [
-            name for name, dst in dsts.items()
-            if entries[name].alias is None
-            and dst.device.type == "cpu"
-            and dst.is_contiguous()
-            and dst.dtype == dtypes[name]
-        ]  # fmt: skip
-        jobs = [(entries[name], row, uint8_view(dsts[name])[row.offset : row.offset + row.size])
-                for name in direct for row in entries[name].rows]  # fmt: skip
-        if verify:
-            stage = torch.empty(max((row.size for _, row, _ in jobs), default=0), dtype=torch.uint8)
-            for e, row, dst in jobs:
-                chunk = stage[: row.size]
-                reader.read_many([(row, chunk)])
-                _check_row(reader, e, row, chunk)
-                np.copyto(dst.numpy(), chunk.numpy())  # a plain memcpy (uint8 copy_ is ~50x slower here)
+    return missing, unexpected
+
+
+def _read_in_place(
+    reader: _Reader, entries: Mapping[str, _Entry], dsts: Mapping[str, torch.Tensor], verify: bool
+) -> set[str]:
+    """Read each tensor whose memory can take the stored bytes as they are (untied, on the
+    CPU, contiguous, of the stored dtype) straight into it; their names. With ``verify`` each
+    chunk goes through a staging buffer and is hashed before it is copied in."""
+    direct = [
+        name for name, dst in dsts.items()
+        if entries[name].alias is None
+        and dst.device.type == "cpu"
+        and dst.is_contiguous()
+        and dst.dtype == dtype_from_name(entries[name].dtype, key=name)
+    ]  # fmt: skip
+    jobs = [(entries[name], row, uint8_view(dsts[name])[row.offset : row.offset + row.size])
+            for name in direct for row in entries[name].rows]  # fmt: skip
+    if verify:
+        stage = torch.empty(max((row.size for _, row, _ in jobs), default=0), dtype=torch.uint8)
+        for e, row, dst in jobs:
+            chunk = stage[: row.size]
+            reader.read_many([(row, chunk)])
+            _check_row(reader, e, row, chunk)
+            np.copyto(dst.numpy(), chunk.numpy())  # a plain memcpy (uint8 copy_ is ~50x slower here)
+    else:
+        reader.read_many([(row, dst) for _, row, dst in jobs])
+    return set(direct)
+
+
+def _copy_the_rest(
+    reader: _Reader, entries: Mapping[str, _Entry], dsts: Mapping[str, torch.Tensor], done: set[str], verify: bool
+) -> None:
+    """The tensors ``_read_in_place`` left (another dtype or device, non-contiguous, tied):
+    through a CPU tensor, or for a tie, from its source once that is in the module."""
+    done = set(done)
+    for name, dst in dsts.items():
+        if name in done:
+            continue
+        e = entries[name]
+        source = e.alias or name
+        if source in done and source in dsts:
+            src = dsts[source]
         else:
-            reader.read_many([(row, dst) for _, row, dst in jobs])
-        # 2. The rest (other dtype or device, non-contiguous, tied): through a CPU tensor.
-        done = set(direct)
-        for name, dst in dsts.items():
-            if name in done:
-                continue
-            e = entries[name]
-            source = e.alias or name
-            if source in done and source in dsts:
-                src = dsts[source]
-            else:
-                src = _materialize(reader, [entries[source]], verify=verify)[source]
-            if not (src.data_ptr() == dst.data_ptr() and src.device == dst.device):
-                dst.copy_(src)
-            done.add(name)
-    return LoadResult(missing, unexpected)
+            src = _materialize(reader, [entries[source]], verify=verify)[source]
+        if not (src.data_ptr() == dst.data_ptr() and src.device == dst.device):
+            dst.copy_(src)
+        done.add(name)
 
 
 def versions(
