@@ -109,10 +109,26 @@ def build(
     dataset = store.Dataset.of(dataset, storage_options)
     infos = store.versions(dataset)
     pins = _pins(dataset)
-    by_version = {v.version: v for v in infos}
     known_names = {v.properties["mlflow.binding"]: v.properties.get("mlflow.registered_model_name")
                    for v in infos if v.properties.get("mlflow.binding")}  # fmt: skip
     known_names.update(names or {})
+    logged, registered, legacy = _pinned({v.version: v for v in infos}, pins, known_names)
+    doc = {
+        "dataset": dataset.uri,
+        "lance_latest_version": infos[-1].version if infos else 0,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "runs": _runs(infos),
+        "logged_models": logged,
+        "registered_models": registered,
+        "pins": dict(sorted(pins.items())),
+    }
+    if legacy:
+        doc["legacy_pins"] = legacy
+    return doc
+
+
+def _runs(infos: list[store.VersionInfo]) -> dict[str, list[dict]]:
+    """Run ID -> the versions it logged, oldest first, from their commit properties."""
     runs: dict[str, list[dict]] = {}
     for v in infos:
         run_id = v.properties.get("mlflow.run_id")
@@ -124,6 +140,14 @@ def build(
                 "step": _int(v.properties.get("mlflow.step")),
                 "time": v.timestamp.isoformat(timespec="seconds"),
             })  # fmt: skip
+    return runs
+
+
+def _pinned(
+    by_version: Mapping[int, store.VersionInfo], pins: Mapping[str, int], known_names: Mapping[str, str | None]
+) -> tuple[dict[str, dict], dict[str, dict], dict[str, int]]:
+    """The logged models, the registered models (by binding) and the legacy pins, from the
+    pins and the commit properties of the versions they hold."""
     logged: dict[str, dict] = {}
     registered: dict[str, dict] = {}
     legacy: dict[str, int] = {}
@@ -145,18 +169,7 @@ def build(
             legacy[tag] = version
     for entry in registered.values():
         entry["versions"] = dict(sorted(entry["versions"].items(), key=lambda kv: int(kv[0])))
-    doc = {
-        "dataset": dataset.uri,
-        "lance_latest_version": infos[-1].version if infos else 0,
-        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "runs": runs,
-        "logged_models": logged,
-        "registered_models": registered,
-        "pins": dict(sorted(pins.items())),
-    }
-    if legacy:
-        doc["legacy_pins"] = legacy
-    return doc
+    return logged, registered, legacy
 
 
 def _pins(dataset: store.Dataset) -> dict[str, int]:
