@@ -200,6 +200,278 @@ def save_state_dict(
     return _version_info(uri, ds.version, _now(ds), txn_props, ())
 
 
+def load_state_dict(
+    uri: str | os.PathLike | Dataset,
+    version: Version | None = None,
+    *,
+    map_location: str | torch.device | None = None,
+    names: str | Iterable[str] | None = None,
+    storage_options: StorageOptions = None,
+    verify: bool = False,
+) -> OrderedDict[str, torch.Tensor]:
+    """Load a version (a number or a tag; default latest) as an ordered state dict, or as the
+    checkpoint dict it was saved as.
+
+    ``names`` selects tensors: a list of keys, or one string that is a prefix or a glob;
+    only their bytes are read. Local datasets come back memory-mapped copy-on-write (lazy,
+    no copy; see the README on what a map shares with its file). Tied tensors come back as
+    one tensor under each name. ``verify`` recomputes every content hash, raises
+    CorruptionError on a mismatch, and returns fresh memory instead of maps.
+    A version whose metadata is inconsistent raises CorruptionError before anything is read.
+    """
+    device = _device(map_location)
+    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version)
+    _raise_problems(reader.ds, problems)
+    selected = _select(entries, names)
+    sources = {entries[name].alias or name: None for name in selected}  # ordered, unique
+    with reader:
+        if device.type == "cpu":
+            loaded = _materialize(reader, [entries[s] for s in sources], verify=verify)
+        else:  # one at a time: host memory holds one tensor on its way to the device
+            loaded = {s: _materialize(reader, [entries[s]], verify=verify)[s].to(device) for s in sources}
+    out = OrderedDict((name, loaded[entries[name].alias or name]) for name in selected)
+    spec = _tree_spec(reader) if names is None else None
+    return out if spec is None else tree.unflatten(spec, out)
+
+
+def load_into(
+    module: torch.nn.Module,
+    uri: str | os.PathLike | Dataset,
+    version: Version | None = None,
+    *,
+    strict: bool = True,
+    storage_options: StorageOptions = None,
+    verify: bool = False,
+) -> LoadResult:
+    """Read a version straight into ``module``'s parameters and buffers, tensor by tensor.
+
+    Bytes go from the data files into the parameters' memory without an intermediate state
+    dict, so peak memory stays near one tensor. Keys, shapes, the version's metadata and
+    every data file are checked before anything is written: with ``strict`` missing or
+    unexpected keys raise, as do shape mismatches. With ``verify`` each chunk is read into
+    a staging buffer (at most one chunk, 1 GiB, at a time) and hashed before it is copied
+    into the module, so the module never holds unverified bytes; a corrupt chunk raises
+    CorruptionError, and the tensors copied before it keep their new values.
+    """
+    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version)
+    _raise_problems(reader.ds, problems)
+    targets = module.state_dict(keep_vars=True)
+    missing, unexpected = _check_targets(module, reader.ds, entries, targets, strict)
+    with reader, torch.no_grad():
+        dsts = {name: targets[name].detach() for name in entries if name in targets}
+        reader.check(row for name in dsts for row in entries[entries[name].alias or name].rows)
+        done = _read_in_place(reader, entries, dsts, verify)
+        _copy_the_rest(reader, entries, dsts, done, verify)
+    return LoadResult(missing, unexpected)
+
+
+def versions(
+    uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None
+) -> list[VersionInfo]:
+    """Every version still stored, oldest first, with what each one wrote and changed."""
+    ds = Dataset.of(uri, storage_options).lance
+    _reader(ds)  # refuses a dataset that holds no weights
+    by_version: dict[int, list[str]] = {}
+    for name, t in _tag_list(ds).items():
+        by_version.setdefault(t["version"], []).append(name)
+    out = []
+    for v in ds.versions():
+        n = v["version"]
+        txn = ds.read_transaction(n)
+        props = dict(txn.transaction_properties or {}) if txn is not None else {}
+        tags = tuple(sorted(by_version.get(n, ())))
+        if _PROP + "tensors" not in props:  # written by something else: derive the figures
+            entries = _reader(ds.checkout_version(n)).entries()
+            total = sum(e.nbytes for e in entries.values() if e.alias is None)
+            props = {_PROP + "tensors": str(len(entries)), _PROP + "bytes": str(total),
+                     _PROP + "bytes_written": str(total), _PROP + "changed": json.dumps(list(entries))}
+        out.append(_version_info(ds.uri, n, _aware(v["timestamp"]), props, tags))
+    return out
+
+
+def diff(
+    uri: str | os.PathLike | Dataset,
+    a: Version,
+    b: Version | None = None,
+    *,
+    storage_options: StorageOptions = None,
+) -> Diff:
+    """Tensor names added, removed, changed and unchanged from version ``a`` to ``b`` (default latest)."""
+    ds = Dataset.of(uri, storage_options).lance
+    da, db = _checkout(ds, a), _checkout(ds, b)
+    ea, eb = _reader(da).entries(), _reader(db).entries()
+    common = [n for n in eb if n in ea]
+    return Diff(
+        a=da.version,
+        b=db.version,
+        added=[n for n in eb if n not in ea],
+        removed=[n for n in ea if n not in eb],
+        changed=[n for n in common if ea[n].key != eb[n].key or not eb[n].meta],
+        unchanged=[n for n in common if ea[n].key == eb[n].key and eb[n].meta],
+    )
+
+
+def tag(
+    uri: str | os.PathLike | Dataset, name: str, version: int, *, storage_options: StorageOptions = None
+) -> None:
+    """Point tag ``name`` at ``version`` (moving it if it exists); tagged versions survive gc."""
+    if not isinstance(name, str) or not name or name.isdigit():
+        raise ValueError(f"tag name must be a non-empty, non-numeric string, got {name!r}")
+    ds = Dataset.of(uri, storage_options).lance
+    target = _checkout(ds, version).version
+    for attempt in range(8):  # another writer may create or move the same tag in between
+        try:
+            if name in _tag_list(ds):
+                ds.tags.update(name, target)
+            else:
+                ds.tags.create(name, target)
+            return
+        except (ValueError, OSError, RuntimeError):
+            if attempt == 7:
+                raise
+            time.sleep(JITTER.uniform(0, 0.01 * 2**attempt))
+
+
+def untag(uri: str | os.PathLike | Dataset, name: str, *, storage_options: StorageOptions = None) -> None:
+    """Remove tag ``name``; the version it pointed at may then be garbage-collected."""
+    ds = Dataset.of(uri, storage_options).lance
+    if name not in _tag_list(ds):
+        raise VersionNotFoundError(f"tag {name!r} does not exist in {ds.uri}; {_available(ds)}")
+    ds.tags.delete(name)
+
+
+def tags(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> dict[str, int]:
+    """Tag name -> version number."""
+    ds = Dataset.of(uri, storage_options).lance
+    return {name: t["version"] for name, t in sorted(_tag_list(ds).items())}
+
+
+def verify(
+    uri: str | os.PathLike | Dataset,
+    version: Version | None = None,
+    *,
+    storage_options: StorageOptions = None,
+    progress: Callable[[int], object] | None = None,
+) -> VerifyReport:
+    """Check a version: its metadata (rows consistent with each other, with the data files
+    and with its commit) and the content hash of every chunk; report each problem.
+
+    ``progress`` is called with the bytes of each chunk checked (for progress bars).
+    """
+    ds = Dataset.of(uri, storage_options).checkout(version)
+    reader = _reader(ds)
+    try:
+        entries, problems = reader.checked(use_index=False)  # the rows themselves
+    except CorruptionError as err:  # the version's rows themselves cannot be read
+        return VerifyReport(ds.uri, ds.version, 0, 0, 0, [Problem("", -1, "", str(err))])
+    problems += _commit_problems(ds, entries)
+    bad = {p.name for p in problems}
+    buf = torch.empty(0, dtype=torch.uint8)
+    chunks = nbytes = 0
+    with reader:
+        problems = [dataclasses.replace(p, file=reader.path_of(p.file)) if p.file else p for p in problems]
+        for e in entries.values():
+            chunks += len(e.rows)
+            if e.name in bad:
+                continue
+            for row in e.rows:
+                try:
+                    reader.check([row])
+                    if buf.numel() < row.size:
+                        buf = torch.empty(row.size, dtype=torch.uint8)
+                    dst = buf[: row.size]
+                    reader.read_many([(row, dst)])
+                except (OSError, CorruptionError) as err:
+                    problems.append(Problem(e.name, row.chunk, reader.file_of(row), f"unreadable: {err}"))
+                    continue
+                nbytes += row.size
+                if progress is not None:
+                    progress(row.size)
+                if (got := reader.bad_hash(row, dst)) is not None:
+                    problems.append(Problem(e.name, row.chunk, reader.file_of(row),
+                                            f"content hash {got} != recorded {row.hash}"))
+    return VerifyReport(ds.uri, ds.version, len(entries), chunks, nbytes, problems)
+
+
+def latest_version(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> int:
+    """The newest version number (reads the manifest pointer only; for a handle, the version
+    it opened)."""
+    return Dataset.of(uri, storage_options).lance.version
+
+
+def resolve_version(
+    uri: str | os.PathLike | Dataset, version: Version | None, *, storage_options: StorageOptions = None
+) -> int:
+    """The version number a number or tag (None: latest) stands for; raises if none."""
+    return Dataset.of(uri, storage_options).checkout(version).version
+
+
+def version_properties(
+    uri: str | os.PathLike | Dataset, version: Version, *, storage_options: StorageOptions = None
+) -> dict[str, str]:
+    """The ``properties`` one version was saved with (reads that version's transaction only);
+    WeightsError if they are malformed."""
+    ds = Dataset.of(uri, storage_options).checkout(version)
+    props = _commit_properties(ds)
+    if props is None:
+        raise WeightsError(f"the commit of version {ds.version} of {ds.uri} cannot be read")
+    return dict(_summary(ds.uri, ds.version, props)["properties"])
+
+
+def gc_plan(
+    uri: str | os.PathLike | Dataset,
+    *,
+    keep_last: int | None = None,
+    older_than: timedelta | None = None,
+    grace: timedelta = timedelta(minutes=30),
+    candidates: Collection[int] | None = None,
+    ignore_tags: Collection[str] = (),
+    storage_options: StorageOptions = None,
+) -> list[int]:
+    """The versions ``gc`` with these arguments would remove (see ``gc``), counting the tags in
+    ``ignore_tags`` as already removed."""
+    ds = Dataset.of(uri, storage_options).lance
+    return _gc_select(ds, keep_last, older_than, grace, candidates, ignore_tags)[0]
+
+
+def gc(
+    uri: str | os.PathLike | Dataset,
+    *,
+    keep_last: int | None = None,
+    older_than: timedelta | None = None,
+    grace: timedelta = timedelta(minutes=30),
+    candidates: Collection[int] | None = None,
+    storage_options: StorageOptions = None,
+) -> GcReport:
+    """Delete old versions and the data files only they use.
+
+    A version is removed when it is not among the ``keep_last`` newest, is older than
+    ``older_than`` (when given), is one of ``candidates`` (when given: the caller has
+    decided which versions nothing references), carries no tag, and was superseded more
+    than ``grace`` ago. The grace period protects writers: a save reuses the data files of
+    the version that was latest when it started, so that version must outlive any save in
+    flight. The latest version is always kept.
+
+    This is the store's gc, which knows nothing of MLflow; ``mlflow_lance.gc`` asks MLflow
+    what it still references before calling it.
+    """
+    ds = Dataset.of(uri, storage_options).lance
+    doomed, kept_tagged = _gc_select(ds, keep_last, older_than, grace, candidates)
+    if not doomed:
+        return GcReport([], 0, kept_tagged)
+    stats = ds.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
+    for v in doomed:  # their version indexes go with them
+        if (path := _index_path(ds, v)) is not None:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+    return GcReport(doomed, int(stats.bytes_removed), kept_tagged)
+
+
+# --------------------------------------------------------------------------- saving
+
+
 def _flat(state_dict: Mapping[str, Any]) -> tuple[Mapping[str, torch.Tensor], dict | None]:
     """A state dict to save, checked, and the spec of the checkpoint dict it was flattened
     from (None for a flat state dict)."""
@@ -432,6 +704,9 @@ def _check_properties(properties: Mapping[str, str] | None) -> dict[str, str]:
     return props
 
 
+# --------------------------------------------------------------------------- a version's summary
+
+
 def _now(ds: lance.LanceDataset) -> datetime:
     return _aware(ds.versions()[-1]["timestamp"]) if ds.versions() else datetime.now(timezone.utc)
 
@@ -496,38 +771,7 @@ def _summary(uri: str, version: int, props: Mapping[str, str]) -> dict:
     }
 
 
-def load_state_dict(
-    uri: str | os.PathLike | Dataset,
-    version: Version | None = None,
-    *,
-    map_location: str | torch.device | None = None,
-    names: str | Iterable[str] | None = None,
-    storage_options: StorageOptions = None,
-    verify: bool = False,
-) -> OrderedDict[str, torch.Tensor]:
-    """Load a version (a number or a tag; default latest) as an ordered state dict, or as the
-    checkpoint dict it was saved as.
-
-    ``names`` selects tensors: a list of keys, or one string that is a prefix or a glob;
-    only their bytes are read. Local datasets come back memory-mapped copy-on-write (lazy,
-    no copy; see the README on what a map shares with its file). Tied tensors come back as
-    one tensor under each name. ``verify`` recomputes every content hash, raises
-    CorruptionError on a mismatch, and returns fresh memory instead of maps.
-    A version whose metadata is inconsistent raises CorruptionError before anything is read.
-    """
-    device = _device(map_location)
-    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version)
-    _raise_problems(reader.ds, problems)
-    selected = _select(entries, names)
-    sources = {entries[name].alias or name: None for name in selected}  # ordered, unique
-    with reader:
-        if device.type == "cpu":
-            loaded = _materialize(reader, [entries[s] for s in sources], verify=verify)
-        else:  # one at a time: host memory holds one tensor on its way to the device
-            loaded = {s: _materialize(reader, [entries[s]], verify=verify)[s].to(device) for s in sources}
-    out = OrderedDict((name, loaded[entries[name].alias or name]) for name in selected)
-    spec = _tree_spec(reader) if names is None else None
-    return out if spec is None else tree.unflatten(spec, out)
+# --------------------------------------------------------------------------- loading
 
 
 def _tree_spec(reader: _Reader) -> dict | None:
@@ -543,37 +787,6 @@ def _tree_spec(reader: _Reader) -> dict | None:
         return tree.decode(text)
     except ValueError as err:
         raise CorruptionError(f"version {ds.version} of {ds.uri}: {err}") from None
-
-
-def load_into(
-    module: torch.nn.Module,
-    uri: str | os.PathLike | Dataset,
-    version: Version | None = None,
-    *,
-    strict: bool = True,
-    storage_options: StorageOptions = None,
-    verify: bool = False,
-) -> LoadResult:
-    """Read a version straight into ``module``'s parameters and buffers, tensor by tensor.
-
-    Bytes go from the data files into the parameters' memory without an intermediate state
-    dict, so peak memory stays near one tensor. Keys, shapes, the version's metadata and
-    every data file are checked before anything is written: with ``strict`` missing or
-    unexpected keys raise, as do shape mismatches. With ``verify`` each chunk is read into
-    a staging buffer (at most one chunk, 1 GiB, at a time) and hashed before it is copied
-    into the module, so the module never holds unverified bytes; a corrupt chunk raises
-    CorruptionError, and the tensors copied before it keep their new values.
-    """
-    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version)
-    _raise_problems(reader.ds, problems)
-    targets = module.state_dict(keep_vars=True)
-    missing, unexpected = _check_targets(module, reader.ds, entries, targets, strict)
-    with reader, torch.no_grad():
-        dsts = {name: targets[name].detach() for name in entries if name in targets}
-        reader.check(row for name in dsts for row in entries[entries[name].alias or name].rows)
-        done = _read_in_place(reader, entries, dsts, verify)
-        _copy_the_rest(reader, entries, dsts, done, verify)
-    return LoadResult(missing, unexpected)
 
 
 def _check_targets(
@@ -654,132 +867,7 @@ def _copy_the_rest(
         done.add(name)
 
 
-def versions(
-    uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None
-) -> list[VersionInfo]:
-    """Every version still stored, oldest first, with what each one wrote and changed."""
-    ds = Dataset.of(uri, storage_options).lance
-    _reader(ds)  # refuses a dataset that holds no weights
-    by_version: dict[int, list[str]] = {}
-    for name, t in _tag_list(ds).items():
-        by_version.setdefault(t["version"], []).append(name)
-    out = []
-    for v in ds.versions():
-        n = v["version"]
-        txn = ds.read_transaction(n)
-        props = dict(txn.transaction_properties or {}) if txn is not None else {}
-        tags = tuple(sorted(by_version.get(n, ())))
-        if _PROP + "tensors" not in props:  # written by something else: derive the figures
-            entries = _reader(ds.checkout_version(n)).entries()
-            total = sum(e.nbytes for e in entries.values() if e.alias is None)
-            props = {_PROP + "tensors": str(len(entries)), _PROP + "bytes": str(total),
-                     _PROP + "bytes_written": str(total), _PROP + "changed": json.dumps(list(entries))}
-        out.append(_version_info(ds.uri, n, _aware(v["timestamp"]), props, tags))
-    return out
-
-
-def diff(
-    uri: str | os.PathLike | Dataset,
-    a: Version,
-    b: Version | None = None,
-    *,
-    storage_options: StorageOptions = None,
-) -> Diff:
-    """Tensor names added, removed, changed and unchanged from version ``a`` to ``b`` (default latest)."""
-    ds = Dataset.of(uri, storage_options).lance
-    da, db = _checkout(ds, a), _checkout(ds, b)
-    ea, eb = _reader(da).entries(), _reader(db).entries()
-    common = [n for n in eb if n in ea]
-    return Diff(
-        a=da.version,
-        b=db.version,
-        added=[n for n in eb if n not in ea],
-        removed=[n for n in ea if n not in eb],
-        changed=[n for n in common if ea[n].key != eb[n].key or not eb[n].meta],
-        unchanged=[n for n in common if ea[n].key == eb[n].key and eb[n].meta],
-    )
-
-
-def tag(
-    uri: str | os.PathLike | Dataset, name: str, version: int, *, storage_options: StorageOptions = None
-) -> None:
-    """Point tag ``name`` at ``version`` (moving it if it exists); tagged versions survive gc."""
-    if not isinstance(name, str) or not name or name.isdigit():
-        raise ValueError(f"tag name must be a non-empty, non-numeric string, got {name!r}")
-    ds = Dataset.of(uri, storage_options).lance
-    target = _checkout(ds, version).version
-    for attempt in range(8):  # another writer may create or move the same tag in between
-        try:
-            if name in _tag_list(ds):
-                ds.tags.update(name, target)
-            else:
-                ds.tags.create(name, target)
-            return
-        except (ValueError, OSError, RuntimeError):
-            if attempt == 7:
-                raise
-            time.sleep(JITTER.uniform(0, 0.01 * 2**attempt))
-
-
-def untag(uri: str | os.PathLike | Dataset, name: str, *, storage_options: StorageOptions = None) -> None:
-    """Remove tag ``name``; the version it pointed at may then be garbage-collected."""
-    ds = Dataset.of(uri, storage_options).lance
-    if name not in _tag_list(ds):
-        raise VersionNotFoundError(f"tag {name!r} does not exist in {ds.uri}; {_available(ds)}")
-    ds.tags.delete(name)
-
-
-def tags(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> dict[str, int]:
-    """Tag name -> version number."""
-    ds = Dataset.of(uri, storage_options).lance
-    return {name: t["version"] for name, t in sorted(_tag_list(ds).items())}
-
-
-def verify(
-    uri: str | os.PathLike | Dataset,
-    version: Version | None = None,
-    *,
-    storage_options: StorageOptions = None,
-    progress: Callable[[int], object] | None = None,
-) -> VerifyReport:
-    """Check a version: its metadata (rows consistent with each other, with the data files
-    and with its commit) and the content hash of every chunk; report each problem.
-
-    ``progress`` is called with the bytes of each chunk checked (for progress bars).
-    """
-    ds = Dataset.of(uri, storage_options).checkout(version)
-    reader = _reader(ds)
-    try:
-        entries, problems = reader.checked(use_index=False)  # the rows themselves
-    except CorruptionError as err:  # the version's rows themselves cannot be read
-        return VerifyReport(ds.uri, ds.version, 0, 0, 0, [Problem("", -1, "", str(err))])
-    problems += _commit_problems(ds, entries)
-    bad = {p.name for p in problems}
-    buf = torch.empty(0, dtype=torch.uint8)
-    chunks = nbytes = 0
-    with reader:
-        problems = [dataclasses.replace(p, file=reader.path_of(p.file)) if p.file else p for p in problems]
-        for e in entries.values():
-            chunks += len(e.rows)
-            if e.name in bad:
-                continue
-            for row in e.rows:
-                try:
-                    reader.check([row])
-                    if buf.numel() < row.size:
-                        buf = torch.empty(row.size, dtype=torch.uint8)
-                    dst = buf[: row.size]
-                    reader.read_many([(row, dst)])
-                except (OSError, CorruptionError) as err:
-                    problems.append(Problem(e.name, row.chunk, reader.file_of(row), f"unreadable: {err}"))
-                    continue
-                nbytes += row.size
-                if progress is not None:
-                    progress(row.size)
-                if (got := reader.bad_hash(row, dst)) is not None:
-                    problems.append(Problem(e.name, row.chunk, reader.file_of(row),
-                                            f"content hash {got} != recorded {row.hash}"))
-    return VerifyReport(ds.uri, ds.version, len(entries), chunks, nbytes, problems)
+# --------------------------------------------------------------------------- verify and gc
 
 
 def _commit_problems(ds: lance.LanceDataset, entries: Mapping[str, _Entry]) -> list[Problem]:
@@ -797,31 +885,6 @@ def _commit_problems(ds: lance.LanceDataset, entries: Mapping[str, _Entry]) -> l
         return [Problem("", -1, "", f"the commit records {summary['num_tensors']} tensors of "
                         f"{summary['total_bytes']} bytes; the rows hold {len(entries)} of {total}")]
     return []
-
-
-def latest_version(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> int:
-    """The newest version number (reads the manifest pointer only; for a handle, the version
-    it opened)."""
-    return Dataset.of(uri, storage_options).lance.version
-
-
-def resolve_version(
-    uri: str | os.PathLike | Dataset, version: Version | None, *, storage_options: StorageOptions = None
-) -> int:
-    """The version number a number or tag (None: latest) stands for; raises if none."""
-    return Dataset.of(uri, storage_options).checkout(version).version
-
-
-def version_properties(
-    uri: str | os.PathLike | Dataset, version: Version, *, storage_options: StorageOptions = None
-) -> dict[str, str]:
-    """The ``properties`` one version was saved with (reads that version's transaction only);
-    WeightsError if they are malformed."""
-    ds = Dataset.of(uri, storage_options).checkout(version)
-    props = _commit_properties(ds)
-    if props is None:
-        raise WeightsError(f"the commit of version {ds.version} of {ds.uri} cannot be read")
-    return dict(_summary(ds.uri, ds.version, props)["properties"])
 
 
 def _gc_select(
@@ -856,54 +919,3 @@ def _gc_select(
         and superseded.get(v["version"], now) <= now - grace
     ]  # fmt: skip
     return doomed, sorted(v["version"] for v in old if v["version"] in tagged)
-
-
-def gc_plan(
-    uri: str | os.PathLike | Dataset,
-    *,
-    keep_last: int | None = None,
-    older_than: timedelta | None = None,
-    grace: timedelta = timedelta(minutes=30),
-    candidates: Collection[int] | None = None,
-    ignore_tags: Collection[str] = (),
-    storage_options: StorageOptions = None,
-) -> list[int]:
-    """The versions ``gc`` with these arguments would remove (see ``gc``), counting the tags in
-    ``ignore_tags`` as already removed."""
-    ds = Dataset.of(uri, storage_options).lance
-    return _gc_select(ds, keep_last, older_than, grace, candidates, ignore_tags)[0]
-
-
-def gc(
-    uri: str | os.PathLike | Dataset,
-    *,
-    keep_last: int | None = None,
-    older_than: timedelta | None = None,
-    grace: timedelta = timedelta(minutes=30),
-    candidates: Collection[int] | None = None,
-    storage_options: StorageOptions = None,
-) -> GcReport:
-    """Delete old versions and the data files only they use.
-
-    A version is removed when it is not among the ``keep_last`` newest, is older than
-    ``older_than`` (when given), is one of ``candidates`` (when given: the caller has
-    decided which versions nothing references), carries no tag, and was superseded more
-    than ``grace`` ago. The grace period protects writers: a save reuses the data files of
-    the version that was latest when it started, so that version must outlive any save in
-    flight. The latest version is always kept.
-
-    This is the store's gc, which knows nothing of MLflow; ``mlflow_lance.gc`` asks MLflow
-    what it still references before calling it.
-    """
-    ds = Dataset.of(uri, storage_options).lance
-    doomed, kept_tagged = _gc_select(ds, keep_last, older_than, grace, candidates)
-    if not doomed:
-        return GcReport([], 0, kept_tagged)
-    stats = ds.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
-    for v in doomed:  # their version indexes go with them
-        if (path := _index_path(ds, v)) is not None:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
-    return GcReport(doomed, int(stats.bytes_removed), kept_tagged)
