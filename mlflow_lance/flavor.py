@@ -196,53 +196,77 @@ def save_model(
     path = os.path.abspath(path)
     _validate_and_prepare_target_save_path(path)
     mlflow_model = mlflow_model or Model()
-    if lance_uri and "://" not in os.fspath(lance_uri):  # the pointer must not depend on the cwd
-        lance_uri = os.path.abspath(lance_uri)
-    location = Location(os.fspath(lance_uri), dict(storage_options or {})) if lance_uri else None
-    try:
+    location = _weights_location(path, lance_uri, storage_options)
+    with _removed_on_failure(path):  # nothing committed yet: a retry can start over
         conf = _write_small_files(
             pytorch_model, path, mlflow_model, factory, signature, input_example, metadata,
             code_paths, extra_files, _staged.skeleton if _staged is not None else None,
         )  # fmt: skip
         if _staged is not None:  # a checkpoint: the model's tensors live under "model/"
             conf["state_prefix"] = tree.subtree_prefix(_MODEL_KEY)
-        if location is None:  # a self-contained model directory
-            location = Location(os.path.join(path, _DATA_SUBPATH, "weights.lance"))
-            uri_in_pointer = "weights.lance"
-        else:
-            uri_in_pointer = location.uri
         env = _environment(conda_env, pip_requirements, extra_pip_requirements)
+        info = _save_weights(state_dict, _staged, location, mlflow_model, message, lance_properties)
+    _describe_model(path, mlflow_model, location, info, conf, env, self_contained=not lance_uri)
+
+
+@contextlib.contextmanager
+def _removed_on_failure(path: str) -> Iterator[None]:
+    """Remove the model directory if the block fails, so that no half-written model remains."""
+    try:
+        yield
     except BaseException:
         shutil.rmtree(path, ignore_errors=True)
         raise
 
+
+def _weights_location(path: str, lance_uri: str | None, storage_options: Mapping[str, str] | None) -> Location:
+    """Where the weights go: ``lance_uri`` (a local path made absolute, so that the pointer does
+    not depend on the cwd), else a dataset inside the model directory."""
+    if not lance_uri:
+        return Location(os.path.join(path, _DATA_SUBPATH, "weights.lance"))
+    if "://" not in os.fspath(lance_uri):
+        lance_uri = os.path.abspath(lance_uri)
+    return Location(os.fspath(lance_uri), dict(storage_options or {}))
+
+
+def _save_weights(
+    state_dict: Mapping[str, torch.Tensor],
+    staged: Staged | None,
+    location: Location,
+    mlflow_model: Model,
+    message: str | None,
+    lance_properties: Mapping[str, str] | None,
+) -> store.VersionInfo:
+    """Commit the weights (with a checkpoint's other state) as a new Lance version, recording
+    the run, logged model and name they were saved for (those that are set)."""
     properties = {
-        k: v
-        for k, v in {
-            "mlflow.run_id": mlflow_model.run_id,
-            "mlflow.model_id": getattr(mlflow_model, "model_id", None),
-            "mlflow.artifact_path": mlflow_model.artifact_path,
-            **dict(lance_properties or {}),
-        }.items()
-        if v
+        "mlflow.run_id": mlflow_model.run_id,
+        "mlflow.model_id": getattr(mlflow_model, "model_id", None),
+        "mlflow.artifact_path": mlflow_model.artifact_path,
+        **dict(lance_properties or {}),
     }
-    try:  # nothing committed if this fails: leave no directory behind, so a retry can start over
-        info = store.save_state_dict(
-            state_dict if _staged is None else {_MODEL_KEY: state_dict, **_staged.extra},
-            location.uri,
-            message=message or (f"mlflow run {mlflow_model.run_id}" if mlflow_model.run_id else None),
-            properties=properties,
-            storage_options=location.storage_options or None,
-        )
-    except BaseException:
-        shutil.rmtree(path, ignore_errors=True)
-        raise
+    return store.save_state_dict(
+        state_dict if staged is None else {_MODEL_KEY: state_dict, **staged.extra},
+        location.uri,
+        message=message or (f"mlflow run {mlflow_model.run_id}" if mlflow_model.run_id else None),
+        properties={k: v for k, v in properties.items() if v},
+        storage_options=location.storage_options or None,
+    )
+
+
+def _describe_model(
+    path: str, mlflow_model: Model, location: Location, info: store.VersionInfo, conf: dict, env: tuple,
+    *, self_contained: bool,
+) -> None:  # fmt: skip
+    """After the weights are committed: pin their version, then write the pointer, the flavor,
+    the environment and MLmodel (which makes the directory a model). On failure the directory
+    goes, and the error names the version that nothing references now."""
     try:
         model_id = getattr(mlflow_model, "model_id", None)
         pin = model_pin(model_id) if model_id else legacy_run_pin(mlflow_model.run_id) if mlflow_model.run_id else None
         if pin:  # before anything else: from here on gc keeps this version
             store.tag(location.uri, pin, info.version, storage_options=location.storage_options or None)
-        _write_pointer(path, uri_in_pointer, info.version)
+        _write_pointer(path, "weights.lance" if self_contained else location.uri, info.version)
         mlflow_model.add_flavor(
             FLAVOR_NAME,
             lance_uri=location.uri,
@@ -255,7 +279,7 @@ def save_model(
             pytorch_version=str(torch.__version__),
             pylance_version=_dist_version("pylance"),
             mlflow_lance_version=_dist_version("mlflow-lance"),
-            **({"self_contained": True} if uri_in_pointer == "weights.lance" else {}),
+            **({"self_contained": True} if self_contained else {}),
             **conf,
         )
         pyfunc.add_to_model(
@@ -420,17 +444,10 @@ def log_model(
     sidecar next to the dataset is up to date.
     """
     name = name or artifact_path or "model"
-    if registered_model_name is not None:  # the registry's own rules, before anything is written
-        _validate_model_name(registered_model_name)
-    if not isinstance(pytorch_model, torch.nn.Module):
-        raise TypeError(f"pytorch_model must be a torch.nn.Module, got {type(pytorch_model).__name__}")
-    staged = kwargs.get("_staged")
-    validate_state_dict(staged.state_dict if staged else pytorch_model.state_dict())  # before anything is created
+    _check_before_logging(pytorch_model, registered_model_name, kwargs.get("_staged"))
     location, experiment_id, binding = _location_for(name, registered_model_name, lance_uri, storage_options,
                                                      kwargs.get("run_id"))  # fmt: skip
-    lance_properties = {"mlflow.step": str(int(step or 0)), "mlflow.experiment_id": str(experiment_id)}
-    if registered_model_name:
-        lance_properties.update({"mlflow.registered_model_name": registered_model_name, "mlflow.binding": binding})
+    lance_properties = _logged_properties(step, experiment_id, registered_model_name, binding)
     info = Model.log(
         artifact_path=None,
         name=name,
@@ -458,6 +475,29 @@ def log_model(
     )
     registry.after_log(info, registered_model_name, binding, location.storage_options or None)
     return info
+
+
+def _check_before_logging(
+    pytorch_model: torch.nn.Module, registered_model_name: str | None, staged: Staged | None
+) -> None:
+    """What must hold before anything is created: a name the registry accepts (its own
+    rules), a module, and a state dict that can be saved."""
+    if registered_model_name is not None:
+        _validate_model_name(registered_model_name)
+    if not isinstance(pytorch_model, torch.nn.Module):
+        raise TypeError(f"pytorch_model must be a torch.nn.Module, got {type(pytorch_model).__name__}")
+    validate_state_dict(staged.state_dict if staged else pytorch_model.state_dict())
+
+
+def _logged_properties(
+    step: int, experiment_id: str, registered_model_name: str | None, binding: str | None
+) -> dict[str, str]:
+    """What a logged model's Lance version records beyond save_model's: its step, experiment
+    and the registered model (name and binding) it was logged for."""
+    properties = {"mlflow.step": str(int(step or 0)), "mlflow.experiment_id": str(experiment_id)}
+    if registered_model_name:
+        properties.update({"mlflow.registered_model_name": registered_model_name, "mlflow.binding": binding})
+    return properties
 
 
 def _location_for(

@@ -1,6 +1,7 @@
-"""How a weights dataset is laid out and read: opening a dataset or version, its schema, the
-metadata rows of a version and the rules they must keep, the version index, and the reader
-of payload bytes (preadv, copy-on-write maps, Lance's blob API).
+"""How a weights dataset is laid out and read: a handle that opens a dataset once, opening a
+version, its format and schema, the metadata rows of a version and the rules they must keep,
+the version index, and the readers of payload bytes, one per format (preadv, copy-on-write
+maps, Lance's blob API; the Lance docs example's float64 lists).
 
 Layout: one row per tensor chunk (see tensors.py), in the state dict's key order. Each
 Lance fragment (one data file) holds either one row of a large tensor or a run of small,
@@ -22,7 +23,6 @@ import mmap
 import os
 import random
 import stat
-import tempfile
 import time
 import weakref
 from collections import OrderedDict
@@ -30,13 +30,13 @@ from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
-from urllib.parse import unquote, urlparse
 
 import lance
 import pyarrow as pa
 import torch
 import zstandard
 
+from .fs import StorageOptions, lance_options, local_path, read_bytes, write_text
 from .tensors import (
     DTYPES,
     META_COLUMNS,
@@ -58,7 +58,6 @@ _STORAGE_VERSION = "2.0"  # Lance file format whose blob payloads sit contiguous
 _COMPRESSIONS = ("zstd",)
 
 Version = int | str  # a version number or a tag name
-StorageOptions = Mapping[str, str] | None
 
 
 class WeightsError(ValueError):
@@ -88,34 +87,21 @@ class Problem:
 # --------------------------------------------------------------------------- opening
 
 
-def _uri(uri: str | os.PathLike) -> str:
-    return os.fspath(uri)
-
-
-def _local_path(uri: str) -> str | None:
-    """The filesystem path of a local dataset URI, or None for object storage."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return unquote(parsed.path)
-    if parsed.scheme == "" or (len(parsed.scheme) == 1 and os.name == "nt"):
-        return uri
-    return None
-
-
-# Object stores: a request with no complete answer within 10 s fails (reads go in 16 MiB
-# requests, so that is a stall, not a slow link), and a silent endpoint fails the call within
-# about 70 s (Lance retries each request a few times) instead of ~185 s. Callers may override.
-JITTER = random.Random()  # retry jitter: never draws from the global RNG that training resumes bit-exactly
-_REMOTE_DEFAULTS = {"connect_timeout": "5s", "timeout": "10s", "client_max_retries": "1",
-                    "client_retry_timeout": "10"}  # fmt: skip
-
-
-def _lance_options(uri: str, storage_options: StorageOptions) -> dict[str, str] | None:
-    """Storage options as Lance takes them, with time limits for object storage."""
-    opts = dict(storage_options or {})
-    if _local_path(uri) is None:
-        opts = {**_REMOTE_DEFAULTS, **opts}
-    return opts or None
+def _open(uri: str, storage_options: StorageOptions = None) -> lance.LanceDataset:
+    """The dataset at ``uri``, at its latest version; FileNotFoundError that says so if nothing
+    was saved there, ConnectionError if its storage cannot be reached."""
+    started = time.monotonic()
+    try:
+        return lance.dataset(uri, storage_options=lance_options(uri, storage_options))
+    except (ValueError, OSError) as e:
+        if (err := _unreachable(uri, e, time.monotonic() - started)) is not None:
+            raise err from None
+        if "was not found" in str(e) or "Not found" in str(e):
+            raise FileNotFoundError(
+                f"no weights dataset at {uri!r}: nothing has been saved there yet "
+                f"(check the URI, or save a version first)"
+            ) from None
+        raise
 
 
 def _unreachable(uri: str, err: Exception, elapsed: float = 0.0) -> ConnectionError | None:
@@ -134,26 +120,46 @@ def _unreachable(uri: str, err: Exception, elapsed: float = 0.0) -> ConnectionEr
     )
 
 
-def _open(uri: str, storage_options: StorageOptions = None) -> lance.LanceDataset:
-    started = time.monotonic()
-    try:
-        return lance.dataset(uri, storage_options=_lance_options(uri, storage_options))
-    except (ValueError, OSError) as e:
-        if (err := _unreachable(uri, e, time.monotonic() - started)) is not None:
-            raise err from None
-        if "was not found" in str(e) or "Not found" in str(e):
-            raise FileNotFoundError(
-                f"no weights dataset at {uri!r}: nothing has been saved there yet "
-                f"(check the URI, or save a version first)"
-            ) from None
-        raise
+class Dataset:
+    """A handle on one weights dataset: its URI and storage options, resolved once, and the
+    Lance dataset, opened on first use and then kept, so that several reads of the same
+    dataset (a sidecar refresh) open it once. Every store verb takes one in place of a URI.
+
+    The open dataset is the version that was latest at the first use; its version and tag
+    listings are read afresh each time.
+    """
+
+    def __init__(self, uri: str | os.PathLike, storage_options: StorageOptions = None):
+        self.uri = os.fspath(uri)
+        self.storage_options = storage_options
+        self._lance: lance.LanceDataset | None = None
+
+    @classmethod
+    def of(cls, uri: str | os.PathLike | Dataset, storage_options: StorageOptions = None) -> Dataset:
+        """``uri`` itself if it is a handle already (with its own storage options), else a new one."""
+        return uri if isinstance(uri, Dataset) else cls(uri, storage_options)
+
+    @property
+    def lance(self) -> lance.LanceDataset:
+        """The open dataset; FileNotFoundError if nothing has been saved there yet."""
+        if self._lance is None:
+            self._lance = _open(self.uri, self.storage_options)
+        return self._lance
+
+    def existing(self) -> lance.LanceDataset | None:
+        """The open dataset, or None if nothing has been saved there yet."""
+        try:
+            return self.lance
+        except FileNotFoundError:
+            return None
+
+    def checkout(self, version: Version | None) -> lance.LanceDataset:
+        """Version ``version`` (a number or a tag; None: the open one)."""
+        return _checkout(self.lance, version)
 
 
-def _exists(uri: str, storage_options: StorageOptions) -> lance.LanceDataset | None:
-    try:
-        return _open(uri, storage_options)
-    except FileNotFoundError:
-        return None
+# Retry jitter: never draws from the global RNG that training resumes bit-exactly.
+JITTER = random.Random()
 
 
 def _tag_list(ds: lance.LanceDataset) -> dict:
@@ -190,8 +196,17 @@ def _checkout(ds: lance.LanceDataset, version: Version | None) -> lance.LanceDat
         ) from None
 
 
-def _kind(ds: lance.LanceDataset) -> str:
-    """'weights' for our layout, 'seed' for the Lance docs example's, else an error."""
+def _open_version(
+    dataset: Dataset, version: Version | None
+) -> tuple[_Reader, OrderedDict[str, _Entry], list[Problem]]:
+    """The reader of the checked-out version, its tensors and their metadata problems."""
+    reader = _reader(dataset.checkout(version))
+    return reader, *reader.checked()
+
+
+def _reader(ds: lance.LanceDataset) -> _Reader:
+    """The reader for the checked-out version's format, chosen from its schema: ours, or the
+    Lance docs example's (see ``_SeedReader``); any other dataset is refused."""
     meta = ds.schema.metadata or {}
     if _FORMAT_KEY.encode() in meta:
         found = int(meta[_FORMAT_KEY.encode()])
@@ -200,10 +215,10 @@ def _kind(ds: lance.LanceDataset) -> str:
                 f"{ds.uri} uses weights format {found}, newer than this mlflow-lance reads "
                 f"({FORMAT_VERSION}); upgrade mlflow-lance"
             )
-        return "weights"
+        return _Reader(ds)
     names = set(ds.schema.names)
     if {"name", "value", "shape"} <= names and pa.types.is_list(ds.schema.field("value").type):
-        return "seed"
+        return _SeedReader(ds)
     raise WeightsError(
         f"{ds.uri} is a Lance dataset but not a weights dataset (columns: "
         f"{', '.join(ds.schema.names)}); point at a dataset written by mlflow-lance"
@@ -403,7 +418,7 @@ _SHAPE = META_COLUMNS.index("shape")
 
 
 def _index_path(ds: lance.LanceDataset, version: int) -> str | None:
-    root = _local_path(ds.uri)
+    root = local_path(ds.uri)
     return None if root is None else os.path.join(root, *_INDEX_DIR, f"{version}.json")
 
 
@@ -475,12 +490,8 @@ def _read_index(
     if path is None or digest is None:
         return None
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        with open(fd, "rb") as f:
-            st = os.fstat(f.fileno())
-            if not stat.S_ISREG(st.st_mode) or st.st_size > _MAX_INDEX_BYTES:
-                return None
-            doc = json.loads(f.read(_MAX_INDEX_BYTES))
+        data = read_bytes(path, limit=_MAX_INDEX_BYTES, follow_links=False)
+        doc = json.loads(data) if data is not None else None
     except (OSError, ValueError, RecursionError):
         return None
     n = len(META_COLUMNS)
@@ -513,28 +524,25 @@ def _write_index(ds: lance.LanceDataset, table: list[tuple[int, str, int]], rows
         "rows": [[m[c] for c in META_COLUMNS] + [pos, stored] for m, _, pos, _, stored in rows],
     }
     folder = os.path.dirname(path)
-    if os.path.realpath(folder) != os.path.join(os.path.realpath(_local_path(ds.uri) or ""), *_INDEX_DIR):
+    if os.path.realpath(folder) != os.path.join(os.path.realpath(local_path(ds.uri) or ""), *_INDEX_DIR):
         return  # a link out of the dataset: write nothing there
-    tmp = None
-    try:
-        os.makedirs(folder, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f"{ds.version}.", suffix=".tmp")
-        os.fchmod(fd, 0o644)  # readable like the data files (mkstemp makes it private)
-        with open(fd, "w", encoding="utf-8") as f:
-            json.dump(doc, f, separators=(",", ":"))
-        os.replace(tmp, path)
-        tmp = None
-    except OSError:
-        pass
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
+    with contextlib.suppress(OSError):  # derived data: not flushed to the disk before the rename
+        write_text(path, json.dumps(doc, separators=(",", ":")), sync=False)
 
 
 def _entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
     """Every tensor of the checked-out version, in saved order (reads no tensor bytes)."""
     return _build_entries(_located(ds)[0])
+
+
+def _checked_entries(ds: lance.LanceDataset, use_index: bool) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
+    rows, agree = _located(ds, use_index)
+    entries = _build_entries(rows)
+    problems = _problems(entries, _compression(ds) is not None)
+    if not agree:
+        problems.append(Problem("", -1, "", f"the rows differ from what commit {ds.version} recorded "
+                                f"({_PROP}rows): they were rewritten after the commit"))
+    return entries, problems
 
 
 def _located(ds: lance.LanceDataset, use_index: bool = True) -> tuple[list[_Located], bool]:
@@ -556,7 +564,7 @@ def _located(ds: lance.LanceDataset, use_index: bool = True) -> tuple[list[_Loca
 def _check_local_files(ds: lance.LanceDataset, table: list[tuple[int, str, int]]) -> None:
     """Before Lance scans a local dataset: every data file is a regular file in data/ (a
     symlink or FIFO there is refused, naming it, instead of followed or waited on)."""
-    root = _local_path(ds.uri)
+    root = local_path(ds.uri)
     if root is None:
         return
     data = os.path.join(root, "data")
@@ -585,25 +593,6 @@ def _not_regular(ds: lance.LanceDataset, path: str) -> str:
         f"data file {path} of version {ds.version} of {ds.uri} is not a regular file (a symbolic "
         f"link, FIFO, device or directory); only regular files inside the dataset are read"
     )
-
-
-def _seed_entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
-    """Tensors of a dataset written by the Lance docs example (name / value / shape)."""
-    table = ds.to_table(columns=["name", "shape"], with_row_address=True)
-    out: OrderedDict[str, _Entry] = OrderedDict()
-    for index, row in enumerate(table.to_pylist()):
-        shape = list(row["shape"] or [])
-        name = row["name"]
-        if (not isinstance(name, str) or name in out or len(shape) > _MAX_DIMS
-                or any(s is None or s < 0 for s in shape)):  # fmt: skip
-            raise CorruptionError(
-                f"row {index} of {ds.uri} (version {ds.version}) repeats the name {name!r} or has "
-                f"shape {shape[:10]}, which is not a list of non-negative sizes"
-            )
-        nbytes = stored_nbytes("float64", shape)
-        out[name] = _Entry(name, "float64", shape, nbytes, None, [],
-                           [_Row(0, 0, nbytes, "", row["_rowaddr"], index, None, "", nbytes)])
-    return out
 
 
 def _select(entries: Mapping[str, _Entry], names: str | Iterable[str] | None) -> list[str]:
@@ -654,15 +643,16 @@ class _Reader:
     caller owns, or memory-mapped copy-on-write (``mapped``): that is what makes loads as
     fast as safetensors. Each data file is opened once, relative to the dataset's data/
     directory, without following links and without waiting on FIFOs, and must be a regular
-    file holding every byte its rows claim. Object storage goes through Lance's blob API,
-    seed-format datasets through Lance's reader.
+    file holding every byte its rows claim. Object storage goes through Lance's blob API.
+    Choose a reader with ``_reader(ds)``: the seed format has a reader of its own.
     """
 
-    def __init__(self, ds: lance.LanceDataset, kind: str = "weights"):
+    writable = True  # whether new versions may be saved on top of this format
+
+    def __init__(self, ds: lance.LanceDataset):
         self.ds = ds
-        self.kind = kind
-        self.codec = _compression(ds) if kind == "weights" else None
-        self.root = _local_path(ds.uri) if kind == "weights" else None
+        self.codec = _compression(ds)
+        self.root = local_path(ds.uri)
         self._dir: int | None = None
         self._files: dict[str, tuple[int, int]] = {}  # data file -> (fd, size)
 
@@ -676,6 +666,26 @@ class _Reader:
         if self._dir is not None:
             os.close(self._dir)
             self._dir = None
+
+    def entries(self) -> OrderedDict[str, _Entry]:
+        """Every tensor of the version, in saved order, as its rows claim (unchecked)."""
+        return _entries(self.ds)
+
+    def checked(self, use_index: bool = True) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
+        """Every tensor of the version and the problems of its metadata (see ``_entry_problem``)."""
+        entries, problems = _checked_entries(self.ds, use_index)
+        if problems and use_index:  # never blame the rows for their derived index: ask the rows
+            entries, problems = _checked_entries(self.ds, use_index=False)
+        return entries, problems
+
+    def properties(self) -> dict[str, str] | None:
+        """The version's commit properties (None if its commit cannot be read)."""
+        return _commit_properties(self.ds)
+
+    def bad_hash(self, row: _Row, chunk: torch.Tensor) -> str | None:
+        """The content hash of ``chunk`` (the row's bytes) if it differs from the recorded one."""
+        got = hash_bytes(memoryview(chunk.numpy()))
+        return got if got != row.hash else None
 
     def file_of(self, row: _Row) -> str:
         return self.path_of(row.file)
@@ -730,7 +740,7 @@ class _Reader:
         """Before anything is allocated or written: each local file exists, is regular and
         holds its chunk; a compressed chunk's frame decompresses to exactly its size."""
         for row in rows:
-            if row.stored and self.kind == "weights":
+            if row.stored:
                 self._local(row)
                 if self.codec:
                     head = torch.empty(min(row.stored, _ZSTD_HEADER), dtype=torch.uint8)
@@ -790,29 +800,26 @@ class _Reader:
         the local file, Lance's blob API or its reader. Remote reads go in 16 MiB requests,
         so that the object-store request timeout bounds a stall, not a large tensor."""
         want = dst.numel()
-        if row.stored == 0:
-            got = 0
-        elif self.kind == "seed":
-            value = self.ds.take([row.index], columns=["value"]).column(0).combine_chunks()
-            src = readonly_bytes(value.flatten().to_numpy(zero_copy_only=False))
-            got = src.numel()
-            dst[: min(got, want)].copy_(src[:want])
-        elif (fd := self._local(row)) is not None:
-            _pread_exact(fd, self.file_of(row), row.position, dst)
-            got = want
-        else:
-            (blob,) = self.ds.take_blobs("data", addresses=[row.address])
-            view, got = memoryview(dst.numpy()), 0
-            while got < want:
-                n = blob.readinto(view[got : got + _PIECE])
-                if not n:
-                    break
-                got += n
+        got = self._fill(row, dst) if row.stored else 0
         if got != want or (whole and want != row.stored):
             raise CorruptionError(
                 f"chunk {row.chunk} at {self.file_of(row)} holds {got} bytes, expected "
                 f"{want}; run verify() on {self.ds.uri}"
             )
+
+    def _fill(self, row: _Row, dst: torch.Tensor) -> int:
+        """Copy the start of the stored payload into ``dst``; the bytes copied."""
+        if (fd := self._local(row)) is not None:
+            _pread_exact(fd, self.file_of(row), row.position, dst)
+            return dst.numel()
+        (blob,) = self.ds.take_blobs("data", addresses=[row.address])
+        view, got = memoryview(dst.numpy()), 0
+        while got < dst.numel():
+            n = blob.readinto(view[got : got + _PIECE])
+            if not n:
+                break
+            got += n
+        return got
 
     def _decompress(self, row: _Row, dst: torch.Tensor) -> None:
         packed = torch.empty(row.stored, dtype=torch.uint8)
@@ -830,6 +837,51 @@ class _Reader:
         dst.copy_(readonly_bytes(raw))
 
 
+class _SeedReader(_Reader):
+    """Reads a dataset written by the Lance docs example: one row per tensor (``name``,
+    ``shape``, float64 ``value`` list), read through Lance's reader. It records no hashes,
+    compression or commit properties of ours, and takes no new versions."""
+
+    writable = False
+
+    def __init__(self, ds: lance.LanceDataset):
+        super().__init__(ds)
+        self.codec = None  # whatever its schema says: values are never ours to decode
+        self.root = None  # nor read from the data files directly
+
+    def entries(self) -> OrderedDict[str, _Entry]:
+        table = self.ds.to_table(columns=["name", "shape"], with_row_address=True)
+        out: OrderedDict[str, _Entry] = OrderedDict()
+        for index, row in enumerate(table.to_pylist()):
+            shape = list(row["shape"] or [])
+            name = row["name"]
+            if (not isinstance(name, str) or name in out or len(shape) > _MAX_DIMS
+                    or any(s is None or s < 0 for s in shape)):  # fmt: skip
+                raise CorruptionError(
+                    f"row {index} of {self.ds.uri} (version {self.ds.version}) repeats the name {name!r} "
+                    f"or has shape {shape[:10]}, which is not a list of non-negative sizes"
+                )
+            nbytes = stored_nbytes("float64", shape)
+            out[name] = _Entry(name, "float64", shape, nbytes, None, [],
+                               [_Row(0, 0, nbytes, "", row["_rowaddr"], index, None, "", nbytes)])
+        return out
+
+    def checked(self, use_index: bool = True) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
+        return self.entries(), []  # each row was checked as it was read
+
+    def properties(self) -> dict[str, str] | None:
+        return {}
+
+    def bad_hash(self, row: _Row, chunk: torch.Tensor) -> str | None:
+        return None  # nothing recorded to check against
+
+    def _fill(self, row: _Row, dst: torch.Tensor) -> int:
+        value = self.ds.take([row.index], columns=["value"]).column(0).combine_chunks()
+        src = readonly_bytes(value.flatten().to_numpy(zero_copy_only=False))
+        dst[: min(src.numel(), dst.numel())].copy_(src[: dst.numel()])
+        return src.numel()
+
+
 def _device(map_location: str | torch.device | None) -> torch.device:
     if map_location is None:
         return torch.device("cpu")
@@ -843,8 +895,8 @@ def _device(map_location: str | torch.device | None) -> torch.device:
 
 def _check_row(reader: _Reader, e: _Entry, row: _Row, chunk: torch.Tensor) -> None:
     """Raise CorruptionError unless ``chunk`` (the chunk's bytes) hashes to what was recorded."""
-    got = hash_bytes(memoryview(chunk.numpy()))
-    if got != row.hash:
+    got = reader.bad_hash(row, chunk)
+    if got is not None:
         raise CorruptionError(
             f"tensor {e.name!r} (chunk {row.chunk}) of version {reader.ds.version} in {reader.ds.uri} "
             f"is corrupt: content hash {got} != recorded {row.hash} (file "
@@ -871,38 +923,9 @@ def _materialize(reader: _Reader, entries: list[_Entry], *, verify: bool) -> dic
             jobs += [(e, row, flat[row.offset : row.offset + row.size]) for row in e.rows]
         out[e.name] = t
     reader.read_many([(row, dst) for _, row, dst in jobs])
-    if verify and reader.kind == "weights":
+    if verify:
         for e, row, dst in jobs:
             _check_row(reader, e, row, dst)
     return out
 
 
-def _read_version(
-    ds: lance.LanceDataset, use_index: bool = True
-) -> tuple[str, OrderedDict[str, _Entry], list[Problem]]:
-    """A checked-out version's kind, tensors and their metadata problems."""
-    kind = _kind(ds)
-    if kind != "weights":
-        return kind, _seed_entries(ds), []
-    entries, problems = _checked_entries(ds, use_index)
-    if problems and use_index:  # never blame the rows for their derived index: ask the rows
-        entries, problems = _checked_entries(ds, use_index=False)
-    return kind, entries, problems
-
-
-def _checked_entries(ds: lance.LanceDataset, use_index: bool) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
-    rows, agree = _located(ds, use_index)
-    entries = _build_entries(rows)
-    problems = _problems(entries, _compression(ds) is not None)
-    if not agree:
-        problems.append(Problem("", -1, "", f"the rows differ from what commit {ds.version} recorded "
-                                f"({_PROP}rows): they were rewritten after the commit"))
-    return entries, problems
-
-
-def _open_version(
-    uri: str | os.PathLike, version: Version | None, storage_options: StorageOptions
-) -> tuple[lance.LanceDataset, str, OrderedDict[str, _Entry], list[Problem]]:
-    """The checked-out version, its kind, its tensors and their metadata problems."""
-    ds = _checkout(_open(_uri(uri), storage_options), version)
-    return ds, *_read_version(ds)

@@ -43,6 +43,7 @@ from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
 from . import sidecar, store
 from .artifacts import ROOT_ENV, lance_root, storage_options_for
+from .fs import list_dirs, local_path
 
 FLAVOR_NAME = "mlflow_lance"
 BINDING_TAG = "mlflow_lance.binding"
@@ -118,7 +119,7 @@ def paged(search: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
 def same_dataset(a: str, b: str) -> bool:
     """Whether two dataset URIs name the same dataset (local paths compared resolved)."""
     def norm(uri: str) -> str:
-        local = store._local_path(uri)
+        local = local_path(uri)
         return os.path.realpath(local) if local is not None else uri.rstrip("/")
 
     return norm(a) == norm(b)
@@ -579,7 +580,7 @@ def model_datasets(name: str, refs: References) -> list[str]:
             t = refs.target_from_mlmodel(mv)  # the dataset that logged model wrote to
         if t is not None and t.uri:
             uris.append(t.uri)
-    return _unique(u for u in uris if store._local_path(u) is None or os.path.exists(store._local_path(u)))
+    return _unique(u for u in uris if local_path(u) is None or os.path.exists(local_path(u)))
 
 
 def _unique(uris: Iterable[str]) -> list[str]:
@@ -607,26 +608,8 @@ def _datasets_under_roots(refs: References) -> list[str]:
     found = []
     for root in lance_roots(refs.client):
         opts = storage_options_for(root) or None
-        found += [d for d in _list_dirs(f"{root}/models", opts) if d.endswith(".lance")]
-        for exp in _list_dirs(f"{root}/experiments", opts):
-            found += [d for d in _list_dirs(exp, opts) if d.endswith(".lance")]
-            found += [d for d in _list_dirs(f"{exp}/checkpoints", opts) if d.endswith(".lance")]  # one per run
+        found += [d for d in list_dirs(f"{root}/models", opts) if d.endswith(".lance")]
+        for exp in list_dirs(f"{root}/experiments", opts):
+            found += [d for d in list_dirs(exp, opts) if d.endswith(".lance")]
+            found += [d for d in list_dirs(f"{exp}/checkpoints", opts) if d.endswith(".lance")]  # one per run
     return found
-
-
-def _list_dirs(uri: str, opts: Mapping[str, str] | None) -> list[str]:
-    local = store._local_path(uri)
-    if local is not None:
-        try:
-            return sorted(os.path.join(local, n) for n in os.listdir(local) if os.path.isdir(os.path.join(local, n)))
-        except OSError:
-            return []
-    from pyarrow import fs
-
-    filesystem, path = sidecar._filesystem(uri, opts)
-    scheme = uri.split("://", 1)[0]
-    try:
-        infos = filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True))
-    except OSError:
-        return []
-    return sorted(f"{scheme}://{i.path}" for i in infos if i.type == fs.FileType.Directory)

@@ -33,15 +33,13 @@ writers never lose an entry and a tampered sidecar never picks the weights. Writ
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections.abc import Mapping
 from datetime import datetime, timezone
-from urllib.parse import urlparse
 
 import yaml
 
 from . import store
+from .fs import read_text, write_text
 
 MODEL_PIN = "model."
 MODEL_VERSION_PIN = "mv."
@@ -87,77 +85,6 @@ def parse_model_version_pin(tag: str) -> tuple[str, str] | None:
     return (binding, version) if binding and version.isdigit() else None
 
 
-# --------------------------------------------------------------------------- small-file IO
-
-
-def _filesystem(uri: str, storage_options: Mapping[str, str] | None):
-    """A pyarrow filesystem and path for ``uri`` (object storage), configured like Lance."""
-    from pyarrow import fs
-
-    opts = dict(storage_options or {})
-    parsed = urlparse(uri)
-    if parsed.scheme in ("s3", "s3a"):
-        endpoint = opts.get("aws_endpoint")
-        kwargs = {
-            "access_key": opts.get("aws_access_key_id"),
-            "secret_key": opts.get("aws_secret_access_key"),
-            "session_token": opts.get("aws_session_token"),
-            "region": opts.get("aws_region", "us-east-1"),
-        }
-        if endpoint:
-            ep = urlparse(endpoint)
-            kwargs["endpoint_override"] = ep.netloc or endpoint
-            kwargs["scheme"] = ep.scheme or "https"
-        return fs.S3FileSystem(**{k: v for k, v in kwargs.items() if v}), f"{parsed.netloc}{parsed.path}"
-    filesystem, path = fs.FileSystem.from_uri(uri)
-    return filesystem, path
-
-
-def read_text(uri: str, storage_options: Mapping[str, str] | None = None, *, limit: int = MAX_SIDECAR_BYTES) -> str | None:
-    """The file's text, or None if it does not exist, is not UTF-8 or is over ``limit`` bytes."""
-    local = store._local_path(uri)
-    try:
-        if local is not None:
-            if not os.path.isfile(local):  # a FIFO or device would block or never end
-                return None
-            with open(local, "rb") as f:
-                data = f.read(limit + 1)
-        else:
-            filesystem, path = _filesystem(uri, storage_options)
-            with filesystem.open_input_stream(path) as f:
-                data = f.read(limit + 1)
-        return None if len(data) > limit else data.decode("utf-8")
-    except FileNotFoundError:
-        return None
-    except UnicodeDecodeError:
-        return None
-    except OSError as err:
-        if "not found" in str(err).lower() or "NoSuchKey" in str(err) or "does not exist" in str(err):
-            return None
-        raise
-
-
-def write_text(uri: str, text: str, storage_options: Mapping[str, str] | None = None) -> None:
-    """Replace the file atomically: readers see the old or the new text, never a mix."""
-    local = store._local_path(uri)
-    if local is not None:
-        os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-        tmp = f"{local}.{uuid.uuid4().hex}.tmp"
-        try:
-            with open(tmp, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, local)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-        return
-    filesystem, path = _filesystem(uri, storage_options)
-    with filesystem.open_output_stream(path) as f:  # one PUT: atomic on S3-compatible stores
-        f.write(text.encode("utf-8"))
-
-
 # --------------------------------------------------------------------------- the mapping
 
 
@@ -169,7 +96,7 @@ def _int(value: object) -> int | None:
 
 
 def build(
-    dataset_uri: str,
+    dataset: str | store.Dataset,
     storage_options: Mapping[str, str] | None = None,
     *,
     names: Mapping[str, str] | None = None,
@@ -179,12 +106,29 @@ def build(
     ``names`` maps bindings to registered model names (the registry knows them; without it
     the name recorded at log time is used).
     """
-    infos = store.versions(dataset_uri, storage_options=storage_options)
-    pins = {t: v for t, v in store.tags(dataset_uri, storage_options=storage_options).items() if is_pin(t)}
-    by_version = {v.version: v for v in infos}
+    dataset = store.Dataset.of(dataset, storage_options)
+    infos = store.versions(dataset)
+    pins = _pins(dataset)
     known_names = {v.properties["mlflow.binding"]: v.properties.get("mlflow.registered_model_name")
                    for v in infos if v.properties.get("mlflow.binding")}  # fmt: skip
     known_names.update(names or {})
+    logged, registered, legacy = _pinned({v.version: v for v in infos}, pins, known_names)
+    doc = {
+        "dataset": dataset.uri,
+        "lance_latest_version": infos[-1].version if infos else 0,
+        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "runs": _runs(infos),
+        "logged_models": logged,
+        "registered_models": registered,
+        "pins": dict(sorted(pins.items())),
+    }
+    if legacy:
+        doc["legacy_pins"] = legacy
+    return doc
+
+
+def _runs(infos: list[store.VersionInfo]) -> dict[str, list[dict]]:
+    """Run ID -> the versions it logged, oldest first, from their commit properties."""
     runs: dict[str, list[dict]] = {}
     for v in infos:
         run_id = v.properties.get("mlflow.run_id")
@@ -196,6 +140,14 @@ def build(
                 "step": _int(v.properties.get("mlflow.step")),
                 "time": v.timestamp.isoformat(timespec="seconds"),
             })  # fmt: skip
+    return runs
+
+
+def _pinned(
+    by_version: Mapping[int, store.VersionInfo], pins: Mapping[str, int], known_names: Mapping[str, str | None]
+) -> tuple[dict[str, dict], dict[str, dict], dict[str, int]]:
+    """The logged models, the registered models (by binding) and the legacy pins, from the
+    pins and the commit properties of the versions they hold."""
     logged: dict[str, dict] = {}
     registered: dict[str, dict] = {}
     legacy: dict[str, int] = {}
@@ -217,18 +169,12 @@ def build(
             legacy[tag] = version
     for entry in registered.values():
         entry["versions"] = dict(sorted(entry["versions"].items(), key=lambda kv: int(kv[0])))
-    doc = {
-        "dataset": dataset_uri,
-        "lance_latest_version": infos[-1].version if infos else 0,
-        "updated": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "runs": runs,
-        "logged_models": logged,
-        "registered_models": registered,
-        "pins": dict(sorted(pins.items())),
-    }
-    if legacy:
-        doc["legacy_pins"] = legacy
-    return doc
+    return logged, registered, legacy
+
+
+def _pins(dataset: store.Dataset) -> dict[str, int]:
+    """The dataset's pins: its Lance tags that mlflow-lance manages."""
+    return {t: v for t, v in store.tags(dataset).items() if is_pin(t)}
 
 
 def _valid(doc: object) -> bool:
@@ -245,7 +191,7 @@ def _valid(doc: object) -> bool:
 
 def read(dataset_uri: str, storage_options: Mapping[str, str] | None = None) -> dict | None:
     """The sidecar as stored, or None if it is missing, damaged, too large or of an old format."""
-    text = read_text(sidecar_uri(dataset_uri), storage_options)
+    text = read_text(sidecar_uri(dataset_uri), storage_options, limit=MAX_SIDECAR_BYTES)
     if text is None:
         return None
     try:
@@ -272,17 +218,16 @@ def refresh(
     Stale means behind the dataset's latest version or its pins: a model version is pinned
     after its Lance commit, so a sidecar another writer wrote in between can lack it.
     """
+    dataset = store.Dataset(dataset_uri, storage_options)  # opened once for the check and the build
     doc = None if force else read(dataset_uri, storage_options)
-    if doc is not None:
-        latest = store.latest_version(dataset_uri, storage_options=storage_options)
-        pins = {t: v for t, v in store.tags(dataset_uri, storage_options=storage_options).items() if is_pin(t)}
-        if doc["lance_latest_version"] != latest or doc["pins"] != pins:
-            doc = None
+    if doc is not None and (doc["lance_latest_version"] != store.latest_version(dataset)
+                            or doc["pins"] != _pins(dataset)):  # fmt: skip
+        doc = None
     if doc is None:
         previous = read(dataset_uri, storage_options) if names is None else None
         carried = {b: e.get("name") for b, e in (previous or {}).get("registered_models", {}).items()
                    if isinstance(e, dict) and isinstance(e.get("name"), str)}  # fmt: skip
-        doc = build(dataset_uri, storage_options, names={**carried, **(names or {})})
+        doc = build(dataset, names={**carried, **(names or {})})
         write(dataset_uri, doc, storage_options)
     return doc
 

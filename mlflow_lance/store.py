@@ -1,6 +1,7 @@
 """The Lance weight store's verbs: save a version, load one (as a state dict or into a module),
 list, diff, tag, verify and garbage-collect versions. How a dataset is laid out and read
-is layout.py.
+is layout.py. Each verb takes a dataset URI, or a ``Dataset`` handle (layout.py) so that
+several verbs on one dataset open it once.
 
 A new version is a Lance ``Overwrite`` commit whose fragment list reuses every fragment
 whose rows are all unchanged since the latest version (same name, dtype, shape and content
@@ -23,7 +24,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import NamedTuple, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 import lance
 import numpy as np
@@ -34,6 +35,7 @@ from lance.commit import CommitConflictError
 from lance.fragment import FragmentMetadata, write_fragments
 
 from . import tree
+from .fs import lance_options
 from .layout import (  # how a dataset is laid out and read
     _COMPRESSION_KEY,
     _MAX_PROPERTY_BYTES,
@@ -43,6 +45,7 @@ from .layout import (  # how a dataset is laid out and read
     FORMAT_VERSION,
     JITTER,
     CorruptionError,
+    Dataset,
     Problem,
     StorageOptions,
     Version,
@@ -52,40 +55,32 @@ from .layout import (  # how a dataset is laid out and read
     _check_row,
     _checkout,
     _commit_properties,
-    _compression,
     _device,
-    _entries,
     _Entry,
-    _exists,
     _fragment_table,
     _index_path,
-    _kind,
-    _lance_options,
-    _local_path,  # noqa: F401 (sidecar.py and lifecycle.py use store._local_path)
     _Located,
     _materialize,
     _open,
     _open_version,
     _problems,
     _raise_problems,
-    _read_version,
     _Reader,
+    _reader,
     _rows_digest,
     _schema,
-    _seed_entries,
     _select,
     _tag_list,
     _unreachable,
-    _uri,
     _write_index,
 )
 from .plan import RowData, Unit, plan_version
 from .tensors import (
     DEFAULT_CHUNK_BYTES,
     META_COLUMNS,  # noqa: F401 (tests use store.META_COLUMNS)
+    TensorRows,
     dtype_from_name,
     find_aliases,
-    hash_bytes,
     unit_batch,
     to_rows,
     uint8_view,
@@ -162,7 +157,7 @@ class LoadResult(NamedTuple):
 
 def save_state_dict(
     state_dict: Mapping[str, torch.Tensor],
-    uri: str | os.PathLike,
+    uri: str | os.PathLike | Dataset,
     *,
     message: str | None = None,
     properties: Mapping[str, str] | None = None,
@@ -180,34 +175,12 @@ def save_state_dict(
     the version. ``compression="zstd"`` applies to a new dataset only; the default stores
     raw bytes, which load fastest (memory-mapped, no decode).
     """
-    spec = None
-    if isinstance(state_dict, Mapping) and not tree.is_flat(state_dict):  # a checkpoint dict
-        state_dict, spec = tree.flatten(state_dict)
-    validate_state_dict(state_dict)
-    if not state_dict:
-        raise ValueError("the state dict holds no tensor; there is nothing to save")
+    state_dict, spec = _flat(state_dict)
     props = _check_properties(properties)
-    uri = _uri(uri)
-    parent = _exists(uri, storage_options)
-    previous: Mapping[str, _Entry] = {}
-    if parent is None:
-        schema = _schema(compression)
-    else:
-        if _kind(parent) != "weights":
-            raise WeightsError(
-                f"{uri} holds weights in the Lance docs example's layout, which cannot take new "
-                f"versions; load it with load_state_dict() and save to a new URI"
-            )
-        existing = _compression(parent)
-        if compression is not None and compression != existing:
-            raise ValueError(
-                f"{uri} was created with compression={existing!r}; compression is fixed per "
-                f"dataset, so pass compression=None or save to a new URI"
-            )
-        schema = _schema(existing)
-        previous = _entries(parent)
-        bad = {p.name for p in _problems(previous, existing is not None)}
-        previous = {n: e for n, e in previous.items() if n not in bad}  # never reuse those rows
+    dataset = Dataset.of(uri, storage_options)
+    uri, storage_options = dataset.uri, dataset.storage_options
+    parent = dataset.existing()
+    schema, previous = _reusable_base(uri, parent, compression)
 
     aliases = find_aliases(state_dict)
     tensors = [to_rows(name, t, alias=aliases.get(name), chunk_bytes=chunk_bytes) for name, t in state_dict.items()]
@@ -218,13 +191,341 @@ def save_state_dict(
     fragments = [reusable[u.reused] if u.reused is not None else next(written) for u in units]
     bytes_written = sum(f.files[0].file_size_bytes or 0 for u, f in zip(units, fragments) if u.reused is None)
 
-    removed = [n for n in previous if n not in state_dict]
+    txn_props = _transaction_properties(
+        message, props, spec, parent, tensors, changed, [n for n in previous if n not in state_dict], bytes_written
+    )
+    ds = _commit(uri, lance.LanceOperation.Overwrite(schema, fragments), txn_props,
+                 parent.version if parent else 0, storage_options)
+    _index_new_version(ds, units)
+    return _version_info(uri, ds.version, _now(ds), txn_props, ())
+
+
+def load_state_dict(
+    uri: str | os.PathLike | Dataset,
+    version: Version | None = None,
+    *,
+    map_location: str | torch.device | None = None,
+    names: str | Iterable[str] | None = None,
+    storage_options: StorageOptions = None,
+    verify: bool = False,
+) -> OrderedDict[str, torch.Tensor]:
+    """Load a version (a number or a tag; default latest) as an ordered state dict, or as the
+    checkpoint dict it was saved as.
+
+    ``names`` selects tensors: a list of keys, or one string that is a prefix or a glob;
+    only their bytes are read. Local datasets come back memory-mapped copy-on-write (lazy,
+    no copy; see the README on what a map shares with its file). Tied tensors come back as
+    one tensor under each name. ``verify`` recomputes every content hash, raises
+    CorruptionError on a mismatch, and returns fresh memory instead of maps.
+    A version whose metadata is inconsistent raises CorruptionError before anything is read.
+    """
+    device = _device(map_location)
+    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version)
+    _raise_problems(reader.ds, problems)
+    selected = _select(entries, names)
+    sources = {entries[name].alias or name: None for name in selected}  # ordered, unique
+    with reader:
+        if device.type == "cpu":
+            loaded = _materialize(reader, [entries[s] for s in sources], verify=verify)
+        else:  # one at a time: host memory holds one tensor on its way to the device
+            loaded = {s: _materialize(reader, [entries[s]], verify=verify)[s].to(device) for s in sources}
+    out = OrderedDict((name, loaded[entries[name].alias or name]) for name in selected)
+    spec = _tree_spec(reader) if names is None else None
+    return out if spec is None else tree.unflatten(spec, out)
+
+
+def load_into(
+    module: torch.nn.Module,
+    uri: str | os.PathLike | Dataset,
+    version: Version | None = None,
+    *,
+    strict: bool = True,
+    storage_options: StorageOptions = None,
+    verify: bool = False,
+) -> LoadResult:
+    """Read a version straight into ``module``'s parameters and buffers, tensor by tensor.
+
+    Bytes go from the data files into the parameters' memory without an intermediate state
+    dict, so peak memory stays near one tensor. Keys, shapes, the version's metadata and
+    every data file are checked before anything is written: with ``strict`` missing or
+    unexpected keys raise, as do shape mismatches. With ``verify`` each chunk is read into
+    a staging buffer (at most one chunk, 1 GiB, at a time) and hashed before it is copied
+    into the module, so the module never holds unverified bytes; a corrupt chunk raises
+    CorruptionError, and the tensors copied before it keep their new values.
+    """
+    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version)
+    _raise_problems(reader.ds, problems)
+    targets = module.state_dict(keep_vars=True)
+    missing, unexpected = _check_targets(module, reader.ds, entries, targets, strict)
+    with reader, torch.no_grad():
+        dsts = {name: targets[name].detach() for name in entries if name in targets}
+        reader.check(row for name in dsts for row in entries[entries[name].alias or name].rows)
+        done = _read_in_place(reader, entries, dsts, verify)
+        _copy_the_rest(reader, entries, dsts, done, verify)
+    return LoadResult(missing, unexpected)
+
+
+def versions(
+    uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None
+) -> list[VersionInfo]:
+    """Every version still stored, oldest first, with what each one wrote and changed."""
+    ds = Dataset.of(uri, storage_options).lance
+    _reader(ds)  # refuses a dataset that holds no weights
+    by_version: dict[int, list[str]] = {}
+    for name, t in _tag_list(ds).items():
+        by_version.setdefault(t["version"], []).append(name)
+    out = []
+    for v in ds.versions():
+        n = v["version"]
+        txn = ds.read_transaction(n)
+        props = dict(txn.transaction_properties or {}) if txn is not None else {}
+        tags = tuple(sorted(by_version.get(n, ())))
+        if _PROP + "tensors" not in props:  # written by something else: derive the figures
+            entries = _reader(ds.checkout_version(n)).entries()
+            total = sum(e.nbytes for e in entries.values() if e.alias is None)
+            props = {_PROP + "tensors": str(len(entries)), _PROP + "bytes": str(total),
+                     _PROP + "bytes_written": str(total), _PROP + "changed": json.dumps(list(entries))}
+        out.append(_version_info(ds.uri, n, _aware(v["timestamp"]), props, tags))
+    return out
+
+
+def diff(
+    uri: str | os.PathLike | Dataset,
+    a: Version,
+    b: Version | None = None,
+    *,
+    storage_options: StorageOptions = None,
+) -> Diff:
+    """Tensor names added, removed, changed and unchanged from version ``a`` to ``b`` (default latest)."""
+    ds = Dataset.of(uri, storage_options).lance
+    da, db = _checkout(ds, a), _checkout(ds, b)
+    ea, eb = _reader(da).entries(), _reader(db).entries()
+    common = [n for n in eb if n in ea]
+    return Diff(
+        a=da.version,
+        b=db.version,
+        added=[n for n in eb if n not in ea],
+        removed=[n for n in ea if n not in eb],
+        changed=[n for n in common if ea[n].key != eb[n].key or not eb[n].meta],
+        unchanged=[n for n in common if ea[n].key == eb[n].key and eb[n].meta],
+    )
+
+
+def tag(
+    uri: str | os.PathLike | Dataset, name: str, version: int, *, storage_options: StorageOptions = None
+) -> None:
+    """Point tag ``name`` at ``version`` (moving it if it exists); tagged versions survive gc."""
+    if not isinstance(name, str) or not name or name.isdigit():
+        raise ValueError(f"tag name must be a non-empty, non-numeric string, got {name!r}")
+    ds = Dataset.of(uri, storage_options).lance
+    target = _checkout(ds, version).version
+    for attempt in range(8):  # another writer may create or move the same tag in between
+        try:
+            if name in _tag_list(ds):
+                ds.tags.update(name, target)
+            else:
+                ds.tags.create(name, target)
+            return
+        except (ValueError, OSError, RuntimeError):
+            if attempt == 7:
+                raise
+            time.sleep(JITTER.uniform(0, 0.01 * 2**attempt))
+
+
+def untag(uri: str | os.PathLike | Dataset, name: str, *, storage_options: StorageOptions = None) -> None:
+    """Remove tag ``name``; the version it pointed at may then be garbage-collected."""
+    ds = Dataset.of(uri, storage_options).lance
+    if name not in _tag_list(ds):
+        raise VersionNotFoundError(f"tag {name!r} does not exist in {ds.uri}; {_available(ds)}")
+    ds.tags.delete(name)
+
+
+def tags(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> dict[str, int]:
+    """Tag name -> version number."""
+    ds = Dataset.of(uri, storage_options).lance
+    return {name: t["version"] for name, t in sorted(_tag_list(ds).items())}
+
+
+def verify(
+    uri: str | os.PathLike | Dataset,
+    version: Version | None = None,
+    *,
+    storage_options: StorageOptions = None,
+    progress: Callable[[int], object] | None = None,
+) -> VerifyReport:
+    """Check a version: its metadata (rows consistent with each other, with the data files
+    and with its commit) and the content hash of every chunk; report each problem.
+
+    ``progress`` is called with the bytes of each chunk checked (for progress bars).
+    """
+    ds = Dataset.of(uri, storage_options).checkout(version)
+    reader = _reader(ds)
+    try:
+        entries, problems = reader.checked(use_index=False)  # the rows themselves
+    except CorruptionError as err:  # the version's rows themselves cannot be read
+        return VerifyReport(ds.uri, ds.version, 0, 0, 0, [Problem("", -1, "", str(err))])
+    problems += _commit_problems(ds, entries)
+    bad = {p.name for p in problems}
+    buf = torch.empty(0, dtype=torch.uint8)
+    chunks = nbytes = 0
+    with reader:
+        problems = [dataclasses.replace(p, file=reader.path_of(p.file)) if p.file else p for p in problems]
+        for e in entries.values():
+            chunks += len(e.rows)
+            if e.name in bad:
+                continue
+            for row in e.rows:
+                try:
+                    reader.check([row])
+                    if buf.numel() < row.size:
+                        buf = torch.empty(row.size, dtype=torch.uint8)
+                    dst = buf[: row.size]
+                    reader.read_many([(row, dst)])
+                except (OSError, CorruptionError) as err:
+                    problems.append(Problem(e.name, row.chunk, reader.file_of(row), f"unreadable: {err}"))
+                    continue
+                nbytes += row.size
+                if progress is not None:
+                    progress(row.size)
+                if (got := reader.bad_hash(row, dst)) is not None:
+                    problems.append(Problem(e.name, row.chunk, reader.file_of(row),
+                                            f"content hash {got} != recorded {row.hash}"))
+    return VerifyReport(ds.uri, ds.version, len(entries), chunks, nbytes, problems)
+
+
+def latest_version(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> int:
+    """The newest version number (reads the manifest pointer only; for a handle, the version
+    it opened)."""
+    return Dataset.of(uri, storage_options).lance.version
+
+
+def resolve_version(
+    uri: str | os.PathLike | Dataset, version: Version | None, *, storage_options: StorageOptions = None
+) -> int:
+    """The version number a number or tag (None: latest) stands for; raises if none."""
+    return Dataset.of(uri, storage_options).checkout(version).version
+
+
+def version_properties(
+    uri: str | os.PathLike | Dataset, version: Version, *, storage_options: StorageOptions = None
+) -> dict[str, str]:
+    """The ``properties`` one version was saved with (reads that version's transaction only);
+    WeightsError if they are malformed."""
+    ds = Dataset.of(uri, storage_options).checkout(version)
+    props = _commit_properties(ds)
+    if props is None:
+        raise WeightsError(f"the commit of version {ds.version} of {ds.uri} cannot be read")
+    return dict(_summary(ds.uri, ds.version, props)["properties"])
+
+
+def gc_plan(
+    uri: str | os.PathLike | Dataset,
+    *,
+    keep_last: int | None = None,
+    older_than: timedelta | None = None,
+    grace: timedelta = timedelta(minutes=30),
+    candidates: Collection[int] | None = None,
+    ignore_tags: Collection[str] = (),
+    storage_options: StorageOptions = None,
+) -> list[int]:
+    """The versions ``gc`` with these arguments would remove (see ``gc``), counting the tags in
+    ``ignore_tags`` as already removed."""
+    ds = Dataset.of(uri, storage_options).lance
+    return _gc_select(ds, keep_last, older_than, grace, candidates, ignore_tags)[0]
+
+
+def gc(
+    uri: str | os.PathLike | Dataset,
+    *,
+    keep_last: int | None = None,
+    older_than: timedelta | None = None,
+    grace: timedelta = timedelta(minutes=30),
+    candidates: Collection[int] | None = None,
+    storage_options: StorageOptions = None,
+) -> GcReport:
+    """Delete old versions and the data files only they use.
+
+    A version is removed when it is not among the ``keep_last`` newest, is older than
+    ``older_than`` (when given), is one of ``candidates`` (when given: the caller has
+    decided which versions nothing references), carries no tag, and was superseded more
+    than ``grace`` ago. The grace period protects writers: a save reuses the data files of
+    the version that was latest when it started, so that version must outlive any save in
+    flight. The latest version is always kept.
+
+    This is the store's gc, which knows nothing of MLflow; ``mlflow_lance.gc`` asks MLflow
+    what it still references before calling it.
+    """
+    ds = Dataset.of(uri, storage_options).lance
+    doomed, kept_tagged = _gc_select(ds, keep_last, older_than, grace, candidates)
+    if not doomed:
+        return GcReport([], 0, kept_tagged)
+    stats = ds.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
+    for v in doomed:  # their version indexes go with them
+        if (path := _index_path(ds, v)) is not None:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+    return GcReport(doomed, int(stats.bytes_removed), kept_tagged)
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def _flat(state_dict: Mapping[str, Any]) -> tuple[Mapping[str, torch.Tensor], dict | None]:
+    """A state dict to save, checked, and the spec of the checkpoint dict it was flattened
+    from (None for a flat state dict)."""
+    spec = None
+    if isinstance(state_dict, Mapping) and not tree.is_flat(state_dict):  # a checkpoint dict
+        state_dict, spec = tree.flatten(state_dict)
+    validate_state_dict(state_dict)
+    if not state_dict:
+        raise ValueError("the state dict holds no tensor; there is nothing to save")
+    return state_dict, spec
+
+
+def _reusable_base(
+    uri: str, parent: lance.LanceDataset | None, compression: str | None
+) -> tuple[pa.Schema, Mapping[str, _Entry]]:
+    """The new version's schema, and the parent's tensors whose rows it may reuse: all whose
+    metadata is consistent (none for a new dataset). Compression is fixed per dataset."""
+    if parent is None:
+        return _schema(compression), {}
+    reader = _reader(parent)
+    if not reader.writable:
+        raise WeightsError(
+            f"{uri} holds weights in the Lance docs example's layout, which cannot take new "
+            f"versions; load it with load_state_dict() and save to a new URI"
+        )
+    existing = reader.codec
+    if compression is not None and compression != existing:
+        raise ValueError(
+            f"{uri} was created with compression={existing!r}; compression is fixed per "
+            f"dataset, so pass compression=None or save to a new URI"
+        )
+    previous = reader.entries()
+    bad = {p.name for p in _problems(previous, existing is not None)}
+    return _schema(existing), {n: e for n, e in previous.items() if n not in bad}  # never reuse those rows
+
+
+def _transaction_properties(
+    message: str | None,
+    props: dict[str, str],
+    spec: dict | None,
+    parent: lance.LanceDataset | None,
+    tensors: list[TensorRows],
+    changed: list[str],
+    removed: list[str],
+    bytes_written: int,
+) -> dict[str, str]:
+    """What the new version's commit records: the summary ``VersionInfo`` is read back from,
+    the digest its rows are checked against, the checkpoint spec and the message."""
     summary = {
         "format": str(FORMAT_VERSION),
         "message": message or "",
         "properties": json.dumps(props, sort_keys=True),
         "parent": "" if parent is None else str(parent.version),
-        "tensors": str(len(state_dict)),
+        "tensors": str(len(tensors)),
         "bytes": str(sum(t.nbytes for t in tensors)),
         "bytes_written": str(bytes_written),
         "changed": json.dumps(changed),
@@ -236,10 +537,7 @@ def save_state_dict(
         txn_props[_PROP + "tree"] = tree.encode(spec)
     if message:
         txn_props["lance.commit.message"] = message
-    ds = _commit(uri, lance.LanceOperation.Overwrite(schema, fragments), txn_props,
-                 parent.version if parent else 0, storage_options)
-    _index_new_version(ds, units)
-    return _version_info(uri, ds.version, _now(ds), txn_props, ())
+    return txn_props
 
 
 def _commit(
@@ -254,7 +552,7 @@ def _commit(
     The version is a complete fragment list, so it stays valid on top of any newer version:
     a retry commits the same files against the new latest (jittered backoff, 64 tries).
     """
-    opts = _lance_options(uri, storage_options)
+    opts = lance_options(uri, storage_options)
     for attempt in range(_COMMIT_ATTEMPTS):
         try:
             txn = lance.Transaction(read_version, operation, transaction_properties=properties)
@@ -349,7 +647,7 @@ def _write_rows(
                 mode=mode,
                 max_rows_per_file=len(units[call[0]]),
                 data_storage_version=_STORAGE_VERSION,
-                storage_options=_lance_options(uri, storage_options),
+                storage_options=lance_options(uri, storage_options),
             )
         except OSError as err:  # another writer created the dataset since we looked
             if mode == "create" and "already exists" in str(err):
@@ -404,6 +702,9 @@ def _check_properties(properties: Mapping[str, str] | None) -> dict[str, str]:
                 f"properties must map str to str; {k!r}: {v!r} is not (convert values with str())"
             )
     return props
+
+
+# --------------------------------------------------------------------------- a version's summary
 
 
 def _now(ds: lance.LanceDataset) -> datetime:
@@ -470,43 +771,13 @@ def _summary(uri: str, version: int, props: Mapping[str, str]) -> dict:
     }
 
 
-def load_state_dict(
-    uri: str | os.PathLike,
-    version: Version | None = None,
-    *,
-    map_location: str | torch.device | None = None,
-    names: str | Iterable[str] | None = None,
-    storage_options: StorageOptions = None,
-    verify: bool = False,
-) -> OrderedDict[str, torch.Tensor]:
-    """Load a version (a number or a tag; default latest) as an ordered state dict, or as the
-    checkpoint dict it was saved as.
-
-    ``names`` selects tensors: a list of keys, or one string that is a prefix or a glob;
-    only their bytes are read. Local datasets come back memory-mapped copy-on-write (lazy,
-    no copy; see the README on what a map shares with its file). Tied tensors come back as
-    one tensor under each name. ``verify`` recomputes every content hash, raises
-    CorruptionError on a mismatch, and returns fresh memory instead of maps.
-    A version whose metadata is inconsistent raises CorruptionError before anything is read.
-    """
-    device = _device(map_location)
-    ds, kind, entries, problems = _open_version(uri, version, storage_options)
-    _raise_problems(ds, problems)
-    selected = _select(entries, names)
-    sources = {entries[name].alias or name: None for name in selected}  # ordered, unique
-    with _Reader(ds, kind) as reader:
-        if device.type == "cpu":
-            loaded = _materialize(reader, [entries[s] for s in sources], verify=verify)
-        else:  # one at a time: host memory holds one tensor on its way to the device
-            loaded = {s: _materialize(reader, [entries[s]], verify=verify)[s].to(device) for s in sources}
-    out = OrderedDict((name, loaded[entries[name].alias or name]) for name in selected)
-    spec = _tree_spec(ds) if names is None and kind == "weights" else None
-    return out if spec is None else tree.unflatten(spec, out)
+# --------------------------------------------------------------------------- loading
 
 
-def _tree_spec(ds: lance.LanceDataset) -> dict | None:
+def _tree_spec(reader: _Reader) -> dict | None:
     """The checkpoint-dict spec saved with the checked-out version, if it holds one."""
-    props = _commit_properties(ds)
+    ds = reader.ds
+    props = reader.properties()
     if props is None:
         raise CorruptionError(f"the commit of version {ds.version} of {ds.uri} cannot be read")
     text = props.get(_PROP + "tree")
@@ -518,28 +789,16 @@ def _tree_spec(ds: lance.LanceDataset) -> dict | None:
         raise CorruptionError(f"version {ds.version} of {ds.uri}: {err}") from None
 
 
-def load_into(
+def _check_targets(
     module: torch.nn.Module,
-    uri: str | os.PathLike,
-    version: Version | None = None,
-    *,
-    strict: bool = True,
-    storage_options: StorageOptions = None,
-    verify: bool = False,
-) -> LoadResult:
-    """Read a version straight into ``module``'s parameters and buffers, tensor by tensor.
-
-    Bytes go from the data files into the parameters' memory without an intermediate state
-    dict, so peak memory stays near one tensor. Keys, shapes, the version's metadata and
-    every data file are checked before anything is written: with ``strict`` missing or
-    unexpected keys raise, as do shape mismatches. With ``verify`` each chunk is read into
-    a staging buffer (at most one chunk, 1 GiB, at a time) and hashed before it is copied
-    into the module, so the module never holds unverified bytes; a corrupt chunk raises
-    CorruptionError, and the tensors copied before it keep their new values.
-    """
-    ds, kind, entries, problems = _open_version(uri, version, storage_options)
-    _raise_problems(ds, problems)
-    targets = module.state_dict(keep_vars=True)
+    ds: lance.LanceDataset,
+    entries: Mapping[str, _Entry],
+    targets: Mapping[str, torch.Tensor],
+    strict: bool,
+) -> tuple[list[str], list[str]]:
+    """The module's keys the version lacks and the version's keys the module lacks; before
+    anything is written, RuntimeError (worded as ``nn.Module.load_state_dict`` words it) for
+    those ``strict`` refuses and for every shape mismatch."""
     missing = [k for k in targets if k not in entries]
     unexpected = [k for k in entries if k not in targets]
     errors = []
@@ -558,169 +817,57 @@ def load_into(
             f"Error(s) in loading {ds.uri} (version {ds.version}) into "
             f"{type(module).__name__}:\n\t" + "\n\t".join(errors)
         )
-    dtypes = {name: dtype_from_name(e.dtype, key=name) for name, e in entries.items()}
-    with _Reader(ds, kind) as reader, torch.no_grad():
-        dsts = {name: targets[name].detach() for name in entries if name in targets}
-        reader.check(row for name in dsts for row in entries[entries[name].alias or name].rows)
-        # 1. Tensors whose memory can take the bytes as they are: read straight into it.
-        direct = [
-            name for name, dst in dsts.items()
-            if entries[name].alias is None
-            and kind == "weights"
-            and dst.device.type == "cpu"
-            and dst.is_contiguous()
-            and dst.dtype == dtypes[name]
-        ]  # fmt: skip
-        jobs = [(entries[name], row, uint8_view(dsts[name])[row.offset : row.offset + row.size])
-                for name in direct for row in entries[name].rows]  # fmt: skip
-        if verify:
-            stage = torch.empty(max((row.size for _, row, _ in jobs), default=0), dtype=torch.uint8)
-            for e, row, dst in jobs:
-                chunk = stage[: row.size]
-                reader.read_many([(row, chunk)])
-                _check_row(reader, e, row, chunk)
-                np.copyto(dst.numpy(), chunk.numpy())  # a plain memcpy (uint8 copy_ is ~50x slower here)
+    return missing, unexpected
+
+
+def _read_in_place(
+    reader: _Reader, entries: Mapping[str, _Entry], dsts: Mapping[str, torch.Tensor], verify: bool
+) -> set[str]:
+    """Read each tensor whose memory can take the stored bytes as they are (untied, on the
+    CPU, contiguous, of the stored dtype) straight into it; their names. With ``verify`` each
+    chunk goes through a staging buffer and is hashed before it is copied in."""
+    direct = [
+        name for name, dst in dsts.items()
+        if entries[name].alias is None
+        and dst.device.type == "cpu"
+        and dst.is_contiguous()
+        and dst.dtype == dtype_from_name(entries[name].dtype, key=name)
+    ]  # fmt: skip
+    jobs = [(entries[name], row, uint8_view(dsts[name])[row.offset : row.offset + row.size])
+            for name in direct for row in entries[name].rows]  # fmt: skip
+    if verify:
+        stage = torch.empty(max((row.size for _, row, _ in jobs), default=0), dtype=torch.uint8)
+        for e, row, dst in jobs:
+            chunk = stage[: row.size]
+            reader.read_many([(row, chunk)])
+            _check_row(reader, e, row, chunk)
+            np.copyto(dst.numpy(), chunk.numpy())  # a plain memcpy (uint8 copy_ is ~50x slower here)
+    else:
+        reader.read_many([(row, dst) for _, row, dst in jobs])
+    return set(direct)
+
+
+def _copy_the_rest(
+    reader: _Reader, entries: Mapping[str, _Entry], dsts: Mapping[str, torch.Tensor], done: set[str], verify: bool
+) -> None:
+    """The tensors ``_read_in_place`` left (another dtype or device, non-contiguous, tied):
+    through a CPU tensor, or for a tie, from its source once that is in the module."""
+    done = set(done)
+    for name, dst in dsts.items():
+        if name in done:
+            continue
+        e = entries[name]
+        source = e.alias or name
+        if source in done and source in dsts:
+            src = dsts[source]
         else:
-            reader.read_many([(row, dst) for _, row, dst in jobs])
-        # 2. The rest (other dtype or device, non-contiguous, tied): through a CPU tensor.
-        done = set(direct)
-        for name, dst in dsts.items():
-            if name in done:
-                continue
-            e = entries[name]
-            source = e.alias or name
-            if source in done and source in dsts:
-                src = dsts[source]
-            else:
-                src = _materialize(reader, [entries[source]], verify=verify)[source]
-            if not (src.data_ptr() == dst.data_ptr() and src.device == dst.device):
-                dst.copy_(src)
-            done.add(name)
-    return LoadResult(missing, unexpected)
+            src = _materialize(reader, [entries[source]], verify=verify)[source]
+        if not (src.data_ptr() == dst.data_ptr() and src.device == dst.device):
+            dst.copy_(src)
+        done.add(name)
 
 
-def versions(uri: str | os.PathLike, *, storage_options: StorageOptions = None) -> list[VersionInfo]:
-    """Every version still stored, oldest first, with what each one wrote and changed."""
-    ds = _open(_uri(uri), storage_options)
-    _kind(ds)
-    by_version: dict[int, list[str]] = {}
-    for name, t in _tag_list(ds).items():
-        by_version.setdefault(t["version"], []).append(name)
-    out = []
-    for v in ds.versions():
-        n = v["version"]
-        txn = ds.read_transaction(n)
-        props = dict(txn.transaction_properties or {}) if txn is not None else {}
-        tags = tuple(sorted(by_version.get(n, ())))
-        if _PROP + "tensors" not in props:  # written by something else: derive the figures
-            vds = ds.checkout_version(n)
-            entries = _entries(vds) if _kind(vds) == "weights" else _seed_entries(vds)
-            total = sum(e.nbytes for e in entries.values() if e.alias is None)
-            props = {_PROP + "tensors": str(len(entries)), _PROP + "bytes": str(total),
-                     _PROP + "bytes_written": str(total), _PROP + "changed": json.dumps(list(entries))}
-        out.append(_version_info(ds.uri, n, _aware(v["timestamp"]), props, tags))
-    return out
-
-
-def diff(
-    uri: str | os.PathLike, a: Version, b: Version | None = None, *, storage_options: StorageOptions = None
-) -> Diff:
-    """Tensor names added, removed, changed and unchanged from version ``a`` to ``b`` (default latest)."""
-    ds = _open(_uri(uri), storage_options)
-    da, db = _checkout(ds, a), _checkout(ds, b)
-    ea = _entries(da) if _kind(da) == "weights" else _seed_entries(da)
-    eb = _entries(db) if _kind(db) == "weights" else _seed_entries(db)
-    common = [n for n in eb if n in ea]
-    return Diff(
-        a=da.version,
-        b=db.version,
-        added=[n for n in eb if n not in ea],
-        removed=[n for n in ea if n not in eb],
-        changed=[n for n in common if ea[n].key != eb[n].key or not eb[n].meta],
-        unchanged=[n for n in common if ea[n].key == eb[n].key and eb[n].meta],
-    )
-
-
-def tag(uri: str | os.PathLike, name: str, version: int, *, storage_options: StorageOptions = None) -> None:
-    """Point tag ``name`` at ``version`` (moving it if it exists); tagged versions survive gc."""
-    if not isinstance(name, str) or not name or name.isdigit():
-        raise ValueError(f"tag name must be a non-empty, non-numeric string, got {name!r}")
-    ds = _open(_uri(uri), storage_options)
-    target = _checkout(ds, version).version
-    for attempt in range(8):  # another writer may create or move the same tag in between
-        try:
-            if name in _tag_list(ds):
-                ds.tags.update(name, target)
-            else:
-                ds.tags.create(name, target)
-            return
-        except (ValueError, OSError, RuntimeError):
-            if attempt == 7:
-                raise
-            time.sleep(JITTER.uniform(0, 0.01 * 2**attempt))
-
-
-def untag(uri: str | os.PathLike, name: str, *, storage_options: StorageOptions = None) -> None:
-    """Remove tag ``name``; the version it pointed at may then be garbage-collected."""
-    ds = _open(_uri(uri), storage_options)
-    if name not in _tag_list(ds):
-        raise VersionNotFoundError(f"tag {name!r} does not exist in {ds.uri}; {_available(ds)}")
-    ds.tags.delete(name)
-
-
-def tags(uri: str | os.PathLike, *, storage_options: StorageOptions = None) -> dict[str, int]:
-    """Tag name -> version number."""
-    ds = _open(_uri(uri), storage_options)
-    return {name: t["version"] for name, t in sorted(_tag_list(ds).items())}
-
-
-def verify(
-    uri: str | os.PathLike,
-    version: Version | None = None,
-    *,
-    storage_options: StorageOptions = None,
-    progress: Callable[[int], object] | None = None,
-) -> VerifyReport:
-    """Check a version: its metadata (rows consistent with each other, with the data files
-    and with its commit) and the content hash of every chunk; report each problem.
-
-    ``progress`` is called with the bytes of each chunk checked (for progress bars).
-    """
-    ds = _checkout(_open(_uri(uri), storage_options), version)
-    try:
-        kind, entries, problems = _read_version(ds, use_index=False)  # the rows themselves
-    except CorruptionError as err:  # the version's rows themselves cannot be read
-        return VerifyReport(ds.uri, ds.version, 0, 0, 0, [Problem("", -1, "", str(err))])
-    problems += _commit_problems(ds, entries)
-    bad = {p.name for p in problems}
-    buf = torch.empty(0, dtype=torch.uint8)
-    chunks = nbytes = 0
-    with _Reader(ds, kind) as reader:
-        problems = [dataclasses.replace(p, file=reader.path_of(p.file)) if p.file else p for p in problems]
-        for e in entries.values():
-            chunks += len(e.rows)
-            if e.name in bad:
-                continue
-            for row in e.rows:
-                try:
-                    reader.check([row])
-                    if buf.numel() < row.size:
-                        buf = torch.empty(row.size, dtype=torch.uint8)
-                    dst = buf[: row.size]
-                    reader.read_many([(row, dst)])
-                except (OSError, CorruptionError) as err:
-                    problems.append(Problem(e.name, row.chunk, reader.file_of(row), f"unreadable: {err}"))
-                    continue
-                nbytes += row.size
-                if progress is not None:
-                    progress(row.size)
-                if kind != "weights":
-                    continue
-                got = hash_bytes(memoryview(dst.numpy()))
-                if got != row.hash:
-                    problems.append(Problem(e.name, row.chunk, reader.file_of(row),
-                                            f"content hash {got} != recorded {row.hash}"))
-    return VerifyReport(ds.uri, ds.version, len(entries), chunks, nbytes, problems)
+# --------------------------------------------------------------------------- verify and gc
 
 
 def _commit_problems(ds: lance.LanceDataset, entries: Mapping[str, _Entry]) -> list[Problem]:
@@ -740,28 +887,6 @@ def _commit_problems(ds: lance.LanceDataset, entries: Mapping[str, _Entry]) -> l
     return []
 
 
-def latest_version(uri: str | os.PathLike, *, storage_options: StorageOptions = None) -> int:
-    """The newest version number (reads the manifest pointer only)."""
-    return _open(_uri(uri), storage_options).version
-
-
-def resolve_version(uri: str | os.PathLike, version: Version | None, *, storage_options: StorageOptions = None) -> int:
-    """The version number a number or tag (None: latest) stands for; raises if none."""
-    return _checkout(_open(_uri(uri), storage_options), version).version
-
-
-def version_properties(
-    uri: str | os.PathLike, version: Version, *, storage_options: StorageOptions = None
-) -> dict[str, str]:
-    """The ``properties`` one version was saved with (reads that version's transaction only);
-    WeightsError if they are malformed."""
-    ds = _checkout(_open(_uri(uri), storage_options), version)
-    props = _commit_properties(ds)
-    if props is None:
-        raise WeightsError(f"the commit of version {ds.version} of {ds.uri} cannot be read")
-    return dict(_summary(ds.uri, ds.version, props)["properties"])
-
-
 def _gc_select(
     ds: lance.LanceDataset,
     keep_last: int | None,
@@ -776,7 +901,7 @@ def _gc_select(
         raise ValueError("gc needs keep_last=N and/or older_than=timedelta(...) to know what to remove")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    _kind(ds)
+    _reader(ds)  # refuses a dataset that holds no weights
     all_versions = ds.versions()
     tagged = {t["version"] for name, t in _tag_list(ds).items() if name not in ignore_tags}
     newest = {v["version"] for v in all_versions[-(keep_last or 1):]}
@@ -794,54 +919,3 @@ def _gc_select(
         and superseded.get(v["version"], now) <= now - grace
     ]  # fmt: skip
     return doomed, sorted(v["version"] for v in old if v["version"] in tagged)
-
-
-def gc_plan(
-    uri: str | os.PathLike,
-    *,
-    keep_last: int | None = None,
-    older_than: timedelta | None = None,
-    grace: timedelta = timedelta(minutes=30),
-    candidates: Collection[int] | None = None,
-    ignore_tags: Collection[str] = (),
-    storage_options: StorageOptions = None,
-) -> list[int]:
-    """The versions ``gc`` with these arguments would remove (see ``gc``), counting the tags in
-    ``ignore_tags`` as already removed."""
-    ds = _open(_uri(uri), storage_options)
-    return _gc_select(ds, keep_last, older_than, grace, candidates, ignore_tags)[0]
-
-
-def gc(
-    uri: str | os.PathLike,
-    *,
-    keep_last: int | None = None,
-    older_than: timedelta | None = None,
-    grace: timedelta = timedelta(minutes=30),
-    candidates: Collection[int] | None = None,
-    storage_options: StorageOptions = None,
-) -> GcReport:
-    """Delete old versions and the data files only they use.
-
-    A version is removed when it is not among the ``keep_last`` newest, is older than
-    ``older_than`` (when given), is one of ``candidates`` (when given: the caller has
-    decided which versions nothing references), carries no tag, and was superseded more
-    than ``grace`` ago. The grace period protects writers: a save reuses the data files of
-    the version that was latest when it started, so that version must outlive any save in
-    flight. The latest version is always kept.
-
-    This is the store's gc, which knows nothing of MLflow; ``mlflow_lance.gc`` asks MLflow
-    what it still references before calling it.
-    """
-    ds = _open(_uri(uri), storage_options)
-    doomed, kept_tagged = _gc_select(ds, keep_last, older_than, grace, candidates)
-    if not doomed:
-        return GcReport([], 0, kept_tagged)
-    stats = ds.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
-    for v in doomed:  # their version indexes go with them
-        if (path := _index_path(ds, v)) is not None:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
-    return GcReport(doomed, int(stats.bytes_removed), kept_tagged)

@@ -346,6 +346,37 @@ def test_datasets_written_by_the_docs_example_load(uri):
         ml.save_state_dict(sd, uri)
 
 
+def test_the_docs_example_format_is_read_through_the_same_reader_interface(tmp_path):
+    """One reader per format, chosen from the schema; callers use the same methods on both."""
+    from docs_example import docs_save_model
+
+    from mlflow_lance import layout
+
+    sd = OrderedDict(w=torch.randn(3, 4, dtype=torch.float64), b=torch.arange(5, dtype=torch.float64))
+    docs_save_model(sd, str(tmp_path / "seed.lance"))
+    ml.save_state_dict(sd, tmp_path / "ours.lance")
+    readers = {name: layout._reader(lance.dataset(str(tmp_path / name))) for name in ("seed.lance", "ours.lance")}
+    seed, ours = readers["seed.lance"], readers["ours.lance"]
+    assert isinstance(seed, layout._SeedReader) and type(ours) is layout._Reader
+    assert (seed.writable, ours.writable) == (False, True)
+    for reader in readers.values():
+        entries, problems = reader.checked()
+        assert problems == [] and list(entries) == list(reader.entries()) == ["w", "b"]
+        assert [(e.dtype, e.shape) for e in entries.values()] == [("float64", [3, 4]), ("float64", [5])]
+        with reader:
+            loaded = layout._materialize(reader, list(entries.values()), verify=True)
+            row = entries["w"].rows[0]
+            chunk = torch.empty(row.size, dtype=torch.uint8)
+            reader.read_many([(row, chunk)])
+            assert reader.bad_hash(row, chunk) is None
+        assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+        assert "mlflow_lance.tree" not in (reader.properties() or {})
+    assert ours.bad_hash(ours.entries()["w"].rows[0], torch.zeros(96, dtype=torch.uint8)) is not None
+    lance.write_dataset(pa.table({"x": [1]}), str(tmp_path / "other.lance"))
+    with pytest.raises(ml.WeightsError, match="not a weights dataset"):
+        layout._reader(lance.dataset(str(tmp_path / "other.lance")))
+
+
 # --------------------------------------------------------------------------- load_into
 
 

@@ -18,7 +18,7 @@ import yaml
 from mlflow import MlflowClient
 
 import mlflow_lance as ml
-from mlflow_lance import artifacts, sidecar
+from mlflow_lance import artifacts, fs, sidecar
 from model_zoo import SmallCNN, trained
 
 HERE = Path(__file__).resolve().parent
@@ -256,7 +256,7 @@ def _assert_no_credentials_written(team_server: dict, name: str, uri: str, run_i
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}")
         texts += [p.read_bytes().decode("latin-1") for p in Path(local).rglob("*") if p.is_file()]
         texts.append(json.dumps(mv.tags) + (mv.description or ""))
-    texts.append(sidecar.read_text(sidecar.sidecar_uri(uri), opts))
+    texts.append(fs.read_text(sidecar.sidecar_uri(uri), opts, limit=sidecar.MAX_SIDECAR_BYTES))
     texts += [json.dumps(v.properties) + (v.message or "") for v in ml.versions(uri, storage_options=opts)]
     texts.append((team_server["root"] / "server.log").read_text(errors="ignore"))
     for secret in (team_server["env"]["AWS_SECRET_ACCESS_KEY"], team_server["env"]["AWS_ACCESS_KEY_ID"]):
