@@ -22,7 +22,6 @@ import os
 import shutil
 import sys
 import tempfile
-from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -58,7 +57,7 @@ from mlflow.utils.model_utils import (
     _validate_and_prepare_target_save_path,
 )
 
-from . import lifecycle, registry, sidecar, store, tree
+from . import lifecycle, registry, store, tree
 from .artifacts import Location, dataset_location, storage_options_for
 from .skeleton import (
     SKELETON_FILE,

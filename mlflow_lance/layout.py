@@ -29,14 +29,16 @@ from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import lance
 import pyarrow as pa
 import torch
 import zstandard
 
 from .fs import StorageOptions, lance_options, local_path, read_bytes, write_text
+if TYPE_CHECKING:
+    import lance
+
 from .tensors import (
     DTYPES,
     META_COLUMNS,
@@ -90,6 +92,8 @@ class Problem:
 def _open(uri: str, storage_options: StorageOptions = None) -> lance.LanceDataset:
     """The dataset at ``uri``, at its latest version; FileNotFoundError that says so if nothing
     was saved there, ConnectionError if its storage cannot be reached."""
+    import lance  # here, not at the top: a local load through the version index never needs it
+
     started = time.monotonic()
     try:
         return lance.dataset(uri, storage_options=lance_options(uri, storage_options))
@@ -146,6 +150,11 @@ class Dataset:
             self._lance = _open(self.uri, self.storage_options)
         return self._lance
 
+    @property
+    def opened(self) -> bool:
+        """Whether the dataset has been opened in Lance (its latest version is then fixed)."""
+        return self._lance is not None
+
     def existing(self) -> lance.LanceDataset | None:
         """The open dataset, or None if nothing has been saved there yet."""
         try:
@@ -197,9 +206,16 @@ def _checkout(ds: lance.LanceDataset, version: Version | None) -> lance.LanceDat
 
 
 def _open_version(
-    dataset: Dataset, version: Version | None
+    dataset: Dataset, version: Version | None, *, index_alone: bool = True
 ) -> tuple[_Reader, OrderedDict[str, _Entry], list[Problem]]:
-    """The reader of the checked-out version, its tensors and their metadata problems."""
+    """The reader of the version, its tensors and their metadata problems: from the version
+    index alone when ``index_alone`` and the index is complete and consistent (no Lance
+    import), else through Lance."""
+    reader = _indexed_reader(dataset, version) if index_alone else None
+    if reader is not None:
+        entries, problems = reader.checked()
+        if not problems:
+            return reader, entries, problems
     reader = _reader(dataset.checkout(version))
     return reader, *reader.checked()
 
@@ -372,7 +388,7 @@ def _problems(entries: Mapping[str, _Entry], compressed: bool) -> list[Problem]:
     return out
 
 
-def _raise_problems(ds: lance.LanceDataset, problems: list[Problem]) -> None:
+def _raise_problems(ds: lance.LanceDataset | _Reader, problems: list[Problem]) -> None:
     if problems:
         p = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
@@ -406,13 +422,18 @@ def _scan(ds: lance.LanceDataset, fragments: list | None = None) -> list[_Locate
 
 
 # The version index: a JSON copy of a version's metadata rows and blob positions, kept next
-# to a local dataset so that opening a version reads one small file instead of one footer per
-# data file (40 ms for GPT-2's 148 files). It is derived data: it is used only when its rows
-# hash to the digest the version's commit recorded (``mlflow_lance.rows``) and its file list
-# is the manifest's; anything else (missing, stale, unparsable, oversized, a version committed
-# without a digest) is ignored and the rows are scanned.
+# to a local dataset, so that opening a version reads one small file instead of one footer per
+# data file (40 ms for GPT-2's 148 files). It is derived data, used two ways:
+# - through Lance: only when its rows hash to the digest the version's commit recorded
+#   (``mlflow_lance.rows``) and its fragments are the manifest's;
+# - alone, for a local load of the latest version or a numbered one (``_IndexedReader``): only
+#   when that version's manifest is listed, the index names it, carries the commit's
+#   properties and its rows hash to the digest among them. Lance is then never imported
+#   (about half a second of a fresh process), and the rows get every check a scan's get.
+# Anything else (missing, stale, unparsable, oversized, a version committed without a digest,
+# an index of an older format) is ignored and the rows are scanned.
 _INDEX_DIR = ("_mlflow_lance", "index")
-_INDEX_FORMAT = 1
+_INDEX_FORMAT = 2
 _ROW_TYPES = [{str}, {int}, {int}, {int}, {str}, {list}, {str}, {str, type(None)}]  # per META_COLUMNS
 _SHAPE = META_COLUMNS.index("shape")
 
@@ -480,54 +501,139 @@ def _valid_index_row(row: object, n: int) -> bool:
     return all(type(v) is int for v in row[_SHAPE]) and all(v is None or type(v) is int for v in row[n:])
 
 
-def _read_index(
-    ds: lance.LanceDataset, table: list[tuple[int, str, int]], digest: str | None
-) -> list[_Located] | None:
-    """The version's rows from its index, or None unless the index checks out (see above).
-
-    Row addresses come from the manifest: fragment by fragment, as many rows as each holds."""
-    path = _index_path(ds, ds.version)
-    if path is None or digest is None:
-        return None
+def _index_doc(root: str, version: int) -> dict | None:
+    """The parsed version index of ``version`` if it is well-formed (types and counts), else None."""
     try:
-        data = read_bytes(path, limit=_MAX_INDEX_BYTES, follow_links=False)
+        data = read_bytes(os.path.join(root, *_INDEX_DIR, f"{version}.json"), limit=_MAX_INDEX_BYTES,
+                          follow_links=False)  # fmt: skip
         doc = json.loads(data) if data is not None else None
     except (OSError, ValueError, RecursionError):
         return None
+    if not isinstance(doc, dict) or doc.get("index_format") != _INDEX_FORMAT or doc.get("version") != version:
+        return None
+    rows, fragments, props, schema = doc.get("rows"), doc.get("fragments"), doc.get("properties"), doc.get("schema")
     n = len(META_COLUMNS)
-    rows = doc.get("rows") if isinstance(doc, dict) else None
     if (
         not isinstance(rows, list)
-        or doc.get("index_format") != _INDEX_FORMAT
-        or doc.get("files") != [path for _, path, _ in table]
-        or len(rows) != sum(count for *_, count in table)
+        or not isinstance(schema, dict)
+        or not all(type(v) is str for v in schema.values())
+        or not isinstance(fragments, list)
+        or not all(_valid_fragment(f) for f in fragments)
+        or len(rows) != sum(f[2] for f in fragments)
         or not all(_valid_index_row(row, n) for row in rows)
+        or not isinstance(props, dict)
+        or not all(type(k) is str and type(v) is str for k, v in props.items())
     ):
         return None
-    places = [(fid << 32 | i, path) for fid, path, count in table for i in range(count)]
-    located = [
+    return doc
+
+
+def _valid_fragment(f: object) -> bool:
+    """[fragment id, data file, rows]: the file a plain name in data/ (as ``_fragment_table``)."""
+    return (
+        type(f) is list and len(f) == 3 and type(f[0]) is int and 0 <= f[0] < 1 << 32
+        and type(f[1]) is str and f[1] not in ("", ".", "..") and not any(c in f[1] for c in "/\\\0")
+        and type(f[2]) is int and f[2] >= 0
+    )  # fmt: skip
+
+
+def _index_rows(doc: dict) -> list[_Located]:
+    """A checked index's rows, addressed fragment by fragment as the index lists them."""
+    n = len(META_COLUMNS)
+    places = [(fid << 32 | i, path) for fid, path, count in doc["fragments"] for i in range(count)]
+    return [
         (dict(zip(META_COLUMNS, row[:n])), address, row[n], path, row[n + 1])
-        for row, (address, path) in zip(rows, places)
+        for row, (address, path) in zip(doc["rows"], places)
     ]
+
+
+def _read_index(
+    ds: lance.LanceDataset, table: list[tuple[int, str, int]], digest: str | None
+) -> list[_Located] | None:
+    """The version's rows from its index, or None unless the index checks out against the
+    manifest's fragments and the digest the commit recorded (see above)."""
+    root = local_path(ds.uri)
+    if root is None or digest is None:
+        return None
+    doc = _index_doc(root, ds.version)
+    if doc is None or [tuple(f) for f in doc["fragments"]] != table:
+        return None
+    located = _index_rows(doc)
     return located if _rows_digest(m for m, *_ in located) == digest else None
 
 
 def _write_index(ds: lance.LanceDataset, table: list[tuple[int, str, int]], rows: list[_Located]) -> None:
     """Best effort: a failure only means the next open scans. Writes only inside the dataset."""
-    path = _index_path(ds, ds.version)
-    if path is None or len(rows) != sum(count for *_, count in table):
+    root = local_path(ds.uri)
+    props = _commit_properties(ds)
+    if root is None or props is None or len(rows) != sum(count for *_, count in table):
         return
+    schema = {k.decode(): v.decode() for k, v in (ds.schema.metadata or {}).items() if k.startswith(_PROP.encode())}
     doc = {
         "index_format": _INDEX_FORMAT,
         "version": ds.version,
-        "files": [f for _, f, _ in table],
+        "schema": schema,
+        "properties": {k: v for k, v in props.items() if k.startswith(_PROP)},
+        "manifest": _manifest_digest(_manifest_versions(root).get(ds.version)),
+        "fragments": [list(f) for f in table],
         "rows": [[m[c] for c in META_COLUMNS] + [pos, stored] for m, _, pos, _, stored in rows],
     }
-    folder = os.path.dirname(path)
-    if os.path.realpath(folder) != os.path.join(os.path.realpath(local_path(ds.uri) or ""), *_INDEX_DIR):
+    folder = os.path.join(root, *_INDEX_DIR)
+    if os.path.realpath(folder) != os.path.join(os.path.realpath(root), *_INDEX_DIR):
         return  # a link out of the dataset: write nothing there
     with contextlib.suppress(OSError):  # derived data: not flushed to the disk before the rename
-        write_text(path, json.dumps(doc, separators=(",", ":")), sync=False)
+        write_text(os.path.join(folder, f"{ds.version}.json"), json.dumps(doc, separators=(",", ":")), sync=False)
+
+
+def _manifest_versions(root: str) -> dict[int, str]:
+    """Version -> manifest path of each version a local dataset lists (``_versions/<n>.manifest``,
+    or the 20-digit ``u64::MAX - n`` names of Lance's newer layout); empty if none."""
+    folder = os.path.join(root, "_versions")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return {}
+    out = {}
+    for name in names:
+        digits, dot, ext = name.partition(".")
+        if ext == "manifest" and dot and digits.isascii() and digits.isdigit() and len(digits) <= 20:
+            out[(1 << 64) - 1 - int(digits) if len(digits) == 20 else int(digits)] = os.path.join(folder, name)
+    return out
+
+
+def _manifest_digest(path: str | None) -> str | None:
+    """Hash of a manifest file's bytes: binds an index to the manifest it was made from, so an
+    index outliving its dataset (a copied or recreated directory) is never read alone."""
+    try:
+        data = read_bytes(path, limit=_MAX_INDEX_BYTES, follow_links=False) if path else None
+    except OSError:
+        return None
+    return hash_bytes(data) if data is not None else None
+
+
+def _indexed_reader(dataset: Dataset, version: Version | None) -> _IndexedReader | None:
+    """A reader for a local dataset's latest (or numbered) version built from its index alone,
+    or None when that takes Lance: object storage, a tag, no index, or one that does not
+    check out (see the comment on the version index)."""
+    root = local_path(dataset.uri)
+    if root is None or dataset.opened or isinstance(version, (str, bool)):
+        return None
+    listed = _manifest_versions(root)
+    number = max(listed, default=None) if version is None else version
+    if number not in listed:
+        return None
+    doc = _index_doc(root, number)
+    if (
+        doc is None
+        or doc.get("manifest") != _manifest_digest(listed[number])
+        or doc["schema"].get(_FORMAT_KEY) != str(FORMAT_VERSION)
+        or doc["schema"].get(_COMPRESSION_KEY, "none") not in ("none", *_COMPRESSIONS)
+    ):
+        return None
+    located = _index_rows(doc)
+    if _rows_digest(m for m, *_ in located) != doc["properties"].get(_PROP + "rows"):
+        return None
+    return _IndexedReader(dataset, number, doc, located)
 
 
 def _entries(ds: lance.LanceDataset) -> OrderedDict[str, _Entry]:
@@ -581,14 +687,14 @@ def _check_local_files(ds: lance.LanceDataset, table: list[tuple[int, str, int]]
             raise CorruptionError(_not_regular(ds, path))
 
 
-def _not_a_directory(ds: lance.LanceDataset, path: str) -> str:
+def _not_a_directory(ds: lance.LanceDataset | _Reader, path: str) -> str:
     return (
         f"{path} of {ds.uri} is not a directory (a symbolic link?); only files inside the "
         f"dataset are read"
     )
 
 
-def _not_regular(ds: lance.LanceDataset, path: str) -> str:
+def _not_regular(ds: lance.LanceDataset | _Reader, path: str) -> str:
     return (
         f"data file {path} of version {ds.version} of {ds.uri} is not a regular file (a symbolic "
         f"link, FIFO, device or directory); only regular files inside the dataset are read"
@@ -651,6 +757,8 @@ class _Reader:
 
     def __init__(self, ds: lance.LanceDataset):
         self.ds = ds
+        self.uri: str = ds.uri
+        self.version: int = ds.version
         self.codec = _compression(ds)
         self.root = local_path(ds.uri)
         self._dir: int | None = None
@@ -692,7 +800,7 @@ class _Reader:
 
     def path_of(self, file: str) -> str:
         """The full path or URI of a data file named in the manifest."""
-        base = self.root if self.root is not None else self.ds.uri.rstrip("/")
+        base = self.root if self.root is not None else self.uri.rstrip("/")
         return f"{base}/data/{file}"
 
     def _open(self, row: _Row) -> tuple[int, int]:
@@ -704,21 +812,21 @@ class _Reader:
                 self._dir = os.open(data, flags | os.O_DIRECTORY)
             except OSError as err:
                 if err.errno in (errno.ELOOP, errno.ENOTDIR):
-                    raise CorruptionError(_not_a_directory(self.ds, data)) from None
+                    raise CorruptionError(_not_a_directory(self, data)) from None
                 raise
         try:
             fd = os.open(row.file, flags, dir_fd=self._dir)
         except OSError as err:
             if err.errno in (errno.ELOOP, errno.ENOTDIR):
-                raise CorruptionError(_not_regular(self.ds, path)) from None
+                raise CorruptionError(_not_regular(self, path)) from None
             raise CorruptionError(
-                f"data file {path} of version {self.ds.version} of {self.ds.uri} cannot be "
+                f"data file {path} of version {self.version} of {self.uri} cannot be "
                 f"opened ({err.strerror}); restore it or load another version"
             ) from None
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
-            raise CorruptionError(_not_regular(self.ds, path))
+            raise CorruptionError(_not_regular(self, path))
         return fd, st.st_size
 
     def _local(self, row: _Row) -> int | None:
@@ -731,8 +839,8 @@ class _Reader:
         if row.position + row.stored > size:
             raise CorruptionError(
                 f"data file {self.file_of(row)} holds {size} bytes, but chunk {row.chunk} of "
-                f"version {self.ds.version} claims bytes {row.position}..{row.position + row.stored}; "
-                f"the file was truncated or the metadata is crafted. Run verify() on {self.ds.uri}"
+                f"version {self.version} claims bytes {row.position}..{row.position + row.stored}; "
+                f"the file was truncated or the metadata is crafted. Run verify() on {self.uri}"
             )
         return fd
 
@@ -753,7 +861,7 @@ class _Reader:
                     if size != row.size:
                         raise CorruptionError(
                             f"chunk {row.chunk} at {self.file_of(row)} is {what}, but its tensor "
-                            f"records {row.size} bytes; run verify() on {self.ds.uri}"
+                            f"records {row.size} bytes; run verify() on {self.uri}"
                         )
 
     def mapped(self, row: _Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
@@ -804,7 +912,7 @@ class _Reader:
         if got != want or (whole and want != row.stored):
             raise CorruptionError(
                 f"chunk {row.chunk} at {self.file_of(row)} holds {got} bytes, expected "
-                f"{want}; run verify() on {self.ds.uri}"
+                f"{want}; run verify() on {self.uri}"
             )
 
     def _fill(self, row: _Row, dst: torch.Tensor) -> int:
@@ -829,12 +937,44 @@ class _Reader:
         except zstandard.ZstdError as err:
             raise CorruptionError(
                 f"chunk {row.chunk} at {self.file_of(row)} does not decompress ({err}); "
-                f"run verify() on {self.ds.uri}"
+                f"run verify() on {self.uri}"
             ) from None
         if len(raw) != row.size:
             raise CorruptionError(f"chunk {row.chunk} at {self.file_of(row)} decompresses to "
                                   f"{len(raw)} bytes, expected {row.size}")
         dst.copy_(readonly_bytes(raw))
+
+
+class _IndexedReader(_Reader):
+    """Reads a local version as its version index describes it, without opening the dataset
+    in Lance (see the comment on the version index): the same rows, checks and bytes as
+    ``_Reader``; Lance is opened only if something asks for ``ds``."""
+
+    def __init__(self, dataset: Dataset, version: int, doc: dict, located: list[_Located]):
+        self.dataset = dataset
+        self.uri = dataset.uri
+        self.version = version
+        codec = doc["schema"].get(_COMPRESSION_KEY, "none")
+        self.codec = None if codec == "none" else codec
+        self.root = local_path(dataset.uri)
+        self._located = located
+        self._properties: dict[str, str] = doc["properties"]
+        self._dir = None
+        self._files = {}
+
+    @property
+    def ds(self) -> lance.LanceDataset:  # type: ignore[override]
+        return self.dataset.checkout(self.version)
+
+    def entries(self) -> OrderedDict[str, _Entry]:
+        return _build_entries(self._located)
+
+    def checked(self, use_index: bool = True) -> tuple[OrderedDict[str, _Entry], list[Problem]]:
+        entries = self.entries()
+        return entries, _problems(entries, self.codec is not None)
+
+    def properties(self) -> dict[str, str] | None:
+        return dict(self._properties)
 
 
 class _SeedReader(_Reader):
@@ -898,7 +1038,7 @@ def _check_row(reader: _Reader, e: _Entry, row: _Row, chunk: torch.Tensor) -> No
     got = reader.bad_hash(row, chunk)
     if got is not None:
         raise CorruptionError(
-            f"tensor {e.name!r} (chunk {row.chunk}) of version {reader.ds.version} in {reader.ds.uri} "
+            f"tensor {e.name!r} (chunk {row.chunk}) of version {reader.version} in {reader.uri} "
             f"is corrupt: content hash {got} != recorded {row.hash} (file "
             f"{reader.file_of(row)}); restore that file or load another version"
         )

@@ -4,7 +4,8 @@ A Lance dataset URI (a path, ``s3://``, ...) is read by the store alone, at a ve
 or the version a run logged (found through the sidecar, no tracking server). ``runs:/``,
 ``models:/``, ``mlflow-artifacts:`` and local model directories go through the flavor, which
 reads the model's MLmodel (or a ``log_state_dict`` pointer) to find the dataset and version.
-A fresh process that loads a dataset never pays MLflow's import (about a second here).
+A fresh process that loads a dataset never pays MLflow's import (about a second here), nor,
+for a local dataset whose version index checks out, Lance's (see layout.py).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import torch
 
-from . import sidecar, store
+from . import store
 from .artifacts import storage_options_for
 
 _MLFLOW_SCHEMES = ("runs", "models", "mlflow-artifacts")
@@ -57,6 +58,8 @@ def load_state_dict(
     if run_id is not None:
         if version is not None:
             raise ValueError("pass either version= or run_id=, not both")
+        from . import sidecar  # YAML: only a run's version needs the sidecar
+
         version = sidecar.version_for_run(uri, run_id, opts, step=step, model_id=model_id)
     return store.load_state_dict(uri, version, map_location=map_location, names=names, storage_options=opts,
                                  verify=verify)  # fmt: skip

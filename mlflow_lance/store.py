@@ -24,18 +24,19 @@ from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
-from typing import Any, NamedTuple, NoReturn
+from typing import TYPE_CHECKING, Any, NamedTuple, NoReturn
 
-import lance
 import numpy as np
 import pyarrow as pa
 import torch
 import zstandard
-from lance.commit import CommitConflictError
-from lance.fragment import FragmentMetadata, write_fragments
 
 from . import tree
 from .fs import lance_options
+
+if TYPE_CHECKING:  # Lance is imported where a verb writes or opens a dataset: a local load
+    import lance  # through the version index never imports it (see layout.py)
+    from lance.fragment import FragmentMetadata
 from .layout import (  # how a dataset is laid out and read
     _COMPRESSION_KEY,
     _MAX_PROPERTY_BYTES,
@@ -194,6 +195,8 @@ def save_state_dict(
     txn_props = _transaction_properties(
         message, props, spec, parent, tensors, changed, [n for n in previous if n not in state_dict], bytes_written
     )
+    import lance
+
     ds = _commit(uri, lance.LanceOperation.Overwrite(schema, fragments), txn_props,
                  parent.version if parent else 0, storage_options)
     _index_new_version(ds, units)
@@ -220,8 +223,8 @@ def load_state_dict(
     A version whose metadata is inconsistent raises CorruptionError before anything is read.
     """
     device = _device(map_location)
-    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version)
-    _raise_problems(reader.ds, problems)
+    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
+    _raise_problems(reader, problems)
     selected = _select(entries, names)
     sources = {entries[name].alias or name: None for name in selected}  # ordered, unique
     with reader:
@@ -253,10 +256,10 @@ def load_into(
     into the module, so the module never holds unverified bytes; a corrupt chunk raises
     CorruptionError, and the tensors copied before it keep their new values.
     """
-    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version)
-    _raise_problems(reader.ds, problems)
+    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
+    _raise_problems(reader, problems)
     targets = module.state_dict(keep_vars=True)
-    missing, unexpected = _check_targets(module, reader.ds, entries, targets, strict)
+    missing, unexpected = _check_targets(module, reader, entries, targets, strict)
     with reader, torch.no_grad():
         dsts = {name: targets[name].detach() for name in entries if name in targets}
         reader.check(row for name in dsts for row in entries[entries[name].alias or name].rows)
@@ -553,6 +556,9 @@ def _commit(
     a retry commits the same files against the new latest (jittered backoff, 64 tries).
     """
     opts = lance_options(uri, storage_options)
+    import lance
+    from lance.commit import CommitConflictError
+
     for attempt in range(_COMMIT_ATTEMPTS):
         try:
             txn = lance.Transaction(read_version, operation, transaction_properties=properties)
@@ -633,6 +639,8 @@ def _write_rows(
     if not units:
         return []
     codec = (schema.metadata or {}).get(_COMPRESSION_KEY.encode()) == b"zstd"
+    from lance.fragment import write_fragments
+
     calls = _write_calls(units)
 
     def write(call: list[int], mode: str = "create" if create else "append") -> list[FragmentMetadata]:
@@ -776,22 +784,21 @@ def _summary(uri: str, version: int, props: Mapping[str, str]) -> dict:
 
 def _tree_spec(reader: _Reader) -> dict | None:
     """The checkpoint-dict spec saved with the checked-out version, if it holds one."""
-    ds = reader.ds
     props = reader.properties()
     if props is None:
-        raise CorruptionError(f"the commit of version {ds.version} of {ds.uri} cannot be read")
+        raise CorruptionError(f"the commit of version {reader.version} of {reader.uri} cannot be read")
     text = props.get(_PROP + "tree")
     if text is None:
         return None
     try:
         return tree.decode(text)
     except ValueError as err:
-        raise CorruptionError(f"version {ds.version} of {ds.uri}: {err}") from None
+        raise CorruptionError(f"version {reader.version} of {reader.uri}: {err}") from None
 
 
 def _check_targets(
     module: torch.nn.Module,
-    ds: lance.LanceDataset,
+    ds: _Reader,
     entries: Mapping[str, _Entry],
     targets: Mapping[str, torch.Tensor],
     strict: bool,

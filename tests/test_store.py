@@ -316,10 +316,78 @@ def test_version_index_is_rebuilt_when_missing_or_stale(uri):
     assert torch.equal(ml.load_state_dict(uri)["b"], sd["b"])
     assert index.exists()
     doc = json.loads(index.read_text())
-    doc["files"][0] = "someone-elses-file.lance"
+    doc["fragments"][0][1] = "someone-elses-file.lance"
     doc["rows"][0][0] = "wrong"
     index.write_text(json.dumps(doc))
     assert list(ml.load_state_dict(uri)) == ["a", "b"]  # stale index ignored
+
+
+def loads_without_lance(code: str) -> object:
+    """Run ``code`` (which sets ``out``) in a fresh interpreter; ``out`` and whether Lance was imported."""
+    import subprocess
+    import sys
+
+    script = f"import json, sys\n{code}\nprint(json.dumps([out, 'lance' in sys.modules]))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_local_load_reads_the_version_index_alone_without_importing_lance(uri):
+    sd = {"a": torch.randn(10), "b": torch.arange(6, dtype=torch.int16).reshape(2, 3)}
+    ml.save_state_dict(sd, uri)
+    sd2 = {**sd, "a": sd["a"] + 1}
+    ml.save_state_dict(sd2, uri)
+    code = f"""import mlflow_lance as ml, torch
+latest, first = ml.load_state_dict({str(uri)!r}), ml.load_state_dict({str(uri)!r}, 1)
+out = [[k, v.tolist(), str(v.dtype)] for k, v in [*latest.items(), *first.items()]]"""
+    out, imported = loads_without_lance(code)
+    assert not imported
+    assert out == [[k, v.tolist(), str(v.dtype)] for k, v in [*sd2.items(), *sd.items()]]
+    module = torch.nn.Module()
+    module.register_buffer("a", torch.zeros(10))
+    module.register_buffer("b", torch.zeros(2, 3, dtype=torch.int16))
+    ml.load_into(module, uri)
+    assert torch.equal(module.a, sd2["a"]) and torch.equal(module.b, sd["b"])
+
+
+def test_lance_is_used_when_the_index_alone_cannot_answer(uri, tmp_path):
+    """A tag, verify=True, a version committed without an index (a Lance restore), an index of
+    another dataset's same-numbered version: each loads through Lance, correctly."""
+    sd = {"w": torch.randn(8)}
+    ml.save_state_dict(sd, uri)
+    ml.save_state_dict({"w": sd["w"] * 2}, uri)
+    ml.tag(uri, "first", 1)
+    for call in (f"ml.load_state_dict({str(uri)!r}, 'first')", f"ml.load_state_dict({str(uri)!r}, verify=True)"):
+        out, imported = loads_without_lance(f"import mlflow_lance as ml\nout = {call}['w'].tolist()")
+        assert imported and out in (sd["w"].tolist(), (sd["w"] * 2).tolist())
+    lance.dataset(str(uri)).checkout_version(1).restore()  # version 3 = version 1, by Lance alone
+    assert not (uri / "_mlflow_lance" / "index" / "3.json").exists()
+    out, imported = loads_without_lance(f"import mlflow_lance as ml\nout = ml.load_state_dict({str(uri)!r})['w'].tolist()")
+    assert imported and out == sd["w"].tolist()
+    assert not (uri / "_mlflow_lance" / "index" / "3.json").exists()  # no digest in its commit: always scanned
+    other = tmp_path / "other.lance"  # same version numbers, other weights and manifests
+    for scale in (5, 6, 7):
+        ml.save_state_dict({"w": sd["w"] * scale}, other)
+    foreign = json.loads((uri / "_mlflow_lance" / "index" / "2.json").read_text())
+    (other / "_mlflow_lance" / "index" / "3.json").write_text(json.dumps({**foreign, "version": 3}))
+    assert torch.equal(ml.load_state_dict(other)["w"], sd["w"] * 7)
+
+
+def test_an_index_read_alone_gets_the_same_checks(uri):
+    """A self-consistent index (its digest recomputed) that lies about a tensor is not believed:
+    its rows have problems, so Lance's rows answer."""
+    sd = {"a": torch.randn(16), "b": torch.randn(4)}
+    ml.save_state_dict(sd, uri)
+    index = uri / "_mlflow_lance" / "index" / "1.json"
+    doc = json.loads(index.read_text())
+    doc["rows"][0][4] = "int64"  # a's dtype: 64 bytes no longer make [16] of it
+    doc["properties"]["mlflow_lance.rows"] = store._rows_digest(
+        dict(zip(store.META_COLUMNS, r[: len(store.META_COLUMNS)])) for r in doc["rows"]
+    )
+    index.write_text(json.dumps(doc))
+    out = ml.load_state_dict(uri)
+    assert out["a"].dtype == torch.float32 and torch.equal(out["a"], sd["a"])
 
 
 # --------------------------------------------------------------------------- the docs example's datasets

@@ -408,7 +408,7 @@ def test_3_a_manifest_path_out_of_the_dataset_is_refused(uri, secret, tmp_path, 
     txn = ds.read_transaction(ds.version)
     version = commit(uri, frags, dict(txn.transaction_properties))  # same rows, same digest
     if with_index:  # and a matching version index, so no Lance scan stands in the way
-        index["files"] = [path if p == emb else p for p in index["files"]]
+        index["fragments"] = [[fid, path if p == emb else p, n] for fid, p, n in index["fragments"]]
         index["version"] = version
         index_of(uri).write_text(json.dumps(index))
     assert outcome(uri, None, "3 outside", tmp_path) == "refused"
@@ -536,7 +536,7 @@ INDEX_GARBAGE = {
     "empty list": b"[]",
     "a string": b'"rows"',
     "deep nesting": b"[" * 200_000 + b"]" * 200_000,
-    "deep nesting in rows": b'{"index_format": 1, "rows": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
+    "deep nesting in rows": b'{"index_format": 2, "rows": ' + b"[" * 200_000 + b"]" * 200_000 + b"}",
     "not UTF-8": b"\xff\xfe\x00garbage",
     "over the size limit": b" " * ((64 << 20) + 1) + b"{}",
     "rows of wrong types": None,  # filled from the real index below
@@ -554,7 +554,7 @@ def test_5_an_index_that_does_not_parse_is_ignored_and_rebuilt(uri, tmp_path, ga
     index_of(uri).write_bytes(text)
     assert [v.version for v in ml.versions(uri)] == [1]
     assert outcome(uri, expected(), "5 index", tmp_path) == "correct"
-    assert json.loads(index_of(uri).read_text())["index_format"] == 1  # rebuilt
+    assert json.loads(index_of(uri).read_text())["index_format"] == 2  # rebuilt
 
 
 def test_5_an_index_that_is_a_link_or_fifo_is_ignored(uri, tmp_path):
