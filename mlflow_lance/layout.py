@@ -434,6 +434,7 @@ def _scan(ds: lance.LanceDataset, fragments: list | None = None) -> list[_Locate
 # an index of an older format) is ignored and the rows are scanned.
 _INDEX_DIR = ("_mlflow_lance", "index")
 _INDEX_FORMAT = 2
+_INDEXED_PROPERTIES = (_PROP + "rows", _PROP + "tree")  # what a load reads from a commit
 _ROW_TYPES = [{str}, {int}, {int}, {int}, {str}, {list}, {str}, {str, type(None)}]  # per META_COLUMNS
 _SHAPE = META_COLUMNS.index("shape")
 
@@ -493,17 +494,25 @@ def _recorded_digest(ds: lance.LanceDataset) -> str | None:
 
 
 def _valid_index_row(row: object, n: int) -> bool:
-    """Each value of an index row has its column's JSON type (ints are never bools)."""
+    """Each value of an index row has its column's JSON type (ints are never bools) and
+    range (the chunk an int32, every other number a non-negative int64, as Lance stores them)."""
     if type(row) is not list or len(row) != n + 2:
         return False
     if any(type(v) not in types for v, types in zip(row, _ROW_TYPES)):
         return False
-    return all(type(v) is int for v in row[_SHAPE]) and all(v is None or type(v) is int for v in row[n:])
+    numbers = [row[1], row[2], row[3], *row[_SHAPE], *(v for v in row[n:] if v is not None)]
+    return (
+        all(type(v) is int and 0 <= v < 1 << 63 for v in numbers)
+        and row[1] < 1 << 31
+        and all(v is None or type(v) is int for v in row[n:])
+    )
 
 
 def _index_doc(root: str, version: int) -> dict | None:
     """The parsed version index of ``version`` if it is well-formed (types and counts), else None."""
     try:
+        if any(os.path.islink(os.path.join(root, *_INDEX_DIR[:i])) for i in (1, 2)):
+            return None  # an index folder that links elsewhere is not the dataset's
         data = read_bytes(os.path.join(root, *_INDEX_DIR, f"{version}.json"), limit=_MAX_INDEX_BYTES,
                           follow_links=False)  # fmt: skip
         doc = json.loads(data) if data is not None else None
@@ -573,7 +582,7 @@ def _write_index(ds: lance.LanceDataset, table: list[tuple[int, str, int]], rows
         "index_format": _INDEX_FORMAT,
         "version": ds.version,
         "schema": schema,
-        "properties": {k: v for k, v in props.items() if k.startswith(_PROP)},
+        "properties": {k: props[k] for k in _INDEXED_PROPERTIES if k in props},
         "manifest": _manifest_digest(_manifest_versions(root).get(ds.version)),
         "fragments": [list(f) for f in table],
         "rows": [[m[c] for c in META_COLUMNS] + [pos, stored] for m, _, pos, _, stored in rows],
@@ -590,6 +599,8 @@ def _manifest_versions(root: str) -> dict[int, str]:
     or the 20-digit ``u64::MAX - n`` names of Lance's newer layout); empty if none."""
     folder = os.path.join(root, "_versions")
     try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):  # a link: not the dataset's own versions
+            return {}
         names = os.listdir(folder)
     except OSError:
         return {}
@@ -616,7 +627,7 @@ def _indexed_reader(dataset: Dataset, version: Version | None) -> _IndexedReader
     or None when that takes Lance: object storage, a tag, no index, or one that does not
     check out (see the comment on the version index)."""
     root = local_path(dataset.uri)
-    if root is None or dataset.opened or isinstance(version, (str, bool)):
+    if root is None or dataset.opened or not (version is None or type(version) is int):
         return None
     listed = _manifest_versions(root)
     number = max(listed, default=None) if version is None else version
@@ -625,7 +636,9 @@ def _indexed_reader(dataset: Dataset, version: Version | None) -> _IndexedReader
     doc = _index_doc(root, number)
     if (
         doc is None
-        or doc.get("manifest") != _manifest_digest(listed[number])
+        or type(doc.get("manifest")) is not str
+        or doc["manifest"] != _manifest_digest(listed[number])
+        or any(row[-2] is None or row[-1] is None for row in doc["rows"])  # a local read needs every position
         or doc["schema"].get(_FORMAT_KEY) != str(FORMAT_VERSION)
         or doc["schema"].get(_COMPRESSION_KEY, "none") not in ("none", *_COMPRESSIONS)
     ):

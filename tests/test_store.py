@@ -382,12 +382,57 @@ def test_an_index_read_alone_gets_the_same_checks(uri):
     index = uri / "_mlflow_lance" / "index" / "1.json"
     doc = json.loads(index.read_text())
     doc["rows"][0][4] = "int64"  # a's dtype: 64 bytes no longer make [16] of it
-    doc["properties"]["mlflow_lance.rows"] = store._rows_digest(
-        dict(zip(store.META_COLUMNS, r[: len(store.META_COLUMNS)])) for r in doc["rows"]
-    )
-    index.write_text(json.dumps(doc))
+    index.write_text(json.dumps(_self_consistent(doc)))
     out = ml.load_state_dict(uri)
     assert out["a"].dtype == torch.float32 and torch.equal(out["a"], sd["a"])
+
+
+def _self_consistent(doc: dict) -> dict:
+    """The index with the digest among its own properties recomputed (what a forger would do)."""
+    metas = [dict(zip(store.META_COLUMNS, r[: len(store.META_COLUMNS)])) for r in doc["rows"]]
+    doc["properties"]["mlflow_lance.rows"] = store._rows_digest(metas)
+    return doc
+
+
+def _null_position(doc: dict) -> None:
+    doc["rows"][0][-2] = None
+    doc["rows"][0][3] = doc["rows"][0][5][0] = 1 << 36  # and claim 64 GiB of int8
+
+
+INDEX_FORGERIES = {
+    "no position (would read through Lance after allocating)": _null_position,
+    "a dimension past int64": lambda doc: doc["rows"][2].__setitem__(5, [0, 1 << 70]),  # e: no bytes
+    "no manifest binding": lambda doc: doc.pop("manifest"),
+    "a null manifest binding": lambda doc: doc.__setitem__("manifest", None),
+}
+
+
+@pytest.mark.parametrize("forgery", sorted(INDEX_FORGERIES))
+def test_a_forged_index_is_not_read_alone(uri, forgery):
+    """Indexes that are consistent with themselves but not something an honest writer makes:
+    each sends the load to Lance, whose rows answer (no huge allocation, no overflow)."""
+    sd = {"a": torch.arange(64, dtype=torch.int8), "b": torch.randn(4), "e": torch.empty(0, 4)}
+    ml.save_state_dict(sd, uri)
+    index = uri / "_mlflow_lance" / "index" / "1.json"
+    doc = json.loads(index.read_text())
+    INDEX_FORGERIES[forgery](doc)
+    index.write_text(json.dumps(_self_consistent(doc)))
+    out = ml.load_state_dict(uri)
+    assert all(torch.equal(out[k], v) for k, v in sd.items())
+
+
+def test_an_index_folder_that_links_elsewhere_is_not_read(uri, tmp_path):
+    sd = {"w": torch.randn(8)}
+    ml.save_state_dict(sd, uri)
+    folder = uri / "_mlflow_lance" / "index"
+    elsewhere = tmp_path / "elsewhere"
+    folder.rename(elsewhere)
+    folder.symlink_to(elsewhere)
+    doc = json.loads((elsewhere / "1.json").read_text())
+    doc["rows"][0][4] = "int32"  # a forged index outside the dataset, consistent with itself
+    (elsewhere / "1.json").write_text(json.dumps(_self_consistent(doc)))
+    out, imported = loads_without_lance(f"import mlflow_lance as ml\nout = str(ml.load_state_dict({str(uri)!r})['w'].dtype)")
+    assert out == "torch.float32" and imported
 
 
 # --------------------------------------------------------------------------- the docs example's datasets
