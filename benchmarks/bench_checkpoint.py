@@ -19,7 +19,9 @@ are what to compare, and they move by ~10-20 % between runs.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -55,6 +57,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="bench-ckpt-")
+    atexit.register(shutil.rmtree, work, True)  # ~14 GB of checkpoints: never leave them behind
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work}/mlflow.db"
     os.environ["MLFLOW_LANCE_ROOT"] = f"{work}/lance"
     import mlflow

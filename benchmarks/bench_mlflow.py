@@ -25,7 +25,9 @@ pins, the registry bookkeeping and MLflow's calls.
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import signal
 import socket
 import statistics
@@ -91,6 +93,7 @@ def main() -> None:
         return first_log_child(Path(args.first_log_child), args.first)
     warnings.filterwarnings("ignore")
     root = Path(tempfile.mkdtemp(prefix="bench_mlflow_"))
+    atexit.register(shutil.rmtree, root, True)  # ~8 GB of models and artifacts: never leave them behind
     os.chdir(root)
     os.environ["MLFLOW_LANCE_ROOT"] = str(root / "lance")
     import mlflow
@@ -207,8 +210,8 @@ def cold_rows(args, root: Path, url: str, mlflow, mlflow_lance) -> None:
         "mlflow.pytorch": f"import mlflow.pytorch; m = mlflow.pytorch.load_model('models:/pytorch-model@champion'); {FORWARD}",
     }, args.cold, env, root)  # fmt: skip
 
-    from transformers import GPT2Config, GPT2Model
     from safetensors.torch import save_file
+    from transformers import GPT2Config, GPT2Model
 
     torch.manual_seed(0)
     sd = {k: v.contiguous() for k, v in GPT2Model(GPT2Config()).state_dict().items()}
