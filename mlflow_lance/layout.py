@@ -36,9 +36,6 @@ import torch
 import zstandard
 
 from .fs import StorageOptions, lance_options, local_path, read_bytes, write_text
-if TYPE_CHECKING:
-    import lance
-
 from .tensors import (
     DTYPES,
     META_COLUMNS,
@@ -51,6 +48,9 @@ from .tensors import (
     tensor_key,
     uint8_view,
 )
+
+if TYPE_CHECKING:  # imported where a dataset is opened: a load through the version index never needs it
+    import lance
 
 FORMAT_VERSION = 1
 _FORMAT_KEY = "mlflow_lance.format"
@@ -74,7 +74,6 @@ class CorruptionError(WeightsError):
     """A version's stored bytes or metadata are inconsistent: corrupted, truncated or crafted."""
 
 
-
 @dataclass(frozen=True)
 class Problem:
     """One chunk whose bytes do not match what was recorded."""
@@ -83,7 +82,6 @@ class Problem:
     chunk: int
     file: str
     detail: str
-
 
 
 # --------------------------------------------------------------------------- opening
@@ -257,8 +255,12 @@ def _schema(compression: str | None) -> pa.Schema:
 
 
 def _compression(ds: lance.LanceDataset) -> str | None:
-    found = (ds.schema.metadata or {}).get(_COMPRESSION_KEY.encode(), b"none").decode()
-    return None if found == "none" else found
+    return _codec((ds.schema.metadata or {}).get(_COMPRESSION_KEY.encode(), b"none").decode())
+
+
+def _codec(recorded: str) -> str | None:
+    """The payload codec a schema's compression key names (None: raw bytes)."""
+    return None if recorded == "none" else recorded
 
 
 # --------------------------------------------------------------------------- reading metadata
@@ -454,10 +456,7 @@ def _fragment_table(ds: lance.LanceDataset, fragments) -> list[tuple[int, str, i
     for f in fragments:
         files = f.metadata.files
         path = files[0].path if files else ""
-        if files and (
-            len(files) != 1 or files[0].base_id is not None or not path or path in (".", "..")
-            or any(c in path for c in "/\\\0")
-        ):  # fmt: skip
+        if files and (len(files) != 1 or files[0].base_id is not None or not _plain_name(path)):
             raise CorruptionError(
                 f"version {ds.version} of {ds.uri} names data file {path[:200]!r} for fragment "
                 f"{f.fragment_id}, which is not a file of the dataset's data/ directory; only "
@@ -465,6 +464,11 @@ def _fragment_table(ds: lance.LanceDataset, fragments) -> list[tuple[int, str, i
             )
         out.append((f.fragment_id, path, f.metadata.physical_rows))
     return out
+
+
+def _plain_name(path: str) -> bool:
+    """A data file name that can only mean a file of the dataset's own data/ directory."""
+    return path not in ("", ".", "..") and not any(c in path for c in "/\\\0")
 
 
 def _rows_digest(metas: Iterable[Mapping]) -> str:
@@ -541,7 +545,7 @@ def _valid_fragment(f: object) -> bool:
     """[fragment id, data file, rows]: the file a plain name in data/ (as ``_fragment_table``)."""
     return (
         type(f) is list and len(f) == 3 and type(f[0]) is int and 0 <= f[0] < 1 << 32
-        and type(f[1]) is str and f[1] not in ("", ".", "..") and not any(c in f[1] for c in "/\\\0")
+        and type(f[1]) is str and _plain_name(f[1])
         and type(f[2]) is int and f[2] >= 0
     )  # fmt: skip
 
@@ -583,7 +587,7 @@ def _write_index(ds: lance.LanceDataset, table: list[tuple[int, str, int]], rows
         "version": ds.version,
         "schema": schema,
         "properties": {k: props[k] for k in _INDEXED_PROPERTIES if k in props},
-        "manifest": _manifest_digest(_manifest_versions(root).get(ds.version)),
+        "manifest": _manifest_digest(_manifest_path(root, ds.version)),
         "fragments": [list(f) for f in table],
         "rows": [[m[c] for c in META_COLUMNS] + [pos, stored] for m, _, pos, _, stored in rows],
     }
@@ -610,6 +614,15 @@ def _manifest_versions(root: str) -> dict[int, str]:
         if ext == "manifest" and dot and digits.isascii() and digits.isdigit() and len(digits) <= 20:
             out[(1 << 64) - 1 - int(digits) if len(digits) == 20 else int(digits)] = os.path.join(folder, name)
     return out
+
+
+def _manifest_path(root: str, version: int) -> str | None:
+    """The manifest file of one version, under either of the names ``_manifest_versions`` reads."""
+    folder = os.path.join(root, "_versions")
+    for name in (f"{(1 << 64) - 1 - version:020d}.manifest", f"{version}.manifest"):
+        if os.path.isfile(os.path.join(folder, name)):
+            return os.path.join(folder, name)
+    return None
 
 
 def _manifest_digest(path: str | None) -> str | None:
@@ -967,8 +980,7 @@ class _IndexedReader(_Reader):
         self.dataset = dataset
         self.uri = dataset.uri
         self.version = version
-        codec = doc["schema"].get(_COMPRESSION_KEY, "none")
-        self.codec = None if codec == "none" else codec
+        self.codec = _codec(doc["schema"].get(_COMPRESSION_KEY, "none"))
         self.root = local_path(dataset.uri)
         self._located = located
         self._properties: dict[str, str] = doc["properties"]
