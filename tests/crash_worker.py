@@ -13,9 +13,13 @@ import warnings
 
 warnings.simplefilter("ignore")
 
+# Everything a save imports, before READY: the package imports its modules lazily, and the
+# store imports Lance only when it first opens a dataset.
+import lance  # noqa: E402,F401
 import torch  # noqa: E402
 
 import mlflow_lance as ml  # noqa: E402
+import mlflow_lance.store  # noqa: E402,F401
 
 
 def state(k: int) -> dict:
