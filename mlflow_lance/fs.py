@@ -1,6 +1,17 @@
-"""The filesystem under the store: whether a URI is local, the options Lance gets for it, and
-the small whole files kept next to a dataset (its sidecar, its version index), read and
-replaced atomically on a local disk or on object storage, plus the directory listing gc needs.
+"""The filesystem under the store: whether a URI is local, the options Lance gets for it, small
+whole files (a sidecar, a version index, a pointer) read and replaced atomically, directory
+listings, ranged reads of data files on object storage, and, on a local disk, the two rules
+every file operation on a dataset keeps:
+
+- **Confined.** A dataset is the tree under its root, and nothing in it may lead out: each
+  directory below the root is opened without following links, relative to its parent's
+  descriptor, and files are opened, listed and deleted relative to those descriptors. A link
+  swapped in while gc runs is refused, never followed (``Tree``). Before Lance, which follows
+  links and blocks on FIFOs, is handed a local dataset, ``check_tree`` refuses one whose
+  directories are links or whose manifests, transaction files or tags are not regular files.
+- **Durable before referenced.** ``sync_files`` / ``sync_dirs`` flush what a commit wrote
+  before anything names it (``durable()`` says whether to: MLFLOW_LANCE_FSYNC=0 is the
+  opt-out for scratch use). On object storage a completed PUT is durable already.
 
 Local files are opened without waiting on a FIFO and read only when regular, up to a limit:
 what is found there is input, not a promise. Object storage goes through pyarrow's
@@ -16,18 +27,30 @@ import contextlib
 import errno
 import os
 import stat
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Any
 from urllib.parse import unquote, urlparse
+
+from .errors import CorruptionError
 
 StorageOptions = Mapping[str, str] | None
 
 # Object stores: a request with no complete answer within 10 s fails (reads go in 16 MiB
 # requests, so that is a stall, not a slow link), and a silent endpoint fails the call within
 # about 70 s (Lance retries each request a few times) instead of ~185 s. Callers may override.
-REMOTE_DEFAULTS = {"connect_timeout": "5s", "timeout": "10s", "client_max_retries": "1",
-                   "client_retry_timeout": "10"}  # fmt: skip
+REMOTE_DEFAULTS = {"connect_timeout": "5s", "timeout": "10s", "client_max_retries": "1", "client_retry_timeout": "10"}
+FSYNC_ENV = "MLFLOW_LANCE_FSYNC"
+
+# The directories of a dataset (Lance's and ours), and those whose every entry Lance may open.
+DATASET_DIRS = ("_versions", "data", "_transactions", "_refs", "_refs/tags", "_refs/branches", "_deletions",
+                "_indices", "_mlflow_lance", "_mlflow_lance/index")  # fmt: skip
+_OPENED_BY_LANCE = ("_versions", "_transactions", "_refs/tags")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def local_path(uri: str) -> str | None:
@@ -48,6 +71,44 @@ def lance_options(uri: str, storage_options: StorageOptions) -> dict[str, str] |
     return opts or None
 
 
+_UNREACHABLE = ("error sending request", "timed out", "Timeout", "Connection refused", "dns error",
+                "connect error", "tcp connect", "Couldn't connect", "NETWORK_CONNECTION")  # fmt: skip
+
+
+class Unreachable(ConnectionError):
+    """The storage of a dataset cannot be reached (refused, silent, unknown host)."""
+
+    def __init__(self, uri: str, text: str, elapsed: float):
+        silent = "timed out" in text or "Timeout" in text or elapsed > 5
+        reason = f"timed out after {elapsed:.0f}s" if silent else "the connection failed"
+        super().__init__(
+            f"cannot reach the storage of {uri!r}: {reason} ({text.split(',')[0][:200]}). Check the "
+            f"endpoint (MLFLOW_S3_ENDPOINT_URL or storage_options['aws_endpoint']), the credentials "
+            f"and the network; nothing was written."
+        )
+        self.text, self.elapsed = text, elapsed
+
+    def about(self, uri: str) -> Unreachable:
+        """The same failure, told about ``uri`` (the dataset rather than one of its folders)."""
+        return Unreachable(uri, self.text, self.elapsed)
+
+
+def unreachable(uri: str, err: BaseException, elapsed: float = 0.0) -> Unreachable | None:
+    """A clear error for storage that cannot be reached, or None if ``err`` is something else."""
+    if isinstance(err, Unreachable):
+        return err.about(uri)
+    text = str(err)
+    return Unreachable(uri, text, elapsed) if any(m in text for m in _UNREACHABLE) else None
+
+
+def join(uri: str, *parts: str) -> str:
+    """``uri`` with path parts appended (local paths and URIs alike)."""
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+# --------------------------------------------------------------------------- small whole files
+
+
 def read_bytes(
     uri: str, storage_options: StorageOptions = None, *, limit: int, follow_links: bool = True
 ) -> bytes | None:
@@ -65,17 +126,16 @@ def read_bytes(
     except FileNotFoundError:
         return None
     except OSError as err:
-        if err.errno == errno.ELOOP or "not found" in str(err).lower() or "NoSuchKey" in str(err) \
-                or "does not exist" in str(err):  # fmt: skip
+        if err.errno in (errno.ELOOP, errno.ENOTDIR) or _missing(err):
             return None
-        raise
+        raise unreachable(uri, err) or err from None
     return None if data is None or len(data) > limit else data
 
 
-def read_text(uri: str, storage_options: StorageOptions = None, *, limit: int) -> str | None:
+def read_text(uri: str, storage_options: StorageOptions = None, *, limit: int, follow_links: bool = True) -> str | None:
     """The file's text, or None if it does not exist, is not UTF-8, is over ``limit`` bytes
     or is not a regular file (see ``read_bytes``)."""
-    data = read_bytes(uri, storage_options, limit=limit)
+    data = read_bytes(uri, storage_options, limit=limit, follow_links=follow_links)
     try:
         return None if data is None else data.decode("utf-8")
     except UnicodeDecodeError:
@@ -85,9 +145,9 @@ def read_text(uri: str, storage_options: StorageOptions = None, *, limit: int) -
 def write_text(uri: str, text: str, storage_options: StorageOptions = None, *, sync: bool = True) -> None:
     """Replace the file atomically: readers see the old or the new text, never a mix.
 
-    Locally that is a rename of a new file in the same directory, flushed to the disk first
-    unless ``sync`` is False (for derived data that a crash may lose); on object storage a
-    single PUT.
+    Locally that is a rename of a new file in the same directory, the file and the directory
+    flushed to the disk unless ``sync`` is False (derived data that a crash may lose) or
+    ``durable()`` says not to; on object storage a single PUT.
     """
     local = local_path(uri)
     if local is None:
@@ -95,8 +155,10 @@ def write_text(uri: str, text: str, storage_options: StorageOptions = None, *, s
         with filesystem.open_output_stream(path) as f:  # one PUT: atomic on S3-compatible stores
             f.write(text.encode("utf-8"))
         return
-    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(local))
+    os.makedirs(folder, exist_ok=True)
     tmp = f"{local}.{uuid.uuid4().hex}.tmp"
+    sync = sync and durable()
     try:
         with open(tmp, "x", encoding="utf-8") as f:
             f.write(text)
@@ -104,17 +166,241 @@ def write_text(uri: str, text: str, storage_options: StorageOptions = None, *, s
                 f.flush()
                 os.fsync(f.fileno())
         os.replace(tmp, local)
+        if sync:
+            sync_dirs([folder])
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
 
 
+def _read_regular(path: str, limit: int, follow_links: bool) -> bytes | None:
+    """Up to ``limit + 1`` bytes of a local file; None if it is not a regular file or is
+    already larger than ``limit`` (then nothing is read)."""
+    fd = os.open(path, _FILE_FLAGS if not follow_links else _FILE_FLAGS & ~os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        with open(fd, "rb", closefd=False) as f:
+            return f.read(limit + 1)
+    finally:
+        os.close(fd)
+
+
+def regular_file(path: str) -> None:
+    """Raise CorruptionError unless ``path`` is a regular file and no symbolic link (checked
+    without opening it for reading: a FIFO is never waited on). Missing files pass: whoever
+    opens them says so."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptionError(f"{path} is not a regular file ({_kind(st.st_mode)}); only regular files are read")
+
+
+def _kind(mode: int) -> str:
+    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
+             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # fmt: skip
+    return next((what for test, what in kinds if test(mode)), "not a plain file")
+
+
+# --------------------------------------------------------------------------- confinement
+
+
+def check_tree(root: str) -> None:
+    """Before Lance opens the local dataset at ``root``: its directories are directories (no
+    link leads out of it), and every file Lance may open from them unasked (manifests,
+    transaction files, tags) is a regular file, never a link, FIFO or device.
+    CorruptionError names the first that is not."""
+    for sub in DATASET_DIRS[:-2]:  # a linked index folder is only not read (index.py)
+        path = os.path.join(root, sub)
+        try:
+            mode = os.lstat(path).st_mode
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        if not stat.S_ISDIR(mode):
+            raise CorruptionError(
+                f"{path} of dataset {root} is {_kind(mode)}, not a directory; nothing outside a dataset "
+                f"is read or deleted through it"
+            )
+    for sub in _OPENED_BY_LANCE:
+        folder = os.path.join(root, sub)
+        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+            with os.scandir(folder) as it:
+                for entry in it:
+                    if not entry.is_file(follow_symlinks=False):
+                        raise CorruptionError(
+                            f"{entry.path} of dataset {root} is {_kind(entry.stat(follow_symlinks=False).st_mode)}, "
+                            f"not a regular file; only regular files inside a dataset are read"
+                        )
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One file of a dataset directory, as a listing found it."""
+
+    name: str
+    size: int
+    modified: datetime  # UTC
+
+
+class Tree:
+    """A dataset's directories, for listing and deleting its files and nothing else.
+
+    Locally each directory is opened once, without following links, relative to its parent's
+    descriptor (the root itself as named); listings and deletes go through those descriptors,
+    so a link swapped in after the check is never followed and a delete can only remove an
+    entry of the dataset's own directories (removing a hard link leaves its other names
+    intact). On object storage there are no links: paths are the keys under the root.
+    Use as a context manager.
+    """
+
+    def __init__(self, uri: str, storage_options: StorageOptions = None):
+        self.uri = uri.rstrip("/")
+        self.root = local_path(uri)
+        self.storage_options = storage_options
+        self._fds: dict[str, int | None] = {}
+
+    def __enter__(self) -> Tree:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for fd in self._fds.values():
+            if fd is not None:
+                os.close(fd)
+        self._fds.clear()
+
+    def _dir(self, sub: str) -> int | None:
+        """The descriptor of directory ``sub`` (e.g. "_mlflow_lance/index"), None if missing."""
+        if sub in self._fds:
+            return self._fds[sub]
+        parent, _, name = sub.rpartition("/")
+        if not name:
+            fd: int | None = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        else:
+            base = self._dir(parent)
+            try:
+                fd = None if base is None else os.open(name, _DIR_FLAGS, dir_fd=base)
+            except FileNotFoundError:
+                fd = None
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise CorruptionError(
+                        f"{join(self.uri, sub)} is not a directory (a symbolic link?); gc deletes only "
+                        f"inside the dataset, so it removed nothing from {self.uri}"
+                    ) from None
+                raise
+        self._fds[sub] = fd
+        return fd
+
+    def check(self) -> None:
+        """Open every directory of the dataset (each must be one, not a link) before a delete."""
+        if self.root is not None:
+            self._dir("")
+            for sub in DATASET_DIRS:
+                self._dir(sub)
+
+    def files(self, sub: str) -> list[Entry]:
+        """The regular files directly in directory ``sub`` (links and FIFOs are not files)."""
+        if self.root is None:
+            return self._remote_files(sub)
+        fd = self._dir(sub)
+        if fd is None:
+            return []
+        out = []
+        for name in os.listdir(fd):
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append(Entry(name, st.st_size, datetime.fromtimestamp(st.st_mtime, timezone.utc)))
+        return out
+
+    def _remote_files(self, sub: str) -> list[Entry]:
+        from pyarrow import fs
+
+        filesystem, path = _filesystem(join(self.uri, sub), self.storage_options)
+        try:
+            infos = filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True))
+        except OSError as err:
+            if _missing(err):
+                return []
+            raise
+        return [Entry(i.base_name, i.size or 0, (i.mtime or datetime.now(timezone.utc)).astimezone(timezone.utc))
+                for i in infos if i.type == fs.FileType.File]  # fmt: skip
+
+    def remove(self, sub: str, name: str) -> bool:
+        """Delete file ``name`` of directory ``sub``; False if it was already gone."""
+        if not (name and "/" not in name and name not in (".", "..")):
+            raise ValueError(f"not a file name of {sub}/: {name!r}")
+        if self.root is None:
+            filesystem, path = _filesystem(join(self.uri, sub, name), self.storage_options)
+            try:
+                filesystem.delete_file(path)
+            except OSError as err:
+                if _missing(err):
+                    return False
+                raise
+            return True
+        fd = self._dir(sub)
+        if fd is None:
+            return False
+        try:
+            os.unlink(name, dir_fd=fd)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def sync(self, subs: Iterable[str]) -> None:
+        """Flush the directories ``subs`` (their entries: creations, renames, deletes)."""
+        if self.root is not None and durable():
+            for sub in subs:
+                if (fd := self._dir(sub)) is not None:
+                    os.fsync(fd)
+
+
+# --------------------------------------------------------------------------- durability
+
+
+def durable() -> bool:
+    """Whether writes are flushed to the disk before anything references them (the default;
+    MLFLOW_LANCE_FSYNC=0 turns it off for scratch use, where a crash may lose recent versions)."""
+    return os.environ.get(FSYNC_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def sync_files(paths: Iterable[str]) -> None:
+    """fsync each local file (opened without following links): its bytes reach the disk."""
+    for path in paths:
+        fd = os.open(path, _FILE_FLAGS)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def sync_dirs(paths: Iterable[str]) -> None:
+    """fsync each local directory: the names created or renamed in it reach the disk."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+# --------------------------------------------------------------------------- listings and reads
+
+
 def list_dirs(uri: str, storage_options: StorageOptions = None) -> list[str]:
-    """The URIs of the directories directly under ``uri``, sorted; [] if it cannot be listed."""
+    """The URIs of the directories directly under ``uri``, sorted; [] if it cannot be listed.
+    Locally a symbolic link is not a directory: what it leads to lies outside ``uri``."""
     local = local_path(uri)
     if local is not None:
         try:
-            return sorted(os.path.join(local, n) for n in os.listdir(local) if os.path.isdir(os.path.join(local, n)))
+            with os.scandir(local) as it:
+                return sorted(e.path for e in it if e.is_dir(follow_symlinks=False))
         except OSError:
             return []
     from pyarrow import fs
@@ -128,26 +414,79 @@ def list_dirs(uri: str, storage_options: StorageOptions = None) -> list[str]:
     return sorted(f"{scheme}://{i.path}" for i in infos if i.type == fs.FileType.Directory)
 
 
-def _read_regular(path: str, limit: int, follow_links: bool) -> bytes | None:
-    """Up to ``limit + 1`` bytes of a local file; None if it is not a regular file or is
-    already larger than ``limit`` (then nothing is read)."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow_links else os.O_NOFOLLOW)
-    fd = os.open(path, flags)
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+def list_names(uri: str, storage_options: StorageOptions = None) -> list[str] | None:
+    """The names of the files directly in directory ``uri`` (None if it cannot be listed;
+    locally, also if it is a link: a link is not the dataset's own directory)."""
+    local = local_path(uri)
+    if local is not None:
+        try:
+            if not stat.S_ISDIR(os.lstat(local).st_mode):
+                return None
+            return os.listdir(local)
+        except OSError:
             return None
-        with open(fd, "rb", closefd=False) as f:
-            return f.read(limit + 1)
-    finally:
-        os.close(fd)
+    from pyarrow import fs
+
+    filesystem, path = _filesystem(uri, storage_options)
+    started = time.monotonic()
+    try:
+        infos = filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True))
+    except OSError as err:
+        if (gone := unreachable(uri, err, time.monotonic() - started)) is not None:
+            raise gone from None
+        return None
+    return [i.base_name for i in infos if i.type == fs.FileType.File]
+
+
+class RemoteFiles:
+    """Ranged reads of files on object storage (one HEAD per file opened, then GETs of the
+    ranges asked for), for the payloads of a version whose positions are known."""
+
+    def __init__(self, storage_options: StorageOptions):
+        self.storage_options = storage_options
+        self._open: dict[str, Any] = {}
+
+    def size(self, uri: str) -> int:
+        return self._file(uri).size()
+
+    def read_into(self, uri: str, position: int, dst: memoryview) -> int:
+        """Copy bytes from ``position`` into ``dst`` (16 MiB per request); the bytes copied."""
+        f, got = self._file(uri), 0
+        while got < len(dst):
+            piece = f.read_at(min(len(dst) - got, 16 << 20), position + got)
+            if not piece.size:
+                break
+            dst[got : got + piece.size] = memoryview(piece)
+            got += piece.size
+        return got
+
+    def _file(self, uri: str) -> Any:
+        if uri not in self._open:
+            filesystem, path = _filesystem(uri, self.storage_options)
+            self._open[uri] = filesystem.open_input_file(path)
+        return self._open[uri]
+
+    def close(self) -> None:
+        for f in self._open.values():
+            f.close()
+        self._open.clear()
+
+
+def remote_supported(uri: str) -> bool:
+    """Whether pyarrow can read this object store itself (else reads go through Lance)."""
+    return urlparse(uri).scheme in ("s3", "s3a", "gs", "gcs")
+
+
+def _missing(err: OSError) -> bool:
+    text = str(err)
+    return "not found" in text.lower() or "NoSuchKey" in text or "does not exist" in text or "404" in text
 
 
 def _filesystem(uri: str, storage_options: StorageOptions) -> tuple[Any, str]:
     """A pyarrow filesystem and path for ``uri`` (object storage), configured like Lance."""
     from pyarrow import fs
 
-    opts = dict(storage_options or {})
+    opts = {**REMOTE_DEFAULTS, **dict(storage_options or {})}
     parsed = urlparse(uri)
     if parsed.scheme in ("s3", "s3a"):
         endpoint = opts.get("aws_endpoint")
@@ -156,6 +495,9 @@ def _filesystem(uri: str, storage_options: StorageOptions) -> tuple[Any, str]:
             "secret_key": opts.get("aws_secret_access_key"),
             "session_token": opts.get("aws_session_token"),
             "region": opts.get("aws_region", "us-east-1"),
+            "connect_timeout": _seconds(opts.get("connect_timeout")),
+            "request_timeout": _seconds(opts.get("timeout")),
+            "retry_strategy": fs.AwsStandardS3RetryStrategy(max_attempts=1 + _count(opts.get("client_max_retries"))),
         }
         if endpoint:
             ep = urlparse(endpoint)
@@ -164,3 +506,27 @@ def _filesystem(uri: str, storage_options: StorageOptions) -> tuple[Any, str]:
         return fs.S3FileSystem(**{k: v for k, v in kwargs.items() if v}), f"{parsed.netloc}{parsed.path}"
     filesystem, path = fs.FileSystem.from_uri(uri)
     return filesystem, path
+
+
+def _count(text: str | None) -> int:
+    return int(text) if text and text.isdigit() else 0
+
+
+def _seconds(text: str | None) -> float | None:
+    """'10s' / '10' -> 10.0 (None if unset or unreadable)."""
+    if not text:
+        return None
+    try:
+        return float(text.rstrip("s"))
+    except ValueError:
+        return None
+
+
+@contextlib.contextmanager
+def opened_dir(path: str) -> Iterator[int]:
+    """A descriptor of local directory ``path``, opened without following a final link."""
+    fd = os.open(path, _DIR_FLAGS)
+    try:
+        yield fd
+    finally:
+        os.close(fd)

@@ -209,7 +209,10 @@ class Target:
 
 
 class References:
-    """One read of everything MLflow references; logged models are looked up on demand.
+    """What MLflow references, read as gc needs it: model versions (and the registered models
+    they belong to) re-read on demand with ``reread``, logged models and runs looked up one at
+    a time and remembered (a logged model found deleted never comes back; one found live is
+    kept, which only ever keeps more).
 
     ``write_bindings=False`` (dry runs) computes missing bindings without storing them.
     ``assume_logged_here`` skips the check that this tracking server logged a dataset (for
@@ -221,13 +224,19 @@ class References:
         self.client = client or MlflowClient()
         self.write_bindings = write_bindings
         self.assume_logged_here = assume_logged_here
-        self.registered = {rm.name: rm for rm in paged(self.client.search_registered_models, max_results=1000)}
-        self.model_versions = list(paged(self.client.search_model_versions, max_results=10000,
-                                         order_by=["name ASC", "version_number ASC"]))  # fmt: skip
         self._bindings: dict[str, str] = {}
         self._logged: dict[str, bool] = {}
         self._runs: dict[str, bool] = {}
         self._targets: dict[tuple[str, str], Target | None] = {}
+        self.reread()
+
+    def reread(self) -> None:
+        """Read every registered model and model version afresh. gc calls this after it has
+        looked up the logged models and runs of a dataset, so that a model version registered
+        before that (even of a logged model deleted since) is seen."""
+        self.registered = {rm.name: rm for rm in paged(self.client.search_registered_models, max_results=1000)}
+        self.model_versions = list(paged(self.client.search_model_versions, max_results=10000,
+                                         order_by=["name ASC", "version_number ASC"]))  # fmt: skip
 
     def binding(self, name: str, *, store_tag: bool = False) -> str:
         """The binding of registered model ``name``; with ``store_tag`` (before a pin names
@@ -348,8 +357,15 @@ class Plan:
 
 
 def plan(uri: str, refs: References, opts: Mapping[str, str] | None = None) -> Plan:
-    """Compare dataset ``uri``'s pins with what MLflow references (reads the pins first, so a
-    pin set while this runs is never judged against an older view of MLflow)."""
+    """Compare dataset ``uri``'s pins with what MLflow references.
+
+    The order is what makes gc safe against registry operations made while it runs: the pins
+    first (a pin set later is never judged against an older view of MLflow), then the
+    liveness of each logged model and run the dataset's commits name, and only then every
+    model version, read afresh: a version registered before that read is seen, and one
+    registered after it needs a logged model that was still live when it was looked up,
+    whose weights are then kept anyway (MLflow refuses to register a deleted logged model).
+    """
     pins = {t: v for t, v in store.tags(uri, storage_options=opts).items() if sidecar.is_pin(t)}
     infos = store.versions(uri, storage_options=opts)
     p = Plan(uri, [v.version for v in infos])
@@ -368,25 +384,8 @@ def plan(uri: str, refs: References, opts: Mapping[str, str] | None = None) -> P
         if run_id and not info.properties.get("mlflow.model_id") and refs.run_live(run_id):
             p.referenced.setdefault(info.version, []).append(f"run {run_id}")
             p.desired[sidecar.legacy_run_pin(run_id)] = info.version  # the run's newest such version
-    unknown_bindings: dict[str, set[str]] = {}
-    for mv in refs.model_versions:
-        try:
-            binding = refs.binding(mv.name)
-        except MlflowException as err:
-            if not_found(err):
-                continue  # the registered model was deleted since the snapshot
-            raise
-        target = refs.target(mv)
-        if target is None:
-            unknown_bindings.setdefault(binding, set()).add(str(mv.version))
-            continue
-        if target.model_id is not None and target.model_id in by_model:
-            version = by_model[target.model_id]
-        elif target.uri is not None and same_dataset(target.uri, uri) and target.version in p.versions:
-            version = target.version
-        else:
-            continue  # references another dataset, or no Lance weights at all
-        p.desired[sidecar.model_version_pin(refs.binding(mv.name, store_tag=True), mv.version)] = version
+    refs.reread()
+    unknown_bindings = _model_version_pins(p, refs)
     for pin, version in pins.items():
         if pin in p.desired:
             continue
@@ -406,6 +405,31 @@ def plan(uri: str, refs: References, opts: Mapping[str, str] | None = None) -> P
             f"--assume-logged-here)."
         )
     return p
+
+
+def _model_version_pins(p: Plan, refs: References) -> dict[str, set[str]]:
+    """Add the pin of every model version whose weights are in this dataset to ``p.desired``;
+    binding -> the model versions whose target could not be told (their pins are kept)."""
+    unknown: dict[str, set[str]] = {}
+    for mv in refs.model_versions:
+        try:
+            binding = refs.binding(mv.name)
+        except MlflowException as err:
+            if not_found(err):
+                continue  # the registered model was deleted or renamed since the read
+            raise
+        target = refs.target(mv)
+        if target is None:
+            unknown.setdefault(binding, set()).add(str(mv.version))
+            continue
+        if target.model_id is not None and target.model_id in p.by_model:
+            version = p.by_model[target.model_id]
+        elif target.uri is not None and same_dataset(target.uri, p.dataset) and target.version in p.versions:
+            version = target.version
+        else:
+            continue  # references another dataset, or no Lance weights at all
+        p.desired[sidecar.model_version_pin(refs.binding(mv.name, store_tag=True), mv.version)] = version
+    return unknown
 
 
 def apply_pins(p: Plan, refs: References, opts: Mapping[str, str] | None,
@@ -436,16 +460,18 @@ def apply_pins(p: Plan, refs: References, opts: Mapping[str, str] | None,
 
 @dataclass
 class GcResult:
-    """What ``gc`` did to one dataset."""
+    """What ``gc`` did (or, dry, would do) to one dataset."""
 
     dataset: str
     removed_versions: list[int]
-    bytes_removed: int
+    bytes_removed: int  # everything freed, orphans included
     pinned: list[str]
     unpinned: list[str]
     kept_referenced: list[int]
     dry_run: bool = False
     skipped: str | None = None  # why this dataset was left alone (``all=True`` only)
+    orphan_files: int = 0  # files no version named (what killed saves left)
+    orphan_bytes: int = 0
 
 
 def is_managed(uri: str, opts: Mapping[str, str] | None = None) -> bool:
@@ -471,23 +497,22 @@ def gc_dataset(
     Removed: versions MLflow logged that no live logged model or model version references
     (plus, with ``keep_last``/``older_than``, other unreferenced versions outside that
     policy), never the latest, a version superseded less than ``grace`` ago, or one a person
-    tagged. Every data file no surviving version shares goes with them.
+    tagged; then every data file no surviving version shares, and the files no version names
+    that are older than ``grace`` (what killed saves left). See ``plan`` for the order of the
+    reads that keeps this safe while the registry changes.
     """
     opts = storage_options if storage_options is not None else (storage_options_for(uri) or None)
     p = plan(uri, refs, opts)
-    pinned, unpinned = ([], []) if dry_run else apply_pins(p, refs, opts)
+    pinned, unpinned = ([], list(p.stale)) if dry_run else apply_pins(p, refs, opts)
     policy = keep_last is not None or older_than is not None
     pool = set(p.versions) if policy else p.from_mlflow
-    candidates = pool - set(p.referenced)
-    if dry_run:
-        doomed = store.gc_plan(uri, keep_last=keep_last, older_than=older_than, grace=grace,
-                               candidates=candidates, ignore_tags=p.stale, storage_options=opts)  # fmt: skip
-        return GcResult(uri, doomed, 0, [], list(p.stale), sorted(p.referenced), dry_run=True)
-    report = store.gc(uri, keep_last=keep_last, older_than=older_than, grace=grace, candidates=candidates,
-                      storage_options=opts)  # fmt: skip
-    if report.removed_versions or pinned or unpinned:
+    report = store.gc(uri, keep_last=keep_last, older_than=older_than, grace=grace, storage_options=opts,
+                      candidates=pool - set(p.referenced), ignore_tags=p.stale if dry_run else (),
+                      dry_run=dry_run)  # fmt: skip
+    if not dry_run and (report.removed_versions or pinned or unpinned):
         sidecar.refresh(uri, opts, names=refs.bindings())
-    return GcResult(uri, report.removed_versions, report.bytes_removed, pinned, unpinned, sorted(p.referenced))
+    return GcResult(uri, report.removed_versions, report.bytes_removed, pinned, unpinned, sorted(p.referenced),
+                    dry_run=dry_run, orphan_files=report.orphan_files, orphan_bytes=report.orphan_bytes)  # fmt: skip
 
 
 def looks_like_dataset(target: str) -> bool:
@@ -520,23 +545,26 @@ def gc(
         uri = os.fspath(target)
         opts = dict(storage_options or {}) or storage_options_for(uri) or None
         if not is_tracking_uri_set() and not is_managed(uri, opts):  # the cheap check first
-            if dry_run:
-                doomed = store.gc_plan(uri, keep_last=keep_last, older_than=older_than, grace=grace,
-                                       storage_options=opts)  # fmt: skip
-                return [GcResult(uri, doomed, 0, [], [], [], dry_run=True)]
-            r = store.gc(uri, keep_last=keep_last, older_than=older_than, grace=grace, storage_options=opts)
-            return [GcResult(uri, r.removed_versions, r.bytes_removed, [], [], r.kept_tagged)]
+            r = store.gc(uri, keep_last=keep_last, older_than=older_than, grace=grace, storage_options=opts,
+                         dry_run=dry_run)  # fmt: skip
+            return [GcResult(uri, r.removed_versions, r.bytes_removed, [], [], r.kept_tagged, dry_run=dry_run,
+                             orphan_files=r.orphan_files, orphan_bytes=r.orphan_bytes)]  # fmt: skip
     refs = References(write_bindings=not dry_run, assume_logged_here=assume_logged_here)
     results = []
     for u in datasets_for(target, refs, all=all):
         try:
             results.append(gc_dataset(u, refs, keep_last=keep_last, older_than=older_than, grace=grace,
                                       dry_run=dry_run, storage_options=storage_options))  # fmt: skip
-        except ForeignDataset as err:
-            if not all:
+        except (ForeignDataset, store.WeightsError, FileNotFoundError, MlflowException) as err:
+            if not all or (isinstance(err, MlflowException) and not not_found(err)):
                 raise
-            results.append(GcResult(u, [], 0, [], [], [], dry_run=dry_run, skipped=str(err)))
+            # one dataset changed underneath (gone, renamed away, damaged): the others go on
+            results.append(GcResult(u, [], 0, [], [], [], dry_run=dry_run, skipped=_first_line(err)))
     return results
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:500]
 
 
 # --------------------------------------------------------------------------- finding datasets

@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .layout import _Entry, _Row
+from .format import Entry, Row
 from .tensors import TensorRows
 
 # Packing. Lance writes one data file per fragment, and each file costs time to write (~0.15
@@ -32,11 +32,11 @@ class Unit:
 
     rows: list[RowData]
     reused: int | None = None  # the parent's fragment id, when reused
-    old: list[_Row] = field(default_factory=list)  # where the reused rows lie in it
+    old: list[Row] = field(default_factory=list)  # where the reused rows lie in it
 
 
 def plan_version(
-    tensors: list[TensorRows], previous: Mapping[str, _Entry], fragment_rows: Mapping[int, int]
+    tensors: list[TensorRows], previous: Mapping[str, Entry], fragment_rows: Mapping[int, int]
 ) -> tuple[list[Unit], list[str]]:
     """The new version's fragments, in order, and the names added or changed.
 
@@ -75,7 +75,7 @@ def plan_version(
     return units, [t.name for t in tensors if t.name not in same]
 
 
-def reusable_tensors(tensors: list[TensorRows], same: Mapping[str, _Entry], fragment_rows: Mapping[int, int]) -> set[str]:
+def reusable_tensors(tensors: list[TensorRows], same: Mapping[str, Entry], fragment_rows: Mapping[int, int]) -> set[str]:
     """Names of unchanged tensors whose rows can all be taken over in whole parent fragments:
     a fragment is reused only when the new version's rows at that place are exactly its rows,
     in order (a run of which one tensor changed, or was removed or moved, is rewritten)."""

@@ -14,11 +14,14 @@ Nothing here knows about MLflow.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import struct
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -31,62 +34,70 @@ import pyarrow as pa
 import torch
 import zstandard
 
-from . import tree
-from .fs import lance_options
-
-if TYPE_CHECKING:  # Lance is imported where a verb writes or opens a dataset: a local load
-    import lance  # through the version index never imports it (see layout.py)
-    from lance.fragment import FragmentMetadata
-from .layout import (  # how a dataset is laid out and read
-    _COMPRESSION_KEY,
-    _MAX_PROPERTY_BYTES,
-    _PROP,
-    _STORAGE_VERSION,
-    _THREADS,
-    FORMAT_VERSION,
+from . import cleanup, fs, index, tree
+from .dataset import (
     JITTER,
-    CorruptionError,
+    check_format,
     Dataset,
-    Problem,
-    StorageOptions,
-    Version,
-    VersionNotFoundError,
-    WeightsError,
-    _available,
-    _check_row,
-    _checkout,
-    _commit_properties,
-    _device,
-    _Entry,
-    _fragment_table,
-    _index_path,
-    _Located,
-    _materialize,
-    _open,
-    _open_version,
-    _problems,
-    _raise_problems,
-    _Reader,
-    _reader,
-    _rows_digest,
-    _schema,
-    _select,
-    _tag_list,
-    _unreachable,
-    _write_index,
+    available,
+    checkout,
+    commit_properties,
+    fragment_table,
+    lance_error,
+    open_lance,
+    tag_list,
+    version_list,
 )
+from .errors import CorruptionError, VersionNotFoundError, WeightsError
+from .format import (
+    COMPRESSION_KEY,
+    FORMAT_VERSION,
+    MAX_PROPERTY_BYTES,
+    PROP,
+    STORAGE_VERSION,
+    Entry,
+    Located,
+    Problem,
+    Version,
+    max_zstd_ratio,
+    raise_problems,
+    rows_digest,
+    schema,
+    select,
+)
+from .fs import StorageOptions, durable, lance_options, local_path, unreachable
 from .plan import RowData, Unit, plan_version
+from .readers import (
+    THREADS,
+    VersionReader,
+    check_row,
+    describe,
+    device_of,
+    materialize,
+    open_version,
+)
 from .tensors import (
     DEFAULT_CHUNK_BYTES,
     META_COLUMNS,  # noqa: F401 (tests use store.META_COLUMNS)
     TensorRows,
     dtype_from_name,
     find_aliases,
-    unit_batch,
     to_rows,
     uint8_view,
+    unit_batch,
     validate_state_dict,
 )
+
+if TYPE_CHECKING:  # Lance is imported where a verb writes or opens a dataset: a local load
+    import lance  # through the version index never imports it (see index.py)
+    from lance.fragment import FragmentMetadata
+
+__all__ = [
+    "CorruptionError", "Dataset", "Diff", "GcReport", "LoadResult", "Problem", "VerifyReport", "VersionInfo",
+    "VersionNotFoundError", "WeightsError", "diff", "gc", "latest_version", "load_into",
+    "load_state_dict", "resolve_version", "save_state_dict", "tag", "tags", "untag", "verify", "version_properties",
+    "versions",
+]  # fmt: skip
 
 _PARALLEL_WRITE_BYTES = 64 << 20
 _COMMIT_ATTEMPTS = 64
@@ -139,11 +150,13 @@ class VerifyReport:
 
 @dataclass(frozen=True)
 class GcReport:
-    """What ``gc`` removed."""
+    """What ``gc`` removed (or, dry, would remove)."""
 
     removed_versions: list[int]
-    bytes_removed: int
+    bytes_removed: int  # everything freed, orphans included
     kept_tagged: list[int]
+    orphan_files: int = 0  # files no version named (what killed saves left)
+    orphan_bytes: int = 0
 
 
 class LoadResult(NamedTuple):
@@ -165,6 +178,7 @@ def save_state_dict(
     storage_options: StorageOptions = None,
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     compression: str | None = None,
+    sync_files: bool | None = None,
 ) -> VersionInfo:
     """Save ``state_dict`` as a new version of the weights dataset at ``uri``.
 
@@ -175,32 +189,54 @@ def save_state_dict(
     the rest reuse that version's data files. ``properties`` (str -> str) are stored with
     the version. ``compression="zstd"`` applies to a new dataset only; the default stores
     raw bytes, which load fastest (memory-mapped, no decode).
+
+    The version is durable when this returns: on a local disk its data files, manifest,
+    commit, version index and their directories are flushed (fsync), as
+    ``torch.distributed.checkpoint``'s ``FileSystemWriter`` does; ``sync_files=False`` (or
+    MLFLOW_LANCE_FSYNC=0) skips that for scratch use. On object storage a completed PUT is
+    durable already.
     """
     state_dict, spec = _flat(state_dict)
     props = _check_properties(properties)
     dataset = Dataset.of(uri, storage_options)
     uri, storage_options = dataset.uri, dataset.storage_options
+    flush = (durable() if sync_files is None else sync_files) and local_path(uri) is not None
     parent = dataset.existing()
-    schema, previous = _reusable_base(uri, parent, compression)
+    new_schema, previous = _reusable_base(dataset, parent, compression)
 
     aliases = find_aliases(state_dict)
     tensors = [to_rows(name, t, alias=aliases.get(name), chunk_bytes=chunk_bytes) for name, t in state_dict.items()]
     reusable = {f.fragment_id: f.metadata for f in parent.get_fragments()} if parent else {}
     units, changed = plan_version(tensors, previous, {fid: f.physical_rows for fid, f in reusable.items()})
     fresh = [u.rows for u in units if u.reused is None]
-    written = iter(_write_rows(fresh, uri, schema, storage_options, create=parent is None))
+    new_files = _write_rows(fresh, uri, new_schema, storage_options, create=parent is None)
+    written = iter(new_files)
     fragments = [reusable[u.reused] if u.reused is not None else next(written) for u in units]
-    bytes_written = sum(f.files[0].file_size_bytes or 0 for u, f in zip(units, fragments) if u.reused is None)
+    bytes_written = sum(f.files[0].file_size_bytes or 0 for f in new_files)
+    if flush:  # the bytes are on the disk before any manifest names them
+        root = local_path(uri)
+        fs.sync_files(os.path.join(root, "data", f.files[0].path) for f in new_files)
+        fs.sync_dirs([os.path.join(root, "data")] + ([root, os.path.dirname(os.path.abspath(root))] if parent is None else []))
 
     txn_props = _transaction_properties(
         message, props, spec, parent, tensors, changed, [n for n in previous if n not in state_dict], bytes_written
     )
     import lance
 
-    ds = _commit(uri, lance.LanceOperation.Overwrite(schema, fragments), txn_props,
-                 parent.version if parent else 0, storage_options)
-    _index_new_version(ds, units)
+    ds, txn_file = _commit(uri, lance.LanceOperation.Overwrite(new_schema, fragments), txn_props,
+                           parent.version if parent else 0, storage_options)  # fmt: skip
+    if flush:
+        _flush_commit(local_path(uri), ds.version, txn_file)
+    _index_new_version(dataset, ds, units, sync=flush)
     return _version_info(uri, ds.version, _now(ds), txn_props, ())
+
+
+def _flush_commit(root: str, version: int, txn_file: str) -> None:
+    """Flush a local commit: its transaction file and manifest, and their directories."""
+    manifest = next((p for name in index.manifest_names(version)
+                     if os.path.isfile(p := os.path.join(root, "_versions", name))), None)  # fmt: skip
+    fs.sync_files([os.path.join(root, "_transactions", txn_file), *([manifest] if manifest else [])])
+    fs.sync_dirs([os.path.join(root, "_transactions"), os.path.join(root, "_versions")])
 
 
 def load_state_dict(
@@ -222,17 +258,18 @@ def load_state_dict(
     CorruptionError on a mismatch, and returns fresh memory instead of maps.
     A version whose metadata is inconsistent raises CorruptionError before anything is read.
     """
-    device = _device(map_location)
-    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
-    _raise_problems(reader, problems)
-    selected = _select(entries, names)
-    sources = {entries[name].alias or name: None for name in selected}  # ordered, unique
+    device = device_of(map_location)
+    reader = open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
+    entries, found = reader.checked()
+    raise_problems(reader.uri, reader.version, found)
+    selected = select(entries, names)
+    sources = {entries[name].tie or name: None for name in selected}  # ordered, unique
     with reader:
         if device.type == "cpu":
-            loaded = _materialize(reader, [entries[s] for s in sources], verify=verify)
+            loaded = materialize(reader, [entries[s] for s in sources], verify=verify)
         else:  # one at a time: host memory holds one tensor on its way to the device
-            loaded = {s: _materialize(reader, [entries[s]], verify=verify)[s].to(device) for s in sources}
-    out = OrderedDict((name, loaded[entries[name].alias or name]) for name in selected)
+            loaded = {s: materialize(reader, [entries[s]], verify=verify)[s].to(device) for s in sources}
+    out = OrderedDict((name, loaded[entries[name].tie or name]) for name in selected)
     spec = _tree_spec(reader) if names is None else None
     return out if spec is None else tree.unflatten(spec, out)
 
@@ -256,13 +293,14 @@ def load_into(
     into the module, so the module never holds unverified bytes; a corrupt chunk raises
     CorruptionError, and the tensors copied before it keep their new values.
     """
-    reader, entries, problems = _open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
-    _raise_problems(reader, problems)
+    reader = open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
+    entries, found = reader.checked()
+    raise_problems(reader.uri, reader.version, found)
     targets = module.state_dict(keep_vars=True)
     missing, unexpected = _check_targets(module, reader, entries, targets, strict)
     with reader, torch.no_grad():
         dsts = {name: targets[name].detach() for name in entries if name in targets}
-        reader.check(row for name in dsts for row in entries[entries[name].alias or name].rows)
+        reader.check(row for name in dsts for row in entries[entries[name].tie or name].rows)
         done = _read_in_place(reader, entries, dsts, verify)
         _copy_the_rest(reader, entries, dsts, done, verify)
     return LoadResult(missing, unexpected)
@@ -272,22 +310,26 @@ def versions(
     uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None
 ) -> list[VersionInfo]:
     """Every version still stored, oldest first, with what each one wrote and changed."""
-    ds = Dataset.of(uri, storage_options).lance
-    _reader(ds)  # refuses a dataset that holds no weights
+    dataset = Dataset.of(uri, storage_options)
+    ds = dataset.lance
+    check_format(ds, FORMAT_VERSION)  # refuses a dataset that holds no weights
     by_version: dict[int, list[str]] = {}
-    for name, t in _tag_list(ds).items():
+    for name, t in tag_list(ds).items():
         by_version.setdefault(t["version"], []).append(name)
     out = []
-    for v in ds.versions():
+    for v in version_list(ds):
         n = v["version"]
-        txn = ds.read_transaction(n)
+        try:
+            txn = ds.read_transaction(n)
+        except (OSError, ValueError) as err:
+            raise lance_error(ds.uri, err, f"the commit of version {n}") from None
         props = dict(txn.transaction_properties or {}) if txn is not None else {}
         tags = tuple(sorted(by_version.get(n, ())))
-        if _PROP + "tensors" not in props:  # written by something else: derive the figures
-            entries = _reader(ds.checkout_version(n)).entries()
-            total = sum(e.nbytes for e in entries.values() if e.alias is None)
-            props = {_PROP + "tensors": str(len(entries)), _PROP + "bytes": str(total),
-                     _PROP + "bytes_written": str(total), _PROP + "changed": json.dumps(list(entries))}
+        if PROP + "tensors" not in props:  # written by something else: derive the figures
+            entries = describe(dataset, checkout(ds, n)).entries
+            total = sum(e.nbytes for e in entries.values() if e.tie is None)
+            props = {PROP + "tensors": str(len(entries)), PROP + "bytes": str(total),
+                     PROP + "bytes_written": str(total), PROP + "changed": json.dumps(list(entries))}  # fmt: skip
         out.append(_version_info(ds.uri, n, _aware(v["timestamp"]), props, tags))
     return out
 
@@ -300,53 +342,82 @@ def diff(
     storage_options: StorageOptions = None,
 ) -> Diff:
     """Tensor names added, removed, changed and unchanged from version ``a`` to ``b`` (default latest)."""
-    ds = Dataset.of(uri, storage_options).lance
-    da, db = _checkout(ds, a), _checkout(ds, b)
-    ea, eb = _reader(da).entries(), _reader(db).entries()
+    dataset = Dataset.of(uri, storage_options)
+    ra, rb = describe(dataset, dataset.checkout(a)), describe(dataset, dataset.checkout(b))
+    ea, eb = ra.entries, rb.entries
     common = [n for n in eb if n in ea]
+    same = {n for n in common if ea[n].key == eb[n].key and ra.hashed and rb.hashed}  # no hashes: unknown
     return Diff(
-        a=da.version,
-        b=db.version,
+        a=ra.version,
+        b=rb.version,
         added=[n for n in eb if n not in ea],
         removed=[n for n in ea if n not in eb],
-        changed=[n for n in common if ea[n].key != eb[n].key or not eb[n].meta],
-        unchanged=[n for n in common if ea[n].key == eb[n].key and eb[n].meta],
+        changed=[n for n in common if n not in same],
+        unchanged=[n for n in common if n in same],
     )
+
+
+_TAG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
+
+
+def check_tag_name(name: object) -> str:
+    """``name`` if it can name a tag: letters, digits, '.', '_', '-' (no path separators, no
+    '..', not all digits, at most 200 characters); ValueError saying so otherwise."""
+    if not isinstance(name, str) or not _TAG_NAME.fullmatch(name) or name.isdigit() or ".." in name:
+        raise ValueError(
+            f"tag name {str(name)[:80]!r} is not allowed: use letters, digits, '.', '_' and '-' (not starting "
+            f"with '.' or '-', no '..', not all digits, at most 200 characters)"
+        )
+    return name
 
 
 def tag(
     uri: str | os.PathLike | Dataset, name: str, version: int, *, storage_options: StorageOptions = None
 ) -> None:
-    """Point tag ``name`` at ``version`` (moving it if it exists); tagged versions survive gc."""
-    if not isinstance(name, str) or not name or name.isdigit():
-        raise ValueError(f"tag name must be a non-empty, non-numeric string, got {name!r}")
-    ds = Dataset.of(uri, storage_options).lance
-    target = _checkout(ds, version).version
+    """Point tag ``name`` at ``version`` (moving it if it exists); tagged versions survive gc.
+
+    On a local disk the tag is durable when this returns (see ``save_state_dict``)."""
+    check_tag_name(name)
+    dataset = Dataset.of(uri, storage_options)
+    ds = dataset.lance
+    target = checkout(ds, version).version
     for attempt in range(8):  # another writer may create or move the same tag in between
         try:
-            if name in _tag_list(ds):
+            if name in tag_list(ds):
                 ds.tags.update(name, target)
             else:
                 ds.tags.create(name, target)
-            return
-        except (ValueError, OSError, RuntimeError):
+            break
+        except (ValueError, OSError, RuntimeError) as err:
             if attempt == 7:
-                raise
+                raise lance_error(ds.uri, err, f"tag {name!r}") from None
             time.sleep(JITTER.uniform(0, 0.01 * 2**attempt))
+    root = local_path(dataset.uri)
+    if root is not None and durable():
+        folder = os.path.join(root, "_refs", "tags")
+        fs.sync_files([os.path.join(folder, f"{name}.json")])
+        fs.sync_dirs([folder, os.path.dirname(folder)])
 
 
 def untag(uri: str | os.PathLike | Dataset, name: str, *, storage_options: StorageOptions = None) -> None:
-    """Remove tag ``name``; the version it pointed at may then be garbage-collected."""
+    """Remove tag ``name``; the version it pointed at may then be garbage-collected.
+    VersionNotFoundError if there is no such tag (also when another process removed it first)."""
     ds = Dataset.of(uri, storage_options).lance
-    if name not in _tag_list(ds):
-        raise VersionNotFoundError(f"tag {name!r} does not exist in {ds.uri}; {_available(ds)}")
-    ds.tags.delete(name)
+    missing = VersionNotFoundError(f"tag {str(name)[:200]!r} does not exist in {ds.uri}; {available(ds)}")
+    if name not in tag_list(ds):
+        raise missing
+    try:
+        ds.tags.delete(name)
+    except (ValueError, OSError) as err:
+        if "not found" in str(err).lower() or "does not exist" in str(err).lower():
+            raise missing from None
+        raise lance_error(ds.uri, err, f"tag {str(name)[:200]!r}") from None
 
 
 def tags(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> dict[str, int]:
     """Tag name -> version number."""
     ds = Dataset.of(uri, storage_options).lance
-    return {name: t["version"] for name, t in sorted(_tag_list(ds).items())}
+    return {name: t["version"] for name, t in sorted(tag_list(ds).items())}
 
 
 def verify(
@@ -359,20 +430,27 @@ def verify(
     """Check a version: its metadata (rows consistent with each other, with the data files
     and with its commit) and the content hash of every chunk; report each problem.
 
+    The rows are decoded from the data files themselves (in the decoder: a corrupt file is
+    a problem reported, never a crash), not taken from the version index.
     ``progress`` is called with the bytes of each chunk checked (for progress bars).
     """
-    ds = Dataset.of(uri, storage_options).checkout(version)
-    reader = _reader(ds)
+    dataset = Dataset.of(uri, storage_options)
     try:
-        entries, problems = reader.checked(use_index=False)  # the rows themselves
+        ds = dataset.checkout(version)
+    except CorruptionError as err:  # the dataset's files are not what they must be
+        return VerifyReport(dataset.uri, version if isinstance(version, int) else -1, 0, 0, 0,
+                            [Problem("", -1, "", str(err))])  # fmt: skip
+    try:
+        reader = describe(dataset, ds, rows_themselves=True)
+        entries, found = reader.checked()
     except CorruptionError as err:  # the version's rows themselves cannot be read
         return VerifyReport(ds.uri, ds.version, 0, 0, 0, [Problem("", -1, "", str(err))])
-    problems += _commit_problems(ds, entries)
-    bad = {p.name for p in problems}
+    found += _commit_problems(ds, entries)
+    bad = {p.name for p in found}
     buf = torch.empty(0, dtype=torch.uint8)
     chunks = nbytes = 0
     with reader:
-        problems = [dataclasses.replace(p, file=reader.path_of(p.file)) if p.file else p for p in problems]
+        found = [dataclasses.replace(p, file=reader.path_of(p.file)) if p.file else p for p in found]
         for e in entries.values():
             chunks += len(e.rows)
             if e.name in bad:
@@ -385,15 +463,15 @@ def verify(
                     dst = buf[: row.size]
                     reader.read_many([(row, dst)])
                 except (OSError, CorruptionError) as err:
-                    problems.append(Problem(e.name, row.chunk, reader.file_of(row), f"unreadable: {err}"))
+                    found.append(Problem(e.name, row.chunk, reader.file_of(row), f"unreadable: {err}"))
                     continue
                 nbytes += row.size
                 if progress is not None:
                     progress(row.size)
                 if (got := reader.bad_hash(row, dst)) is not None:
-                    problems.append(Problem(e.name, row.chunk, reader.file_of(row),
-                                            f"content hash {got} != recorded {row.hash}"))
-    return VerifyReport(ds.uri, ds.version, len(entries), chunks, nbytes, problems)
+                    found.append(Problem(e.name, row.chunk, reader.file_of(row),
+                                         f"content hash {got} != recorded {row.hash[:64]}"))  # fmt: skip
+    return VerifyReport(ds.uri, ds.version, len(entries), chunks, nbytes, found)
 
 
 def latest_version(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> int:
@@ -415,26 +493,10 @@ def version_properties(
     """The ``properties`` one version was saved with (reads that version's transaction only);
     WeightsError if they are malformed."""
     ds = Dataset.of(uri, storage_options).checkout(version)
-    props = _commit_properties(ds)
+    props = commit_properties(ds)
     if props is None:
         raise WeightsError(f"the commit of version {ds.version} of {ds.uri} cannot be read")
     return dict(_summary(ds.uri, ds.version, props)["properties"])
-
-
-def gc_plan(
-    uri: str | os.PathLike | Dataset,
-    *,
-    keep_last: int | None = None,
-    older_than: timedelta | None = None,
-    grace: timedelta = timedelta(minutes=30),
-    candidates: Collection[int] | None = None,
-    ignore_tags: Collection[str] = (),
-    storage_options: StorageOptions = None,
-) -> list[int]:
-    """The versions ``gc`` with these arguments would remove (see ``gc``), counting the tags in
-    ``ignore_tags`` as already removed."""
-    ds = Dataset.of(uri, storage_options).lance
-    return _gc_select(ds, keep_last, older_than, grace, candidates, ignore_tags)[0]
 
 
 def gc(
@@ -444,32 +506,29 @@ def gc(
     older_than: timedelta | None = None,
     grace: timedelta = timedelta(minutes=30),
     candidates: Collection[int] | None = None,
+    ignore_tags: Collection[str] = (),
+    dry_run: bool = False,
     storage_options: StorageOptions = None,
 ) -> GcReport:
-    """Delete old versions and the data files only they use.
+    """Delete old versions, the data files only they use, and the files no version names.
 
     A version is removed when it is not among the ``keep_last`` newest, is older than
     ``older_than`` (when given), is one of ``candidates`` (when given: the caller has
-    decided which versions nothing references), carries no tag, and was superseded more
-    than ``grace`` ago. The grace period protects writers: a save reuses the data files of
-    the version that was latest when it started, so that version must outlive any save in
-    flight. The latest version is always kept.
+    decided which versions nothing references), carries no tag (counting those in
+    ``ignore_tags`` as removed already), and was superseded more than ``grace`` ago. The
+    grace period protects writers: a save reuses the data files of the version that was
+    latest when it started, so that version must outlive any save in flight. The latest
+    version is always kept. Files no version names (a killed save's) go once they are older
+    than ``grace``. Deletes stay inside the dataset (see cleanup.py). ``dry_run`` reports
+    what would go and deletes nothing.
 
     This is the store's gc, which knows nothing of MLflow; ``mlflow_lance.gc`` asks MLflow
     what it still references before calling it.
     """
-    ds = Dataset.of(uri, storage_options).lance
-    doomed, kept_tagged = _gc_select(ds, keep_last, older_than, grace, candidates)
-    if not doomed:
-        return GcReport([], 0, kept_tagged)
-    stats = ds.cleanup_old_versions(versions=doomed, error_if_tagged_old_versions=False)
-    for v in doomed:  # their version indexes go with them
-        if (path := _index_path(ds, v)) is not None:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
-    return GcReport(doomed, int(stats.bytes_removed), kept_tagged)
+    dataset = Dataset.of(uri, storage_options)
+    doomed, kept_tagged = _gc_select(dataset.lance, keep_last, older_than, grace, candidates, ignore_tags)
+    swept = cleanup.sweep(dataset, doomed, grace=grace, dry_run=dry_run)
+    return GcReport(swept.versions, swept.bytes_removed, kept_tagged, swept.orphans, swept.orphan_bytes)
 
 
 # --------------------------------------------------------------------------- saving
@@ -488,27 +547,27 @@ def _flat(state_dict: Mapping[str, Any]) -> tuple[Mapping[str, torch.Tensor], di
 
 
 def _reusable_base(
-    uri: str, parent: lance.LanceDataset | None, compression: str | None
-) -> tuple[pa.Schema, Mapping[str, _Entry]]:
+    dataset: Dataset, parent: lance.LanceDataset | None, compression: str | None
+) -> tuple[pa.Schema, Mapping[str, Entry]]:
     """The new version's schema, and the parent's tensors whose rows it may reuse: all whose
     metadata is consistent (none for a new dataset). Compression is fixed per dataset."""
     if parent is None:
-        return _schema(compression), {}
-    reader = _reader(parent)
+        return schema(compression), {}
+    reader = describe(dataset, parent)
     if not reader.writable:
         raise WeightsError(
-            f"{uri} holds weights in the Lance docs example's layout, which cannot take new "
+            f"{dataset.uri} holds weights in the Lance docs example's layout, which cannot take new "
             f"versions; load it with load_state_dict() and save to a new URI"
         )
     existing = reader.codec
     if compression is not None and compression != existing:
         raise ValueError(
-            f"{uri} was created with compression={existing!r}; compression is fixed per "
+            f"{dataset.uri} was created with compression={existing!r}; compression is fixed per "
             f"dataset, so pass compression=None or save to a new URI"
         )
-    previous = reader.entries()
-    bad = {p.name for p in _problems(previous, existing is not None)}
-    return _schema(existing), {n: e for n, e in previous.items() if n not in bad}  # never reuse those rows
+    previous, found = reader.checked()
+    bad = {p.name for p in found}
+    return schema(existing), {n: e for n, e in previous.items() if n not in bad}  # never reuse those rows
 
 
 def _transaction_properties(
@@ -533,11 +592,11 @@ def _transaction_properties(
         "bytes_written": str(bytes_written),
         "changed": json.dumps(changed),
         "removed": json.dumps(removed),
-        "rows": _rows_digest(m for t in tensors for m in t.meta),
+        "rows": rows_digest(m for t in tensors for m in t.meta),
     }
-    txn_props = {_PROP + k: v for k, v in summary.items()}
+    txn_props = {PROP + k: v for k, v in summary.items()}
     if spec is not None:
-        txn_props[_PROP + "tree"] = tree.encode(spec)
+        txn_props[PROP + "tree"] = tree.encode(spec)
     if message:
         txn_props["lance.commit.message"] = message
     return txn_props
@@ -549,8 +608,9 @@ def _commit(
     properties: dict[str, str],
     read_version: int,
     storage_options: StorageOptions,
-) -> lance.LanceDataset:
-    """Commit, retrying when concurrent writers got there first.
+) -> tuple[lance.LanceDataset, str]:
+    """Commit, retrying when concurrent writers got there first; the new version and the name
+    of its transaction file.
 
     The version is a complete fragment list, so it stays valid on top of any newer version:
     a retry commits the same files against the new latest (jittered backoff, 64 tries).
@@ -560,49 +620,51 @@ def _commit(
     from lance.commit import CommitConflictError
 
     for attempt in range(_COMMIT_ATTEMPTS):
+        txn = lance.Transaction(read_version, operation, uuid=str(uuid.uuid4()), transaction_properties=properties)
         try:
-            txn = lance.Transaction(read_version, operation, transaction_properties=properties)
-            return lance.LanceDataset.commit(uri, txn, storage_options=opts)
+            return lance.LanceDataset.commit(uri, txn, storage_options=opts), f"{read_version}-{txn.uuid}.txn"
         except (CommitConflictError, OSError, ValueError) as err:
             retryable = isinstance(err, CommitConflictError) or "conflict" in str(err).lower() \
                 or "already exists" in str(err).lower()
             if not retryable or attempt == _COMMIT_ATTEMPTS - 1:
                 _raise_write_error(uri, err)
             time.sleep(JITTER.uniform(0, 0.02 * 2 ** min(attempt, 6)))
-            read_version = _open(uri, storage_options).version
+            read_version = open_lance(uri, storage_options).version
     raise AssertionError("unreachable")
 
 
-def _index_new_version(ds: lance.LanceDataset, units: list[Unit]) -> None:
-    """Write the version index of a just-committed version, scanning only its new fragments."""
+def _index_new_version(dataset: Dataset, ds: lance.LanceDataset, units: list[Unit], *, sync: bool) -> None:
+    """Write the version index of a just-committed version, scanning only its new fragments
+    (files this save wrote itself, so Lance reads them in this process)."""
     fragments = ds.get_fragments()
-    if _index_path(ds, ds.version) is None or len(fragments) != len(units):
+    if len(fragments) != len(units):
         return
-    table = _fragment_table(ds, fragments)
-    located: list[_Located] = []
+    table = fragment_table(ds, fragments)
+    located: list[Located] = []
     fresh = []
     for unit, frag, (fid, path, _) in zip(units, fragments, table):
         if unit.reused is None:
             fresh.append(frag)
-            located += [(meta, fid << 32 | i, None, path, None) for i, (meta, _) in enumerate(unit.rows)]
+            located += [Located(meta, fid << 32 | i, None, path, None) for i, (meta, _) in enumerate(unit.rows)]
         else:
-            located += [(meta, fid << 32 | i, old.position, path, old.stored)
+            located += [Located(meta, fid << 32 | i, old.position, path, old.stored)
                         for i, ((meta, _), old) in enumerate(zip(unit.rows, unit.old))]  # fmt: skip
     if fresh:  # their blob positions: a scan of the blob descriptors only (a third of a full scan)
         blobs = ds.scanner(columns=["data"], with_row_address=True, fragments=fresh).to_table()
         descriptors = zip(blobs["_rowaddr"].to_pylist(), blobs["data"].to_pylist())
         found = {address: (d["position"], d["size"]) for address, d in descriptors}
-        for i, (meta, address, _, path, _) in enumerate(located):
-            if address in found:
-                position, stored = found[address]
-                located[i] = (meta, address, position, path, stored)
-    _write_index(ds, table, located)
+        located = [r._replace(position=found[r.address][0], stored=found[r.address][1]) if r.address in found else r
+                   for r in located]  # fmt: skip
+    schema_meta = {k.decode(): v.decode() for k, v in (ds.schema.metadata or {}).items()}
+    with contextlib.suppress(OSError):  # derived data: the next load decodes the rows instead
+        index.write(dataset.uri, dataset.storage_options, ds.version, schema=schema_meta,
+                    properties=commit_properties(ds) or {}, table=table, located=located, sync=sync)  # fmt: skip
 
 
 def _raise_write_error(uri: str, err: Exception) -> NoReturn:
     """Raise what a failed write means for the user (nothing was committed), else ``err``."""
-    if (unreachable := _unreachable(uri, err)) is not None:
-        raise unreachable from err
+    if (gone := unreachable(uri, err)) is not None:
+        raise gone from err
     if "No space left" in str(err) or "Disk quota" in str(err) or "ENOSPC" in str(err):
         raise OSError(
             f"writing a new version to {uri!r} failed: no space left on the device. Nothing was "
@@ -638,14 +700,15 @@ def _write_rows(
     """
     if not units:
         return []
-    codec = (schema.metadata or {}).get(_COMPRESSION_KEY.encode()) == b"zstd"
+    codec = (schema.metadata or {}).get(COMPRESSION_KEY.encode()) == b"zstd"
     from lance.fragment import write_fragments
 
     calls = _write_calls(units)
 
     def write(call: list[int], mode: str = "create" if create else "append") -> list[FragmentMetadata]:
         # A compressor per call: one ZstdCompressor used by two threads at once fails.
-        pack = zstandard.ZstdCompressor(level=3).compress if codec else (lambda p: p)
+        compressor = zstandard.ZstdCompressor(level=3)
+        pack = (lambda p: _zstd(p, compressor)) if codec else (lambda p: p)
         batches = (unit_batch(schema, [(m, pack(p)) for m, p in units[i]]) for i in call)
         try:
             return write_fragments(
@@ -654,7 +717,7 @@ def _write_rows(
                 schema=schema,
                 mode=mode,
                 max_rows_per_file=len(units[call[0]]),
-                data_storage_version=_STORAGE_VERSION,
+                data_storage_version=STORAGE_VERSION,
                 storage_options=lance_options(uri, storage_options),
             )
         except OSError as err:  # another writer created the dataset since we looked
@@ -662,7 +725,7 @@ def _write_rows(
                 return write(call, "append")
             _raise_write_error(uri, err)
 
-    threads = min(_THREADS, len(calls)) if sum(map(_unit_bytes, units)) >= _PARALLEL_WRITE_BYTES else 1
+    threads = min(THREADS, len(calls)) if sum(map(_unit_bytes, units)) >= _PARALLEL_WRITE_BYTES else 1
     if threads == 1:
         results = [write(call) for call in calls]
     else:
@@ -678,15 +741,46 @@ def _write_rows(
     return written
 
 
+def _zstd(payload: memoryview, compressor: zstandard.ZstdCompressor) -> bytes:
+    """A payload as one zstd frame, at most ``max_zstd_ratio()`` times smaller than the payload.
+
+    A load refuses a chunk that claims more than that ratio, so that a tiny crafted file
+    cannot make it allocate gigabytes. A payload that compresses further (zeros) becomes a
+    frame whose first ``n / ratio`` bytes are a raw block, followed by the compressed blocks
+    of the rest (blocks only refer back within their own data, so they splice): 1 MiB of
+    zeros takes 1 KiB instead of ~100 bytes, still decoded by any zstd decoder.
+    """
+    frame = compressor.compress(payload)
+    n, ratio = len(payload), max_zstd_ratio()
+    if n <= ratio * max(len(frame), 1):
+        return frame
+    k = -(-n // ratio)
+    out = bytearray(struct.pack("<IBQ", 0xFD2FB528, 0xE0, n))  # magic; single segment, 8-byte content size
+    for start in range(0, k, 128 << 10):  # raw blocks (type 0) of at most 128 KiB
+        size = min(128 << 10, k - start)
+        out += (int(start + size >= n) | size << 3).to_bytes(3, "little") + payload[start : start + size]
+    if k < n:
+        out += _blocks(zstandard.ZstdCompressor(level=3, write_checksum=False).compress(payload[k:]))
+    return bytes(out)
+
+
+def _blocks(frame: bytes) -> bytes:
+    """The blocks of a zstd frame without its header and checksum (RFC 8878, 3.1.1.1)."""
+    d = frame[4]
+    fcs, single, checksum, did = d >> 6, d >> 5 & 1, d >> 2 & 1, d & 3
+    start = 5 + (not single) + (0, 1, 2, 4)[did] + (int(single), 2, 4, 8)[fcs]
+    return frame[start : len(frame) - 4 * checksum]
+
+
 def _unit_bytes(unit: list[RowData]) -> int:
     return sum(len(p) for _, p in unit)
 
 
 def _write_calls(units: list[list[RowData]]) -> list[list[int]]:
-    """Unit indices per ``write_fragments`` call: units spread over _THREADS byte-balanced
+    """Unit indices per ``write_fragments`` call: units spread over THREADS byte-balanced
     groups (one group below _PARALLEL_WRITE_BYTES), then split by row count, in order."""
     total = sum(_unit_bytes(u) for u in units)
-    n = min(_THREADS, len(units)) if total >= _PARALLEL_WRITE_BYTES else 1
+    n = min(THREADS, len(units)) if total >= _PARALLEL_WRITE_BYTES else 1
     groups: list[list[int]] = [[] for _ in range(n)]
     loads = [0] * n
     for i in sorted(range(len(units)), key=lambda i: -_unit_bytes(units[i])):
@@ -732,11 +826,11 @@ def _version_info(
 
 def _summary(uri: str, version: int, props: Mapping[str, str]) -> dict:
     """The VersionInfo fields a commit's properties hold, each checked."""
-    p = {k[len(_PROP):]: v for k, v in props.items() if k.startswith(_PROP)}
+    p = {k[len(PROP):]: v for k, v in props.items() if k.startswith(PROP)}
 
     def bad(key: str, why: str) -> WeightsError:
         return WeightsError(
-            f"version {version} of {uri} has a malformed commit property {_PROP}{key}="
+            f"version {version} of {uri} has a malformed commit property {PROP}{key}="
             f"{str(p.get(key))[:80]!r} ({why}); the commit was altered or not written by "
             f"mlflow-lance. Its weights load only if their own metadata is consistent: run "
             f"`mlflow-lance verify {uri} --version {version}`"
@@ -750,8 +844,8 @@ def _summary(uri: str, version: int, props: Mapping[str, str]) -> dict:
 
     def parsed(key: str, default: str, check: Callable[[object], bool]) -> object:
         text = p.get(key) or default
-        if not isinstance(text, str) or len(text) > _MAX_PROPERTY_BYTES:
-            raise bad(key, f"not a JSON string of at most {_MAX_PROPERTY_BYTES} bytes")
+        if not isinstance(text, str) or len(text) > MAX_PROPERTY_BYTES:
+            raise bad(key, f"not a JSON string of at most {MAX_PROPERTY_BYTES} bytes")
         try:
             value = json.loads(text)
         except (ValueError, RecursionError):
@@ -782,12 +876,12 @@ def _summary(uri: str, version: int, props: Mapping[str, str]) -> dict:
 # --------------------------------------------------------------------------- loading
 
 
-def _tree_spec(reader: _Reader) -> dict | None:
+def _tree_spec(reader: VersionReader) -> dict | None:
     """The checkpoint-dict spec saved with the checked-out version, if it holds one."""
     props = reader.properties()
     if props is None:
         raise CorruptionError(f"the commit of version {reader.version} of {reader.uri} cannot be read")
-    text = props.get(_PROP + "tree")
+    text = props.get(PROP + "tree")
     if text is None:
         return None
     try:
@@ -798,8 +892,8 @@ def _tree_spec(reader: _Reader) -> dict | None:
 
 def _check_targets(
     module: torch.nn.Module,
-    ds: _Reader,
-    entries: Mapping[str, _Entry],
+    ds: VersionReader,
+    entries: Mapping[str, Entry],
     targets: Mapping[str, torch.Tensor],
     strict: bool,
 ) -> tuple[list[str], list[str]]:
@@ -828,14 +922,14 @@ def _check_targets(
 
 
 def _read_in_place(
-    reader: _Reader, entries: Mapping[str, _Entry], dsts: Mapping[str, torch.Tensor], verify: bool
+    reader: VersionReader, entries: Mapping[str, Entry], dsts: Mapping[str, torch.Tensor], verify: bool
 ) -> set[str]:
     """Read each tensor whose memory can take the stored bytes as they are (untied, on the
     CPU, contiguous, of the stored dtype) straight into it; their names. With ``verify`` each
     chunk goes through a staging buffer and is hashed before it is copied in."""
     direct = [
         name for name, dst in dsts.items()
-        if entries[name].alias is None
+        if entries[name].tie is None
         and dst.device.type == "cpu"
         and dst.is_contiguous()
         and dst.dtype == dtype_from_name(entries[name].dtype, key=name)
@@ -847,7 +941,7 @@ def _read_in_place(
         for e, row, dst in jobs:
             chunk = stage[: row.size]
             reader.read_many([(row, chunk)])
-            _check_row(reader, e, row, chunk)
+            check_row(reader, e, row, chunk)
             np.copyto(dst.numpy(), chunk.numpy())  # a plain memcpy (uint8 copy_ is ~50x slower here)
     else:
         reader.read_many([(row, dst) for _, row, dst in jobs])
@@ -855,7 +949,7 @@ def _read_in_place(
 
 
 def _copy_the_rest(
-    reader: _Reader, entries: Mapping[str, _Entry], dsts: Mapping[str, torch.Tensor], done: set[str], verify: bool
+    reader: VersionReader, entries: Mapping[str, Entry], dsts: Mapping[str, torch.Tensor], done: set[str], verify: bool
 ) -> None:
     """The tensors ``_read_in_place`` left (another dtype or device, non-contiguous, tied):
     through a CPU tensor, or for a tie, from its source once that is in the module."""
@@ -864,11 +958,11 @@ def _copy_the_rest(
         if name in done:
             continue
         e = entries[name]
-        source = e.alias or name
+        source = e.tie or name
         if source in done and source in dsts:
             src = dsts[source]
         else:
-            src = _materialize(reader, [entries[source]], verify=verify)[source]
+            src = materialize(reader, [entries[source]], verify=verify)[source]
         if not (src.data_ptr() == dst.data_ptr() and src.device == dst.device):
             dst.copy_(src)
         done.add(name)
@@ -877,17 +971,17 @@ def _copy_the_rest(
 # --------------------------------------------------------------------------- verify and gc
 
 
-def _commit_problems(ds: lance.LanceDataset, entries: Mapping[str, _Entry]) -> list[Problem]:
+def _commit_problems(ds: lance.LanceDataset, entries: Mapping[str, Entry]) -> list[Problem]:
     """What the version's commit records and its rows disagree on (nothing for commits that
     other writers made without mlflow-lance's properties)."""
-    props = _commit_properties(ds) or {}
-    if _PROP + "tensors" not in props:
+    props = commit_properties(ds) or {}
+    if PROP + "tensors" not in props:
         return []
     try:
         summary = _summary(ds.uri, ds.version, props)
     except WeightsError as err:
         return [Problem("", -1, "", str(err))]
-    total = sum(e.nbytes for e in entries.values() if e.alias is None)
+    total = sum(e.nbytes for e in entries.values() if e.tie is None)
     if (summary["num_tensors"], summary["total_bytes"]) != (len(entries), total):
         return [Problem("", -1, "", f"the commit records {summary['num_tensors']} tensors of "
                         f"{summary['total_bytes']} bytes; the rows hold {len(entries)} of {total}")]
@@ -908,9 +1002,9 @@ def _gc_select(
         raise ValueError("gc needs keep_last=N and/or older_than=timedelta(...) to know what to remove")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
-    _reader(ds)  # refuses a dataset that holds no weights
-    all_versions = ds.versions()
-    tagged = {t["version"] for name, t in _tag_list(ds).items() if name not in ignore_tags}
+    check_format(ds, FORMAT_VERSION)  # refuses a dataset that holds no weights
+    all_versions = version_list(ds)
+    tagged = {t["version"] for name, t in tag_list(ds).items() if name not in ignore_tags}
     newest = {v["version"] for v in all_versions[-(keep_last or 1):]}
     now = datetime.now(timezone.utc)
     cutoff = now - older_than if older_than is not None else None

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import mlflow_lance as ml
-from mlflow_lance import layout, plan, store
+from mlflow_lance import format, plan, store
 from mlflow_lance.tensors import to_rows
 
 SMALL = plan.PACK_RUN_BYTES // 8  # bytes of one packed tensor: 8 fill a run
@@ -219,11 +219,11 @@ def test_a_failed_commit_leaves_the_previous_version_whole(tmp_path: Path, monke
 # --------------------------------------------------------------------------- the plan, without Lance
 
 
-def entry(t, fragment: int, row: int) -> layout._Entry:
+def entry(t, fragment: int, row: int) -> format.Entry:
     """A stored single-row tensor at row ``row`` of fragment ``fragment``."""
     meta = t.meta[0]
-    return layout._Entry(t.name, meta["dtype"], meta["shape"], meta["nbytes"], None, t.meta,
-                        [layout._Row(0, 0, t.nbytes, meta["hash"], fragment << 32 | row, 0, 0, "f", t.nbytes)])
+    return format.Entry(t.name, meta["dtype"], meta["shape"], meta["nbytes"], None, t.meta,
+                        [format.Row(0, 0, t.nbytes, meta["hash"], fragment << 32 | row, 0, 0, "f", t.nbytes)])
 
 
 def test_plan_reuses_whole_fragments_only():

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import mlflow_lance as ml
-from mlflow_lance import plan, store
+from mlflow_lance import format, plan, store
 from mlflow_lance.tensors import DTYPES
 
 
@@ -154,7 +154,7 @@ def test_loaded_tensors_are_writable_without_touching_the_dataset(uri):
 def test_compressed_dataset_round_trips(uri):
     sd = {"zeros": torch.zeros(250_000), "r": torch.randn(100)}
     ml.save_state_dict(sd, uri, compression="zstd")
-    assert du(uri / "data") < 100_000  # 1 MB of zeros compresses
+    assert du(uri / "data") < 100_000  # 1 MB of zeros compresses (to 1/1024: max_zstd_ratio)
     out = ml.load_state_dict(uri)
     for k in sd:
         assert_same(out[k], sd[k])
@@ -176,7 +176,7 @@ def test_partial_loads_by_list_prefix_and_glob(uri):
     assert list(ml.load_state_dict(uri, names="h.1.")) == ["h.1.w", "h.1.b"]
     assert list(ml.load_state_dict(uri, names="h.*.b")) == ["h.0.b", "h.1.b", "h.2.b"]
     assert list(ml.load_state_dict(uri, names="nothing*")) == []
-    with pytest.raises(KeyError, match="h.9.w"):
+    with pytest.raises(ml.VersionNotFoundError, match="h.9.w"):
         ml.load_state_dict(uri, names=["h.9.w"])
 
 
@@ -250,8 +250,10 @@ def test_tags_load_move_and_remove(uri):
         ml.untag(uri, "prod")
     with pytest.raises(ml.VersionNotFoundError, match=r"version 7 does not exist.*versions: 1, 2"):
         ml.tag(uri, "x", 7)
-    with pytest.raises(ValueError, match="non-numeric"):
-        ml.tag(uri, "12", 1)
+    for bad in ("12", "../../../evil", "a/b", "", ".hidden", "x" * 201, "esc\x1b[2J", 3):
+        with pytest.raises(ValueError, match="is not allowed: use letters, digits"):
+            ml.tag(uri, bad, 1)
+    assert ml.tags(uri) == {} and not (uri.parent / "evil.json").exists()
 
 
 def test_missing_version_or_tag_lists_what_exists(uri):
@@ -307,14 +309,17 @@ def test_verify_and_verified_loads_name_the_corrupt_tensor(uri):
         ml.load_into(module, uri, verify=True)
 
 
-def test_version_index_is_rebuilt_when_missing_or_stale(uri):
+def test_a_missing_or_stale_version_index_is_not_used_and_a_load_never_writes_one(uri):
     sd = {"a": torch.randn(10), "b": torch.randn(20)}
     ml.save_state_dict(sd, uri)
     index = uri / "_mlflow_lance" / "index" / "1.json"
     assert json.loads(index.read_text())["rows"][0][0] == "a"
     index.unlink()
-    assert torch.equal(ml.load_state_dict(uri)["b"], sd["b"])
-    assert index.exists()
+    assert torch.equal(ml.load_state_dict(uri)["b"], sd["b"])  # the rows decoded from the data files
+    assert not index.exists()  # reads never write
+    ml.save_state_dict(sd, uri)  # a save writes its own version's index
+    assert (uri / "_mlflow_lance" / "index" / "2.json").exists()
+    index = uri / "_mlflow_lance" / "index" / "2.json"
     doc = json.loads(index.read_text())
     doc["fragments"][0][1] = "someone-elses-file.lance"
     doc["rows"][0][0] = "wrong"
@@ -390,7 +395,7 @@ def test_an_index_read_alone_gets_the_same_checks(uri):
 def _self_consistent(doc: dict) -> dict:
     """The index with the digest among its own properties recomputed (what a forger would do)."""
     metas = [dict(zip(store.META_COLUMNS, r[: len(store.META_COLUMNS)])) for r in doc["rows"]]
-    doc["properties"]["mlflow_lance.rows"] = store._rows_digest(metas)
+    doc["properties"]["mlflow_lance.rows"] = format.rows_digest(metas)
     return doc
 
 
@@ -463,31 +468,33 @@ def test_the_docs_example_format_is_read_through_the_same_reader_interface(tmp_p
     """One reader per format, chosen from the schema; callers use the same methods on both."""
     from docs_example import docs_save_model
 
-    from mlflow_lance import layout
+    from mlflow_lance import readers as rd
+    from mlflow_lance.dataset import Dataset
 
     sd = OrderedDict(w=torch.randn(3, 4, dtype=torch.float64), b=torch.arange(5, dtype=torch.float64))
     docs_save_model(sd, str(tmp_path / "seed.lance"))
     ml.save_state_dict(sd, tmp_path / "ours.lance")
-    readers = {name: layout._reader(lance.dataset(str(tmp_path / name))) for name in ("seed.lance", "ours.lance")}
+    handles = {name: Dataset(tmp_path / name) for name in ("seed.lance", "ours.lance")}
+    readers = {name: rd.describe(h, h.lance) for name, h in handles.items()}
     seed, ours = readers["seed.lance"], readers["ours.lance"]
-    assert isinstance(seed, layout._SeedReader) and type(ours) is layout._Reader
-    assert (seed.writable, ours.writable) == (False, True)
+    assert (seed.writable, ours.writable) == (False, True) and (seed.hashed, ours.hashed) == (False, True)
     for reader in readers.values():
         entries, problems = reader.checked()
-        assert problems == [] and list(entries) == list(reader.entries()) == ["w", "b"]
+        assert problems == [] and list(entries) == list(reader.entries) == ["w", "b"]
         assert [(e.dtype, e.shape) for e in entries.values()] == [("float64", [3, 4]), ("float64", [5])]
         with reader:
-            loaded = layout._materialize(reader, list(entries.values()), verify=True)
+            loaded = rd.materialize(reader, list(entries.values()), verify=True)
             row = entries["w"].rows[0]
             chunk = torch.empty(row.size, dtype=torch.uint8)
             reader.read_many([(row, chunk)])
             assert reader.bad_hash(row, chunk) is None
         assert all(torch.equal(loaded[k], sd[k]) for k in sd)
         assert "mlflow_lance.tree" not in (reader.properties() or {})
-    assert ours.bad_hash(ours.entries()["w"].rows[0], torch.zeros(96, dtype=torch.uint8)) is not None
+    assert ours.bad_hash(ours.entries["w"].rows[0], torch.zeros(96, dtype=torch.uint8)) is not None
     lance.write_dataset(pa.table({"x": [1]}), str(tmp_path / "other.lance"))
+    other = Dataset(tmp_path / "other.lance")
     with pytest.raises(ml.WeightsError, match="not a weights dataset"):
-        layout._reader(lance.dataset(str(tmp_path / "other.lance")))
+        rd.describe(other, other.lance)
 
 
 # --------------------------------------------------------------------------- load_into

@@ -1,0 +1,236 @@
+"""A weights dataset as Lance sees it: a handle that opens it once, checking out versions and
+tags, a version's commit properties and fragment table, and what Lance's errors mean.
+
+Lance follows links and blocks on FIFOs, so a local dataset is checked (fs.check_tree) before
+Lance is handed it; Lance's own errors about a dataset (a manifest that does not decode, a
+missing file, an unreachable store) become this package's errors naming the dataset and
+version (``lance_error``). Lance is imported only here and where a version is written or its
+rows decoded: a load through the version index never imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
+
+from .errors import CorruptionError, VersionNotFoundError, WeightsError
+from .format import FORMAT_KEY, PROP, Version, plain_name
+from .fs import StorageOptions, check_tree, lance_options, local_path, unreachable
+from .index import Fragment
+
+if TYPE_CHECKING:
+    import lance
+
+T = TypeVar("T")
+
+# Retry jitter: never draws from the global RNG that training resumes bit-exactly.
+JITTER = random.Random()
+
+def lance_error(uri: str, err: BaseException, what: str, elapsed: float = 0.0) -> Exception:
+    """What an error Lance raised while reading ``what`` of ``uri`` means: ConnectionError for
+    storage that cannot be reached, else a CorruptionError naming the dataset and the part."""
+    if (gone := unreachable(uri, err, elapsed)) is not None:
+        return gone
+    text = " ".join(str(err).split())[:300]
+    return CorruptionError(
+        f"{what} of {uri} cannot be read: {text}. The dataset's files are damaged or crafted; "
+        f"restore them or load another version"
+    )
+
+
+def open_lance(uri: str, storage_options: StorageOptions = None) -> lance.LanceDataset:
+    """The dataset at ``uri``, at its latest version; FileNotFoundError that says so if nothing
+    was saved there, ConnectionError if its storage cannot be reached, CorruptionError if its
+    files are not what they must be."""
+    import lance
+
+    root = local_path(uri)
+    if root is not None:
+        check_tree(root)
+    started = time.monotonic()
+    try:
+        return lance.dataset(uri, storage_options=lance_options(uri, storage_options))
+    except (ValueError, OSError) as e:
+        if "was not found" in str(e) or "Not found" in str(e):
+            if (gone := unreachable(uri, e, time.monotonic() - started)) is not None:
+                raise gone from None
+            raise FileNotFoundError(
+                f"no weights dataset at {uri!r}: nothing has been saved there yet "
+                f"(check the URI, or save a version first)"
+            ) from None
+        raise lance_error(uri, e, "the latest version", time.monotonic() - started) from None
+
+
+class Dataset:
+    """A handle on one weights dataset: its URI and storage options, resolved once, and the
+    Lance dataset, opened on first use and then kept, so that several reads of the same
+    dataset (a sidecar refresh) open it once. Every store verb takes one in place of a URI.
+
+    The open dataset is the version that was latest at the first use; its version and tag
+    listings are read afresh each time.
+    """
+
+    def __init__(self, uri: str | os.PathLike, storage_options: StorageOptions = None):
+        self.uri = os.fspath(uri)
+        self.storage_options = storage_options
+        self._lance: lance.LanceDataset | None = None
+
+    @classmethod
+    def of(cls, uri: str | os.PathLike | Dataset, storage_options: StorageOptions = None) -> Dataset:
+        """``uri`` itself if it is a handle already (with its own storage options), else a new one."""
+        return uri if isinstance(uri, Dataset) else cls(uri, storage_options)
+
+    @property
+    def lance(self) -> lance.LanceDataset:
+        """The open dataset; FileNotFoundError if nothing has been saved there yet."""
+        if self._lance is None:
+            self._lance = open_lance(self.uri, self.storage_options)
+        return self._lance
+
+    @property
+    def opened(self) -> bool:
+        """Whether the dataset has been opened in Lance (its latest version is then fixed)."""
+        return self._lance is not None
+
+    def existing(self) -> lance.LanceDataset | None:
+        """The open dataset, or None if nothing has been saved there yet."""
+        try:
+            return self.lance
+        except FileNotFoundError:
+            return None
+
+    def checkout(self, version: Version | None) -> lance.LanceDataset:
+        """Version ``version`` (a number or a tag; None: the open one)."""
+        return checkout(self.lance, version)
+
+
+def retried(read: Callable[[], T], uri: str, what: str) -> T:
+    """``read()``, retried while what it reads vanishes under it (another gc removing a
+    version or a tag between Lance's listing and its read of the file); Lance's other errors
+    become this package's (``lance_error``)."""
+    for attempt in range(8):
+        try:
+            return read()
+        except (ValueError, OSError) as err:
+            text = str(err).lower()
+            if ("not found" not in text and "no such file" not in text) or attempt == 7:
+                raise lance_error(uri, err, what) from None
+            time.sleep(JITTER.uniform(0, 0.005 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
+def tag_list(ds: lance.LanceDataset) -> dict:
+    """Lance's tag listing (see ``retried``)."""
+    return retried(ds.tags.list, ds.uri, "the tags")
+
+
+def version_list(ds: lance.LanceDataset) -> list[dict]:
+    """Lance's listing of the dataset's versions, each manifest decoded (see ``retried``)."""
+    return retried(ds.versions, ds.uri, "the version list")
+
+
+def available(ds: lance.LanceDataset) -> str:
+    """The versions and tags that exist, for an error message."""
+    versions = [v["version"] for v in version_list(ds)]
+    tags = sorted(tag_list(ds))
+    span = f"{versions[0]}..{versions[-1]}" if len(versions) > 2 else ", ".join(map(str, versions))
+    return f"versions: {span}" + (f"; tags: {', '.join(t[:100] for t in tags[:50])}" if tags else "; no tags")
+
+
+def checkout(ds: lance.LanceDataset, version: Version | None) -> lance.LanceDataset:
+    """Version ``version`` of ``ds`` (a number or a tag; None: ``ds`` itself)."""
+    if version is None:
+        return ds
+    if isinstance(version, bool) or not isinstance(version, (int, str)):
+        raise TypeError(f"version must be an int or a tag name, got {version!r}")
+    if isinstance(version, int) and not 0 <= version < 1 << 63:
+        raise VersionNotFoundError(f"version {version} does not exist in {ds.uri}; {available(ds)}")
+    try:
+        return ds.checkout_version(version)
+    except (ValueError, OSError) as err:
+        text = str(err).lower()
+        if "not found" in text or "does not exist" in text or "not exist" in text:
+            kind = "tag" if isinstance(version, str) else "version"
+            raise VersionNotFoundError(f"{kind} {version!r} does not exist in {ds.uri}; {available(ds)}") from None
+        raise lance_error(ds.uri, err, f"version {version!r}") from None
+
+
+def is_weights(ds: lance.LanceDataset) -> bool | None:
+    """True for our format, False for the Lance docs example's, None for any other dataset."""
+    import pyarrow as pa
+
+    if FORMAT_KEY.encode() in (ds.schema.metadata or {}):
+        return True
+    names = set(ds.schema.names)
+    if {"name", "value", "shape"} <= names and pa.types.is_list(ds.schema.field("value").type):
+        return False
+    return None
+
+
+_COMMITS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # checked-out dataset -> its commit's properties
+
+
+def commit_properties(ds: lance.LanceDataset) -> dict[str, str] | None:
+    """The transaction properties of the checked-out version (None if its commit cannot be
+    read), read once per checked-out dataset: a load asks for the rows digest and the
+    checkpoint spec, verify for the summary."""
+    if ds not in _COMMITS:
+        try:
+            txn = ds.read_transaction(ds.version)
+        except (OSError, ValueError):
+            return None
+        _COMMITS[ds] = dict(txn.transaction_properties or {}) if txn is not None else {}
+    return _COMMITS[ds]
+
+
+def recorded_digest(ds: lance.LanceDataset) -> str | None:
+    """The digest of the version's rows its commit recorded (None: committed without one)."""
+    return (commit_properties(ds) or {}).get(PROP + "rows")
+
+
+def fragment_table(ds: lance.LanceDataset, fragments: list | None = None) -> list[Fragment]:
+    """(fragment id, data file, rows) of each fragment, in order (rows as the manifest says).
+
+    Data files must be plain names in the dataset's own data/ directory: a manifest that
+    points elsewhere (``../x``, an absolute path, another base) is refused, naming the file.
+    """
+    out = []
+    try:
+        listed = ds.get_fragments() if fragments is None else fragments
+    except (ValueError, OSError) as err:
+        raise lance_error(ds.uri, err, f"the fragments of version {ds.version}") from None
+    for f in listed:
+        files = f.metadata.files
+        path = files[0].path if files else ""
+        if files and (len(files) != 1 or files[0].base_id is not None or not plain_name(path)):
+            raise CorruptionError(
+                f"version {ds.version} of {ds.uri} names data file {path[:200]!r} for fragment "
+                f"{f.fragment_id}, which is not a file of the dataset's data/ directory; only "
+                f"files inside the dataset are read"
+            )
+        out.append((f.fragment_id, path, f.metadata.physical_rows))
+    return out
+
+
+def check_format(ds: lance.LanceDataset, newest: int) -> bool:
+    """Whether ``ds`` holds our format (True) or the docs example's (False); WeightsError for
+    any other dataset or a format newer than ``newest``."""
+    kind = is_weights(ds)
+    if kind is None:
+        raise WeightsError(
+            f"{ds.uri} is a Lance dataset but not a weights dataset (columns: "
+            f"{', '.join(ds.schema.names)[:300]}); point at a dataset written by mlflow-lance"
+        )
+    if kind:
+        text = (ds.schema.metadata or {})[FORMAT_KEY.encode()].decode("utf-8", "replace")
+        found = int(text) if text.isascii() and text.isdigit() and len(text) < 10 else None
+        if found is None or found > newest:
+            raise WeightsError(
+                f"{ds.uri} uses weights format {text[:20]}, newer than this mlflow-lance reads "
+                f"({newest}); upgrade mlflow-lance"
+            )
+    return kind

@@ -1,0 +1,584 @@
+"""Reading a version: where its rows come from and where its bytes come from, behind one
+interface (``VersionReader``).
+
+Rows (the metadata of each chunk and where its payload lies) come from, in this order:
+1. the version index alone (index.py), for a local or remote load of the latest or a
+   numbered version: no Lance at all;
+2. the version index checked against the manifest and the commit (through Lance);
+3. a decode of the version's data files, in the decoder child (decoder.py), so that corrupt
+   or crafted bytes cannot abort the process.
+The Lance docs example's format (``name`` / ``value list<float64>`` / ``shape``) is decoded in
+the decoder too, rows and values alike.
+
+Bytes come from the data files at the positions the rows give: locally with ``preadv`` into
+memory the caller owns (4 threads, 16 MiB pieces) or mapped copy-on-write; on object storage
+with ranged GETs (pyarrow), or Lance's blob API for stores pyarrow cannot read. Each data file
+is opened relative to the dataset's own data/ directory without following links and without
+waiting on FIFOs, and must hold every byte its rows claim before anything is allocated for
+them. Every row is checked against the rules of format.py first.
+"""
+
+from __future__ import annotations
+
+import errno
+import mmap
+import os
+import stat
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import torch
+import zstandard
+
+from . import decoder, index
+from .dataset import (
+    Dataset,
+    check_format,
+    commit_properties,
+    fragment_table,
+    lance_error,
+    recorded_digest,
+)
+from .errors import CorruptionError
+from .format import (
+    COMPRESSION_KEY,
+    FORMAT_VERSION,
+    MAX_DIMS,
+    PROP,
+    Entry,
+    Located,
+    Problem,
+    Row,
+    build_entries,
+    codec,
+    problems,
+    rows_digest,
+)
+from .fs import RemoteFiles, StorageOptions, Unreachable, join, lance_options, local_path, remote_supported
+from .tensors import META_COLUMNS, dtype_from_name, hash_bytes, readonly_bytes, stored_nbytes, uint8_view
+
+if TYPE_CHECKING:
+    import lance
+
+PIECE = 16 << 20
+THREADS = min(4, os.cpu_count() or 1)
+_ZSTD_HEADER = 18  # the longest zstd frame header: enough to read the frame's content size
+
+
+def mmap_enabled() -> bool:
+    """MLFLOW_LANCE_MMAP=0 makes load_state_dict read into fresh memory instead of mapping
+    files (for filesystems where a mapped file may change or vanish under the reader)."""
+    return os.environ.get("MLFLOW_LANCE_MMAP", "1").lower() not in ("0", "false", "no")
+
+
+# --------------------------------------------------------------------------- where bytes come from
+
+
+class _Bytes:
+    """A source of stored payloads: ``fill`` copies the start of one into ``dst``."""
+
+    def __init__(self, uri: str, version: int):
+        self.uri = uri.rstrip("/")
+        self.version = version
+
+    def path_of(self, file: str) -> str:
+        return join(self.uri, "data", file)
+
+    def size(self, row: Row) -> int | None:
+        """Bytes in the row's data file (None: not known before reading)."""
+        return None
+
+    def fill(self, row: Row, dst: torch.Tensor) -> int:
+        raise NotImplementedError
+
+    def mapped(self, row: Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
+        return None
+
+    def parallel(self) -> bool:
+        """Whether pieces of payloads may be filled by several threads at once."""
+        return False
+
+    def close(self) -> None:
+        pass
+
+
+class _LocalFiles(_Bytes):
+    """Local data files, each opened once relative to data/ (no links, no FIFOs)."""
+
+    def __init__(self, uri: str, version: int, root: str):
+        super().__init__(root, version)
+        self.dataset_uri = uri
+        self._dir: int | None = None
+        self._files: dict[str, tuple[int, int]] = {}  # data file -> (fd, size)
+
+    def _open(self, file: str) -> tuple[int, int]:
+        path = self.path_of(file)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        if self._dir is None:
+            try:
+                self._dir = os.open(join(self.uri, "data"), flags | os.O_DIRECTORY)
+            except OSError as err:
+                if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise CorruptionError(not_a_directory(self.dataset_uri, join(self.uri, "data"))) from None
+                raise
+        try:
+            fd = os.open(file, flags, dir_fd=self._dir)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise CorruptionError(not_regular(self.dataset_uri, self.version, path)) from None
+            raise CorruptionError(
+                f"data file {path} of version {self.version} of {self.dataset_uri} cannot be "
+                f"opened ({err.strerror}); restore it or load another version"
+            ) from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise CorruptionError(not_regular(self.dataset_uri, self.version, path))
+        return fd, st.st_size
+
+    def fd(self, row: Row) -> int:
+        if row.file not in self._files:
+            self._files[row.file] = self._open(row.file)
+        return self._files[row.file][0]
+
+    def size(self, row: Row) -> int:
+        self.fd(row)
+        return self._files[row.file][1]
+
+    def fill(self, row: Row, dst: torch.Tensor) -> int:
+        _pread_exact(self.fd(row), self.path_of(row.file), row.position or 0, dst)
+        return dst.numel()
+
+    def mapped(self, row: Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
+        if row.size == 0 or row.position is None or row.position % dtype.itemsize or not mmap_enabled():
+            return None
+        start = row.position - row.position % mmap.ALLOCATIONGRANULARITY
+        mapping = mmap.mmap(self.fd(row), row.position + row.size - start, access=mmap.ACCESS_COPY, offset=start)
+        flat = torch.frombuffer(mapping, dtype=torch.uint8, count=row.size, offset=row.position - start)
+        return flat.view(dtype).reshape(shape)
+
+    def parallel(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        for fd, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+        if self._dir is not None:
+            os.close(self._dir)
+            self._dir = None
+
+
+class _RemoteFiles(_Bytes):
+    """Data files on object storage, read with ranged GETs at the rows' positions."""
+
+    def __init__(self, uri: str, version: int, storage_options: StorageOptions):
+        super().__init__(uri, version)
+        self._files = RemoteFiles(lance_options(uri, storage_options))
+        self._sizes: dict[str, int] = {}
+
+    def size(self, row: Row) -> int:
+        if row.file not in self._sizes:
+            try:
+                self._sizes[row.file] = self._files.size(self.path_of(row.file))
+            except OSError as err:
+                raise lance_error(self.uri, err, f"data file {row.file} of version {self.version}") from None
+        return self._sizes[row.file]
+
+    def fill(self, row: Row, dst: torch.Tensor) -> int:
+        try:
+            return self._files.read_into(self.path_of(row.file), row.position or 0, memoryview(dst.numpy()))
+        except OSError as err:
+            raise lance_error(self.uri, err, f"data file {row.file} of version {self.version}") from None
+
+    def parallel(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._files.close()
+
+
+class _LanceBlobs(_Bytes):
+    """Payloads through Lance's blob API: object stores pyarrow cannot read itself."""
+
+    def __init__(self, uri: str, version: int, ds: Callable[[], lance.LanceDataset]):
+        super().__init__(uri, version)
+        self._ds = ds
+
+    def fill(self, row: Row, dst: torch.Tensor) -> int:
+        (blob,) = self._ds().take_blobs("data", addresses=[row.address])
+        view, got = memoryview(dst.numpy()), 0
+        while got < dst.numel():
+            n = blob.readinto(view[got : got + PIECE])
+            if not n:
+                break
+            got += n
+        return got
+
+
+class _SeedValues(_Bytes):
+    """The Lance docs example's float64 value lists, decoded in the decoder child."""
+
+    def __init__(self, uri: str, version: int, storage_options: StorageOptions):
+        super().__init__(uri, version)
+        self._opts = lance_options(uri, storage_options)
+
+    def fill(self, row: Row, dst: torch.Tensor) -> int:
+        count, data = decoder.request("seed_values", self.uri, self._opts, what=f"row {row.index} of version "
+                                      f"{self.version}", memory=row.size, version=self.version, index=row.index)  # fmt: skip
+        src = readonly_bytes(data)
+        dst[: min(src.numel(), dst.numel())].copy_(src[: dst.numel()])
+        return src.numel()
+
+
+# --------------------------------------------------------------------------- a version
+
+
+class VersionReader:
+    """One version of a dataset: its rows (see the module docstring), the problems they have,
+    its commit properties, and its payload bytes. Use as a context manager (it holds open
+    files). Choose one with ``open_version`` or ``describe``."""
+
+    def __init__(self, uri: str, version: int, compression: str | None, located: list[Located],
+                 properties: dict[str, str] | None, source: _Bytes, *, agree: bool = True,
+                 writable: bool = True, hashed: bool = True):  # fmt: skip
+        self.uri = uri
+        self.version = version
+        self.codec = compression
+        self.located = located
+        self._properties = properties
+        self.source = source
+        self.agree = agree  # whether the rows hash to the digest the commit recorded
+        self.writable = writable  # whether new versions may be saved on top of this format
+        self.hashed = hashed  # whether rows record content hashes (the docs example's do not)
+        self._entries: OrderedDict[str, Entry] | None = None
+
+    def __enter__(self) -> VersionReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.source.close()
+
+    @property
+    def entries(self) -> OrderedDict[str, Entry]:
+        """Every tensor of the version, in saved order, as its rows claim (see ``checked``)."""
+        if self._entries is None:
+            self._entries = build_entries(self.located)
+        return self._entries
+
+    def checked(self) -> tuple[OrderedDict[str, Entry], list[Problem]]:
+        """Every tensor of the version and the problems of its metadata (format.problems)."""
+        found = problems(self.entries, self.codec is not None)
+        if not self.agree:
+            found.append(Problem("", -1, "", f"the rows differ from what commit {self.version} recorded "
+                                 f"({PROP}rows): they were rewritten after the commit"))
+        return self.entries, found
+
+    def properties(self) -> dict[str, str] | None:
+        """The version's commit properties (None if its commit cannot be read)."""
+        return None if self._properties is None else dict(self._properties)
+
+    def path_of(self, file: str) -> str:
+        """The full path or URI of a data file named in the manifest."""
+        return self.source.path_of(file)
+
+    def file_of(self, row: Row) -> str:
+        return self.source.path_of(row.file)
+
+    def bad_hash(self, row: Row, chunk: torch.Tensor) -> str | None:
+        """The content hash of ``chunk`` (the row's bytes) if it differs from the recorded one."""
+        if not self.hashed:
+            return None
+        got = hash_bytes(memoryview(chunk.numpy()))
+        return got if got != row.hash else None
+
+    def check(self, rows: Iterable[Row]) -> None:
+        """Before anything is allocated or written: each data file holds its chunk's bytes; a
+        compressed chunk's frame decompresses to exactly its size."""
+        for row in rows:
+            if not row.stored:
+                continue
+            size = self.source.size(row)
+            if size is not None and (row.position or 0) + row.stored > size:
+                raise CorruptionError(
+                    f"data file {self.file_of(row)} holds {size} bytes, but chunk {row.chunk} of "
+                    f"version {self.version} claims bytes {row.position}..{(row.position or 0) + row.stored}; "
+                    f"the file was truncated or the metadata is crafted. Run verify() on {self.uri}"
+                )
+            if self.codec:
+                self._check_frame(row)
+
+    def _check_frame(self, row: Row) -> None:
+        head = torch.empty(min(row.stored, _ZSTD_HEADER), dtype=torch.uint8)
+        self._read_stored(row, head, whole=False)
+        try:
+            size = zstandard.frame_content_size(memoryview(head.numpy()))
+            what = f"a zstd frame of {size} bytes" if size >= 0 else "a zstd frame of unknown size"
+        except zstandard.ZstdError:
+            size, what = None, "not a zstd frame"
+        if size != row.size:
+            raise CorruptionError(
+                f"chunk {row.chunk} at {self.file_of(row)} is {what}, but its tensor "
+                f"records {row.size} bytes; run verify() on {self.uri}"
+            )
+
+    def mapped(self, row: Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
+        """The chunk as a copy-on-write memory map of its data file (lazy, no copy), or None."""
+        return None if self.codec else self.source.mapped(row, dtype, shape)
+
+    def read_many(self, jobs: list[tuple[Row, torch.Tensor]]) -> None:
+        """Fill each flat, contiguous uint8 CPU tensor with its chunk's bytes (several threads
+        where the source allows: page-cache copies and GETs both gain from them)."""
+        if self.codec:
+            for row, dst in jobs:
+                self._decompress(row, dst)
+            return
+        if not self.source.parallel():
+            for row, dst in jobs:
+                self._read_stored(row, dst)
+            return
+        pieces = [(row, start, dst[start : start + PIECE]) for row, dst in jobs if row.size
+                  for start in range(0, row.size, PIECE)]  # fmt: skip
+
+        def piece(p: tuple[Row, int, torch.Tensor]) -> None:
+            row, start, dst = p
+            part = row._replace(position=(row.position or 0) + start, stored=dst.numel())
+            self._read_stored(part, dst)
+
+        if len(pieces) > 1 and THREADS > 1:
+            with ThreadPoolExecutor(THREADS) as pool:
+                list(pool.map(piece, pieces))
+        else:
+            for p in pieces:
+                piece(p)
+
+    def _read_stored(self, row: Row, dst: torch.Tensor, whole: bool = True) -> None:
+        """The payload as stored (or its first ``dst.numel()`` bytes unless ``whole``)."""
+        want = dst.numel()
+        got = self.source.fill(row, dst) if row.stored else 0
+        if got != want or (whole and want != row.stored):
+            raise CorruptionError(
+                f"chunk {row.chunk} at {self.file_of(row)} holds {got} bytes, expected "
+                f"{want}; run verify() on {self.uri}"
+            )
+
+    def _decompress(self, row: Row, dst: torch.Tensor) -> None:
+        packed = torch.empty(row.stored, dtype=torch.uint8)
+        self._read_stored(row, packed)
+        try:
+            raw = zstandard.ZstdDecompressor().decompress(memoryview(packed.numpy()), max_output_size=row.size)
+        except zstandard.ZstdError as err:
+            raise CorruptionError(
+                f"chunk {row.chunk} at {self.file_of(row)} does not decompress ({err}); "
+                f"run verify() on {self.uri}"
+            ) from None
+        if len(raw) != row.size:
+            raise CorruptionError(f"chunk {row.chunk} at {self.file_of(row)} decompresses to "
+                                  f"{len(raw)} bytes, expected {row.size}")  # fmt: skip
+        dst.copy_(readonly_bytes(raw))
+
+
+def _bytes_of(dataset: Dataset, version: int) -> _Bytes:
+    root = local_path(dataset.uri)
+    if root is not None:
+        return _LocalFiles(dataset.uri, version, root)
+    if remote_supported(dataset.uri):
+        return _RemoteFiles(dataset.uri, version, dataset.storage_options)
+    return _LanceBlobs(dataset.uri, version, lambda: dataset.checkout(version))
+
+
+# --------------------------------------------------------------------------- opening a version
+
+
+def open_version(dataset: Dataset, version: int | str | None, *, index_alone: bool = True) -> VersionReader:
+    """The reader of a version (a number or a tag; None: latest): from its version index alone
+    when ``index_alone`` and the index is complete and consistent (no Lance import), else
+    through Lance (``describe``)."""
+    if index_alone and not dataset.opened and (version is None or type(version) is int):
+        try:
+            found = index.alone(dataset.uri, dataset.storage_options, version)
+        except Unreachable as err:
+            raise err.about(dataset.uri) from None
+        if found is not None:
+            number, doc, located = found
+            reader = VersionReader(dataset.uri, number, codec(doc["schema"].get(COMPRESSION_KEY, "none")), located,
+                                   doc["properties"], _bytes_of(dataset, number))  # fmt: skip
+            if not reader.checked()[1]:
+                return reader
+    return describe(dataset, dataset.checkout(version))
+
+
+def describe(dataset: Dataset, ds: lance.LanceDataset, *, rows_themselves: bool = False) -> VersionReader:
+    """The reader of checked-out version ``ds``: its rows from its index when that matches the
+    manifest and the commit, else (or with ``rows_themselves``) decoded from its data files.
+    Rows from an index that break a rule are never blamed on the version: the data files
+    are asked."""
+    if not check_format(ds, FORMAT_VERSION):
+        return _seed(dataset, ds)
+    uri, opts = dataset.uri, dataset.storage_options
+    table = fragment_table(ds)
+    digest = recorded_digest(ds)
+    compression = codec((ds.schema.metadata or {}).get(COMPRESSION_KEY.encode(), b"none").decode())
+    located = None if rows_themselves else index.matching(uri, opts, ds.version, table, digest)
+    if located is not None:
+        reader = VersionReader(uri, ds.version, compression, located, commit_properties(ds), _bytes_of(dataset, ds.version))
+        if not reader.checked()[1]:
+            return reader
+    located = scan(dataset, ds, table)
+    agree = digest is None or rows_digest(r.meta for r in located) == digest
+    return VersionReader(uri, ds.version, compression, located, commit_properties(ds),
+                         _bytes_of(dataset, ds.version), agree=agree)  # fmt: skip
+
+
+def scan(dataset: Dataset, ds: lance.LanceDataset, table: list[index.Fragment]) -> list[Located]:
+    """Every row of checked-out version ``ds``, decoded from its data files in the decoder."""
+    check_local_files(dataset.uri, ds.version, table)
+    what = f"the rows of version {ds.version}"
+    try:
+        found, _ = decoder.request("scan", dataset.uri, lance_options(dataset.uri, dataset.storage_options),
+                                   what=what, version=ds.version)  # fmt: skip
+    except (OSError, ValueError) as err:
+        if isinstance(err, CorruptionError):
+            raise
+        raise lance_error(dataset.uri, err, what) from None
+    files = {fid: path for fid, path, _ in table}
+    n = len(META_COLUMNS)
+    if not isinstance(found, list) or not all(
+        index.valid_row(row[:-1], n) and type(row[-1]) is int and 0 <= row[-1] < 1 << 64 for row in found
+    ):
+        raise CorruptionError(f"{what} of {dataset.uri} are malformed (a value of the wrong type or range)")
+    return [Located(dict(zip(META_COLUMNS, row[:n])), row[-1], row[n], files.get(row[-1] >> 32, ""), row[n + 1])
+            for row in found]  # fmt: skip
+
+
+def _seed(dataset: Dataset, ds: lance.LanceDataset) -> VersionReader:
+    """A Lance docs example dataset: one row per tensor (``name``, ``shape``, float64 ``value``
+    list). It records no hashes, compression or commit properties of ours, takes no new
+    versions, and is decoded entirely in the decoder."""
+    what = f"the rows of version {ds.version}"
+    try:
+        found, _ = decoder.request("seed_rows", dataset.uri, lance_options(dataset.uri, dataset.storage_options),
+                                   what=what, version=ds.version)  # fmt: skip
+    except (OSError, ValueError) as err:
+        if isinstance(err, CorruptionError):
+            raise
+        raise lance_error(dataset.uri, err, what) from None
+    located, seen = [], set()
+    for i, row in enumerate(found if isinstance(found, list) else [None]):
+        name, shape, address = row if isinstance(row, list) and len(row) == 3 else (None, None, None)
+        shape = shape if shape is not None else []
+        if (not isinstance(name, str) or name in seen or not isinstance(shape, list) or len(shape) > MAX_DIMS
+                or not all(type(s) is int and 0 <= s < 1 << 62 for s in shape) or type(address) is not int):  # fmt: skip
+            raise CorruptionError(
+                f"row {i} of {ds.uri} (version {ds.version}) repeats the name {str(name)[:200]!r} or has "
+                f"shape {str(shape)[:80]}, which is not a list of non-negative sizes"
+            )
+        seen.add(name)
+        nbytes = stored_nbytes("float64", shape)
+        meta = {"name": name, "chunk": 0, "offset": 0, "nbytes": nbytes, "dtype": "float64", "shape": shape,
+                "hash": "", "alias": None}  # fmt: skip
+        located.append(Located(meta, address, None, "", nbytes))
+    return VersionReader(dataset.uri, ds.version, None, located, {}, _SeedValues(dataset.uri, ds.version,
+                         dataset.storage_options), writable=False, hashed=False)  # fmt: skip
+
+
+def check_local_files(uri: str, version: int, table: list[index.Fragment]) -> None:
+    """Before a local version's data files are decoded: each is a regular file in data/ (a
+    symlink or FIFO there is refused, naming it, instead of followed or waited on)."""
+    root = local_path(uri)
+    if root is None:
+        return
+    data = os.path.join(root, "data")
+    try:
+        if not stat.S_ISDIR(os.lstat(data).st_mode):
+            raise CorruptionError(not_a_directory(uri, data))
+    except FileNotFoundError:
+        return
+    for _, name, _ in table:
+        path = os.path.join(data, name)
+        try:
+            st = os.lstat(path)
+        except OSError:
+            continue  # missing: the decoder says so
+        if not stat.S_ISREG(st.st_mode):
+            raise CorruptionError(not_regular(uri, version, path))
+
+
+def not_a_directory(uri: str, path: str) -> str:
+    return f"{path} of {uri} is not a directory (a symbolic link?); only files inside the dataset are read"
+
+
+def not_regular(uri: str, version: int, path: str) -> str:
+    return (
+        f"data file {path} of version {version} of {uri} is not a regular file (a symbolic "
+        f"link, FIFO, device or directory); only regular files inside the dataset are read"
+    )
+
+
+# --------------------------------------------------------------------------- materializing
+
+
+def device_of(map_location: str | torch.device | None) -> torch.device:
+    if map_location is None:
+        return torch.device("cpu")
+    if isinstance(map_location, (str, torch.device)):
+        return torch.device(map_location)
+    raise TypeError(
+        f"map_location must be None, a device string such as 'cuda:0', or a torch.device; "
+        f"got {map_location!r}"
+    )
+
+
+def check_row(reader: VersionReader, e: Entry, row: Row, chunk: torch.Tensor) -> None:
+    """Raise CorruptionError unless ``chunk`` (the chunk's bytes) hashes to what was recorded."""
+    got = reader.bad_hash(row, chunk)
+    if got is not None:
+        raise CorruptionError(
+            f"tensor {e.name[:200]!r} (chunk {row.chunk}) of version {reader.version} in {reader.uri} "
+            f"is corrupt: content hash {got} != recorded {row.hash[:64]} (file "
+            f"{reader.file_of(row)}); restore that file or load another version"
+        )
+
+
+def materialize(reader: VersionReader, entries: list[Entry], *, verify: bool) -> dict[str, torch.Tensor]:
+    """The stored tensors on the CPU: lazy copy-on-write maps where possible, else read
+    (all in one ``read_many``, so that the reads run in parallel).
+
+    With ``verify`` they are always read into fresh memory and hashed, so that what comes
+    back is exactly what was checked: nothing outside the process can change it afterwards.
+    """
+    out: dict[str, torch.Tensor] = {}
+    jobs: list[tuple[Entry, Row, torch.Tensor]] = []
+    for e in entries:
+        dtype = dtype_from_name(e.dtype, key=e.name)
+        reader.check(e.rows)
+        t = reader.mapped(e.rows[0], dtype, e.shape) if len(e.rows) == 1 and not verify else None
+        if t is None:
+            t = torch.empty(e.shape, dtype=dtype)
+            flat = uint8_view(t)
+            jobs += [(e, row, flat[row.offset : row.offset + row.size]) for row in e.rows]
+        out[e.name] = t
+    reader.read_many([(row, dst) for _, row, dst in jobs])
+    if verify:
+        for e, row, dst in jobs:
+            check_row(reader, e, row, dst)
+    return out
+
+
+def _pread_exact(fd: int, path: str, position: int, dst: torch.Tensor) -> None:
+    view, got = memoryview(dst.numpy()), 0
+    while got < len(view):
+        n = os.preadv(fd, [view[got:]], position + got)
+        if n == 0:
+            raise CorruptionError(f"{path} ends at byte {position + got}, before its tensor does")
+        got += n
+
+
+def write_index(dataset: Dataset, ds: lance.LanceDataset, located: list[Located], table: list[index.Fragment]) -> None:
+    """Write the version index of checked-out version ``ds`` from rows known to be its own."""
+    schema = {k.decode(): v.decode() for k, v in (ds.schema.metadata or {}).items()}
+    index.write(dataset.uri, dataset.storage_options, ds.version, schema=schema,
+                properties=commit_properties(ds) or {}, table=table, located=located)  # fmt: skip
+
