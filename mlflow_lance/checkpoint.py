@@ -118,7 +118,9 @@ def _indexed_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opti
     index = {n: i for i, n in enumerate(names)}
     unknown = [n for n in named["state"] if n not in index]
     if unknown:
-        raise KeyError(f"the checkpoint has optimizer state for {unknown[:5]}, which this optimizer does not train")
+        raise store.WeightsError(
+            f"the checkpoint has optimizer state for {unknown[:5]}, which this optimizer does not train"
+        )
     saved = {frozenset(g["params"]): g for g in named["param_groups"]}
     groups, start = [], 0
     for group in optimizer.param_groups:
@@ -149,14 +151,34 @@ def _rng_state() -> dict:
 
 
 def set_rng_state(state: Mapping) -> None:
-    """Restore the random number generators from a checkpoint's ``rng`` entry."""
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state((n["kind"], n["keys"].numpy(), n["pos"], n["has_gauss"], n["cached"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(p["internal"]), p["gauss_next"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(list(state["cuda"]))
+    """Restore the random number generators from a checkpoint's ``rng`` entry; every part is
+    checked before any generator changes (CorruptionError names what is malformed)."""
+    try:
+        n, p = state["numpy"], state["python"]
+        torch_state = state["torch"]
+        keys = n["keys"].numpy()
+        numpy_state = (str(n["kind"]), keys, int(n["pos"]), int(n["has_gauss"]), float(n["cached"]))
+        gauss = p["gauss_next"]
+        python_state = (int(p["version"]), tuple(int(x) for x in p["internal"]), None if gauss is None else float(gauss))
+        cuda = list(state["cuda"]) if "cuda" in state and torch.cuda.is_available() else None
+        if not isinstance(torch_state, torch.Tensor) or torch_state.dtype != torch.uint8 or keys.shape != (624,) \
+                or len(python_state[1]) != 625:  # fmt: skip
+            raise ValueError("unexpected shapes")
+        saved_torch, saved_numpy, saved_python = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        try:
+            torch.set_rng_state(torch_state)
+            np.random.set_state(numpy_state)
+            random.setstate(python_state)
+            if cuda is not None:
+                torch.cuda.set_rng_state_all(cuda)
+        except BaseException:
+            torch.set_rng_state(saved_torch)
+            np.random.set_state(saved_numpy)
+            random.setstate(saved_python)
+            raise
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        raise store.CorruptionError(f"the checkpoint's rng state is malformed ({type(err).__name__}); "
+                                    f"load it with restore_rng=False") from None
 
 
 def _stage(model, optimizer, scheduler, *, step: int, metrics: Mapping | None, extra: Mapping | None,
@@ -415,17 +437,16 @@ def load_checkpoint(
     ``model_uri`` restored from.
     """
     state = read_checkpoint(uri)
+    if optimizer is not None and model is None:
+        raise ValueError("pass the model too: optimizer state is stored by parameter name")
+    for wanted, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (restore_rng or None, "rng")):
+        if wanted is not None and key not in state:
+            raise store.WeightsError(f"{uri} holds no {key} state" + (" (pass restore_rng=False)" if key == "rng" else ""))
     if model is not None:
         model.load_state_dict(state["model"], strict=strict)
     if optimizer is not None:
-        if model is None:
-            raise ValueError("pass the model too: optimizer state is stored by parameter name")
-        if "optimizer" not in state:
-            raise KeyError(f"{uri} holds no optimizer state")
         optimizer.load_state_dict(_indexed_optimizer_state(model, optimizer, state["optimizer"]))
     if scheduler is not None:
-        if "scheduler" not in state:
-            raise KeyError(f"{uri} holds no scheduler state")
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
         set_rng_state(state["rng"])
@@ -440,8 +461,32 @@ def read_checkpoint(uri: str) -> dict[str, Any]:
     resolved = _resolve(uri)
     state = flavor.load_state_dict(resolved)
     if not isinstance(state, Mapping) or "model" not in state or "step" not in state:
-        raise ValueError(f"{uri} is not a checkpoint logged by mlflow_lance.log_checkpoint")
+        raise store.WeightsError(f"{uri} is not a checkpoint logged by mlflow_lance.log_checkpoint")
+    why = _malformed(state)
+    if why:
+        raise store.CorruptionError(f"the checkpoint at {uri} is malformed: {why}")
     return {**state, "model_uri": resolved}
+
+
+def _malformed(state: Mapping) -> str | None:
+    """What in a stored checkpoint does not have the shape log_checkpoint writes, or None."""
+    if not isinstance(state["model"], Mapping) or not all(isinstance(v, torch.Tensor) for v in state["model"].values()):
+        return "'model' is not a state dict"
+    if type(state["step"]) is not int:
+        return "'step' is not an int"
+    for key in ("metrics", "extra"):
+        if key in state and not isinstance(state[key], Mapping):
+            return f"{key!r} is not a mapping"
+    optim = state.get("optimizer")
+    if optim is not None and not (
+        isinstance(optim, Mapping) and isinstance(optim.get("state"), Mapping)
+        and all(isinstance(k, str) and isinstance(v, Mapping) for k, v in optim["state"].items())
+        and isinstance(optim.get("param_groups"), list)
+        and all(isinstance(g, Mapping) and isinstance(g.get("params"), list)
+                and all(isinstance(n, str) for n in g["params"]) for g in optim["param_groups"])
+    ):  # fmt: skip
+        return "'optimizer' is not a name-keyed optimizer state"
+    return None
 
 
 def optimizer_state_in_saved_order(named: Mapping) -> dict:

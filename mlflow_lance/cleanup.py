@@ -23,7 +23,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
-from .dataset import Dataset, open_lance, retried
+from .dataset import Dataset, lance_call, open_lance
 from .format import plain_name
 from .fs import Tree
 from .index import INDEX_DIR, manifests
@@ -47,7 +47,7 @@ class Swept:
 def _tracked(dataset: Dataset, min_version: int | None = None) -> dict[int, set[str]]:
     """Version -> the paths (relative to the dataset) of every file it names."""
     ds = open_lance(dataset.uri, dataset.storage_options) if min_version is not None else dataset.lance
-    table = retried(lambda: ds.tracked_files(min_version=min_version).read_all().to_pylist(), dataset.uri,
+    table = lance_call(lambda: ds.tracked_files(min_version=min_version).read_all().to_pylist(), dataset.uri,
                     "the manifests")  # fmt: skip
     out: dict[int, set[str]] = {}
     for row in table:

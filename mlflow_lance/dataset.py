@@ -17,6 +17,8 @@ import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, TypeVar
 
+import pyarrow as pa
+
 from .errors import CorruptionError, VersionNotFoundError, WeightsError
 from .format import FORMAT_KEY, PROP, Version, plain_name
 from .fs import StorageOptions, check_tree, lance_options, local_path, unreachable
@@ -42,6 +44,28 @@ def lance_error(uri: str, err: BaseException, what: str, elapsed: float = 0.0) -
     )
 
 
+def lance_call(call: Callable[[], T], uri: str, what: str, *, retry_vanished: bool = True) -> T:
+    """``call()``, a read of ``what`` of dataset ``uri`` through Lance, with Lance's failures
+    turned into this package's errors (``lance_error``). That includes a Rust panic while a
+    manifest is decoded (``PanicException``, a BaseException that ``except Exception`` misses;
+    a crafted schema type does it). ``retry_vanished``: retried while what it reads vanishes
+    under it (another gc removing a version or a tag between Lance's listing and its read)."""
+    started = time.monotonic()
+    for attempt in range(8):
+        try:
+            return call()
+        except (WeightsError, ConnectionError, FileNotFoundError):
+            raise
+        except BaseException as err:
+            if not isinstance(err, (ValueError, OSError, RuntimeError)) and type(err).__name__ != "PanicException":
+                raise
+            text = str(err).lower()
+            if not retry_vanished or ("not found" not in text and "no such file" not in text) or attempt == 7:
+                raise lance_error(uri, err, what, time.monotonic() - started) from None
+            time.sleep(JITTER.uniform(0, 0.005 * 2**attempt))
+    raise AssertionError("unreachable")
+
+
 def open_lance(uri: str, storage_options: StorageOptions = None) -> lance.LanceDataset:
     """The dataset at ``uri``, at its latest version; FileNotFoundError that says so if nothing
     was saved there, ConnectionError if its storage cannot be reached, CorruptionError if its
@@ -51,18 +75,21 @@ def open_lance(uri: str, storage_options: StorageOptions = None) -> lance.LanceD
     root = local_path(uri)
     if root is not None:
         check_tree(root)
-    started = time.monotonic()
-    try:
-        return lance.dataset(uri, storage_options=lance_options(uri, storage_options))
-    except (ValueError, OSError) as e:
-        if "was not found" in str(e) or "Not found" in str(e):
-            if (gone := unreachable(uri, e, time.monotonic() - started)) is not None:
-                raise gone from None
-            raise FileNotFoundError(
-                f"no weights dataset at {uri!r}: nothing has been saved there yet "
-                f"(check the URI, or save a version first)"
-            ) from None
-        raise lance_error(uri, e, "the latest version", time.monotonic() - started) from None
+
+    def call() -> lance.LanceDataset:
+        try:
+            return lance.dataset(uri, storage_options=lance_options(uri, storage_options))
+        except (ValueError, OSError, RuntimeError) as e:
+            if ("was not found" in str(e) or "Not found" in str(e)) and unreachable(uri, e) is None:
+                raise FileNotFoundError(
+                    f"no weights dataset at {uri!r}: nothing has been saved there yet "
+                    f"(check the URI, or save a version first)"
+                ) from None
+            raise
+
+    ds = lance_call(call, uri, "the latest version", retry_vanished=False)
+    schema_of(ds)  # decoded now: a manifest that cannot be is a CorruptionError from here on
+    return ds
 
 
 class Dataset:
@@ -108,29 +135,25 @@ class Dataset:
         return checkout(self.lance, version)
 
 
-def retried(read: Callable[[], T], uri: str, what: str) -> T:
-    """``read()``, retried while what it reads vanishes under it (another gc removing a
-    version or a tag between Lance's listing and its read of the file); Lance's other errors
-    become this package's (``lance_error``)."""
-    for attempt in range(8):
-        try:
-            return read()
-        except (ValueError, OSError) as err:
-            text = str(err).lower()
-            if ("not found" not in text and "no such file" not in text) or attempt == 7:
-                raise lance_error(uri, err, what) from None
-            time.sleep(JITTER.uniform(0, 0.005 * 2**attempt))
-    raise AssertionError("unreachable")
-
-
 def tag_list(ds: lance.LanceDataset) -> dict:
-    """Lance's tag listing (see ``retried``)."""
-    return retried(ds.tags.list, ds.uri, "the tags")
+    """Lance's tag listing (see ``lance_call``)."""
+    return lance_call(ds.tags.list, ds.uri, "the tags")
 
 
 def version_list(ds: lance.LanceDataset) -> list[dict]:
-    """Lance's listing of the dataset's versions, each manifest decoded (see ``retried``)."""
-    return retried(ds.versions, ds.uri, "the version list")
+    """Lance's listing of the dataset's versions, each manifest decoded (see ``lance_call``)."""
+    return lance_call(ds.versions, ds.uri, "the version list")
+
+
+_SCHEMAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # checked-out dataset -> its schema
+
+
+def schema_of(ds: lance.LanceDataset) -> pa.Schema:
+    """The checked-out version's schema, decoded once (see ``lance_call``)."""
+    if ds not in _SCHEMAS:
+        _SCHEMAS[ds] = lance_call(lambda: ds.schema, ds.uri, f"the schema of version {ds.version}",
+                                  retry_vanished=False)  # fmt: skip
+    return _SCHEMAS[ds]
 
 
 def available(ds: lance.LanceDataset) -> str:
@@ -149,24 +172,27 @@ def checkout(ds: lance.LanceDataset, version: Version | None) -> lance.LanceData
         raise TypeError(f"version must be an int or a tag name, got {version!r}")
     if isinstance(version, int) and not 0 <= version < 1 << 63:
         raise VersionNotFoundError(f"version {version} does not exist in {ds.uri}; {available(ds)}")
-    try:
-        return ds.checkout_version(version)
-    except (ValueError, OSError) as err:
-        text = str(err).lower()
-        if "not found" in text or "does not exist" in text or "not exist" in text:
-            kind = "tag" if isinstance(version, str) else "version"
-            raise VersionNotFoundError(f"{kind} {version!r} does not exist in {ds.uri}; {available(ds)}") from None
-        raise lance_error(ds.uri, err, f"version {version!r}") from None
+    def call() -> lance.LanceDataset:
+        try:
+            out = ds.checkout_version(version)
+        except (ValueError, OSError, RuntimeError) as err:
+            text = str(err).lower()
+            if "not found" in text or "does not exist" in text or "not exist" in text:
+                kind = "tag" if isinstance(version, str) else "version"
+                raise VersionNotFoundError(f"{kind} {version!r} does not exist in {ds.uri}; {available(ds)}") from None
+            raise
+        schema_of(out)
+        return out
+
+    return lance_call(call, ds.uri, f"version {str(version)[:100]!r}", retry_vanished=False)
 
 
 def is_weights(ds: lance.LanceDataset) -> bool | None:
     """True for our format, False for the Lance docs example's, None for any other dataset."""
-    import pyarrow as pa
-
-    if FORMAT_KEY.encode() in (ds.schema.metadata or {}):
+    schema = schema_of(ds)
+    if FORMAT_KEY.encode() in (schema.metadata or {}):
         return True
-    names = set(ds.schema.names)
-    if {"name", "value", "shape"} <= names and pa.types.is_list(ds.schema.field("value").type):
+    if {"name", "value", "shape"} <= set(schema.names) and pa.types.is_list(schema.field("value").type):
         return False
     return None
 
@@ -180,10 +206,13 @@ def commit_properties(ds: lance.LanceDataset) -> dict[str, str] | None:
     checkpoint spec, verify for the summary."""
     if ds not in _COMMITS:
         try:
-            txn = ds.read_transaction(ds.version)
-        except (OSError, ValueError):
+            txn = lance_call(lambda: ds.read_transaction(ds.version), ds.uri, "a commit", retry_vanished=False)
+            props = dict(txn.transaction_properties or {}) if txn is not None else {}
+        except CorruptionError:
             return None
-        _COMMITS[ds] = dict(txn.transaction_properties or {}) if txn is not None else {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in props.items()):
+            return None
+        _COMMITS[ds] = props
     return _COMMITS[ds]
 
 
@@ -199,10 +228,8 @@ def fragment_table(ds: lance.LanceDataset, fragments: list | None = None) -> lis
     points elsewhere (``../x``, an absolute path, another base) is refused, naming the file.
     """
     out = []
-    try:
-        listed = ds.get_fragments() if fragments is None else fragments
-    except (ValueError, OSError) as err:
-        raise lance_error(ds.uri, err, f"the fragments of version {ds.version}") from None
+    listed = fragments if fragments is not None else lance_call(
+        ds.get_fragments, ds.uri, f"the fragments of version {ds.version}", retry_vanished=False)  # fmt: skip
     for f in listed:
         files = f.metadata.files
         path = files[0].path if files else ""
@@ -223,10 +250,10 @@ def check_format(ds: lance.LanceDataset, newest: int) -> bool:
     if kind is None:
         raise WeightsError(
             f"{ds.uri} is a Lance dataset but not a weights dataset (columns: "
-            f"{', '.join(ds.schema.names)[:300]}); point at a dataset written by mlflow-lance"
+            f"{', '.join(schema_of(ds).names)[:300]}); point at a dataset written by mlflow-lance"
         )
     if kind:
-        text = (ds.schema.metadata or {})[FORMAT_KEY.encode()].decode("utf-8", "replace")
+        text = (schema_of(ds).metadata or {})[FORMAT_KEY.encode()].decode("utf-8", "replace")
         found = int(text) if text.isascii() and text.isdigit() and len(text) < 10 else None
         if found is None or found > newest:
             raise WeightsError(

@@ -59,13 +59,18 @@ def _memory() -> int:
     return int(digits) * scale if digits.isdigit() and int(digits) > 0 else _DEFAULT_MEMORY
 
 
+def command() -> list[str]:
+    """How a decoder child is started: this module, run by this interpreter."""
+    return [sys.executable, "-m", "mlflow_lance.decoder", str(_memory())]
+
+
 class _Child:
     """One decoder process, owned by the process that started it."""
 
     def __init__(self) -> None:
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "mlflow_lance.decoder", str(_memory())],
+            command(),
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, close_fds=True,
         )  # fmt: skip
         self.owner = os.getpid()

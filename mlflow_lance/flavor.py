@@ -52,13 +52,14 @@ from mlflow.utils.validation import _validate_model_name
 from mlflow.utils.model_utils import (
     _add_code_from_conf_to_system_path,
     _copy_extra_files,
-    _get_flavor_configuration,
     _validate_and_copy_code_paths,
     _validate_and_prepare_target_save_path,
 )
 
-from . import lifecycle, registry, store, tree
+from . import lifecycle, modeldir, registry, store, tree
 from .artifacts import Location, dataset_location, storage_options_for
+from .fs import read_bytes
+from .modeldir import FLAVOR_NAME
 from .skeleton import (
     SKELETON_FILE,
     build_from_factory,
@@ -73,7 +74,6 @@ from .skeleton import (
 from .sidecar import legacy_run_pin, model_pin
 from .tensors import validate_state_dict
 
-FLAVOR_NAME = "mlflow_lance"
 _DATA_SUBPATH = "data"
 _POINTER_FILE = "lance.yaml"
 _PROGRAM_FILE = "program.pt"  # a TorchScript program without its weights
@@ -376,9 +376,9 @@ def _program_without_weights(module: torch.jit.ScriptModule) -> bytes:
     return out.getvalue()
 
 
-def _load_program(path: str, state_dict: Mapping[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
+def _load_program(program: bytes, state_dict: Mapping[str, torch.Tensor], device: torch.device) -> torch.nn.Module:
     """A TorchScript program given the stored weights (each tensor set on its submodule)."""
-    module = torch.jit.load(path, map_location=device)
+    module = torch.jit.load(io.BytesIO(program), map_location=device)
     subs = dict(module.named_modules())
     for key, tensor in state_dict.items():
         owner, _, name = key.rpartition(".")
@@ -539,25 +539,6 @@ def _location_for(
 # --------------------------------------------------------------------------- loading
 
 
-def _load_pointer(path: str, name: str) -> tuple[str, int]:
-    """(Lance URI, version) from a pointer file (``name`` is how errors call it)."""
-    with open(path, encoding="utf-8") as f:
-        doc = yaml.safe_load(f.read(1 << 16))
-    uri = doc.get("lance_uri") if isinstance(doc, dict) else None
-    version = doc.get("lance_version") if isinstance(doc, dict) else None
-    if not isinstance(uri, str) or not uri or isinstance(version, bool) or not isinstance(version, int):
-        raise ValueError(f"{name} must map lance_uri to a URI and lance_version to a version number")
-    return uri, version
-
-
-def _read_pointer(data_path: str) -> tuple[str, int]:
-    path = os.path.join(data_path, _POINTER_FILE)
-    uri, version = _load_pointer(path, path)
-    if "://" not in uri and not os.path.isabs(uri):  # a dataset inside the model directory
-        uri = os.path.join(data_path, uri)
-    return uri, version
-
-
 def _load_from_local(
     local_path: str,
     *,
@@ -574,8 +555,8 @@ def _load_from_local(
     filled in place (``load_into``). With pickle refused the directory is untrusted: its
     code/ is not put on sys.path and a factory must pass ``skeleton.trusted_factory``.
     """
-    conf = _get_flavor_configuration(local_path, FLAVOR_NAME)
-    uri, version = _read_pointer(os.path.join(local_path, _DATA_SUBPATH))
+    conf = modeldir.flavor_conf(local_path)
+    uri, version = modeldir.pointer(local_path)
     device = torch.device(map_location) if map_location is not None else torch.device("cpu")
     opts = storage_options_for(uri) or None
     saved_with = str(conf.get("pytorch_version", ""))
@@ -592,15 +573,15 @@ def _load_from_local(
                 f"disabled, and a program is code from the model directory. Load only the weights with "
                 f"mlflow_lance.load_state_dict()."
             )
+        program = modeldir.read(local_path, conf["torchscript"], limit=modeldir.MAX_ARCHITECTURE)
         state_dict = store.load_state_dict(uri, version, storage_options=opts, verify=verify)
-        return _load_program(os.path.join(local_path, conf["torchscript"]), state_dict, device).eval()
+        return _load_program(program, state_dict, device).eval()
     if "model_factory" in conf:
-        module = build_from_factory(
-            conf["model_factory"], conf.get("factory_kwargs"), trusted_only=trusted_only, model_dir=local_path
-        ).to(device)
-        store.load_into(module, uri, version, strict=strict, storage_options=opts, verify=verify)
+        module = _built_to_fit(conf, local_path, trusted_only, store.Dataset(uri, opts), version, strict)
+        store.load_into(module.to(device), uri, version, strict=strict, storage_options=opts, verify=verify)
         return module.eval()
-    module = load_skeleton(os.path.join(local_path, conf["skeleton"]), allow_pickle=allow_pickle)
+    skeleton = modeldir.read(local_path, conf["skeleton"], limit=modeldir.MAX_ARCHITECTURE)
+    module = load_skeleton(skeleton, os.path.join(local_path, conf["skeleton"]), allow_pickle=allow_pickle)
     ties = tie_groups(module)
     prefix = conf.get("state_prefix")  # a checkpoint: the model's tensors only
     state_dict = store.load_state_dict(uri, version, map_location=device, storage_options=opts, verify=verify,
@@ -610,6 +591,26 @@ def _load_from_local(
     module.load_state_dict(state_dict, strict=strict, assign=True)
     retie(ties)
     return materialize(module, device).eval()  # what the weights did not cover (strict=False)
+
+
+def _built_to_fit(
+    conf: Mapping, local_path: str, trusted_only: bool, dataset: store.Dataset, version: int, strict: bool
+) -> torch.nn.Module:
+    """The factory's module, built only once its shapes are known to fit the stored version:
+    it is built on the meta device first (no memory), checked against the version's keys
+    and shapes, and only then for real, so that a crafted MLmodel cannot make a trusted
+    factory allocate what the dataset does not hold. A factory that cannot build on the meta
+    device is built directly (and checked by the load)."""
+    spec = (conf["model_factory"], conf.get("factory_kwargs"))
+    try:
+        shape = build_from_factory(*spec, trusted_only=trusted_only, model_dir=local_path, device="meta")
+    except PermissionError:
+        raise
+    except Exception:  # noqa: BLE001 - the meta build is an early check only; the real build decides
+        shape = None
+    if shape is not None:
+        store.check_fits(shape, dataset, version, strict=strict)
+    return build_from_factory(*spec, trusted_only=trusted_only, model_dir=local_path)
 
 
 def load_model(
@@ -642,6 +643,11 @@ def load_model(
     map_location = map_location if map_location is not None else device
     options = {"map_location": map_location, "strict": strict, "verify": verify, "allow_pickle": allow_pickle}
     if os.path.isdir(model_uri):
+        if modeldir.kind(model_uri) == "dataset":
+            raise store.WeightsError(
+                f"{model_uri} is a Lance dataset, not a model directory; load its weights with "
+                f"mlflow_lance.load_state_dict({model_uri!r}) or a model with its MLflow URI"
+            )
         return _load_from_local(model_uri, **options)
     if dst_path is not None:
         return _load_from_local(_download_model(model_uri, dst_path), **options)
@@ -682,7 +688,7 @@ def _download_model(model_uri: str, dst_path: str) -> str:
     os.makedirs(dst_path, exist_ok=True)
     with _quiet_downloads():
         _download_artifact_from_uri(f"{base}/{MLMODEL_FILE_NAME}", output_path=dst_path)
-        conf = _get_flavor_configuration(dst_path, FLAVOR_NAME)
+        conf = modeldir.flavor_conf(dst_path)
         for sub in (_DATA_SUBPATH, conf.get("code")):
             if sub:
                 _download_artifact_from_uri(f"{base}/{sub}", output_path=dst_path)
@@ -711,10 +717,10 @@ def _model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
             yield conf["lance_uri"], int(conf["lance_version"])
             return
         with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as tmp:
-            yield _read_pointer(os.path.join(_download_model(uri, tmp), _DATA_SUBPATH))
+            yield modeldir.pointer(_download_model(uri, tmp))
         return
-    if os.path.isfile(os.path.join(uri, MLMODEL_FILE_NAME)):
-        yield _read_pointer(os.path.join(uri, _DATA_SUBPATH))
+    if modeldir.kind(uri) == "model":
+        yield modeldir.pointer(uri)
         return
     yield None
 
@@ -726,7 +732,11 @@ def _state_dict_pointer(uri: str) -> tuple[str, int] | None:
             path = _download_artifact_from_uri(f"{uri.rstrip('/')}/{_STATE_DICT_POINTER}", output_path=tmp)
         except (MlflowException, OSError):
             return None
-        return _load_pointer(path, f"{uri.rstrip('/')}/{_STATE_DICT_POINTER}")
+        data = read_bytes(path, limit=1 << 20, follow_links=False)
+        where = f"{uri.rstrip('/')}/{_STATE_DICT_POINTER}"
+        if data is None:
+            raise store.CorruptionError(f"{where} is not a regular file of at most 1 MiB")
+        return modeldir.parse_pointer(data, where)
 
 
 def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: Any) -> None:

@@ -35,17 +35,16 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
 from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
-from . import sidecar, store
+from . import modeldir, sidecar, store
 from .artifacts import ROOT_ENV, lance_root, storage_options_for
 from .fs import list_dirs, local_path
+from .modeldir import FLAVOR_NAME
 
-FLAVOR_NAME = "mlflow_lance"
 BINDING_TAG = "mlflow_lance.binding"
 DATASET_TAG = "mlflow_lance.dataset"
 _MODEL_ID_SOURCE = re.compile(r"^models:/(m-[0-9A-Za-z]+)/?$")
@@ -79,10 +78,12 @@ def model_dir_uri(uri: str) -> str:
 
 
 def flavor_conf(model_uri: str) -> dict | None:
-    """The mlflow_lance flavor section of a model's MLmodel (fetches that one file)."""
+    """The mlflow_lance flavor section of a model's MLmodel (fetches that one file, and reads
+    it as untrusted input: see modeldir.py)."""
     with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as local:
-        path = _download_artifact_from_uri(model_dir_uri(model_uri).rstrip("/") + "/" + MLMODEL_FILE_NAME, local)
-        return Model.load(path).flavors.get(FLAVOR_NAME)
+        _download_artifact_from_uri(model_dir_uri(model_uri).rstrip("/") + "/" + MLMODEL_FILE_NAME, local)
+        conf = (modeldir.mlmodel(local).flavors or {}).get(FLAVOR_NAME)
+        return conf if isinstance(conf, dict) else None
 
 
 def quote_filter(value: str) -> str:
@@ -326,16 +327,19 @@ class References:
     def target_from_mlmodel(self, mv: Any) -> Target | None:
         try:
             conf = flavor_conf(f"models:/{mv.name}/{mv.version}")
-        except (MlflowException, OSError):
+        except (MlflowException, OSError, ValueError):  # gone, unreachable or malformed
             conf = None
             tags = mv.tags or {}
             if "lance.uri" in tags and str(tags.get("lance.version", "")).isdigit():
                 conf = {"lance_uri": tags["lance.uri"], "lance_version": tags["lance.version"]}
             else:
-                return None  # its MLmodel is gone or unreachable: nothing can be told
+                return None  # nothing can be told: its pin is kept
         if conf is None or conf.get("self_contained"):
             return Target()  # another flavor, or weights that travel inside the model directory
-        return Target(uri=conf["lance_uri"], version=int(conf["lance_version"]))
+        uri, version = conf.get("lance_uri"), str(conf.get("lance_version", ""))
+        if not isinstance(uri, str) or not version.isascii() or not version.isdigit() or len(version) > 18:
+            return None  # a malformed MLmodel: nothing can be told
+        return Target(uri=uri, version=int(version))
 
 
 class ForeignDataset(LookupError):

@@ -5,7 +5,7 @@ or the version a run logged (found through the sidecar, no tracking server). ``r
 ``models:/``, ``mlflow-artifacts:`` and local model directories go through the flavor, which
 reads the model's MLmodel (or a ``log_state_dict`` pointer) to find the dataset and version.
 A fresh process that loads a dataset never pays MLflow's import (about a second here), nor,
-for a local dataset whose version index checks out, Lance's (see layout.py).
+for a local dataset whose version index checks out, Lance's (see index.py).
 """
 
 from __future__ import annotations
@@ -23,9 +23,12 @@ _MLFLOW_SCHEMES = ("runs", "models", "mlflow-artifacts")
 
 
 def is_mlflow_uri(uri: str) -> bool:
-    """An MLflow model URI or a local MLflow model directory (as opposed to a dataset)."""
+    """An MLflow model URI or a local MLflow model directory, as opposed to a dataset (one rule
+    a planted MLmodel cannot flip: a directory with ``_versions/`` is a dataset, see modeldir)."""
+    from .modeldir import kind
+
     scheme = uri.split(":", 1)[0] if ":" in uri else ""
-    return scheme in _MLFLOW_SCHEMES or os.path.isfile(os.path.join(uri, "MLmodel"))
+    return scheme in _MLFLOW_SCHEMES or kind(uri) == "model"
 
 
 def load_state_dict(

@@ -40,6 +40,7 @@ from .dataset import (
     fragment_table,
     lance_error,
     recorded_digest,
+    schema_of,
 )
 from .errors import CorruptionError
 from .format import (
@@ -420,7 +421,7 @@ def describe(dataset: Dataset, ds: lance.LanceDataset, *, rows_themselves: bool 
     uri, opts = dataset.uri, dataset.storage_options
     table = fragment_table(ds)
     digest = recorded_digest(ds)
-    compression = codec((ds.schema.metadata or {}).get(COMPRESSION_KEY.encode(), b"none").decode())
+    compression = codec((schema_of(ds).metadata or {}).get(COMPRESSION_KEY.encode(), b"none").decode("utf-8", "replace"))
     located = None if rows_themselves else index.matching(uri, opts, ds.version, table, digest)
     if located is not None:
         reader = VersionReader(uri, ds.version, compression, located, commit_properties(ds), _bytes_of(dataset, ds.version))
@@ -578,7 +579,7 @@ def _pread_exact(fd: int, path: str, position: int, dst: torch.Tensor) -> None:
 
 def write_index(dataset: Dataset, ds: lance.LanceDataset, located: list[Located], table: list[index.Fragment]) -> None:
     """Write the version index of checked-out version ``ds`` from rows known to be its own."""
-    schema = {k.decode(): v.decode() for k, v in (ds.schema.metadata or {}).items()}
+    schema = {k.decode(): v.decode() for k, v in (schema_of(ds).metadata or {}).items()}
     index.write(dataset.uri, dataset.storage_options, ds.version, schema=schema,
                 properties=commit_properties(ds) or {}, table=table, located=located)  # fmt: skip
 

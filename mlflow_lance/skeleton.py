@@ -16,6 +16,7 @@ distribution registers in the entry-point group ``mlflow_lance.factories``, or a
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.metadata
 import importlib.util
@@ -72,19 +73,19 @@ def pickle_allowed(allow_pickle: bool | None) -> bool:
     return value.strip().lower() in ("1", "true", "yes")
 
 
-def load_skeleton(path: str, *, allow_pickle: bool | None = None) -> torch.nn.Module:
-    """Unpickle a skeleton: a module whose state-dict tensors are on the meta device."""
+def load_skeleton(data: bytes, where: str, *, allow_pickle: bool | None = None) -> torch.nn.Module:
+    """Unpickle a skeleton (``data``, read from ``where``): a module whose state-dict tensors
+    are on the meta device."""
     if not pickle_allowed(allow_pickle):
         raise PermissionError(
-            f"refusing to unpickle the model architecture at {path}: pickle deserialization is "
+            f"refusing to unpickle the model architecture at {where}: pickle deserialization is "
             f"disabled (MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false or allow_pickle=False). Log "
             f"the model with model_factory='package.module:callable' to load it without pickle, "
             f"or load only the weights with mlflow_lance.load_state_dict()."
         )
-    with open(path, "rb") as f:
-        module = cloudpickle.load(f)
+    module = cloudpickle.loads(data)
     if not isinstance(module, torch.nn.Module):
-        raise TypeError(f"{path} holds a {type(module).__name__}, not a torch.nn.Module")
+        raise TypeError(f"{where} holds a {type(module).__name__}, not a torch.nn.Module")
     return module
 
 
@@ -111,16 +112,19 @@ def check_factory(model_factory: str, factory_kwargs: Mapping | None, *, resolve
 
 
 def build_from_factory(
-    model_factory: str, factory_kwargs: Mapping | None, *, trusted_only: bool, model_dir: str
-) -> torch.nn.Module:
-    """Build the module with ``package.module:callable(**factory_kwargs)``.
+    model_factory: str, factory_kwargs: Mapping | None, *, trusted_only: bool, model_dir: str,
+    device: str | None = None,
+) -> torch.nn.Module:  # fmt: skip
+    """Build the module with ``package.module:callable(**factory_kwargs)`` (under
+    ``torch.device(device)`` when given: "meta" builds shapes without memory).
 
     ``trusted_only`` (pickle refused): the factory must pass ``trusted_factory``, checked
     before anything is imported; else it is imported like any code the model ships.
     """
     kwargs = check_factory(model_factory, factory_kwargs)
     target = trusted_factory(model_factory, model_dir) if trusted_only else _import_factory(model_factory)
-    module = target(**kwargs)
+    with torch.device(device) if device else contextlib.nullcontext():
+        module = target(**kwargs)
     if not isinstance(module, torch.nn.Module):
         raise TypeError(f"model factory {model_factory!r} returned {type(module).__name__}, not a Module")
     return module

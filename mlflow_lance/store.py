@@ -43,6 +43,7 @@ from .dataset import (
     checkout,
     commit_properties,
     fragment_table,
+    lance_call,
     lance_error,
     open_lance,
     tag_list,
@@ -306,6 +307,19 @@ def load_into(
     return LoadResult(missing, unexpected)
 
 
+def check_fits(
+    module: torch.nn.Module, uri: str | os.PathLike | Dataset, version: Version | None = None, *,
+    strict: bool = True, storage_options: StorageOptions = None,
+) -> None:  # fmt: skip
+    """Raise (as ``load_into`` would, before it writes anything) unless the version's tensors
+    fit ``module``'s keys and shapes; reads metadata only, so ``module`` may be on the meta
+    device."""
+    reader = open_version(Dataset.of(uri, storage_options), version)
+    entries, found = reader.checked()
+    raise_problems(reader.uri, reader.version, found)
+    _check_targets(module, reader, entries, module.state_dict(keep_vars=True), strict)
+
+
 def versions(
     uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None
 ) -> list[VersionInfo]:
@@ -319,10 +333,7 @@ def versions(
     out = []
     for v in version_list(ds):
         n = v["version"]
-        try:
-            txn = ds.read_transaction(n)
-        except (OSError, ValueError) as err:
-            raise lance_error(ds.uri, err, f"the commit of version {n}") from None
+        txn = lance_call(lambda n=n: ds.read_transaction(n), ds.uri, f"the commit of version {n}")
         props = dict(txn.transaction_properties or {}) if txn is not None else {}
         tags = tuple(sorted(by_version.get(n, ())))
         if PROP + "tensors" not in props:  # written by something else: derive the figures

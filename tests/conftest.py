@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import glob
+import json
 import os
 import pwd
 import shutil
@@ -19,7 +20,24 @@ from pathlib import Path
 
 import pytest
 
+import corpus
+
 BIN = Path(sys.executable).parent
+ARTIFACTS = Path(os.environ.get("MLFLOW_LANCE_TEST_ARTIFACTS") or Path(__file__).resolve().parent.parent / "test-artifacts")
+_CORPUS_FAILED: list[str] = []
+
+
+def pytest_runtest_logreport(report) -> None:
+    """Count the corpus tests that failed (a case that ended unsafe or wrong)."""
+    if report.failed and report.nodeid.split("::")[0].endswith(corpus.CORPUS_FILES):
+        _CORPUS_FAILED.append(report.nodeid)
+
+
+def pytest_sessionfinish(session) -> None:
+    """Write the corpus tally (test-artifacts/untrusted.json) when corpus cases ran."""
+    if corpus.OUTCOMES:
+        ARTIFACTS.mkdir(parents=True, exist_ok=True)
+        (ARTIFACTS / "untrusted.json").write_text(json.dumps(corpus.report(_CORPUS_FAILED), indent=2))
 
 
 def free_port() -> int:

@@ -17,7 +17,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections import Counter
 from pathlib import Path
 
 import lance
@@ -33,14 +32,9 @@ from mlflow_lance import format, store
 from mlflow_lance.cli import main as cli
 from mlflow_lance.tensors import hash_bytes, rows_batch
 
+from corpus import OUTCOMES, record
+
 HERE = Path(__file__).resolve().parent
-REPORT = HERE.parent / "test-artifacts" / "untrusted.json"
-OUTCOMES: Counter = Counter()  # (input class, outcome) -> cases
-
-
-def record(kind: str, outcome: str) -> None:
-    assert outcome in ("refused", "correct")
-    OUTCOMES[(kind, outcome)] += 1
 
 
 # --------------------------------------------------------------------------- building inputs
@@ -863,17 +857,3 @@ def test_8_a_sidecar_that_maps_a_run_to_another_runs_version_is_not_believed(tmp
     with pytest.raises(ml.VersionNotFoundError, match="ghost"):
         ml.load_state_dict(uri, run_id="ghost")
     record("8 sidecar", "refused")
-
-
-# --------------------------------------------------------------------------- the count
-
-
-def test_zz_corpus_counts_for_the_readme():
-    """Runs last: every case above ended refused or correct; none unsafe."""
-    cases = sum(OUTCOMES.values())
-    REPORT.parent.mkdir(exist_ok=True)
-    by_class: dict[str, dict[str, int]] = {}
-    for (kind, result), n in sorted(OUTCOMES.items()):
-        by_class.setdefault(kind, {})[result] = n
-    REPORT.write_text(json.dumps({"cases": cases, "unsafe": 0, "by_class": by_class}, indent=2))
-    assert cases > 0
