@@ -10,12 +10,12 @@ import lance
 import mlflow
 import pytest
 import torch
+from model_zoo import SmallCNN, trained
 from safetensors.torch import load_file, save_file
 
 import mlflow_lance as ml
 from conftest import BIN
 from mlflow_lance.cli import EXAMPLES, main
-from model_zoo import SmallCNN, trained
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -39,7 +39,7 @@ def test_help_shows_an_example_for_every_command():
     out = subprocess.run([str(BIN / "mlflow-lance"), "--help"], capture_output=True, text=True, check=True).stdout
     for command in EXAMPLES:
         assert command in out
-        sub = subprocess.run([str(BIN / "mlflow-lance"), command, "--help"], capture_output=True, text=True).stdout
+        sub = subprocess.run([str(BIN / "mlflow-lance"), command, "--help"], capture_output=True, text=True, check=True).stdout
         assert "example:" in sub and f"mlflow-lance {command}" in sub
 
 
