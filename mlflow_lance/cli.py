@@ -6,18 +6,30 @@ Tables by default, ``--json`` for scripts. Exit codes: 0 success, 1 verification
 problems, 2 bad usage or input (including a corrupt or crafted dataset, and storage that
 cannot be reached), 3 dataset, version, tag or model not found, 4 internal error (a bug:
 the traceback is printed; please report it).
+
+Text output shows every character a terminal could act on (controls, DEL, C1 controls, bidi
+overrides and other non-printing characters) as an escape such as \\x1b or \\u009b: names,
+messages, paths and errors come from datasets and registries someone else may have written.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import pickle
+import stat
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, NoReturn, TextIO
+
+if TYPE_CHECKING:
+    from .registry import SyncReport
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE, EXIT_NOT_FOUND, EXIT_INTERNAL = 0, 1, 2, 3, 4
 
@@ -36,10 +48,64 @@ EXAMPLES = {
 }
 
 
-def _version(text: str | None) -> int | str | None:
-    if text is None:
-        return None
-    return int(text) if text.isdigit() else text
+_ESCAPES = {"\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_MAX_VERSION = 2**64 - 1  # Lance numbers versions with a u64
+
+
+def printable(text: object) -> str:
+    """``str(text)`` with every character a terminal could act on written as a visible escape:
+    C0 controls (tab and newline too, so that one field stays on one line), DEL, C1 controls
+    (U+0080-U+009F) and every other character Python does not count as printable (bidi
+    overrides such as U+202E, zero-width and format characters, separators other than the
+    space, surrogates, unassigned code points). Printable text, backslashes included, is kept
+    as is, so ``printable(printable(x)) == printable(x)``."""
+    s = str(text)
+    if s.isprintable():
+        return s
+    return "".join(c if c.isprintable() else _ESCAPES.get(c) or _escape(ord(c)) for c in s)
+
+
+def _escape(code: int) -> str:
+    return f"\\x{code:02x}" if code < 0x80 else f"\\u{code:04x}" if code <= 0xFFFF else f"\\U{code:08x}"
+
+
+def _say(text: str, file: TextIO | None = None) -> None:
+    """Print ``text`` (stdout by default), every line of it through :func:`printable`."""
+    print("\n".join(map(printable, text.split("\n"))), file=file or sys.stdout)
+
+
+def _version(text: str) -> int | str:
+    """argparse type of a VERSION argument: a version number, else a tag name."""
+    return _version_number(text) if text.isascii() and text.isdigit() else text
+
+
+def _version_number(text: str) -> int:
+    """argparse type of a version number (Lance numbers versions with a u64)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 20 or int(text) > _MAX_VERSION:
+        raise argparse.ArgumentTypeError(f"not a version number from 0 to {_MAX_VERSION}: {text!r}")
+    return int(text)
+
+
+def _duration(unit: str) -> Callable[[str], timedelta]:
+    """An argparse type: a number of ``unit`` (days, minutes) as a timedelta that reaches back
+    from now no further than the year 1 (gc subtracts it from the current time)."""
+
+    def parse(text: str) -> timedelta:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of {unit}: {text!r}") from None
+        if not math.isfinite(value) or value < 0:
+            raise argparse.ArgumentTypeError(f"{unit} must be a finite number >= 0, got {text!r}")
+        try:
+            span = timedelta(**{unit: value})
+            datetime.now(timezone.utc) - span
+        except OverflowError:
+            raise argparse.ArgumentTypeError(f"{text} {unit} is out of range: it reaches back before "
+                                             f"the year 1") from None  # fmt: skip
+        return span
+
+    return parse
 
 
 def _resolve(target: str) -> str:
@@ -58,14 +124,16 @@ def _opts(uri: str) -> dict[str, str] | None:
 
 
 def _table(rows: list[dict], columns: Sequence[str]) -> str:
-    cells = [[str(r.get(c, "")) for c in columns] for r in rows]
+    cells = [[printable(r.get(c, "")) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
     return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
 
 
-def _emit(args: argparse.Namespace, payload, text: str) -> None:
-    print(json.dumps(payload, indent=2, default=str) if args.json else text)
+def _emit(args: argparse.Namespace, payload: object, text: str) -> None:
+    """``payload`` as JSON with ``--json`` (ASCII only: every control, C1 and non-ASCII character
+    is a \\u escape), else ``text``, whose fields the command has passed through ``printable``."""
+    _say(json.dumps(payload, indent=2, default=str, ensure_ascii=True) if args.json else text)
 
 
 def _bar(args: argparse.Namespace, total: int | None, unit: str, desc: str):
@@ -91,13 +159,14 @@ def cmd_versions(args: argparse.Namespace) -> int:
             "changed": len(v.changed),
             "bytes": f"{v.total_bytes:,}",
             "written": f"{v.bytes_written:,}",
-            "run": v.properties.get("mlflow.run_id", "")[:12],
+            "run": printable(v.properties.get("mlflow.run_id", ""))[:12],  # escaped, then cut
             "tags": ",".join(v.tags),
-            "message": (v.message or "")[:40],
+            "message": printable(v.message or "")[:40],
         }
         for v in infos
     ]
-    _emit(args, [asdict(v) for v in infos], f"{uri}\n" + _table(rows, list(rows[0]) if rows else ["version"]))
+    header = printable(uri) + "\n"
+    _emit(args, [asdict(v) for v in infos], header + _table(rows, list(rows[0]) if rows else ["version"]))
     return EXIT_OK
 
 
@@ -105,10 +174,10 @@ def cmd_diff(args: argparse.Namespace) -> int:
     from . import store
 
     uri = _resolve(args.target)
-    d = store.diff(uri, _version(args.a), _version(args.b), storage_options=_opts(uri))
-    lines = [f"{uri}: version {d.a} -> {d.b}"]
-    for label, names in (("added", d.added), ("removed", d.removed), ("changed", d.changed)):
-        lines += [f"  {label[0].upper() if label != 'changed' else 'M'} {n}" for n in names]
+    d = store.diff(uri, args.a, args.b, storage_options=_opts(uri))
+    lines = [f"{printable(uri)}: version {d.a} -> {d.b}"]
+    for mark, names in (("A", d.added), ("R", d.removed), ("M", d.changed)):
+        lines += [f"  {mark} {printable(n)}" for n in names]
     lines.append(f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, "
                  f"{len(d.unchanged)} unchanged")
     _emit(args, asdict(d), "\n".join(lines))
@@ -121,12 +190,13 @@ def cmd_tag(args: argparse.Namespace) -> int:
     uri = _resolve(args.target)
     if args.delete:
         store.untag(uri, args.name, storage_options=_opts(uri))
-        _emit(args, {"tag": args.name, "deleted": True}, f"removed tag {args.name!r}")
+        _emit(args, {"tag": args.name, "deleted": True}, f"removed tag '{printable(args.name)}'")
         return EXIT_OK
     if args.version is None:
         raise ValueError("give a VERSION to tag, or --delete")
-    store.tag(uri, args.name, int(args.version), storage_options=_opts(uri))
-    _emit(args, {"tag": args.name, "version": int(args.version)}, f"tag {args.name!r} -> version {args.version}")
+    store.tag(uri, args.name, args.version, storage_options=_opts(uri))
+    _emit(args, {"tag": args.name, "version": args.version},
+          f"tag '{printable(args.name)}' -> version {args.version}")  # fmt: skip
     return EXIT_OK
 
 
@@ -135,16 +205,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
     uri = _resolve(args.target)
     opts = _opts(uri)
-    version = store.resolve_version(uri, _version(args.version), storage_options=opts)
+    version = store.resolve_version(uri, args.version, storage_options=opts)
     try:
         total = next(v.total_bytes for v in store.versions(uri, storage_options=opts) if v.version == version)
     except store.WeightsError:  # a malformed commit: verify reports it; the bar has no total
         total = None
     with _bar(args, total, "B", "verify") as bar:
         report = store.verify(uri, version, storage_options=opts, progress=bar.update)
-    text = [f"{uri} version {report.version}: {report.tensors} tensors, {report.chunks} chunks, "
-            f"{report.bytes:,} bytes checked"]  # fmt: skip
-    text += [f"  CORRUPT {p.name} (chunk {p.chunk}) {p.file}: {p.detail}" for p in report.problems]
+    text = [(f"{printable(uri)} version {report.version}: {report.tensors} tensors, {report.chunks} chunks, "
+             f"{report.bytes:,} bytes checked")]  # fmt: skip
+    text += [f"  CORRUPT {printable(p.name)} (chunk {p.chunk}) {printable(p.file)}: {printable(p.detail)}"
+             for p in report.problems]  # fmt: skip
     text.append("OK" if report.ok else f"{len(report.problems)} problem(s)")
     _emit(args, {**asdict(report), "ok": report.ok}, "\n".join(text))
     return EXIT_OK if report.ok else EXIT_PROBLEMS
@@ -159,18 +230,17 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from .lifecycle import gc
 
     _target_or_all(args)
-    older = timedelta(days=args.older_than_days) if args.older_than_days is not None else None
-    results = gc(args.target, all=args.all, keep_last=args.keep_last, older_than=older,
-                 grace=timedelta(minutes=args.grace_minutes), dry_run=args.dry_run,
+    results = gc(args.target, all=args.all, keep_last=args.keep_last, older_than=args.older_than_days,
+                 grace=args.grace_minutes, dry_run=args.dry_run,
                  assume_logged_here=args.assume_logged_here)  # fmt: skip
     verb = "would remove" if args.dry_run else "removed"
     lines = []
     for r in results:
         if r.skipped:
-            lines.append(f"{r.dataset}: skipped: {r.skipped}")
+            lines.append(f"{printable(r.dataset)}: skipped: {printable(r.skipped)}")
             continue
         freed = "" if args.dry_run else f" ({r.bytes_removed:,} bytes freed)"
-        lines.append(f"{r.dataset}: {verb} versions {r.removed_versions or 'none'}{freed}; "
+        lines.append(f"{printable(r.dataset)}: {verb} versions {r.removed_versions or 'none'}{freed}; "
                      f"{len(r.kept_referenced)} versions referenced by MLflow; "
                      f"unpinned {len(r.unpinned)}, pinned {len(r.pinned)}")  # fmt: skip
     total = sum(r.bytes_removed for r in results)
@@ -186,7 +256,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from . import store
 
     uri = _resolve(args.target)
-    sd = store.load_state_dict(uri, _version(args.version), storage_options=_opts(uri), names="*")  # flat, trees too
+    sd = store.load_state_dict(uri, args.version, storage_options=_opts(uri), names="*")  # flat, trees too
     seen: dict[int, str] = {}
     out = {}
     with _bar(args, len(sd), "tensor", "export") as bar:
@@ -195,23 +265,52 @@ def cmd_export(args: argparse.Namespace) -> int:
             seen[id(t)] = name
             bar.update(1)
     save_file(out, args.output, metadata={"mlflow_lance.source": uri, "mlflow_lance.tensors": str(len(out))})
-    _emit(args, {"output": args.output, "tensors": len(out)}, f"wrote {len(out)} tensors to {args.output}")
+    text = f"wrote {len(out)} tensors to {printable(args.output)}"
+    _emit(args, {"output": args.output, "tensors": len(out)}, text)
     return EXIT_OK
 
 
 def _read_checkpoint(path: str) -> dict:
+    """The state dict in the safetensors or torch file ``path``; FileNotFoundError if there is
+    none, ValueError naming the file and what is wrong with it for anything else."""
     import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    obj = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file") from None
+    if not stat.S_ISREG(mode):  # checked before opening: a FIFO would block the open
+        raise ValueError(f"{path} is not a regular file (a directory, FIFO, socket or device)")
+    try:
+        if path.endswith(".safetensors"):
+            return load_file(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True)  # never runs pickled code
+    except SafetensorError as err:
+        raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({_unpickling_detail(err)}); "
+                         f"import loads only tensors and plain containers and never runs pickled "
+                         f"code: convert the checkpoint to safetensors where it was made"
+                         ) from None  # fmt: skip
+    except OSError:  # the file could not be read (permissions, I/O): exit 2 with the OS's words
+        raise
+    except Exception as err:  # noqa: BLE001 - anything torch's parser meets in the file is about the file
+        raise ValueError(f"{path} is not a readable torch checkpoint: {type(err).__name__}: {err}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise TypeError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
+
+
+def _unpickling_detail(err: pickle.UnpicklingError) -> str:
+    """What torch's weights-only unpickler objected to, without its advice to retry with
+    ``weights_only=False`` (which would run the file's code)."""
+    lines = [ln.strip() for ln in str(err).splitlines()]
+    detail = [ln for ln in lines if ln and "weights_only" not in ln and "Weights only" not in ln]
+    return " ".join(detail) or "not a weights-only checkpoint"
 
 
 def cmd_import(args: argparse.Namespace) -> int:
@@ -233,21 +332,34 @@ def cmd_sync(args: argparse.Namespace) -> int:
 
     _target_or_all(args)
     reports = sync(args.target, all=args.all)
-    lines = [
-        f"{r.dataset}: skipped: {r.skipped}" if r.skipped else
-        f"{r.dataset}: " + (f"{r.registered_model}: {len(r.model_versions)} model versions, " if r.registered_model else "")
-        + f"{r.runs} runs; pinned {r.pinned or 'nothing new'}; unpinned {r.unpinned or 'nothing'}"
-        for r in reports
-    ]  # fmt: skip
-    _emit(args, [asdict(r) for r in reports], "\n".join(lines) or "nothing to sync")
+    _emit(args, [asdict(r) for r in reports], "\n".join(map(_sync_line, reports)) or "nothing to sync")
     return EXIT_OK
+
+
+def _sync_line(r: SyncReport) -> str:
+    if r.skipped:
+        return f"{printable(r.dataset)}: skipped: {printable(r.skipped)}"
+    model = ""
+    if r.registered_model:
+        model = f"{printable(r.registered_model)}: {len(r.model_versions)} model versions, "
+    return (f"{printable(r.dataset)}: {model}{r.runs} runs; pinned {r.pinned or 'nothing new'}; "
+            f"unpinned {r.unpinned or 'nothing'}")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- wiring
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser, whose error messages (which quote the arguments) are escaped."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {printable(message)}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The parser of every command and option (its subparsers are of the same class)."""
+    parser = _Parser(
         prog="mlflow-lance", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -265,24 +377,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", **target)
     p = add("diff", cmd_diff, "tensors added, removed and changed between two versions")
     p.add_argument("target", **target)
-    p.add_argument("a", help="version number or tag")
-    p.add_argument("b", nargs="?", help="version number or tag (default: latest)")
+    p.add_argument("a", type=_version, help="version number or tag")
+    p.add_argument("b", nargs="?", type=_version, help="version number or tag (default: latest)")
     p = add("tag", cmd_tag, "point a tag at a version (tagged versions survive gc), or --delete it")
     p.add_argument("target", **target)
     p.add_argument("name")
-    p.add_argument("version", nargs="?")
+    p.add_argument("version", nargs="?", type=_version_number)
     p.add_argument("--delete", action="store_true")
     p = add("verify", cmd_verify, "recompute every content hash of a version; exit 1 on any mismatch")
     p.add_argument("target", **target)
-    p.add_argument("--version", help="version number or tag (default: latest)")
+    p.add_argument("--version", type=_version, help="version number or tag (default: latest)")
     p = add("gc", cmd_gc, "remove the versions nothing references (MLflow decides for datasets it logged to) "
                           "and the files only they use")
     p.add_argument("target", nargs="?", **target)
     p.add_argument("--all", action="store_true", help="every dataset under the Lance roots and every registered model's")
     p.add_argument("--keep-last", type=int, help="also keep the N newest versions (required for datasets MLflow "
                                                  "never wrote to, unless --older-than-days is given)")
-    p.add_argument("--older-than-days", type=float)
-    p.add_argument("--grace-minutes", type=float, default=30.0,
+    p.add_argument("--older-than-days", type=_duration("days"), help="also remove versions older than this")
+    p.add_argument("--grace-minutes", type=_duration("minutes"), default=timedelta(minutes=30),
                    help="keep versions superseded less than this long ago (default 30)")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--assume-logged-here", action="store_true",
@@ -291,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("export", cmd_export, "write a version to a safetensors file")
     p.add_argument("target", **target)
     p.add_argument("output")
-    p.add_argument("--version", help="version number or tag (default: latest)")
+    p.add_argument("--version", type=_version, help="version number or tag (default: latest)")
     p = add("import", cmd_import, "save a safetensors or torch .pt/.bin state dict as a new version")
     p.add_argument("target", **target)
     p.add_argument("input")
@@ -303,32 +415,48 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command; its exit code (see the module docstring). Errors go to stderr, escaped."""
     args = build_parser().parse_args(argv)
     from . import store
 
-    try:
-        return args.fn(args)
-    except (FileNotFoundError, store.VersionNotFoundError) as err:
-        print(f"mlflow-lance {args.command}: {err}", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    except (KeyError, IndexError):  # lookups that failed inside the code: a bug, not "not found"
-        return _internal(args)
-    except LookupError as err:  # the registry has no such model
-        print(f"mlflow-lance {args.command}: {err}", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    except (ValueError, TypeError, PermissionError, ConnectionError) as err:
-        print(f"mlflow-lance {args.command}: {err}", file=sys.stderr)
-        return EXIT_USAGE
-    except Exception:  # noqa: BLE001 - anything else is a bug: exit 4 with its traceback
-        return _internal(args)
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        try:
+            return args.fn(args)
+        except (FileNotFoundError, store.VersionNotFoundError) as err:
+            return _fail(args, err, EXIT_NOT_FOUND)
+        except (KeyError, IndexError):  # lookups that failed inside the code: a bug, not "not found"
+            return _internal(args)
+        except LookupError as err:  # the registry has no such model
+            return _fail(args, err, EXIT_NOT_FOUND)
+        except (ValueError, TypeError, OSError) as err:
+            # bad arguments or input: WeightsError and CorruptionError (a corrupt or crafted
+            # dataset) are ValueErrors; OSError: storage that refused or cannot be reached
+            return _fail(args, err, EXIT_USAGE)
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException:  # noqa: BLE001 - a bug, or a Rust panic (a BaseException): exit 4
+            return _internal(args)
+
+
+def _fail(args: argparse.Namespace, err: BaseException, code: int) -> int:
+    """Report ``err`` (escaped: its message may quote a dataset) on stderr; return ``code``."""
+    _say(f"mlflow-lance {args.command}: {printable(err) or type(err).__name__}", sys.stderr)
+    return code
 
 
 def _internal(args: argparse.Namespace) -> int:
-    """Report an unexpected exception (being handled) with its traceback: exit code 4."""
-    traceback.print_exc()
-    print(f"mlflow-lance {args.command}: internal error (exit code {EXIT_INTERNAL}); please report "
-          f"it with the traceback above", file=sys.stderr)  # fmt: skip
+    """Report an unexpected exception (being handled) with its traceback, escaped: exit code 4."""
+    _say(traceback.format_exc().rstrip("\n"), sys.stderr)
+    _say(f"mlflow-lance {args.command}: internal error (exit code {EXIT_INTERNAL}); please report "
+         f"it with the traceback above", sys.stderr)  # fmt: skip
     return EXIT_INTERNAL
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:  # fmt: skip
+    """``warnings.showwarning`` for the duration of a command: the warning, escaped, on stderr."""
+    _say(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"), sys.stderr)
 
 
 if __name__ == "__main__":
