@@ -454,10 +454,10 @@ class RemoteFiles:
         f, got = self._file(uri), 0
         while got < len(dst):
             piece = f.read_at(min(len(dst) - got, 16 << 20), position + got)
-            if not piece.size:
+            if not piece:
                 break
-            dst[got : got + piece.size] = memoryview(piece)
-            got += piece.size
+            dst[got : got + len(piece)] = piece
+            got += len(piece)
         return got
 
     def _file(self, uri: str) -> Any:

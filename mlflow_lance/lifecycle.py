@@ -432,7 +432,13 @@ def _model_version_pins(p: Plan, refs: References) -> dict[str, set[str]]:
             version = target.version
         else:
             continue  # references another dataset, or no Lance weights at all
-        p.desired[sidecar.model_version_pin(refs.binding(mv.name, store_tag=True), mv.version)] = version
+        try:
+            binding = refs.binding(mv.name, store_tag=True)
+        except MlflowException as err:
+            if not not_found(err):
+                raise
+            # renamed or deleted since the read: its binding (computed) still names its pin
+        p.desired[sidecar.model_version_pin(binding, mv.version)] = version
     return unknown
 
 
