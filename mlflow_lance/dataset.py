@@ -184,7 +184,8 @@ def checkout(ds: lance.LanceDataset, version: Version | None) -> lance.LanceData
         schema_of(out)
         return out
 
-    return lance_call(call, ds.uri, f"version {str(version)[:100]!r}", retry_vanished=False)
+    what = f"tag {version[:100]!r} (_refs/tags/{version[:100]}.json)" if isinstance(version, str) else f"version {version}"
+    return lance_call(call, ds.uri, what, retry_vanished=False)
 
 
 def is_weights(ds: lance.LanceDataset) -> bool | None:

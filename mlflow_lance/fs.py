@@ -156,7 +156,7 @@ def write_text(uri: str, text: str, storage_options: StorageOptions = None, *, s
             f.write(text.encode("utf-8"))
         return
     folder = os.path.dirname(os.path.abspath(local))
-    os.makedirs(folder, exist_ok=True)
+    made = _made_dirs(folder)
     tmp = f"{local}.{uuid.uuid4().hex}.tmp"
     sync = sync and durable()
     try:
@@ -167,10 +167,22 @@ def write_text(uri: str, text: str, storage_options: StorageOptions = None, *, s
                 os.fsync(f.fileno())
         os.replace(tmp, local)
         if sync:
-            sync_dirs([folder])
+            sync_dirs([folder, *made])
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
+
+
+def _made_dirs(folder: str) -> list[str]:
+    """Create ``folder`` and its missing parents; the parents of those created (whose entries
+    must be flushed for the new directories to survive a crash), deepest first."""
+    missing = []
+    while not os.path.isdir(folder):
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    if missing:
+        os.makedirs(missing[0], exist_ok=True)
+    return [os.path.dirname(d) for d in missing]
 
 
 def _read_regular(path: str, limit: int, follow_links: bool) -> bytes | None:

@@ -97,12 +97,13 @@ def not_found(err: BaseException) -> bool:
 
 
 def _found(lookup: Callable[..., Any], *args: Any) -> bool:
-    """Whether MLflow finds the thing; False only when it says it does not exist."""
+    """Whether MLflow finds the thing; False only when it says it does not exist, or refuses
+    the id as malformed (ids come from a dataset's commits: a crafted one names nothing)."""
     try:
         lookup(*args)
         return True
     except MlflowException as err:
-        if not_found(err):
+        if not_found(err) or err.error_code == "INVALID_PARAMETER_VALUE":
             return False
         raise
 

@@ -233,11 +233,12 @@ def save_state_dict(
 
 
 def _flush_commit(root: str, version: int, txn_file: str) -> None:
-    """Flush a local commit: its transaction file and manifest, and their directories."""
+    """Flush a local commit: its transaction file and manifest, their directories and the
+    dataset's root (which holds those directories' names after a first commit)."""
     manifest = next((p for name in index.manifest_names(version)
                      if os.path.isfile(p := os.path.join(root, "_versions", name))), None)  # fmt: skip
     fs.sync_files([os.path.join(root, "_transactions", txn_file), *([manifest] if manifest else [])])
-    fs.sync_dirs([os.path.join(root, "_transactions"), os.path.join(root, "_versions")])
+    fs.sync_dirs([os.path.join(root, "_transactions"), os.path.join(root, "_versions"), root])
 
 
 def load_state_dict(
@@ -407,7 +408,7 @@ def tag(
     if root is not None and durable():
         folder = os.path.join(root, "_refs", "tags")
         fs.sync_files([os.path.join(folder, f"{name}.json")])
-        fs.sync_dirs([folder, os.path.dirname(folder)])
+        fs.sync_dirs([folder, os.path.dirname(folder), root])
 
 
 def untag(uri: str | os.PathLike | Dataset, name: str, *, storage_options: StorageOptions = None) -> None:

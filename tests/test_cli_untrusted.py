@@ -193,9 +193,6 @@ def test_every_command_escapes_what_a_hostile_dataset_holds(capsys, hostile, lis
     assert "x" + EVIL in json.loads(run(capsys, "diff", uri, "1", "3", "--json")[1])["added"]
 
 
-@pytest.mark.xfail(strict=True, reason="lifecycle.plan passes a crafted mlflow.run_id property to "
-                   "MlflowClient.get_run, whose MlflowException (INVALID_PARAMETER_VALUE) makes gc and sync "
-                   "exit 4: to be fixed in lifecycle (issue 21.8)")  # fmt: skip
 def test_gc_and_sync_of_a_dataset_with_a_crafted_run_id(capsys, private_tracking):
     hostile_dataset(private_tracking / "models" / "r.lance")
     assert run(capsys, "gc", "--all", "--dry-run", "--keep-last", "1")[0] == 0
