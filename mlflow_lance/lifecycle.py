@@ -216,15 +216,12 @@ class References:
     a time and remembered (a logged model found deleted never comes back; one found live is
     kept, which only ever keeps more).
 
-    ``write_bindings=False`` (dry runs) computes missing bindings without storing them.
     ``assume_logged_here`` skips the check that this tracking server logged a dataset (for
     datasets whose experiments, runs and models were all purged).
     """
 
-    def __init__(self, client: MlflowClient | None = None, *, write_bindings: bool = True,
-                 assume_logged_here: bool = False):  # fmt: skip
+    def __init__(self, client: MlflowClient | None = None, *, assume_logged_here: bool = False):
         self.client = client or MlflowClient()
-        self.write_bindings = write_bindings
         self.assume_logged_here = assume_logged_here
         self._bindings: dict[str, str] = {}
         self._logged: dict[str, bool] = {}
@@ -241,8 +238,9 @@ class References:
                                          order_by=["name ASC", "version_number ASC"]))  # fmt: skip
 
     def binding(self, name: str, *, store_tag: bool = False) -> str:
-        """The binding of registered model ``name``; with ``store_tag`` (before a pin names
-        it) a model that has none gets its tag, unless this is a dry run."""
+        """The binding of registered model ``name`` (computed from its name and creation time
+        when it has no tag yet); ``store_tag`` stores a computed one as its tag (only a step
+        that writes asks: see ``apply_pins``)."""
         if name not in self.registered:  # registered (or renamed) after the snapshot was read
             self.registered[name] = self.client.get_registered_model(name)
         rm = self.registered[name]
@@ -250,10 +248,15 @@ class References:
         if found:
             return found
         found = binding_id(name, rm.creation_timestamp)
-        if store_tag and self.write_bindings:
+        if store_tag:
             _set_tag(self.client, name, BINDING_TAG, found)
             self._bindings[name] = found
         return found
+
+    def stored(self, name: str) -> bool:
+        """Whether registered model ``name`` has its binding tag (as read, or stored since)."""
+        return bool((self.registered.get(name) and (self.registered[name].tags or {}).get(BINDING_TAG))
+                    or name in self._bindings)  # fmt: skip
 
     def bindings(self) -> dict[str, str]:
         """binding -> current registered model name, for every registered model."""
@@ -359,6 +362,7 @@ class Plan:
     referenced: dict[int, list[str]] = field(default_factory=dict)  # version -> pins
     from_mlflow: set[int] = field(default_factory=set)  # versions that MLflow logged
     by_model: dict[str, int] = field(default_factory=dict)  # logged model id -> version
+    unbound: dict[str, str] = field(default_factory=dict)  # pin -> model whose binding tag it needs
 
 
 def plan(uri: str, refs: References, opts: Mapping[str, str] | None = None) -> Plan:
@@ -433,13 +437,10 @@ def _model_version_pins(p: Plan, refs: References) -> dict[str, set[str]]:
             version = target.version
         else:
             continue  # references another dataset, or no Lance weights at all
-        try:
-            binding = refs.binding(mv.name, store_tag=True)
-        except MlflowException as err:
-            if not not_found(err):
-                raise
-            # renamed or deleted since the read: its binding (computed) still names its pin
-        p.desired[sidecar.model_version_pin(binding, mv.version)] = version
+        pin = sidecar.model_version_pin(binding, mv.version)
+        p.desired[pin] = version
+        if not refs.stored(mv.name):  # a plan writes nothing: apply_pins stores the binding first
+            p.unbound[pin] = mv.name
     return unknown
 
 
@@ -454,6 +455,8 @@ def apply_pins(p: Plan, refs: References, opts: Mapping[str, str] | None,
     pinned, unpinned = [], []
     for pin, version in sorted(p.desired.items()):
         if scope(pin) and current.get(pin) != version:
+            if pin in p.unbound and not _bound(refs, p.unbound[pin]):
+                continue  # its model is gone since the read: nothing references the pin any more
             store.tag(p.dataset, pin, version, storage_options=opts)
             pinned.append(pin)
     for pin in sorted(p.stale):
@@ -464,6 +467,17 @@ def apply_pins(p: Plan, refs: References, opts: Mapping[str, str] | None,
                 pass  # removed concurrently
             unpinned.append(pin)
     return pinned, unpinned
+
+
+def _bound(refs: References, name: str) -> bool:
+    """Store model ``name``'s binding tag before a pin names it; False if the model is gone."""
+    try:
+        refs.binding(name, store_tag=not refs.stored(name))
+        return True
+    except MlflowException as err:
+        if not_found(err):
+            return False
+        raise
 
 
 # --------------------------------------------------------------------------- gc
@@ -560,7 +574,7 @@ def gc(
                          dry_run=dry_run)  # fmt: skip
             return [GcResult(uri, r.removed_versions, r.bytes_removed, [], [], r.kept_tagged, dry_run=dry_run,
                              orphan_files=r.orphan_files, orphan_bytes=r.orphan_bytes)]  # fmt: skip
-    refs = References(write_bindings=not dry_run, assume_logged_here=assume_logged_here)
+    refs = References(assume_logged_here=assume_logged_here)
     results = []
     for u in datasets_for(target, refs, all=all):
         try:
@@ -604,7 +618,10 @@ def model_datasets(name: str, refs: References) -> list[str]:
     """The datasets registered model ``name`` uses: the one it is bound to and those its
     versions' weights live in (their ``lance.uri`` tags, else their MLmodel)."""
     uris = []
-    bound = (refs.registered[name].tags or {}).get(DATASET_TAG)
+    rm = refs.registered.get(name)
+    if rm is None:  # renamed or deleted since the registry was (re)read
+        return []
+    bound = (rm.tags or {}).get(DATASET_TAG)
     if bound:
         uris.append(bound)
     for mv in refs.model_versions:

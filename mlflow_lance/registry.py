@@ -397,7 +397,7 @@ def dataset_for_model(name: str) -> str:
         raise
     if bound:
         return bound
-    return lifecycle.datasets_for(name, References(client, write_bindings=False))[0]
+    return lifecycle.datasets_for(name, References(client))[0]
 
 
 def sync(target: str | os.PathLike | None = None, *, all: bool = False) -> list[SyncReport]:

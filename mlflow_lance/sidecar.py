@@ -212,8 +212,10 @@ def refresh(
     *,
     force: bool = False,
     names: Mapping[str, str] | None = None,
+    save: bool = True,
 ) -> dict:
-    """The current sidecar; rebuilt (and rewritten) if missing, damaged, stale or ``force``.
+    """The current sidecar; rebuilt if missing, damaged, stale or ``force``, and then written
+    unless ``save`` is False (a read: it uses the rebuilt document and leaves no trace).
 
     Stale means behind the dataset's latest version or its pins: a model version is pinned
     after its Lance commit, so a sidecar another writer wrote in between can lack it.
@@ -228,7 +230,8 @@ def refresh(
         carried = {b: e.get("name") for b, e in (previous or {}).get("registered_models", {}).items()
                    if isinstance(e, dict) and isinstance(e.get("name"), str)}  # fmt: skip
         doc = build(dataset, names={**carried, **(names or {})})
-        write(dataset_uri, doc, storage_options)
+        if save:
+            write(dataset_uri, doc, storage_options)
     return doc
 
 
@@ -247,7 +250,7 @@ def version_for_run(
     the commit it names, so a sidecar that lies is rebuilt instead of trusted.
     """
     for attempt in range(2):
-        doc = refresh(dataset_uri, storage_options, force=attempt > 0)
+        doc = refresh(dataset_uri, storage_options, force=attempt > 0, save=False)  # a read writes nothing
         entries = [e for e in doc["runs"].get(run_id, []) if isinstance(e, dict)]
         if step is not None:
             entries = [e for e in entries if e.get("step") == step]
