@@ -142,7 +142,7 @@ def write(
     doc = {
         "index_format": INDEX_FORMAT,
         "version": version,
-        "schema": {k: v for k, v in schema.items() if k.startswith(PROP)},
+        "schema": {k: v for k, v in sorted(schema.items()) if k.startswith(PROP)},
         "properties": {k: properties[k] for k in INDEXED_PROPERTIES if k in properties},
         "manifest": next(filter(None, (manifest_digest(uri, storage_options, name) for name in manifest_names(version))), None),
         "fragments": [list(f) for f in table],

@@ -577,9 +577,10 @@ def _pread_exact(fd: int, path: str, position: int, dst: torch.Tensor) -> None:
         got += n
 
 
-def write_index(dataset: Dataset, ds: lance.LanceDataset, located: list[Located], table: list[index.Fragment]) -> None:
+def write_index(dataset: Dataset, ds: lance.LanceDataset, located: list[Located], table: list[index.Fragment],
+                *, sync: bool = True) -> None:  # fmt: skip
     """Write the version index of checked-out version ``ds`` from rows known to be its own."""
     schema = {k.decode(): v.decode() for k, v in (schema_of(ds).metadata or {}).items()}
     index.write(dataset.uri, dataset.storage_options, ds.version, schema=schema,
-                properties=commit_properties(ds) or {}, table=table, located=located)  # fmt: skip
+                properties=commit_properties(ds) or {}, table=table, located=located, sync=sync)  # fmt: skip
 

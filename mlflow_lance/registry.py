@@ -59,6 +59,7 @@ class SyncReport:
     skipped: str | None = None  # why this dataset was left alone, or its model's sync not finished
     updated: list[str] = field(default_factory=list)  # model versions whose UI tags or description were rewritten
     gone: list[str] = field(default_factory=list)  # model versions deleted while sync ran
+    reindexed: list[int] = field(default_factory=list)  # versions whose missing index sync wrote
 
 
 @dataclass(frozen=True)
@@ -450,6 +451,7 @@ def _sync_dataset(uri: str, refs: References, *, full: bool) -> SyncReport:
             report.pinned, report.unpinned = lifecycle.apply_pins(p, refs, opts)
         doc = sidecar.refresh(uri, opts, force=True, names=refs.bindings())
         report.runs = len(doc["runs"])
+        report.reindexed = store.reindex(uri, storage_options=opts)
     except MlflowException as err:
         if not lifecycle.not_found(err):
             raise
@@ -509,6 +511,7 @@ def _reconcile_model(name: str, refs: References, reports: list[SyncReport]) -> 
                 report.gone.append(mv_number)
     write_history(name, binding, bound, storage_options_for(bound) or None)
     for report in reports:
-        doc = sidecar.refresh(report.dataset, storage_options_for(report.dataset) or None, force=True,
-                              names=refs.bindings())  # fmt: skip
+        opts = storage_options_for(report.dataset) or None
+        doc = sidecar.refresh(report.dataset, opts, force=True, names=refs.bindings())
         report.runs = len(doc["runs"])
+        report.reindexed = store.reindex(report.dataset, storage_options=opts)

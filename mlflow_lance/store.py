@@ -46,6 +46,7 @@ from .dataset import (
     lance_call,
     lance_error,
     open_lance,
+    recorded_digest,
     tag_list,
     version_list,
 )
@@ -76,6 +77,7 @@ from .readers import (
     device_of,
     materialize,
     open_version,
+    write_index,
 )
 from .tensors import (
     DEFAULT_CHUNK_BYTES,
@@ -306,6 +308,30 @@ def load_into(
         done = _read_in_place(reader, entries, dsts, verify)
         _copy_the_rest(reader, entries, dsts, done, verify)
     return LoadResult(missing, unexpected)
+
+
+def reindex(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> list[int]:
+    """Write the version index of every version that lacks one that checks out; the versions
+    indexed. An explicit repair (``mlflow-lance sync`` runs it): a load never writes an index,
+    so a dataset whose indexes are missing (written before they existed, or deleted) decodes
+    its rows on every load until this runs. A version whose rows break a rule or differ from
+    what its commit recorded gets none."""
+    dataset = Dataset.of(uri, storage_options)
+    ds = dataset.lance
+    if not check_format(ds, FORMAT_VERSION):
+        return []  # the Lance docs example's format has no index
+    done = []
+    for v in version_list(ds):
+        version = checkout(ds, v["version"])
+        table = fragment_table(version)
+        digest = recorded_digest(version)
+        if digest is None or index.matching(dataset.uri, dataset.storage_options, version.version, table, digest):
+            continue
+        reader = describe(dataset, version, rows_themselves=True)
+        if not reader.checked()[1]:
+            write_index(dataset, version, reader.located, table)
+            done.append(version.version)
+    return done
 
 
 def check_fits(
@@ -667,10 +693,8 @@ def _index_new_version(dataset: Dataset, ds: lance.LanceDataset, units: list[Uni
         found = {address: (d["position"], d["size"]) for address, d in descriptors}
         located = [r._replace(position=found[r.address][0], stored=found[r.address][1]) if r.address in found else r
                    for r in located]  # fmt: skip
-    schema_meta = {k.decode(): v.decode() for k, v in (ds.schema.metadata or {}).items()}
     with contextlib.suppress(OSError):  # derived data: the next load decodes the rows instead
-        index.write(dataset.uri, dataset.storage_options, ds.version, schema=schema_meta,
-                    properties=commit_properties(ds) or {}, table=table, located=located, sync=sync)  # fmt: skip
+        write_index(dataset, ds, located, table, sync=sync)
 
 
 def _raise_write_error(uri: str, err: Exception) -> NoReturn:

@@ -107,3 +107,18 @@ def test_no_read_and_no_dry_run_leaves_a_trace(logged, tmp_path, without):
         assert ml.tags(uri) == tags, f"{name} changed a tag"
         assert registry() == reg, f"{name} changed the registry"
     assert without == "nothing" or not (Path(uri) / "_mlflow_lance").exists()
+
+
+def test_sync_is_the_repair_that_writes_missing_indexes(logged):
+    """A dataset whose indexes are gone decodes its rows on each load (a read writes none);
+    ``sync`` writes them back, after which a load reads the index alone again."""
+    uri = logged["uri"]
+    before = {p.name: p.read_bytes() for p in (Path(uri) / "_mlflow_lance" / "index").iterdir()}
+    shutil.rmtree(Path(uri) / "_mlflow_lance")
+    ml.load_state_dict(uri)
+    assert not (Path(uri) / "_mlflow_lance").exists()
+    (report,) = ml.sync(uri)
+    assert report.reindexed == sorted(int(n.split(".")[0]) for n in before)
+    after = {p.name: p.read_bytes() for p in (Path(uri) / "_mlflow_lance" / "index").iterdir()}
+    assert after == before  # the same index a save writes, byte for byte
+    assert ml.sync(uri)[0].reindexed == []
