@@ -43,20 +43,21 @@ def registry() -> dict:
 @pytest.fixture
 def logged(tracking, tmp_path):
     """A registered model with two versions (one via plain MLflow), a checkpoint run, a tag."""
+    name = f"readonly-{tmp_path.name}"  # the session's server outlives this test: a model of its own
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     with mlflow.start_run() as run:
-        first = ml.log_model(net, name="model", registered_model_name="readonly")
+        first = ml.log_model(net, name="model", registered_model_name=name)
         with torch.no_grad():
             net[2].bias.add_(1)
         second = ml.log_model(net, name="model")
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
         ckpt = ml.log_checkpoint(net, opt, step=1)
-    mlflow.register_model(f"models:/{second.model_id}", "readonly")  # plain MLflow: no pin yet
-    mlflow.register_model(f"models:/{first.model_id}", "plain-only")  # a model with no binding tag yet
+    mlflow.register_model(f"models:/{second.model_id}", name)  # plain MLflow: no pin yet
+    mlflow.register_model(f"models:/{first.model_id}", f"plain-{name}")  # a model with no binding tag yet
     uri = first.flavors["mlflow_lance"]["lance_uri"]
     ml.tag(uri, "best", 1)
-    return {"uri": uri, "run": run.info.run_id, "first": first, "second": second, "ckpt": ckpt, "net": net}
+    return {"name": name, "uri": uri, "run": run.info.run_id, "first": first, "second": second, "ckpt": ckpt, "net": net}
 
 
 def reads(w: dict, tmp_path: Path) -> dict:
@@ -77,10 +78,10 @@ def reads(w: dict, tmp_path: Path) -> dict:
         "latest_version": lambda: ml.latest_version(uri),
         "resolve_version": lambda: ml.resolve_version(uri, "best"),
         "version_properties": lambda: store.version_properties(uri, 1),
-        "models:/ state dict": lambda: ml.load_state_dict("models:/readonly/1"),
-        "load_model models:/": lambda: ml.load_model("models:/readonly/2"),
+        "models:/ state dict": lambda: ml.load_state_dict(f"models:/{w['name']}/1"),
+        "load_model models:/": lambda: ml.load_model(f"models:/{w['name']}/2"),
         "load_model runs:/": lambda: ml.load_model(f"runs:/{w['run']}/model"),
-        "pyfunc": lambda: mlflow.pyfunc.load_model("models:/readonly/1").predict(torch.zeros(1, 8).numpy()),
+        "pyfunc": lambda: mlflow.pyfunc.load_model(f"models:/{w['name']}/1").predict(torch.zeros(1, 8).numpy()),
         "read_checkpoint": lambda: read_checkpoint(w["ckpt"].model_uri),
         "gc dry run": lambda: ml.gc(uri, grace=timedelta(0), dry_run=True),
         "gc --all dry run": lambda: ml.gc(all=True, grace=timedelta(0), keep_last=1, dry_run=True),
