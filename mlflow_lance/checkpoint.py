@@ -40,11 +40,12 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Metric
 
-from . import flavor, lifecycle, store
+from . import flavor, lifecycle, store, tree
 from .artifacts import lance_root
 from .skeleton import dump_skeleton
 
 CHECKPOINT_NAME = "checkpoint"
+MODEL_KEY = "model"  # where a checkpoint's version keeps the model's own tensors
 _REGISTERED_SOURCE = re.compile(r"(m-[0-9a-f]{32})(?:/artifacts)?/?$")
 _STEP_TAG = "mlflow_lance.checkpoint.step"
 _METRICS_TAG = "mlflow_lance.checkpoint.metrics"  # this checkpoint's own metrics (retention ranks by them)
@@ -181,8 +182,24 @@ def set_rng_state(state: Mapping) -> None:
                                     f"load it with restore_rng=False") from None
 
 
+@dataclass(frozen=True)
+class Staged:
+    """A checkpoint captured for a write that happens later (an async checkpoint): CPU copies
+    of the model's state dict, its weight-free skeleton, and the rest of the checkpoint
+    (optimizer, scheduler, RNG, counters) stored in the same Lance version under their own keys."""
+
+    state_dict: Mapping[str, torch.Tensor]
+    skeleton: bytes
+    extra: Mapping[str, Any]
+
+    def capture(self) -> flavor.Capture:
+        """What the flavor saves: the whole tree, checked once, the model's tensors under "model/"."""
+        tree_ = store.prepare({MODEL_KEY: self.state_dict, **self.extra})
+        return flavor.Capture(tree_, self.skeleton, tree.subtree_prefix(MODEL_KEY))
+
+
 def _stage(model, optimizer, scheduler, *, step: int, metrics: Mapping | None, extra: Mapping | None,
-           clone: bool = True) -> flavor.Staged:  # fmt: skip
+           clone: bool = True) -> Staged:  # fmt: skip
     """Everything a checkpoint holds, on the CPU (copied when ``clone``: training may go on)."""
     copy = _copier(clone)
     state_dict = {k: copy(v) for k, v in model.state_dict(keep_vars=True).items()}  # tied: one object
@@ -194,7 +211,7 @@ def _stage(model, optimizer, scheduler, *, step: int, metrics: Mapping | None, e
     rest["rng"] = _rng_state()
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # the pinned copies are complete before training moves on
-    return flavor.Staged(state_dict=state_dict, skeleton=dump_skeleton(model), extra=rest)
+    return Staged(state_dict=state_dict, skeleton=dump_skeleton(model), extra=rest)
 
 
 # --------------------------------------------------------------------------- writing
@@ -295,15 +312,15 @@ def _checkpoint_dataset(run: Any, lance_uri: str | None) -> str:
     return f"{root}/experiments/{run.info.experiment_id}/checkpoints/{run.info.run_id}.lance"
 
 
-def _write(staged: flavor.Staged, model: torch.nn.Module, run_id: str, step: int, metrics: Mapping | None,
+def _write(staged: Staged, model: torch.nn.Module, run_id: str, step: int, metrics: Mapping | None,
            name: str, lance_uri: str, keep_last: int | None, keep_best: tuple | None) -> Checkpoint:  # fmt: skip
     client = MlflowClient()
     if metrics:  # logged to the run first: MLflow links a step's metrics to the model logged at it
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
     tags = {_STEP_TAG: str(step), _METRICS_TAG: json.dumps({k: float(v) for k, v in (metrics or {}).items()})}
-    info = flavor.log_model(model, name=name, step=step, run_id=run_id, lance_uri=lance_uri,
-                            pip_requirements=None, tags=tags, _staged=staged)  # fmt: skip
+    info = flavor._log(model, name, staged.capture(), step=step, run_id=run_id, lance_uri=lance_uri,
+                       pip_requirements=None, tags=tags)  # fmt: skip
     conf = info.flavors[flavor.FLAVOR_NAME]
     deleted = _retain(client, run_id, name, keep_last, keep_best, info.model_id) if keep_last or keep_best else ()
     return Checkpoint(info.model_id, f"models:/{info.model_id}", run_id, step, conf["lance_uri"],

@@ -72,7 +72,6 @@ from .skeleton import (
     tie_groups,
 )
 from .sidecar import legacy_run_pin, model_pin
-from .tensors import validate_state_dict
 
 _DATA_SUBPATH = "data"
 _POINTER_FILE = "lance.yaml"
@@ -132,17 +131,29 @@ def _quiet_downloads():
 
 
 @dataclass(frozen=True)
-class Staged:
-    """A model captured for a write that happens later (an async checkpoint): CPU copies of
-    its state dict, its weight-free skeleton, and the rest of a checkpoint (optimizer,
-    scheduler, RNG, counters) stored in the same Lance version under their own keys."""
+class Capture:
+    """What a save writes, captured (and checked) once: the prepared state (a model's state
+    dict, or a checkpoint's whole tree), the architecture when it was captured earlier (a
+    skeleton pickled at staging time; None: taken from the module at save time), and where the
+    model's own tensors sit in the tree (``state_prefix``, for checkpoints)."""
 
-    state_dict: Mapping[str, torch.Tensor]
-    skeleton: bytes
-    extra: Mapping[str, Any]
+    prepared: store.Prepared
+    skeleton: bytes | None = None
+    state_prefix: str | None = None
 
 
-_MODEL_KEY = "model"  # where a checkpoint version keeps the model's own tensors
+class _Saver:
+    """The flavor ``Model.log`` saves with: ``save_model`` of an already captured state (so
+    that ``log_model`` checks it once, and checkpoints pass theirs without private keyword
+    arguments through the public API)."""
+
+    __name__ = __name__  # Model.log names the flavor after its module
+
+    def __init__(self, capture: Capture):
+        self.capture = capture
+
+    def save_model(self, path: str, mlflow_model: Model, *, pytorch_model: torch.nn.Module, **kwargs: Any) -> None:
+        _save(pytorch_model, path, self.capture, mlflow_model=mlflow_model, **kwargs)
 
 
 def save_model(
@@ -166,7 +177,6 @@ def save_model(
     lance_properties: Mapping[str, str] | None = None,
     serialization_format: str | None = None,
     pickle_module: Any = None,
-    _staged: Staged | None = None,
     **torch_save_kwargs: Any,
 ) -> None:
     """Save ``pytorch_model`` as an MLflow model directory at ``path``.
@@ -185,26 +195,56 @@ def save_model(
     ``pickle_module`` and torch.save's options (no pickle file is written, so they change
     nothing).
     """
-    if not isinstance(pytorch_model, torch.nn.Module):
-        raise TypeError(f"pytorch_model must be a torch.nn.Module, got {type(pytorch_model).__name__}")
+    _check_module(pytorch_model)
+    _save(pytorch_model, path, Capture(store.prepare(pytorch_model.state_dict())), lance_uri=lance_uri,
+          storage_options=storage_options, mlflow_model=mlflow_model, conda_env=conda_env, code_paths=code_paths,
+          signature=signature, input_example=input_example, pip_requirements=pip_requirements,
+          extra_pip_requirements=extra_pip_requirements, extra_files=extra_files, metadata=metadata,
+          model_factory=model_factory, factory_kwargs=factory_kwargs, message=message,
+          lance_properties=lance_properties, serialization_format=serialization_format, **torch_save_kwargs)  # fmt: skip
+
+
+def _save(
+    module: torch.nn.Module,
+    path: str,
+    capture: Capture,
+    *,
+    lance_uri: str | None = None,
+    storage_options: Mapping[str, str] | None = None,
+    mlflow_model: Model | None = None,
+    conda_env: dict | str | None = None,
+    code_paths: list[str] | None = None,
+    signature: ModelSignature | None = None,
+    input_example: ModelInputExample | None = None,
+    pip_requirements: list[str] | str | None = None,
+    extra_pip_requirements: list[str] | str | None = None,
+    extra_files: list[str] | None = None,
+    metadata: dict[str, Any] | None = None,
+    model_factory: str | None = None,
+    factory_kwargs: Mapping[str, Any] | None = None,
+    message: str | None = None,
+    lance_properties: Mapping[str, str] | None = None,
+    serialization_format: str | None = None,
+    pickle_module: Any = None,
+    **torch_save_kwargs: Any,
+) -> None:
+    """``save_model`` of a state captured and checked already (see ``Capture``)."""
     _check_pytorch_options(serialization_format, torch_save_kwargs)
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     factory = (model_factory, check_factory(model_factory, factory_kwargs, resolve=True)) if model_factory else None
-    state_dict = _staged.state_dict if _staged is not None else pytorch_model.state_dict()
-    validate_state_dict(state_dict)
     path = os.path.abspath(path)
     _validate_and_prepare_target_save_path(path)
     mlflow_model = mlflow_model or Model()
     location = _weights_location(path, lance_uri, storage_options)
     with _removed_on_failure(path):  # nothing committed yet: a retry can start over
         conf = _write_small_files(
-            pytorch_model, path, mlflow_model, factory, signature, input_example, metadata,
-            code_paths, extra_files, _staged.skeleton if _staged is not None else None,
+            module, path, mlflow_model, factory, signature, input_example, metadata,
+            code_paths, extra_files, capture.skeleton,
         )  # fmt: skip
-        if _staged is not None:  # a checkpoint: the model's tensors live under "model/"
-            conf["state_prefix"] = tree.subtree_prefix(_MODEL_KEY)
+        if capture.state_prefix:  # a checkpoint: the model's tensors live under this prefix
+            conf["state_prefix"] = capture.state_prefix
         env = _environment(conda_env, pip_requirements, extra_pip_requirements)
-        info = _save_weights(state_dict, _staged, location, mlflow_model, message, lance_properties)
+        info = _save_weights(capture.prepared, location, mlflow_model, message, lance_properties)
     _describe_model(path, mlflow_model, location, info, conf, env, self_contained=not lance_uri)
 
 
@@ -229,8 +269,7 @@ def _weights_location(path: str, lance_uri: str | None, storage_options: Mapping
 
 
 def _save_weights(
-    state_dict: Mapping[str, torch.Tensor],
-    staged: Staged | None,
+    prepared: store.Prepared,
     location: Location,
     mlflow_model: Model,
     message: str | None,
@@ -245,7 +284,7 @@ def _save_weights(
         **dict(lance_properties or {}),
     }
     return store.save_state_dict(
-        state_dict if staged is None else {_MODEL_KEY: state_dict, **staged.extra},
+        prepared,
         location.uri,
         message=message or (f"mlflow run {mlflow_model.run_id}" if mlflow_model.run_id else None),
         properties={k: v for k, v in properties.items() if v},
@@ -442,50 +481,54 @@ def log_model(
     logged model and the model version carry ``lance.*`` tags, the version is pinned and the
     sidecar next to the dataset is up to date.
     """
-    name = name or artifact_path or "model"
-    _check_before_logging(pytorch_model, registered_model_name, kwargs.get("_staged"))
+    _check_module(pytorch_model)
+    if registered_model_name is not None:  # before anything is created: the registry's own rules
+        _validate_model_name(registered_model_name)
+    return _log(pytorch_model, name or artifact_path or "model", Capture(store.prepare(pytorch_model.state_dict())),
+                registered_model_name=registered_model_name, await_registration_for=await_registration_for,
+                metadata=metadata, tags=tags, params=params, step=step, lance_uri=lance_uri,
+                storage_options=storage_options, conda_env=conda_env, code_paths=code_paths, signature=signature,
+                input_example=input_example, pip_requirements=pip_requirements,
+                extra_pip_requirements=extra_pip_requirements, extra_files=extra_files, model_factory=model_factory,
+                factory_kwargs=factory_kwargs, **kwargs)  # fmt: skip
+
+
+def _log(
+    module: torch.nn.Module,
+    name: str,
+    capture: Capture,
+    *,
+    registered_model_name: str | None = None,
+    run_id: str | None = None,
+    lance_uri: str | None = None,
+    storage_options: Mapping[str, str] | None = None,
+    step: int = 0,
+    **kwargs: Any,
+) -> mlflow.models.model.ModelInfo:
+    """``log_model`` of a state captured and checked already, to run ``run_id`` (default: the
+    active one): the entry point of checkpoints, which write from a background thread."""
     location, experiment_id, binding = _location_for(name, registered_model_name, lance_uri, storage_options,
-                                                     kwargs.get("run_id"))  # fmt: skip
-    lance_properties = _logged_properties(step, experiment_id, registered_model_name, binding)
+                                                     run_id)  # fmt: skip
     info = Model.log(
         artifact_path=None,
         name=name,
-        flavor=sys.modules[__name__],
+        flavor=_Saver(capture),
         registered_model_name=registered_model_name,
-        await_registration_for=await_registration_for,
-        metadata=metadata,
-        tags=tags,
-        params=params,
+        run_id=run_id,
         step=step,
-        pytorch_model=pytorch_model,
+        pytorch_model=module,
         lance_uri=location.uri,
         storage_options=location.storage_options,
-        conda_env=conda_env,
-        code_paths=code_paths,
-        signature=signature,
-        input_example=input_example,
-        pip_requirements=pip_requirements,
-        extra_pip_requirements=extra_pip_requirements,
-        extra_files=extra_files,
-        model_factory=model_factory,
-        factory_kwargs=factory_kwargs,
-        lance_properties=lance_properties,
+        lance_properties=_logged_properties(step, experiment_id, registered_model_name, binding),
         **kwargs,
     )
     registry.after_log(info, registered_model_name, binding, location.storage_options or None)
     return info
 
 
-def _check_before_logging(
-    pytorch_model: torch.nn.Module, registered_model_name: str | None, staged: Staged | None
-) -> None:
-    """What must hold before anything is created: a name the registry accepts (its own
-    rules), a module, and a state dict that can be saved."""
-    if registered_model_name is not None:
-        _validate_model_name(registered_model_name)
-    if not isinstance(pytorch_model, torch.nn.Module):
-        raise TypeError(f"pytorch_model must be a torch.nn.Module, got {type(pytorch_model).__name__}")
-    validate_state_dict(staged.state_dict if staged else pytorch_model.state_dict())
+def _check_module(module: object) -> None:
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"pytorch_model must be a torch.nn.Module, got {type(module).__name__}")
 
 
 def _logged_properties(

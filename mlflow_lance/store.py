@@ -96,9 +96,9 @@ if TYPE_CHECKING:  # Lance is imported where a verb writes or opens a dataset: a
     from lance.fragment import FragmentMetadata
 
 __all__ = [
-    "CorruptionError", "Dataset", "Diff", "GcReport", "LoadResult", "Problem", "VerifyReport", "VersionInfo",
+    "CorruptionError", "Dataset", "Diff", "GcReport", "LoadResult", "Prepared", "Problem", "VerifyReport", "VersionInfo",
     "VersionNotFoundError", "WeightsError", "diff", "gc", "latest_version", "load_into",
-    "load_state_dict", "resolve_version", "save_state_dict", "tag", "tags", "untag", "verify", "version_properties",
+    "load_state_dict", "prepare", "reindex", "resolve_version", "save_state_dict", "tag", "tags", "untag", "verify", "version_properties",
     "versions",
 ]  # fmt: skip
 
@@ -173,7 +173,7 @@ class LoadResult(NamedTuple):
 
 
 def save_state_dict(
-    state_dict: Mapping[str, torch.Tensor],
+    state_dict: Mapping[str, Any] | Prepared,
     uri: str | os.PathLike | Dataset,
     *,
     message: str | None = None,
@@ -191,7 +191,8 @@ def save_state_dict(
     Only tensors whose bytes, dtype or shape differ from the latest version are written;
     the rest reuse that version's data files. ``properties`` (str -> str) are stored with
     the version. ``compression="zstd"`` applies to a new dataset only; the default stores
-    raw bytes, which load fastest (memory-mapped, no decode).
+    raw bytes, which load fastest (memory-mapped, no decode). ``state_dict`` may be what
+    ``prepare`` returned (then it is not checked again).
 
     The version is durable when this returns: on a local disk its data files, manifest,
     commit, version index and their directories are flushed (fsync), as
@@ -199,7 +200,8 @@ def save_state_dict(
     MLFLOW_LANCE_FSYNC=0) skips that for scratch use. On object storage a completed PUT is
     durable already.
     """
-    state_dict, spec = _flat(state_dict)
+    prepared = prepare(state_dict)
+    state_dict, spec = prepared.tensors, prepared.spec
     props = _check_properties(properties)
     dataset = Dataset.of(uri, storage_options)
     uri, storage_options = dataset.uri, dataset.storage_options
@@ -572,16 +574,27 @@ def gc(
 # --------------------------------------------------------------------------- saving
 
 
-def _flat(state_dict: Mapping[str, Any]) -> tuple[Mapping[str, torch.Tensor], dict | None]:
-    """A state dict to save, checked, and the spec of the checkpoint dict it was flattened
-    from (None for a flat state dict)."""
+@dataclass(frozen=True)
+class Prepared:
+    """A state dict (or checkpoint dict) checked and flattened for saving, once: its tensors
+    by name and the spec of the tree they came from (None for a flat state dict)."""
+
+    tensors: Mapping[str, torch.Tensor]
+    spec: dict | None
+
+
+def prepare(state_dict: Mapping[str, Any] | Prepared) -> Prepared:
+    """Check and flatten what ``save_state_dict`` saves (a Prepared is returned as it is);
+    TypeError / ValueError naming the first key that cannot be saved."""
+    if isinstance(state_dict, Prepared):
+        return state_dict
     spec = None
     if isinstance(state_dict, Mapping) and not tree.is_flat(state_dict):  # a checkpoint dict
         state_dict, spec = tree.flatten(state_dict)
     validate_state_dict(state_dict)
     if not state_dict:
         raise ValueError("the state dict holds no tensor; there is nothing to save")
-    return state_dict, spec
+    return Prepared(state_dict, spec)
 
 
 def _reusable_base(

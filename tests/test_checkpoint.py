@@ -77,7 +77,7 @@ def test_async_checkpoints_stage_copies_and_surface_background_errors(tracking, 
     def broken(*args, **kwargs):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(checkpoint.flavor, "log_model", broken)
+    monkeypatch.setattr(checkpoint.flavor, "_log", broken)
     with mlflow.start_run():
         ml.log_checkpoint(model, opt, step=2, blocking=False)
         with pytest.raises(RuntimeError, match="disk on fire"):
