@@ -133,8 +133,27 @@ def _indexed_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opti
                 f"the optimizer's parameter groups differ from the checkpoint's (a group of {mine[:3]}... "
                 f"has no saved counterpart); build the optimizer with the same groups"
             )
+        bad = [k for k, v in match.items() if k != "params" and not _same_kind(v, group.get(k, v))]
+        if bad:
+            raise store.CorruptionError(
+                f"the checkpoint's optimizer hyperparameters {bad[:5]} are not of the kind this optimizer's are"
+            )
         groups.append({**match, "params": [index[n] for n in mine]})
     return {"state": {index[n]: s for n, s in named["state"].items()}, "param_groups": groups}
+
+
+def _same_kind(saved: Any, live: Any) -> bool:
+    """Whether a stored hyperparameter can stand where the optimizer has ``live`` (numbers for
+    numbers, a sequence of as many for a sequence, the same for anything else)."""
+    number = (int, float, torch.Tensor)
+    if isinstance(live, bool) or isinstance(saved, bool):
+        return type(saved) is type(live)
+    if isinstance(live, number):
+        return isinstance(saved, number) and not isinstance(saved, bool)
+    if isinstance(live, (list, tuple)):
+        return isinstance(saved, (list, tuple)) and len(saved) == len(live) and all(
+            _same_kind(a, b) for a, b in zip(saved, live))  # fmt: skip
+    return live is None or type(saved) is type(live) or saved is None
 
 
 def _rng_state() -> dict:
@@ -177,7 +196,7 @@ def set_rng_state(state: Mapping) -> None:
             np.random.set_state(saved_numpy)
             random.setstate(saved_python)
             raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as err:
         raise store.CorruptionError(f"the checkpoint's rng state is malformed ({type(err).__name__}); "
                                     f"load it with restore_rng=False") from None
 

@@ -251,12 +251,25 @@ def cmd_gc(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from safetensors.torch import save_file
+    import torch
+    from safetensors.torch import save, save_file
 
     from . import store
 
+    def storable(dtype: torch.dtype) -> bool:
+        try:
+            save({"x": torch.zeros(1, dtype=dtype)})
+            return True
+        except (KeyError, ValueError, TypeError):
+            return False
+
     uri = _resolve(args.target)
     sd = store.load_state_dict(uri, args.version, storage_options=_opts(uri), names="*")  # flat, trees too
+    kinds = {t.dtype: storable(t.dtype) for t in sd.values()}
+    unsupported = [f"{printable(name)} ({t.dtype})" for name, t in sd.items() if not kinds[t.dtype]]
+    if unsupported:
+        raise ValueError(f"safetensors cannot store {', '.join(unsupported[:5])}; export the other tensors "
+                         f"with mlflow_lance.load_state_dict() and safetensors yourself, or load these with it")  # fmt: skip
     seen: dict[int, str] = {}
     out = {}
     with _bar(args, len(sd), "tensor", "export") as bar:

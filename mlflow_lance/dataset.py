@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 import pyarrow as pa
 
 from .errors import CorruptionError, VersionNotFoundError, WeightsError
-from .format import FORMAT_KEY, PROP, Version, plain_name
+from .format import FORMAT_KEY, PROP, Version, check_tag_name, plain_name
 from .fs import StorageOptions, check_tree, lance_options, local_path, unreachable
 from .index import Fragment
 
@@ -170,6 +170,8 @@ def checkout(ds: lance.LanceDataset, version: Version | None) -> lance.LanceData
         return ds
     if isinstance(version, bool) or not isinstance(version, (int, str)):
         raise TypeError(f"version must be an int or a tag name, got {version!r}")
+    if isinstance(version, str):
+        check_tag_name(version)
     if isinstance(version, int) and not 0 <= version < 1 << 63:
         raise VersionNotFoundError(f"version {version} does not exist in {ds.uri}; {available(ds)}")
     def call() -> lance.LanceDataset:

@@ -42,7 +42,7 @@ MEMORY_ENV = "MLFLOW_LANCE_DECODER_MEMORY"
 TIMEOUT_ENV = "MLFLOW_LANCE_DECODER_TIMEOUT"
 _DEFAULT_MEMORY = 8 << 30
 _DEFAULT_TIMEOUT = 600.0
-_MAX_HEADER = 256 << 20  # rows of a version, as JSON
+_MAX_HEADER = 64 << 20  # rows of a version, as JSON
 
 
 class DecoderCrashed(CorruptionError):
@@ -188,12 +188,17 @@ def _scan(args: dict) -> tuple[Any, bytes]:
 
 
 def _seed_rows(args: dict) -> tuple[Any, bytes]:
-    """The name, shape and row address of each row of a Lance docs example dataset."""
+    """The name, shape, row address and number of values of each row of a Lance docs example
+    dataset (the values are counted, so that a shape can be checked before anything is
+    allocated for it)."""
     import lance
+    import pyarrow.compute as pc
 
     ds = lance.dataset(args["uri"], version=args["version"], storage_options=args["storage_options"] or None)
-    table = ds.to_table(columns=["name", "shape"], with_row_address=True)
-    return [[r["name"], r["shape"], r["_rowaddr"]] for r in table.to_pylist()], b""
+    table = ds.to_table(columns=["name", "shape", "value"], with_row_address=True)
+    counts = pc.list_value_length(table["value"]).to_pylist()
+    rows = zip(table["name"].to_pylist(), table["shape"].to_pylist(), table["_rowaddr"].to_pylist(), counts)
+    return [[name, shape, address, count] for name, shape, address, count in rows], b""
 
 
 def _seed_values(args: dict) -> tuple[Any, bytes]:

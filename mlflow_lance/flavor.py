@@ -19,6 +19,7 @@ import importlib.metadata
 import io
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -603,7 +604,8 @@ def _load_from_local(
     device = torch.device(map_location) if map_location is not None else torch.device("cpu")
     opts = storage_options_for(uri) or None
     saved_with = str(conf.get("pytorch_version", ""))
-    if saved_with and saved_with != str(torch.__version__):
+    saved_with = saved_with if re.fullmatch(r"[0-9][0-9A-Za-z.+_-]{0,40}", saved_with) else "unknown"
+    if conf.get("pytorch_version") and saved_with != str(torch.__version__):
         _logger.warning("Stored model version '%s' does not match installed PyTorch version '%s'",
                         saved_with, torch.__version__)  # fmt: skip
     trusted_only = not pickle_allowed(allow_pickle)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -284,3 +285,17 @@ def select(entries: Mapping[str, Entry], names: str | Iterable[str] | None) -> l
             f"{list(entries)[:3]}); pass a prefix or a glob to select by pattern"
         )
     return wanted
+
+
+_TAG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
+
+
+def check_tag_name(name: object) -> str:
+    """``name`` if it can name a tag: letters, digits, '.', '_', '-' (no path separators, no
+    '..', not all digits, at most 200 characters); ValueError saying so otherwise."""
+    if not isinstance(name, str) or not _TAG_NAME.fullmatch(name) or name.isdigit() or ".." in name:
+        raise ValueError(
+            f"tag name {str(name)[:80]!r} is not allowed: use letters, digits, '.', '_' and '-' (not starting "
+            f"with '.' or '-', no '..', not all digits, at most 200 characters)"
+        )
+    return name

@@ -48,7 +48,7 @@ FSYNC_ENV = "MLFLOW_LANCE_FSYNC"
 # The directories of a dataset (Lance's and ours), and those whose every entry Lance may open.
 DATASET_DIRS = ("_versions", "data", "_transactions", "_refs", "_refs/tags", "_refs/branches", "_deletions",
                 "_indices", "_mlflow_lance", "_mlflow_lance/index")  # fmt: skip
-_OPENED_BY_LANCE = ("_versions", "_transactions", "_refs/tags")
+_OPENED_BY_LANCE = ("_versions", "_transactions", "_refs/tags", "_refs/branches", "_deletions", "_indices")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
@@ -173,6 +173,21 @@ def write_text(uri: str, text: str, storage_options: StorageOptions = None, *, s
             os.remove(tmp)
 
 
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` without aliases: in a file from someone else, one alias can stand for
+    a list of thousands, and a few hundred KB of them cost minutes to walk. yaml.YAMLError
+    (or RecursionError) for anything else that does not parse."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                raise yaml.YAMLError("YAML aliases are not accepted here")
+            return super().compose_node(parent, index)
+
+    return yaml.load(text, Loader=NoAliases)  # noqa: S506 - a SafeLoader
+
+
 def _made_dirs(folder: str) -> list[str]:
     """Create ``folder`` and its missing parents; the parents of those created (whose entries
     must be flushed for the new directories to survive a crash), deepest first."""
@@ -237,15 +252,22 @@ def check_tree(root: str) -> None:
                 f"is read or deleted through it"
             )
     for sub in _OPENED_BY_LANCE:
-        folder = os.path.join(root, sub)
-        with contextlib.suppress(FileNotFoundError, NotADirectoryError):
-            with os.scandir(folder) as it:
-                for entry in it:
-                    if not entry.is_file(follow_symlinks=False):
-                        raise CorruptionError(
-                            f"{entry.path} of dataset {root} is {_kind(entry.stat(follow_symlinks=False).st_mode)}, "
-                            f"not a regular file; only regular files inside a dataset are read"
-                        )
+        _regular_files_only(root, os.path.join(root, sub), nested=sub == "_indices")
+
+
+def _regular_files_only(root: str, folder: str, *, nested: bool) -> None:
+    """Every entry of ``folder`` is a regular file (with ``nested``: or a real directory whose
+    entries are, at any depth); CorruptionError names the first that is not."""
+    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+        with os.scandir(folder) as it:
+            for entry in it:
+                if nested and entry.is_dir(follow_symlinks=False):
+                    _regular_files_only(root, entry.path, nested=True)
+                elif not entry.is_file(follow_symlinks=False):
+                    raise CorruptionError(
+                        f"{entry.path} of dataset {root} is {_kind(entry.stat(follow_symlinks=False).st_mode)}, "
+                        f"not a regular file; only regular files inside a dataset are read"
+                    )
 
 
 @dataclass(frozen=True)
@@ -273,6 +295,7 @@ class Tree:
         self.root = local_path(uri)
         self.storage_options = storage_options
         self._fds: dict[str, int | None] = {}
+        self._made: list[str] = []  # directories a directory was created in
 
     def __enter__(self) -> Tree:
         return self
@@ -283,16 +306,21 @@ class Tree:
                 os.close(fd)
         self._fds.clear()
 
-    def _dir(self, sub: str) -> int | None:
-        """The descriptor of directory ``sub`` (e.g. "_mlflow_lance/index"), None if missing."""
-        if sub in self._fds:
+    def _dir(self, sub: str, *, create: bool = False) -> int | None:
+        """The descriptor of directory ``sub`` (e.g. "_mlflow_lance/index"), None if missing
+        (with ``create``: made, level by level, inside its parent's descriptor)."""
+        if self._fds.get(sub) is not None or (sub in self._fds and not create):
             return self._fds[sub]
         parent, _, name = sub.rpartition("/")
         if not name:
             fd: int | None = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         else:
-            base = self._dir(parent)
+            base = self._dir(parent, create=create)
             try:
+                if base is not None and create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(name, dir_fd=base)
+                        self._made.append(parent)
                 fd = None if base is None else os.open(name, _DIR_FLAGS, dir_fd=base)
             except FileNotFoundError:
                 fd = None
@@ -365,6 +393,32 @@ class Tree:
             return False
         return True
 
+    def write(self, sub: str, name: str, data: bytes, *, sync: bool = True) -> None:
+        """Replace file ``name`` of directory ``sub`` (made if missing) atomically; locally
+        through the directories' descriptors, so that nothing is written outside the dataset
+        whatever links appear meanwhile, and flushed unless ``sync`` is False."""
+        if self.root is None:
+            filesystem, path = _filesystem(join(self.uri, sub, name), self.storage_options)
+            with filesystem.open_output_stream(path) as f:  # one PUT: atomic on S3-compatible stores
+                f.write(data)
+            return
+        fd = self._dir(sub, create=True)
+        assert fd is not None
+        tmp = f"{name}.{uuid.uuid4().hex}.tmp"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=fd)
+        try:
+            with open(out, "wb") as f:
+                f.write(data)
+                if sync and durable():
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=fd, dst_dir_fd=fd)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=fd)
+        if sync:
+            self.sync([sub, *self._made])
+
     def sync(self, subs: Iterable[str]) -> None:
         """Flush the directories ``subs`` (their entries: creations, renames, deletes)."""
         if self.root is not None and durable():
@@ -407,10 +461,13 @@ def sync_dirs(paths: Iterable[str]) -> None:
 
 def list_dirs(uri: str, storage_options: StorageOptions = None) -> list[str]:
     """The URIs of the directories directly under ``uri``, sorted; [] if it cannot be listed.
-    Locally a symbolic link is not a directory: what it leads to lies outside ``uri``."""
+    Locally a symbolic link is not a directory: what it leads to lies outside ``uri`` (and
+    ``uri`` itself, if it is a link, lists nothing)."""
     local = local_path(uri)
     if local is not None:
         try:
+            if os.path.islink(local.rstrip("/")):
+                return []
             with os.scandir(local) as it:
                 return sorted(e.path for e in it if e.is_dir(follow_symlinks=False))
         except OSError:

@@ -24,12 +24,12 @@ import os
 from collections.abc import Mapping
 
 from .format import COMPRESSION_KEY, COMPRESSIONS, FORMAT_KEY, FORMAT_VERSION, PROP, Located, plain_name, rows_digest
-from .fs import StorageOptions, join, list_names, local_path, read_bytes, write_text
+from .fs import StorageOptions, Tree, join, list_names, local_path, read_bytes
 from .tensors import META_COLUMNS, hash_bytes
 
 INDEX_DIR = ("_mlflow_lance", "index")
 INDEX_FORMAT = 2
-MAX_INDEX_BYTES = 64 << 20  # a version index larger than this is ignored
+MAX_INDEX_BYTES = 16 << 20  # a version index larger than this is ignored (~80,000 rows)
 INDEXED_PROPERTIES = (PROP + "rows", PROP + "tree")  # what a load reads from a commit
 _ROW_TYPES = [{str}, {int}, {int}, {int}, {str}, {list}, {str}, {str, type(None)}]  # per META_COLUMNS
 _SHAPE = META_COLUMNS.index("shape")
@@ -54,6 +54,8 @@ def read(uri: str, storage_options: StorageOptions, version: int) -> dict | None
         return None
     try:
         data = read_bytes(index_uri(uri, version), storage_options, limit=MAX_INDEX_BYTES, follow_links=False)
+        if data is not None and data.count(b"[") + data.count(b"{") > len(data) // 25 + 64:
+            return None  # a row takes >= 60 bytes and two brackets: this is a pile of tiny objects
         doc = json.loads(data) if data is not None else None
     except (OSError, ValueError, RecursionError):
         return None
@@ -135,9 +137,10 @@ def write(
     located: list[Located],
     sync: bool = True,
 ) -> None:
-    """Write (atomically; durably unless ``sync`` is False) the index of ``version``. A local
-    dataset whose index folder is a link gets none: nothing is written outside a dataset."""
-    if len(located) != sum(count for *_, count in table) or _linked_folder(uri):
+    """Write (atomically; durably unless ``sync`` is False) the index of ``version``, through
+    the dataset's directory descriptors (fs.Tree): a folder that is a link is a
+    CorruptionError, and nothing is written outside the dataset."""
+    if len(located) != sum(count for *_, count in table):
         return
     doc = {
         "index_format": INDEX_FORMAT,
@@ -148,7 +151,8 @@ def write(
         "fragments": [list(f) for f in table],
         "rows": [[r.meta[c] for c in META_COLUMNS] + [r.position, r.stored] for r in located],
     }
-    write_text(index_uri(uri, version), json.dumps(doc, separators=(",", ":")), storage_options, sync=sync)
+    with Tree(uri, storage_options) as tree:  # through directory descriptors: never through a link
+        tree.write("/".join(INDEX_DIR), f"{version}.json", json.dumps(doc, separators=(",", ":")).encode(), sync=sync)
 
 
 def manifests(uri: str, storage_options: StorageOptions) -> dict[int, str]:

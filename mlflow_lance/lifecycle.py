@@ -576,9 +576,16 @@ def gc(
                              orphan_files=r.orphan_files, orphan_bytes=r.orphan_bytes)]  # fmt: skip
     refs = References(assume_logged_here=assume_logged_here)
     results = []
+    explicit = not all and target is not None and looks_like_dataset(os.fspath(target))
+    roots = [] if explicit else lance_roots(refs.client)
     for u in datasets_for(target, refs, all=all):
+        # keep_last / older_than remove versions nothing in MLflow speaks for: only in a dataset
+        # named here or under a Lance root, never one that only a model version's MLmodel or
+        # tags name (anyone who can edit those could aim it at any dataset this machine reaches)
+        policy = explicit or any(under(u, root) for root in roots)
         try:
-            results.append(gc_dataset(u, refs, keep_last=keep_last, older_than=older_than, grace=grace,
+            results.append(gc_dataset(u, refs, keep_last=keep_last if policy else None,
+                                      older_than=older_than if policy else None, grace=grace,
                                       dry_run=dry_run, storage_options=storage_options))  # fmt: skip
         except (ForeignDataset, store.WeightsError, FileNotFoundError, MlflowException) as err:
             if not all or (isinstance(err, MlflowException) and not not_found(err)):
@@ -637,6 +644,17 @@ def model_datasets(name: str, refs: References) -> list[str]:
         if t is not None and t.uri:
             uris.append(t.uri)
     return _unique(u for u in uris if local_path(u) is None or os.path.exists(local_path(u)))
+
+
+def under(uri: str, root: str) -> bool:
+    """Whether dataset ``uri`` lies inside Lance root ``root``, by its path as written (a link
+    on the way is not followed: see fs.list_dirs, which lists no link)."""
+    local, base = local_path(uri), local_path(root)
+    if (local is None) != (base is None):
+        return False
+    if local is not None:
+        uri, root = os.path.normpath(os.path.abspath(local)), os.path.normpath(os.path.abspath(base))
+    return uri.rstrip("/").startswith(root.rstrip("/") + "/")
 
 
 def _unique(uris: Iterable[str]) -> list[str]:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import CorruptionError
-from .fs import read_bytes
+from .fs import parse_yaml, read_bytes
 
 FLAVOR_NAME = "mlflow_lance"
 MLMODEL = "MLmodel"
@@ -76,7 +76,7 @@ def read(model_dir: str, relative: str, *, limit: int = _MAX_SMALL) -> bytes:
 def _yaml(model_dir: str, relative: str) -> Any:
     data = read(model_dir, relative)
     try:
-        return yaml.safe_load(data.decode("utf-8"))
+        return parse_yaml(data.decode("utf-8"))
     except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError):
         raise CorruptionError(f"{os.path.join(model_dir, relative)} is not valid YAML (its content is not shown)") from None
 
@@ -113,8 +113,8 @@ def flavor_conf(model_dir: str) -> dict:
             raise CorruptionError(f"{where}: {FLAVOR_NAME}.{key} must be a string")
     if "factory_kwargs" in conf and conf["factory_kwargs"] is not None and not isinstance(conf["factory_kwargs"], dict):
         raise CorruptionError(f"{where}: {FLAVOR_NAME}.factory_kwargs must be a mapping")
-    for key in ("skeleton", "torchscript"):
-        if key in conf:
+    for key in ("skeleton", "torchscript", "code"):
+        if conf.get(key) is not None:
             member(model_dir, conf[key])
     return conf
 
@@ -122,7 +122,7 @@ def flavor_conf(model_dir: str) -> dict:
 def parse_pointer(data: bytes, where: str) -> tuple[str, int]:
     """(Lance URI, version) from a pointer file's bytes (``where`` names it in errors)."""
     try:
-        doc = yaml.safe_load(data.decode("utf-8"))
+        doc = parse_yaml(data.decode("utf-8"))
     except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError):
         raise CorruptionError(f"{where} is not valid YAML (its content is not shown)") from None
     uri = doc.get("lance_uri") if isinstance(doc, dict) else None

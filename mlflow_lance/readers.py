@@ -468,7 +468,7 @@ def _seed(dataset: Dataset, ds: lance.LanceDataset) -> VersionReader:
         raise lance_error(dataset.uri, err, what) from None
     located, seen = [], set()
     for i, row in enumerate(found if isinstance(found, list) else [None]):
-        name, shape, address = row if isinstance(row, list) and len(row) == 3 else (None, None, None)
+        name, shape, address, count = row if isinstance(row, list) and len(row) == 4 else (None, None, None, None)
         shape = shape if shape is not None else []
         if (not isinstance(name, str) or name in seen or not isinstance(shape, list) or len(shape) > MAX_DIMS
                 or not all(type(s) is int and 0 <= s < 1 << 62 for s in shape) or type(address) is not int):  # fmt: skip
@@ -476,8 +476,13 @@ def _seed(dataset: Dataset, ds: lance.LanceDataset) -> VersionReader:
                 f"row {i} of {ds.uri} (version {ds.version}) repeats the name {str(name)[:200]!r} or has "
                 f"shape {str(shape)[:80]}, which is not a list of non-negative sizes"
             )
-        seen.add(name)
         nbytes = stored_nbytes("float64", shape)
+        if nbytes != 8 * (count or 0):  # the shape claims what the row holds: nothing more is allocated
+            raise CorruptionError(
+                f"row {i} ({name[:200]!r}) of {ds.uri} (version {ds.version}) has shape {str(shape)[:80]}, "
+                f"but holds {count} values"
+            )
+        seen.add(name)
         meta = {"name": name, "chunk": 0, "offset": 0, "nbytes": nbytes, "dtype": "float64", "shape": shape,
                 "hash": "", "alias": None}  # fmt: skip
         located.append(Located(meta, address, None, "", nbytes))

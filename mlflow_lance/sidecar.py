@@ -39,7 +39,7 @@ from datetime import datetime, timezone
 import yaml
 
 from . import store
-from .fs import read_text, write_text
+from .fs import parse_yaml, read_text, write_text
 
 MODEL_PIN = "model."
 MODEL_VERSION_PIN = "mv."
@@ -195,14 +195,21 @@ def read(dataset_uri: str, storage_options: Mapping[str, str] | None = None) -> 
     if text is None:
         return None
     try:
-        doc = yaml.safe_load(text)
+        doc = parse_yaml(text)
     except (yaml.YAMLError, RecursionError, ValueError):
         return None
     return doc if _valid(doc) else None
 
 
+class _NoAliases(yaml.SafeDumper):
+    """Writes a shared object out again instead of as an alias (read() refuses aliases)."""
+
+    def ignore_aliases(self, data: object) -> bool:
+        return True
+
+
 def write(dataset_uri: str, doc: dict, storage_options: Mapping[str, str] | None = None) -> None:
-    text = _HEADER + yaml.safe_dump(doc, sort_keys=False, default_flow_style=False)
+    text = _HEADER + yaml.dump(doc, Dumper=_NoAliases, sort_keys=False, default_flow_style=False)
     write_text(sidecar_uri(dataset_uri), text, storage_options)
 
 

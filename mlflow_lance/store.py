@@ -61,6 +61,7 @@ from .format import (
     Located,
     Problem,
     Version,
+    check_tag_name,
     max_zstd_ratio,
     raise_problems,
     rows_digest,
@@ -277,7 +278,12 @@ def load_state_dict(
             loaded = {s: materialize(reader, [entries[s]], verify=verify)[s].to(device) for s in sources}
     out = OrderedDict((name, loaded[entries[name].tie or name]) for name in selected)
     spec = _tree_spec(reader) if names is None else None
-    return out if spec is None else tree.unflatten(spec, out)
+    if spec is None:
+        return out
+    try:
+        return tree.unflatten(spec, out)
+    except (ValueError, TypeError, RecursionError) as err:
+        raise CorruptionError(f"version {reader.version} of {reader.uri}: its {PROP}tree property: {err}") from None
 
 
 def load_into(
@@ -395,20 +401,6 @@ def diff(
         changed=[n for n in common if n not in same],
         unchanged=[n for n in common if n in same],
     )
-
-
-_TAG_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
-
-
-def check_tag_name(name: object) -> str:
-    """``name`` if it can name a tag: letters, digits, '.', '_', '-' (no path separators, no
-    '..', not all digits, at most 200 characters); ValueError saying so otherwise."""
-    if not isinstance(name, str) or not _TAG_NAME.fullmatch(name) or name.isdigit() or ".." in name:
-        raise ValueError(
-            f"tag name {str(name)[:80]!r} is not allowed: use letters, digits, '.', '_' and '-' (not starting "
-            f"with '.' or '-', no '..', not all digits, at most 200 characters)"
-        )
-    return name
 
 
 def tag(
@@ -706,7 +698,7 @@ def _index_new_version(dataset: Dataset, ds: lance.LanceDataset, units: list[Uni
         found = {address: (d["position"], d["size"]) for address, d in descriptors}
         located = [r._replace(position=found[r.address][0], stored=found[r.address][1]) if r.address in found else r
                    for r in located]  # fmt: skip
-    with contextlib.suppress(OSError):  # derived data: the next load decodes the rows instead
+    with contextlib.suppress(OSError, WeightsError):  # derived data: the next load decodes the rows instead
         write_index(dataset, ds, located, table, sync=sync)
 
 

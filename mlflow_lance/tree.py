@@ -128,12 +128,12 @@ def unflatten(spec: dict, tensors: Mapping[str, torch.Tensor]) -> Any:
         kind, value = node.get("t"), node.get("v")
         if kind == "tensor":
             name = node.get("n")
-            if name not in tensors:
-                raise ValueError(f"checkpoint spec names tensor {name!r}, which the version does not hold")
+            if not isinstance(name, str) or name not in tensors:
+                raise ValueError(f"checkpoint spec names tensor {str(name)[:200]!r}, which the version does not hold")
             return tensors[name]
         if kind == "v" and (value is None or isinstance(value, (bool, int, str))):
             return value
-        if kind == "f" and isinstance(value, (int, float, str)):
+        if kind == "f" and _float_like(value):
             return float(value)
         if kind in ("list", "tuple") and isinstance(value, list):
             items = [build(v, depth + 1) for v in value]
@@ -148,6 +148,15 @@ def unflatten(spec: dict, tensors: Mapping[str, torch.Tensor]) -> Any:
         raise ValueError(f"checkpoint spec is malformed (node type {kind!r})")
 
     return build(spec["root"], 0)
+
+
+def _float_like(value: Any) -> bool:
+    """A float as ``flatten`` stores one: a finite number, or the repr of nan or an infinity."""
+    if isinstance(value, str):
+        return value in ("nan", "inf", "-inf")
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, float) or (isinstance(value, int) and abs(value) < 2**1023)
 
 
 def subtree_prefix(*keys: str | int) -> str:

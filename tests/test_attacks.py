@@ -562,3 +562,196 @@ def test_8_a_version_out_of_range_is_not_found(uri_pair):
         with pytest.raises(ml.VersionNotFoundError):
             ml.load_state_dict(uri, v)
     record("r2-8 error", "refused", 3)
+
+
+# --------------------------------------------------------------------------- a third look (a fresh attacker's finds)
+
+
+@pytest.mark.parametrize("where", ["models", "experiments/0/checkpoints"])
+def test_1_gc_all_follows_no_link_on_the_way_down_from_a_lance_root(tracking, tmp_path, where):
+    """A link one level above a dataset (the root's models/ or a checkpoints/ folder) leads
+    to someone else's datasets: gc --all neither lists nor touches them."""
+    theirs = tmp_path / "victim" / "team"
+    theirs.mkdir(parents=True)
+    sd = two_versions(theirs / "v.lance", 11)
+    age(theirs)
+    before = snapshot(theirs)
+    link = Path(os.environ["MLFLOW_LANCE_ROOT"]) / where
+    link.parent.mkdir(parents=True, exist_ok=True)
+    link.symlink_to(theirs)
+    assert cli(["gc", "--all", "--keep-last", "1", "--grace-minutes", "0"]) == 0
+    assert snapshot(theirs) == before and loads(theirs / "v.lance", sd)
+    record("r2-1 gc outside", "refused")
+
+
+def test_1_an_mlmodel_naming_another_dataset_gets_no_keep_last_there(tracking, tmp_path):
+    """A model version whose (editable) MLmodel names a dataset outside every Lance root: gc
+    --all --keep-last never applies its policy there (MLflow logged none of its versions)."""
+    import mlflow
+
+    admin = tmp_path / "private" / "admin.lance"
+    sd = two_versions(admin, 12)
+    age(admin.parent)
+    with mlflow.start_run():
+        info = ml.log_model(torch.nn.Linear(2, 2), name="innocent")
+    (path,) = Path(tracking["root"], "artifacts").rglob(f"{info.model_id}/artifacts/MLmodel")  # as stored
+    mlmodel = yaml.safe_load(path.read_text())
+    mlmodel["flavors"]["mlflow_lance"].update(lance_uri=str(admin), lance_version=1)
+    path.write_text(yaml.safe_dump(mlmodel))
+    mlflow.register_model(f"models:/{info.model_id}", f"innocent-{tmp_path.name}")
+    ml.gc(all=True, keep_last=1, grace=timedelta(0))
+    assert [v.version for v in ml.versions(admin)] == [1, 2] and loads(admin, sd)
+    record("r2-1 gc outside", "refused")
+
+
+def test_2_a_deletion_file_that_is_a_fifo_never_hangs(tmp_path):
+    uri = tmp_path / "packed.lance"
+    ml.save_state_dict({"a": torch.ones(2), "b": torch.ones(3), "c": torch.ones(4)}, uri)  # one packed data file
+    lance.dataset(str(uri)).delete("name = 'b'")  # a commit with a deletion file (Lance's, not ours)
+    victim = next((uri / "_deletions").iterdir())
+    victim.unlink()
+    os.mkfifo(victim)
+    u = str(uri)
+    got = refused_in_time(f"""{{
+        "load": lambda: ml.load_state_dict({u!r}),
+        "versions": lambda: ml.versions({u!r}),
+        "verify": lambda: ml.verify({u!r}),
+    }}""", "fifo deletion file")  # fmt: skip
+    assert "FIFO" in got["load"]
+
+
+def test_4_a_sidecar_of_aliases_is_refused_at_once(tmp_path):
+    """YAML aliases let 0.4 MB stand for a billion entries: a sidecar with any alias is not
+    parsed (it is rebuilt from the commits), so a load by run id stays fast."""
+    uri = tmp_path / "runs.lance"
+    ml.save_state_dict({"w": torch.ones(4)}, uri, properties={"mlflow.run_id": "r1"})
+    fan = "d: &d {}\nL: &L [" + ",".join(["*d"] * 30000) + "]\nruns: {" + ",".join(f"k{i}: *L" for i in range(30000))
+    (tmp_path / "runs.lance.yaml").write_text("lance_latest_version: 1\nlogged_models: {}\nregistered_models: {}\n"
+                                              "pins: {}\n" + fan + "}\n")  # fmt: skip
+    started = time.monotonic()
+    assert torch.equal(ml.load_state_dict(uri, run_id="r1")["w"], torch.ones(4))
+    assert time.monotonic() - started < 10
+    record("r2-4 amplification", "correct")
+
+
+@pytest.mark.parametrize("shape", [[1 << 30], [(1 << 62) - 1, (1 << 62) - 1]])
+def test_4_a_docs_example_row_claiming_a_shape_it_does_not_hold_allocates_nothing(tmp_path, shape, capsys):
+    import pyarrow as pa
+
+    uri = tmp_path / "seed.lance"
+    table = pa.table({"name": ["w"], "value": pa.array([[1.0, 2.0]], pa.list_(pa.float64())),
+                      "shape": pa.array([shape], pa.list_(pa.int64()))})  # fmt: skip
+    lance.write_dataset(table, str(uri))
+    with pytest.raises(ml.CorruptionError, match="holds 2 values"):
+        ml.load_state_dict(uri)
+    assert not ml.verify(uri).ok
+    assert cli(["verify", str(uri)]) == 1 and cli(["export", str(uri), str(tmp_path / "x.safetensors")]) == 2
+    record("r2-4 amplification", "refused", 2)
+
+
+SPEC_LIES = {
+    "a float too large": {"t": "f", "v": 10**400},
+    "a float that is text": {"t": "f", "v": "abc"},
+    "a tensor name that is a list": {"t": "tensor", "n": ["x"]},
+    "an unknown node": {"t": "nope"},
+}
+
+
+@pytest.mark.parametrize("lie", sorted(SPEC_LIES))
+def test_8_a_crafted_checkpoint_spec_in_the_index_is_a_corruption_error(tmp_path, lie):
+    uri = tmp_path / "tree.lance"
+    ml.save_state_dict({"model": {"w": torch.ones(2)}, "epoch": 1.5}, uri)
+    path = uri / "_mlflow_lance" / "index" / "1.json"
+    doc = json.loads(path.read_text())
+    spec = json.loads(doc["properties"]["mlflow_lance.tree"])
+    spec["root"]["v"][1][1] = SPEC_LIES[lie]  # the "epoch" entry
+    doc["properties"]["mlflow_lance.tree"] = json.dumps(spec)
+    path.write_text(json.dumps(doc))  # the rows digest does not cover the spec: the index is read alone
+    try:
+        got = ml.load_state_dict(uri)
+    except ml.CorruptionError as err:
+        assert "mlflow_lance.tree" in str(err) and str(uri) in str(err)
+        record("r2-8 error", "refused")
+    else:
+        assert got["epoch"] == 1.5  # (or the index was not believed)
+        record("r2-8 error", "correct")
+
+
+def test_8_rng_and_optimizer_hyperparameters_of_the_wrong_kind_are_refused(tmp_path):
+    from mlflow_lance.checkpoint import load_checkpoint, set_rng_state
+
+    good = {"torch": torch.get_rng_state(), "numpy": {"kind": "MT19937", "keys": torch.zeros(624, dtype=torch.int64),
+            "pos": 0, "has_gauss": 0, "cached": 10**400}, "python": {"version": 3, "internal": [0] * 625,
+            "gauss_next": None}}  # fmt: skip
+    with pytest.raises(ml.CorruptionError, match="rng state is malformed"):
+        set_rng_state(good)
+    path = tmp_path / "model"
+    net = torch.nn.Linear(2, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    ml.save_model(net, str(path))
+    named = {"state": {}, "param_groups": [{**opt.state_dict()["param_groups"][0], "lr": "x",
+                                            "params": ["weight", "bias"]}]}  # fmt: skip
+    info = ml.save_state_dict({"model": dict(net.state_dict()), "step": 1, "optimizer": named},
+                              path / "data" / "weights.lance")  # fmt: skip
+    (path / "data" / "lance.yaml").write_text(yaml.safe_dump({"lance_uri": "weights.lance",
+                                                              "lance_version": info.version}))  # fmt: skip
+    with pytest.raises(ml.CorruptionError, match=r"hyperparameters \['lr'\]"):
+        load_checkpoint(str(path), net, opt, restore_rng=False)
+    assert opt.param_groups[0]["lr"] == 0.1
+    record("r2-8 error", "refused", 2)
+
+
+def test_4_an_index_of_tiny_objects_is_not_parsed(uri_pair):
+    uri, sd = uri_pair
+    path = uri / "_mlflow_lance" / "index" / f"{lance.dataset(str(uri)).version}.json"
+    path.write_text('{"index_format":2,"version":2,"rows":[' + ",".join(["{}"] * ((15 << 20) // 3)) + "]}")
+    got = peak_rss_growth(f"""
+        out = sorted(ml.load_state_dict({str(uri)!r}))
+    """)  # fmt: skip
+    assert got["out"] == sorted(sd) and got["grown_mb"] < 100, got
+    record("r2-4 amplification", "correct")
+
+
+def test_1_an_index_folder_swapped_for_a_link_while_it_is_written_gets_nothing(tmp_path, monkeypatch):
+    from mlflow_lance import fs
+
+    uri = tmp_path / "one.lance"
+    ml.save_state_dict({"w": torch.ones(3)}, uri)
+    shutil.rmtree(uri / "_mlflow_lance")
+    mine = tmp_path / "user-files"
+    mine.mkdir()
+    write = fs.Tree.write
+
+    def swap_then_write(self, sub, name, data, *, sync=True):
+        self._dir(sub, create=True)  # the folder is open: now the attacker swaps it for a link
+        (uri / "_mlflow_lance" / "index").rename(tmp_path / "moved")
+        (uri / "_mlflow_lance" / "index").symlink_to(mine)
+        return write(self, sub, name, data, sync=sync)
+
+    monkeypatch.setattr(fs.Tree, "write", swap_then_write)
+    assert store.reindex(uri) == [1]
+    assert list(mine.iterdir()) == [] and (tmp_path / "moved" / "1.json").exists()
+    monkeypatch.undo()
+    with pytest.raises(ml.CorruptionError, match="symbolic link"):
+        store.reindex(uri)  # a folder that is a link already: refused, nothing written there
+    assert list(mine.iterdir()) == []
+    record("r2-1 gc outside", "refused", 2)
+
+
+def test_8_smaller_errors_name_the_problem(tmp_path, uri_pair, capsys):
+    uri, _ = uri_pair
+    with pytest.raises(ValueError, match="tag name '../../x' is not allowed"):
+        ml.load_state_dict(uri, "../../x")
+    cplx = tmp_path / "c.lance"
+    ml.save_state_dict({"z": torch.randn(3, dtype=torch.complex128), "r": torch.randn(2)}, cplx)
+    assert cli(["export", str(cplx), str(tmp_path / "c.safetensors")]) == 2
+    assert "safetensors cannot store z (torch.complex128)" in capsys.readouterr().err
+    path = tmp_path / "model"
+    ml.save_model(torch.nn.Linear(2, 2), str(path))
+    mlmodel = yaml.safe_load((path / "MLmodel").read_text())
+    mlmodel["flavors"]["mlflow_lance"]["code"] = "../.."
+    mlmodel["flavors"]["mlflow_lance"]["pytorch_version"] = "\x1b]52;c;evil\x07"
+    (path / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    with pytest.raises(ml.CorruptionError, match="not a file inside the model directory"):
+        ml.load_model(str(path))
+    record("r2-8 error", "refused", 3)

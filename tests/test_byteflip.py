@@ -61,9 +61,13 @@ def test_a_decoder_that_dies_or_hangs_is_a_corruption_error_and_the_next_read_wo
         script = "import os, sys; sys.stdin.buffer.read(4); sys.stderr.write('thread panicked at x\\n'); os.abort()"
         monkeypatch.setattr(decoder, "command", lambda: [sys.executable, "-c", script])
         why = f"{uri} crashed the decoder \\(signal 6: thread panicked at x\\)"
-    else:
-        monkeypatch.setenv("MLFLOW_LANCE_DECODER_TIMEOUT", "0.001")
-        why = f"{uri} crashed the decoder \\(the decoder gave no answer within"
+    else:  # a child that reads the request and never answers
+        decoder._close()
+        monkeypatch.setattr(decoder, "_child", None)
+        script = "import sys, time; sys.stdin.buffer.read(4); time.sleep(120)"
+        monkeypatch.setattr(decoder, "command", lambda: [sys.executable, "-c", script])
+        monkeypatch.setenv("MLFLOW_LANCE_DECODER_TIMEOUT", "2")
+        why = f"{uri} crashed the decoder \\(the decoder gave no answer within 2s"
     with pytest.raises(ml.CorruptionError, match=why):
         ml.load_state_dict(uri)
     monkeypatch.undo()
