@@ -48,14 +48,44 @@ def traced(tmp_path: Path, env: dict) -> tuple[list[str], list]:
     return out.read_text().splitlines(), json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def joined(lines: list[str]) -> list[str]:
+    """The trace with each call that another thread interrupted (``<unfinished ...>`` ...
+    ``<... name resumed>``) put back together on the line where it finished (one line per
+    input line, so that line numbers still order the calls)."""
+    pending: dict[str, str] = {}
+    out = []
+    for line in lines:
+        pid, _, rest = line.partition(" ")
+        rest = rest.lstrip()  # strace pads pids to a width
+        if rest.endswith("<unfinished ...>"):
+            pending[pid] = rest[: -len("<unfinished ...>")].rstrip()
+            out.append("")
+        elif rest.startswith("<... ") and pid in pending:
+            out.append(f"{pid} {pending.pop(pid)}{rest.split('resumed>', 1)[1]}")
+        else:
+            out.append(line)
+    return out
+
+
+def paths(line: str) -> tuple[str, str]:
+    """(source, destination) of a rename or link, names relative to a directory descriptor
+    (``renameat(5</dir>, "a", 5</dir>, "b")``) made absolute."""
+    pairs = re.findall(r'(?:\d+|AT_FDCWD)<([^>]*)>, "([^"]+)"', line)
+    if len(pairs) >= 2:
+        full = [name if name.startswith("/") else f"{folder}/{name}" for folder, name in pairs]
+        return full[0], full[-1]
+    names = re.findall(r'"([^"]+)"', line)
+    return names[0], names[-1]
+
+
 def events(lines: list[str], dataset: str) -> tuple[dict[str, int], dict[str, int], list[int]]:
     """(final path of each file created in the dataset -> its line, path -> the line of its
     first fsync, lines of the sends on TCP sockets). A file fsync'ed under a temporary name
     and then renamed into place counts as fsync'ed under its final name."""
     created, synced, sends = {}, {}, []
-    for i, line in enumerate(lines):
-        if re.search(r"^\d+ (?:rename|renameat2?|linkat)\(", line) and line.endswith(" = 0"):
-            src, dst = (lambda found: (found[0], found[-1]))(re.findall(r'"([^"]+)"', line))
+    for i, line in enumerate(joined(lines)):
+        if re.search(r"^\d+\s+(?:rename|renameat2?|linkat)\(", line) and line.endswith(" = 0"):
+            src, dst = paths(line)
             if dst.startswith(dataset) and ".tmp" not in os.path.basename(dst):
                 created.setdefault(dst, i)
             if src in synced:
