@@ -29,7 +29,7 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -185,7 +185,11 @@ def parse_yaml(text: str) -> Any:
                 raise yaml.YAMLError("YAML aliases are not accepted here")
             return super().compose_node(parent, index)
 
-    return yaml.load(text, Loader=NoAliases)  # noqa: S506 - a SafeLoader
+    loader = NoAliases(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
 
 
 def _made_dirs(folder: str) -> list[str]:
@@ -212,18 +216,6 @@ def _read_regular(path: str, limit: int, follow_links: bool) -> bytes | None:
             return f.read(limit + 1)
     finally:
         os.close(fd)
-
-
-def regular_file(path: str) -> None:
-    """Raise CorruptionError unless ``path`` is a regular file and no symbolic link (checked
-    without opening it for reading: a FIFO is never waited on). Missing files pass: whoever
-    opens them says so."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISREG(st.st_mode):
-        raise CorruptionError(f"{path} is not a regular file ({_kind(st.st_mode)}); only regular files are read")
 
 
 def _kind(mode: int) -> str:
@@ -589,13 +581,3 @@ def _seconds(text: str | None) -> float | None:
         return float(text.rstrip("s"))
     except ValueError:
         return None
-
-
-@contextlib.contextmanager
-def opened_dir(path: str) -> Iterator[int]:
-    """A descriptor of local directory ``path``, opened without following a final link."""
-    fd = os.open(path, _DIR_FLAGS)
-    try:
-        yield fd
-    finally:
-        os.close(fd)

@@ -92,8 +92,10 @@ def quote_filter(value: str) -> str:
 
 
 def not_found(err: BaseException) -> bool:
-    """True if MLflow said the thing does not exist (as opposed to any other failure)."""
-    return isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST"
+    """True if MLflow said the thing does not exist (as opposed to any other failure), or
+    that the row an update meant to change vanished under it (deleted meanwhile)."""
+    return isinstance(err, MlflowException) and (
+        err.error_code == "RESOURCE_DOES_NOT_EXIST" or "0 were matched" in str(err.message))
 
 
 def _found(lookup: Callable[..., Any], *args: Any) -> bool:

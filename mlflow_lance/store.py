@@ -104,6 +104,7 @@ __all__ = [
 ]  # fmt: skip
 
 _PARALLEL_WRITE_BYTES = 64 << 20
+_CALL_BYTES = 64 << 20
 _COMMIT_ATTEMPTS = 64
 
 
@@ -215,14 +216,20 @@ def save_state_dict(
     reusable = {f.fragment_id: f.metadata for f in parent.get_fragments()} if parent else {}
     units, changed = plan_version(tensors, previous, {fid: f.physical_rows for fid, f in reusable.items()})
     fresh = [u.rows for u in units if u.reused is None]
-    new_files = _write_rows(fresh, uri, new_schema, storage_options, create=parent is None)
+    with ThreadPoolExecutor(1) as flusher:  # data files are flushed while the next ones are written
+        flushing: list = []
+        data = os.path.join(local_path(uri) or "", "data")
+        new_files = _write_rows(fresh, uri, new_schema, storage_options, create=parent is None, written=(
+            lambda frags: flushing.append(flusher.submit(fs.sync_files, [os.path.join(data, f.files[0].path)
+                                                                         for f in frags]))) if flush else None)  # fmt: skip
+        for job in flushing:
+            job.result()
     written = iter(new_files)
     fragments = [reusable[u.reused] if u.reused is not None else next(written) for u in units]
     bytes_written = sum(f.files[0].file_size_bytes or 0 for f in new_files)
-    if flush:  # the bytes are on the disk before any manifest names them
+    if flush:  # the bytes are on the disk before any manifest names them, and so are their names
         root = local_path(uri)
-        fs.sync_files(os.path.join(root, "data", f.files[0].path) for f in new_files)
-        fs.sync_dirs([os.path.join(root, "data")] + ([root, os.path.dirname(os.path.abspath(root))] if parent is None else []))
+        fs.sync_dirs([data] + ([root, os.path.dirname(os.path.abspath(root))] if parent is None else []))
 
     txn_props = _transaction_properties(
         message, props, spec, parent, tensors, changed, [n for n in previous if n not in state_dict], bytes_written
@@ -731,13 +738,15 @@ def _write_rows(
     storage_options: StorageOptions,
     *,
     create: bool,
+    written: Callable[[list[FragmentMetadata]], object] | None = None,
 ) -> list[FragmentMetadata]:
     """Write each unit (a list of rows) into a data file of its own: one fragment per unit,
-    returned in ``units``' order.
+    returned in ``units``' order; ``written`` is called with the fragments of each
+    ``write_fragments`` call as soon as it returns (a save flushes them meanwhile).
 
     Large saves are split into byte-balanced groups written by parallel ``write_fragments``
-    calls (0.34 s -> 0.24 s for GPT-2 here). Each call writes the units of one group that
-    have the same number of rows k, cut into files of k rows (``max_rows_per_file``).
+    calls. Each call writes at most _CALL_BYTES of the units of one group that have the same
+    number of rows k, cut into files of k rows (``max_rows_per_file``).
     """
     if not units:
         return []
@@ -752,7 +761,7 @@ def _write_rows(
         pack = (lambda p: _zstd(p, compressor)) if codec else (lambda p: p)
         batches = (unit_batch(schema, [(m, pack(p)) for m, p in units[i]]) for i in call)
         try:
-            return write_fragments(
+            frags = write_fragments(
                 pa.RecordBatchReader.from_batches(schema, batches),
                 uri,
                 schema=schema,
@@ -765,6 +774,9 @@ def _write_rows(
             if mode == "create" and "already exists" in str(err):
                 return write(call, "append")
             _raise_write_error(uri, err)
+        if written is not None:
+            written(frags)
+        return frags
 
     threads = min(THREADS, len(calls)) if sum(map(_unit_bytes, units)) >= _PARALLEL_WRITE_BYTES else 1
     if threads == 1:
@@ -819,7 +831,9 @@ def _unit_bytes(unit: list[RowData]) -> int:
 
 def _write_calls(units: list[list[RowData]]) -> list[list[int]]:
     """Unit indices per ``write_fragments`` call: units spread over THREADS byte-balanced
-    groups (one group below _PARALLEL_WRITE_BYTES), then split by row count, in order."""
+    groups (one group below _PARALLEL_WRITE_BYTES), then split by row count and into calls
+    of at most _CALL_BYTES, in order (so that each call's files can be flushed while the
+    next is written)."""
     total = sum(_unit_bytes(u) for u in units)
     n = min(THREADS, len(units)) if total >= _PARALLEL_WRITE_BYTES else 1
     groups: list[list[int]] = [[] for _ in range(n)]
@@ -833,7 +847,15 @@ def _write_calls(units: list[list[RowData]]) -> list[list[int]]:
         by_rows: dict[int, list[int]] = {}
         for i in sorted(group):
             by_rows.setdefault(len(units[i]), []).append(i)
-        calls += by_rows.values()
+        for same_rows in by_rows.values():  # cut into calls of at most _CALL_BYTES (at least one unit)
+            calls.append([])
+            size = 0
+            for i in same_rows:
+                if calls[-1] and size + _unit_bytes(units[i]) > _CALL_BYTES:
+                    calls.append([])
+                    size = 0
+                calls[-1].append(i)
+                size += _unit_bytes(units[i])
     return calls
 
 

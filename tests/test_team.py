@@ -110,9 +110,12 @@ def test_sidecar_maps_runs_and_model_versions_and_survives_damage(tracking, monk
             stale["runs"] = {}
             stale["lance_latest_version"] = 1
             path.write_text(yaml.safe_dump(stale))
+        damaged = path.read_bytes() if path.exists() else None
         for seed, (run_id, _) in zip((1, 2, 3), logged):
             got = ml.load_state_dict(uri, run_id=run_id)
             assert torch.equal(got["head.weight"], trained(SmallCNN(), seed).head.weight), damage
+        assert (path.read_bytes() if path.exists() else None) == damaged  # rebuilt in memory: a read writes nothing
+        sidecar.refresh(uri)  # a write (log_model, sync, gc) rebuilds it
         rebuilt = yaml.safe_load(path.read_text())
         assert set(rebuilt["runs"]) == {r for r, _ in logged}
         assert _model_versions(rebuilt, "sidecar-model") == {"1": 1, "2": 2, "3": 3}
