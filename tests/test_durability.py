@@ -90,7 +90,7 @@ def events(lines: list[str], dataset: str) -> tuple[dict[str, int], dict[str, in
                 created.setdefault(dst, i)
             if src in synced:
                 synced.setdefault(dst, synced[src])
-        elif m := re.search(r"(?:fsync|fdatasync)\(\d+<([^>]+)>\) = 0", line):
+        elif m := re.search(r"(?:fsync|fdatasync)\(\d+<([^>]+)>\)\s+= 0", line):
             synced.setdefault(m.group(1), i)
         elif re.search(r"(?:sendto|sendmsg|write)\(\d+<TCP(?:v6)?:\[", line):
             sends.append(i)
