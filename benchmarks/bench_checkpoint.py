@@ -269,30 +269,55 @@ class Checkpointers:
 def contenders(c: Checkpointers) -> list[Contender]:
     """Every contender of the three tables, in table order."""
     return [
-        Contender("log_checkpoint", "durable", "`log_checkpoint(blocking=True)`",
-                  lambda: c.log_checkpoint(True)),
-        Contender("save_state_dict", "durable", "`save_state_dict` of the same state (no MLflow)",
-                  lambda: c.save_state_dict(True)),
-        Contender("torch.save", "durable", "`torch.save` + fsync (file and directory)",
-                  lambda: c.torch_save(True)),
-        Contender("dcp.save", "durable", "`dcp.save` (default `FileSystemWriter`, `sync_files=True`)",
-                  lambda: c.dcp_save(True)),
-        Contender("raw", "durable", "floor: the tensor bytes to a new file + fsync (file and directory)",
-                  lambda: c.raw_write(True)),
-        Contender("log_checkpoint", "volatile", "`log_checkpoint(blocking=True)`, MLFLOW_LANCE_FSYNC=0",
-                  lambda: c.log_checkpoint(False)),
-        Contender("save_state_dict", "volatile",
-                  "`save_state_dict(sync_files=False)` of the same state (no MLflow)",
-                  lambda: c.save_state_dict(False)),
+        Contender("log_checkpoint", "durable", "`log_checkpoint(blocking=True)`", lambda: c.log_checkpoint(True)),
+        Contender(
+            "save_state_dict",
+            "durable",
+            "`save_state_dict` of the same state (no MLflow)",
+            lambda: c.save_state_dict(True),
+        ),
+        Contender("torch.save", "durable", "`torch.save` + fsync (file and directory)", lambda: c.torch_save(True)),
+        Contender(
+            "dcp.save",
+            "durable",
+            "`dcp.save` (default `FileSystemWriter`, `sync_files=True`)",
+            lambda: c.dcp_save(True),
+        ),
+        Contender(
+            "raw",
+            "durable",
+            "floor: the tensor bytes to a new file + fsync (file and directory)",
+            lambda: c.raw_write(True),
+        ),
+        Contender(
+            "log_checkpoint",
+            "volatile",
+            "`log_checkpoint(blocking=True)`, MLFLOW_LANCE_FSYNC=0",
+            lambda: c.log_checkpoint(False),
+        ),
+        Contender(
+            "save_state_dict",
+            "volatile",
+            "`save_state_dict(sync_files=False)` of the same state (no MLflow)",
+            lambda: c.save_state_dict(False),
+        ),
         Contender("torch.save", "volatile", "`torch.save`", lambda: c.torch_save(False)),
-        Contender("dcp.save", "volatile", "`dcp.save`, `FileSystemWriter(sync_files=False)`",
-                  lambda: c.dcp_save(False)),
+        Contender(
+            "dcp.save",
+            "volatile",
+            "`dcp.save`, `FileSystemWriter(sync_files=False)`",
+            lambda: c.dcp_save(False),
+        ),
         Contender("raw", "volatile", "floor: the tensor bytes to a new file", lambda: c.raw_write(False)),
-        Contender("log_checkpoint", "async", "`log_checkpoint(blocking=False)`",
-                  lambda: c.log_checkpoint(True, blocking=False)),
+        Contender(
+            "log_checkpoint",
+            "async",
+            "`log_checkpoint(blocking=False)`",
+            lambda: c.log_checkpoint(True, blocking=False),
+        ),
         Contender("dcp.async_save", "async", "`dcp.async_save` (default writer, fsyncs)", c.dcp_async_save),
         Contender("clone", "async", "floor: `clone()` of the state (the staging copy)", c.clone),
-    ]  # fmt: skip
+    ]
 
 
 # --------------------------------------------------------------------------- the run
@@ -365,12 +390,24 @@ def frozen_backbone_bytes(layers: int, work: str) -> dict[str, Any]:
 
 def machine() -> dict[str, Any]:
     """What the figures were measured on."""
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())  # fmt: skip
-    mem_kb = next(int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines()
-                  if line.startswith("MemTotal"))  # fmt: skip
-    return {"platform": platform.platform(), "cpu": cpu, "cpus": os.cpu_count(),
-            "memory_bytes": mem_kb * 1024, "python": platform.python_version()}  # fmt: skip
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
+    mem_kb = next(
+        int(line.split()[1]) for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")
+    )
+    return {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus": os.cpu_count(),
+        "memory_bytes": mem_kb * 1024,
+        "python": platform.python_version(),
+    }
 
 
 def versions() -> dict[str, Any]:
@@ -384,9 +421,14 @@ def versions() -> dict[str, Any]:
         done = subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True, check=False)
         return done.stdout.strip() if done.returncode == 0 else None
 
-    return {"torch": torch.__version__, "pylance": lance.__version__, "mlflow": mlflow.__version__,
-            "transformers": transformers.__version__, "commit": git("rev-parse", "HEAD"),
-            "mlflow_lance_dirty": bool(git("status", "--porcelain", "--", "mlflow_lance"))}  # fmt: skip
+    return {
+        "torch": torch.__version__,
+        "pylance": lance.__version__,
+        "mlflow": mlflow.__version__,
+        "transformers": transformers.__version__,
+        "commit": git("rev-parse", "HEAD"),
+        "mlflow_lance_dirty": bool(git("status", "--porcelain", "--", "mlflow_lance")),
+    }
 
 
 # --------------------------------------------------------------------------- report
@@ -401,20 +443,43 @@ def report(done: list[Contender], frozen: dict[str, Any], state_bytes: int, args
     """Print the tables and return the figures, ratios and goals for the JSON."""
     med = {(c.table, c.key): statistics.median(c.blocked) for c in done}
     written = {(c.table, c.key): statistics.median(c.written) for c in done}
-    print(f"\nGPT-2 ({args.layers} layers) + AdamW: {state_bytes / 1e9:.2f} GB of model + optimizer state; "
-          f"training time blocked per checkpoint, medians of {args.repeat}\n")  # fmt: skip
+    print(
+        f"\nGPT-2 ({args.layers} layers) + AdamW: {state_bytes / 1e9:.2f} GB of model + optimizer state; "
+        f"training time blocked per checkpoint, medians of {args.repeat}\n"
+    )
     for name, title in (("durable", "durable (on the disk when it returns)"), ("volatile", "not durable")):
         ts, dc, raw = med[(name, "torch.save")], med[(name, "dcp.save")], med[(name, "raw")]
-        rows = [[c.label, f"{med[(name, c.key)]:.3f}", f"{med[(name, c.key)] / ts:.2f}x",
-                 f"{med[(name, c.key)] / dc:.2f}x", f"{med[(name, c.key)] / raw:.2f}x"]
-                for c in done if c.table == name]  # fmt: skip
+        rows = [
+            [
+                c.label,
+                f"{med[(name, c.key)]:.3f}",
+                f"{med[(name, c.key)] / ts:.2f}x",
+                f"{med[(name, c.key)] / dc:.2f}x",
+                f"{med[(name, c.key)] / raw:.2f}x",
+            ]
+            for c in done
+            if c.table == name
+        ]
         print(table([title, "seconds", "vs torch.save", "vs dcp.save", "vs raw write"], rows) + "\n")
     da, clone = med[("async", "dcp.async_save")], med[("async", "clone")]
-    rows = [[c.label, f"{med[('async', c.key)]:.3f}", f"{med[('async', c.key)] / da:.2f}x",
-             f"{med[('async', c.key)] / clone:.2f}x", f"{written[('async', c.key)]:.3f}"]
-            for c in done if c.table == "async"]  # fmt: skip
-    header = ["asynchronous, durable", "seconds blocked", "vs dcp.async_save", "vs clone",
-              "seconds until written"]  # fmt: skip
+    rows = [
+        [
+            c.label,
+            f"{med[('async', c.key)]:.3f}",
+            f"{med[('async', c.key)] / da:.2f}x",
+            f"{med[('async', c.key)] / clone:.2f}x",
+            f"{written[('async', c.key)]:.3f}",
+        ]
+        for c in done
+        if c.table == "async"
+    ]
+    header = [
+        "asynchronous, durable",
+        "seconds blocked",
+        "vs dcp.async_save",
+        "vs clone",
+        "seconds until written",
+    ]
     print(table(header, rows) + "\n")
     samples = {(c.table, c.key): c.blocked for c in done}
 
@@ -428,58 +493,110 @@ def report(done: list[Contender], frozen: dict[str, Any], state_bytes: int, args
     for name in ("durable", "volatile"):
         pairs = zip(samples[(name, "log_checkpoint")], samples[(name, "save_state_dict")], strict=True)
         mlflow_part[name] = statistics.median(a - b for a, b in pairs)
-    print(f"MLflow's part of a blocking `log_checkpoint` (a logged model per checkpoint in embedded SQLite, "
-          f"and the checkpoint's own tree): log_checkpoint - save_state_dict, median of the per-round "
-          f"differences = {mlflow_part['durable']:+.3f} s durable, {mlflow_part['volatile']:+.3f} s not "
-          f"durable\n")  # fmt: skip
+    print(
+        f"MLflow's part of a blocking `log_checkpoint` (a logged model per checkpoint in embedded SQLite, "
+        f"and the checkpoint's own tree): log_checkpoint - save_state_dict, median of the per-round "
+        f"differences = {mlflow_part['durable']:+.3f} s durable, {mlflow_part['volatile']:+.3f} s not "
+        f"durable\n"
+    )
 
     goals = []
     for text, a, b, target in (
-        ("durable `log_checkpoint(blocking=True)` <= 1.0x `torch.save` + fsync",
-         ("durable", "log_checkpoint"), ("durable", "torch.save"), 1.0),
-        ("durable `log_checkpoint(blocking=True)` <= 1.0x `dcp.save`",
-         ("durable", "log_checkpoint"), ("durable", "dcp.save"), 1.0),
-        ("`log_checkpoint(blocking=False)` blocked <= 1.2x `dcp.async_save`",
-         ("async", "log_checkpoint"), ("async", "dcp.async_save"), 1.2),
-    ):  # fmt: skip
+        (
+            "durable `log_checkpoint(blocking=True)` <= 1.0x `torch.save` + fsync",
+            ("durable", "log_checkpoint"),
+            ("durable", "torch.save"),
+            1.0,
+        ),
+        (
+            "durable `log_checkpoint(blocking=True)` <= 1.0x `dcp.save`",
+            ("durable", "log_checkpoint"),
+            ("durable", "dcp.save"),
+            1.0,
+        ),
+        (
+            "`log_checkpoint(blocking=False)` blocked <= 1.2x `dcp.async_save`",
+            ("async", "log_checkpoint"),
+            ("async", "dcp.async_save"),
+            1.2,
+        ),
+    ):
         ratio = med[a] / med[b]
         per_round = [x / y for x, y in zip(samples[a], samples[b], strict=True)]
         paired = statistics.median(per_round)
-        verdict = ("met" if max(ratio, paired) <= target
-                   else "missed" if min(ratio, paired) > target else "on the line")  # fmt: skip
-        goals.append({"goal": text, "target": target, "ratio_of_medians": ratio,
-                      "median_per_round_ratio": paired, "per_round_ratios": per_round,
-                      "verdict": verdict})  # fmt: skip
-    print(table(["goal", "ratio of medians", "median of per-round ratios", ""],
-                [[g["goal"], f"{g['ratio_of_medians']:.2f}x", f"{g['median_per_round_ratio']:.2f}x",
-                  g["verdict"] if g["verdict"] == "met" else f"**{g['verdict']}**"]
-                 for g in goals]))  # fmt: skip
+        verdict = "met" if max(ratio, paired) <= target else "missed" if min(ratio, paired) > target else "on the line"
+        goals.append(
+            {
+                "goal": text,
+                "target": target,
+                "ratio_of_medians": ratio,
+                "median_per_round_ratio": paired,
+                "per_round_ratios": per_round,
+                "verdict": verdict,
+            }
+        )
+    print(
+        table(
+            ["goal", "ratio of medians", "median of per-round ratios", ""],
+            [
+                [
+                    g["goal"],
+                    f"{g['ratio_of_medians']:.2f}x",
+                    f"{g['median_per_round_ratio']:.2f}x",
+                    g["verdict"] if g["verdict"] == "met" else f"**{g['verdict']}**",
+                ]
+                for g in goals
+            ],
+        )
+    )
 
-    files, dirs, lance_b, floor = (frozen["torch_save_10_files"], frozen["dcp_10_directories"],
-                                   frozen["mlflow_lance"], frozen["floor"])  # fmt: skip
-    print(f"\n10 checkpoints, backbone frozen ({frozen['frozen_fraction']:.0%} of "
-          f"{frozen['parameters'] / 1e6:.0f}M parameters), head + AdamW trained:\n")  # fmt: skip
-    print(table(["", "bytes", "vs 10 files", "target"], [
-        ["mlflow_lance (one Lance dataset for the run)", f"{lance_b:,}", f"{lance_b / files:.2f}x",
-         "<= 0.4x"],
-        ["10 full `torch.save` files (what a logger uploading each `.ckpt` stores)", f"{files:,}", "1.00x",
-         ""],
-        ["10 DCP directories (`dcp.save` each)", f"{dirs:,}", f"{dirs / files:.2f}x", ""],
-        ["floor: backbone once + 10 x (head + its two AdamW moments)", f"{floor:,}",
-         f"{floor / files:.2f}x", ""],
-    ]))  # fmt: skip
+    files, dirs, lance_b, floor = (
+        frozen["torch_save_10_files"],
+        frozen["dcp_10_directories"],
+        frozen["mlflow_lance"],
+        frozen["floor"],
+    )
+    print(
+        f"\n10 checkpoints, backbone frozen ({frozen['frozen_fraction']:.0%} of "
+        f"{frozen['parameters'] / 1e6:.0f}M parameters), head + AdamW trained:\n"
+    )
+    print(
+        table(
+            ["", "bytes", "vs 10 files", "target"],
+            [
+                [
+                    "mlflow_lance (one Lance dataset for the run)",
+                    f"{lance_b:,}",
+                    f"{lance_b / files:.2f}x",
+                    "<= 0.4x",
+                ],
+                [
+                    "10 full `torch.save` files (what a logger uploading each `.ckpt` stores)",
+                    f"{files:,}",
+                    "1.00x",
+                    "",
+                ],
+                ["10 DCP directories (`dcp.save` each)", f"{dirs:,}", f"{dirs / files:.2f}x", ""],
+                [
+                    "floor: backbone once + 10 x (head + its two AdamW moments)",
+                    f"{floor:,}",
+                    f"{floor / files:.2f}x",
+                    "",
+                ],
+            ],
+        )
+    )
     return {
         "seconds": {f"{c.table}/{c.key}": seconds_entry(c) for c in done},
         "mlflow_part_seconds": mlflow_part,
         "goals": goals,
         "bytes_10_checkpoints_frozen_backbone": frozen,
-    }  # fmt: skip
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=6,
-                        help="GPT-2 blocks (6: 0.98 GB with AdamW; 12: 1.49 GB)")
+    parser.add_argument("--layers", type=int, default=6, help="GPT-2 blocks (6: 0.98 GB with AdamW; 12: 1.49 GB)")
     parser.add_argument("--repeat", type=int, default=3, help="timed rounds (after one warm-up round)")
     parser.add_argument("--settle", type=float, default=4.0, help="seconds of pause before each timed call")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where the run's figures go")
@@ -513,8 +630,11 @@ def main() -> int:
         "seconds_total": round((datetime.now(timezone.utc) - started).total_seconds(), 1),
         "args": {"layers": args.layers, "repeat": args.repeat, "settle": args.settle},
         "machine": machine(),
-        "load_average": {"start": [round(x, 2) for x in load_start], "rounds": loads,
-                         "end": [round(x, 2) for x in os.getloadavg()]},
+        "load_average": {
+            "start": [round(x, 2) for x in load_start],
+            "rounds": loads,
+            "end": [round(x, 2) for x in os.getloadavg()],
+        },
         "versions": versions(),
         "state_bytes": state_bytes,
         **figures,

@@ -45,7 +45,12 @@ def resnet50_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
 
 
 def llama_state_dict(
-    layers: int = 16, hidden: int = 2048, intermediate: int = 8192, kv: int = 512, vocab: int = 32000, seed: int = 0
+    layers: int = 16,
+    hidden: int = 2048,
+    intermediate: int = 8192,
+    kv: int = 512,
+    vocab: int = 32000,
+    seed: int = 0,
 ) -> OrderedDict[str, torch.Tensor]:
     """A LLaMA-style decoder in bfloat16 with a tied (unstored) head: 2 + 9 x layers tensors.
 

@@ -25,11 +25,18 @@ class SmallCNN(torch.nn.Module):
     def __init__(self, classes: int = 10):
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
-            torch.nn.Conv2d(64, 256, 3, padding=1), torch.nn.BatchNorm2d(256), torch.nn.ReLU(),
-            torch.nn.Conv2d(256, 256, 3, padding=1), torch.nn.BatchNorm2d(256), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
-        )  # fmt: skip
+            torch.nn.Conv2d(3, 64, 3, padding=1),
+            torch.nn.BatchNorm2d(64),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(64, 256, 3, padding=1),
+            torch.nn.BatchNorm2d(256),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(256, 256, 3, padding=1),
+            torch.nn.BatchNorm2d(256),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
         self.head = torch.nn.Linear(256, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -74,7 +81,9 @@ def main() -> None:
     model = SmallCNN().eval()
     x, y = torch.randn(64, 3, 16, 16), torch.randint(0, 10, (64,))
     raw = sum(v.numel() * v.element_size() for v in model.state_dict().values())
-    print(f"model: {raw:,} bytes of weights in {len(model.state_dict())} tensors; tracking: {mlflow.get_tracking_uri()}")
+    print(
+        f"model: {raw:,} bytes of weights in {len(model.state_dict())} tensors; tracking: {mlflow.get_tracking_uri()}"
+    )
 
     losses = {}
     for i in range(args.runs):
@@ -82,13 +91,14 @@ def main() -> None:
             loss = finetune_head(model, x, y)
             mlflow.log_metric("loss", loss)
             t0 = time.perf_counter()
-            info = mlflow_lance.log_model(model, name="model", registered_model_name=name,
-                                          input_example=x[:2].numpy())  # fmt: skip
+            info = mlflow_lance.log_model(model, name="model", registered_model_name=name, input_example=x[:2].numpy())
             flavor = info.flavors["mlflow_lance"]
             losses[info.registered_model_version] = loss
-            print(f"run {i}: loss {loss:.3f}, model version {info.registered_model_version} = Lance version "
-                  f"{flavor['lance_version']}, {flavor['tensors_changed']} of {flavor['tensors']} tensors "
-                  f"changed, {flavor['bytes_written']:,} bytes written, logged in {time.perf_counter() - t0:.2f}s")
+            print(
+                f"run {i}: loss {loss:.3f}, model version {info.registered_model_version} = Lance version "
+                f"{flavor['lance_version']}, {flavor['tensors_changed']} of {flavor['tensors']} tensors "
+                f"changed, {flavor['bytes_written']:,} bytes written, logged in {time.perf_counter() - t0:.2f}s"
+            )
     best = min(losses, key=losses.get)
     client = mlflow.MlflowClient()
     client.set_registered_model_alias(name, "champion", best)
@@ -96,8 +106,10 @@ def main() -> None:
 
     uri = flavor["lance_uri"]
     lance_bytes = du(Path(uri))
-    print(f"\n{args.runs} versions in one Lance dataset: {lance_bytes:,} bytes on disk = "
-          f"{lance_bytes / raw:.2f}x one model (mlflow.pytorch would store {args.runs}x)")
+    print(
+        f"\n{args.runs} versions in one Lance dataset: {lance_bytes:,} bytes on disk = "
+        f"{lance_bytes / raw:.2f}x one model (mlflow.pytorch would store {args.runs}x)"
+    )
 
     champion = mlflow_lance.load_model(f"models:/{name}@champion")
     want = mlflow_lance.load_state_dict(f"models:/{name}/{best}")
@@ -107,10 +119,11 @@ def main() -> None:
     with torch.no_grad():
         np.testing.assert_allclose(pyfunc.predict(sample), champion(torch.from_numpy(sample)).numpy())
     report = mlflow_lance.verify(uri, int(client.get_model_version(name, best).tags["lance.version"]))
-    print(f"@champion = model version {best}: loaded with mlflow_lance and mlflow.pyfunc, bit-exact; "
-          f"verify: {'OK' if report.ok else report.problems}")
-    print(f"sidecar: {uri}.yaml\nUI: mlflow ui --backend-store-uri sqlite:///{root}/mlflow.db  "
-          f"(Models -> {name})")
+    print(
+        f"@champion = model version {best}: loaded with mlflow_lance and mlflow.pyfunc, bit-exact; "
+        f"verify: {'OK' if report.ok else report.problems}"
+    )
+    print(f"sidecar: {uri}.yaml\nUI: mlflow ui --backend-store-uri sqlite:///{root}/mlflow.db  (Models -> {name})")
     assert report.ok
 
 

@@ -32,8 +32,9 @@ class Bottleneck(torch.nn.Module):
         self.conv3, self.bn3 = torch.nn.Conv2d(mid, cout, 1, bias=False), torch.nn.BatchNorm2d(cout)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False),
-                                                  torch.nn.BatchNorm2d(cout))  # fmt: skip
+            self.downsample = torch.nn.Sequential(
+                torch.nn.Conv2d(cin, cout, 1, stride, bias=False), torch.nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -92,8 +93,10 @@ def main() -> None:
         model.fc.bias.add_(0.1)
     v2 = {k: v.clone() for k, v in model.state_dict().items()}
     raw = sum(v.numel() * v.element_size() for v in v1.values())
-    print(f"ResNet-50: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(v1)} tensors, "
-          f"{raw / 1e6:.1f} MB")
+    print(
+        f"ResNet-50: {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters, {len(v1)} tensors, "
+        f"{raw / 1e6:.1f} MB"
+    )
 
     rows = []
     uri = root / "resnet50.lance"
@@ -127,9 +130,11 @@ def main() -> None:
         print(f"{name:14}{s1:11.3f}{s2:11.3f}{ld:11.3f}{b1 / 1e6:13.1f}{b2 / 1e6:13.1f}")
     if len(rows) == 2:
         ours, docs_row = rows
-        print(f"\nmlflow_lance: saves {docs_row[1] / ours[1]:.0f}x faster, a new version {docs_row[2] / ours[2]:.0f}x "
-              f"faster, loads {docs_row[3] / ours[3]:.0f}x faster; version 2 added "
-              f"{(ours[5] - ours[4]) / 1e6:.1f} MB against {(docs_row[5] - docs_row[4]) / 1e6:.1f} MB")
+        print(
+            f"\nmlflow_lance: saves {docs_row[1] / ours[1]:.0f}x faster, a new version {docs_row[2] / ours[2]:.0f}x "
+            f"faster, loads {docs_row[3] / ours[3]:.0f}x faster; version 2 added "
+            f"{(ours[5] - ours[4]) / 1e6:.1f} MB against {(docs_row[5] - docs_row[4]) / 1e6:.1f} MB"
+        )
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -89,22 +89,48 @@ def main() -> None:
         wait(f"http://127.0.0.1:{s3_port}/moto-api/", procs[-1])
         import boto3
 
-        boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"], region_name="us-east-1",
-                     aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                     aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).create_bucket(Bucket="team-bucket")
-        procs.append(start([str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{work}/mlflow.db",
-                            "--default-artifact-root", "s3://team-bucket/mlflow", "--no-serve-artifacts",
-                            "--host", "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
-                           work / "mlflow.log", env))  # fmt: skip
+        boto3.client(
+            "s3",
+            endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        ).create_bucket(Bucket="team-bucket")
+        procs.append(
+            start(
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--backend-store-uri",
+                    f"sqlite:///{work}/mlflow.db",
+                    "--default-artifact-root",
+                    "s3://team-bucket/mlflow",
+                    "--no-serve-artifacts",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(mlflow_port),
+                    "--workers",
+                    "1",
+                ],
+                work / "mlflow.log",
+                env,
+            )
+        )
         wait(f"{env['MLFLOW_TRACKING_URI']}/health", procs[-1])
         print(f"tracking server {env['MLFLOW_TRACKING_URI']}, S3 endpoint {env['MLFLOW_S3_ENDPOINT_URL']}")
 
         go = time.time() + 8
         trainers = [
-            subprocess.Popen([sys.executable, "-c", TRAINER, str(seed), str(go)], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            subprocess.Popen(
+                [sys.executable, "-c", TRAINER, str(seed), str(go)],
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
             for seed in range(args.trainers)
-        ]  # fmt: skip
+        ]
         for seed, t in enumerate(trainers):
             out, err = t.communicate(timeout=300)
             if t.returncode:
@@ -121,17 +147,26 @@ def main() -> None:
         client = mlflow.MlflowClient()
         client.set_registered_model_alias("team-model", "champion", "1")
         (report,) = mlflow_lance.sync("team-model")
-        print(f"dataset {report.dataset}: {len(report.model_versions)} model versions pinned, "
-              f"{report.runs} runs in the sidecar")
+        print(
+            f"dataset {report.dataset}: {len(report.model_versions)} model versions pinned, "
+            f"{report.runs} runs in the sidecar"
+        )
         champion = mlflow_lance.load_model("models:/team-model@champion")
-        print(f"@champion loaded: {sum(p.numel() for p in champion.parameters()):,} parameters; "
-              f"prediction {champion(torch.ones(1, 64)).detach().numpy().round(3).tolist()}")
-        keys = boto3.client("s3", endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"], region_name="us-east-1",
-                            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"]).list_objects_v2(
-            Bucket="team-bucket", Prefix="mlflow/lance/")["Contents"]  # fmt: skip
-        print(f"s3://team-bucket/mlflow/lance/ holds {len(keys)} objects, e.g. "
-              f"{sorted(k['Key'] for k in keys if k['Key'].endswith('.yaml'))}")
+        print(
+            f"@champion loaded: {sum(p.numel() for p in champion.parameters()):,} parameters; "
+            f"prediction {champion(torch.ones(1, 64)).detach().numpy().round(3).tolist()}"
+        )
+        keys = boto3.client(
+            "s3",
+            endpoint_url=env["MLFLOW_S3_ENDPOINT_URL"],
+            region_name="us-east-1",
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        ).list_objects_v2(Bucket="team-bucket", Prefix="mlflow/lance/")["Contents"]
+        print(
+            f"s3://team-bucket/mlflow/lance/ holds {len(keys)} objects, e.g. "
+            f"{sorted(k['Key'] for k in keys if k['Key'].endswith('.yaml'))}"
+        )
         assert len(report.model_versions) == args.trainers
     finally:
         for p in reversed(procs):

@@ -13,60 +13,49 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)
 
 _EXPORTS = {
     "store": [
-        "CorruptionError", "Diff", "GcReport", "LoadResult", "Problem", "VerifyReport", "VersionInfo",
-        "VersionNotFoundError", "WeightsError", "diff", "latest_version", "load_into",
-        "resolve_version", "save_state_dict", "tag", "tags", "untag", "verify", "versions",
+        "CorruptionError",
+        "Diff",
+        "GcReport",
+        "LoadResult",
+        "Problem",
+        "VerifyReport",
+        "VersionInfo",
+        "VersionNotFoundError",
+        "WeightsError",
+        "diff",
+        "load_into",
+        "save_state_dict",
+        "tag",
+        "tags",
+        "untag",
+        "verify",
+        "versions",
     ],
-    "flavor": ["get_default_conda_env", "get_default_pip_requirements", "load_model", "log_model", "log_state_dict",
-               "save_model"],
+    "flavor": [
+        "get_default_conda_env",
+        "get_default_pip_requirements",
+        "load_model",
+        "log_model",
+        "log_state_dict",
+        "save_model",
+    ],
     "loading": ["load_state_dict"],
     "registry": ["SyncReport", "register_model", "sync"],
     "lifecycle": ["GcResult", "gc"],
-    "checkpoint": ["Checkpoint", "CheckpointHandle", "load_checkpoint", "log_checkpoint", "wait_for_checkpoints"],
-}  # fmt: skip
+    "checkpoint": [
+        "Checkpoint",
+        "CheckpointHandle",
+        "load_checkpoint",
+        "log_checkpoint",
+        "wait_for_checkpoints",
+    ],
+}
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = [
-    "Checkpoint",
-    "CheckpointHandle",
-    "CorruptionError",
-    "Diff",
-    "GcReport",
-    "GcResult",
-    "LoadResult",
-    "Problem",
-    "SyncReport",
-    "VerifyReport",
-    "VersionInfo",
-    "VersionNotFoundError",
-    "WeightsError",
-    "diff",
-    "gc",
-    "get_default_conda_env",
-    "get_default_pip_requirements",
-    "latest_version",
-    "load_into",
-    "load_checkpoint",
-    "load_model",
-    "load_state_dict",
-    "log_checkpoint",
-    "log_model",
-    "log_state_dict",
-    "register_model",
-    "resolve_version",
-    "save_model",
-    "save_state_dict",
-    "sync",
-    "tag",
-    "tags",
-    "untag",
-    "verify",
-    "versions",
-    "wait_for_checkpoints",
-]
+__all__ = sorted(_WHERE)  # the everyday API; the rest of the store's verbs live in mlflow_lance.store
 
 
 def __getattr__(name: str) -> Any:
@@ -81,16 +70,41 @@ def __dir__() -> list[str]:
     return sorted(list(globals()) + __all__)
 
 
-if TYPE_CHECKING:  # for type checkers and IDEs
+if TYPE_CHECKING:  # for type checkers and IDEs (the names __all__ lists, imported on first use above)
+    from .checkpoint import (
+        Checkpoint,
+        CheckpointHandle,
+        load_checkpoint,
+        log_checkpoint,
+        wait_for_checkpoints,
+    )
     from .flavor import (
-        get_default_conda_env, get_default_pip_requirements, load_model, log_model, log_state_dict, save_model,
-    )  # fmt: skip
-    from .loading import load_state_dict
-    from .checkpoint import Checkpoint, CheckpointHandle, load_checkpoint, log_checkpoint, wait_for_checkpoints
+        get_default_conda_env,
+        get_default_pip_requirements,
+        load_model,
+        log_model,
+        log_state_dict,
+        save_model,
+    )
     from .lifecycle import GcResult, gc
+    from .loading import load_state_dict
     from .registry import SyncReport, register_model, sync
     from .store import (
-        CorruptionError, Diff, GcReport, LoadResult, Problem, VerifyReport, VersionInfo, VersionNotFoundError,
-        WeightsError, diff, latest_version, load_into, resolve_version, save_state_dict, tag, tags,
-        untag, verify, versions,
-    )  # fmt: skip
+        CorruptionError,
+        Diff,
+        GcReport,
+        LoadResult,
+        Problem,
+        VerifyReport,
+        VersionInfo,
+        VersionNotFoundError,
+        WeightsError,
+        diff,
+        load_into,
+        save_state_dict,
+        tag,
+        tags,
+        untag,
+        verify,
+        versions,
+    )

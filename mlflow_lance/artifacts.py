@@ -109,8 +109,14 @@ def lance_root(artifact_location: str | None, experiment_id: str | None = None) 
     root = os.environ.get(ROOT_ENV)
     if root:
         return to_lance_uri(root.rstrip("/"))
-    if not artifact_location or urlparse(artifact_location).scheme in ("mlflow-artifacts", "http", "https",
-                                                                      "dbfs", "runs", "models"):
+    if not artifact_location or urlparse(artifact_location).scheme in (
+        "mlflow-artifacts",
+        "http",
+        "https",
+        "dbfs",
+        "runs",
+        "models",
+    ):
         raise ValueError(
             f"cannot place the Lance dataset: the experiment's artifact location "
             f"{artifact_location!r} is served through the tracking server (proxied), which hides "

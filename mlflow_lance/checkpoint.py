@@ -125,7 +125,7 @@ def _indexed_optimizer_state(model: torch.nn.Module, optimizer: torch.optim.Opti
     saved = {frozenset(g["params"]): g for g in named["param_groups"]}
     groups, start = [], 0
     for group in optimizer.param_groups:
-        mine = names[start:start + len(group["params"])]
+        mine = names[start : start + len(group["params"])]
         start += len(group["params"])
         match = saved.get(frozenset(mine))
         if match is None:
@@ -151,8 +151,11 @@ def _same_kind(saved: Any, live: Any) -> bool:
     if isinstance(live, number):
         return isinstance(saved, number) and not isinstance(saved, bool)
     if isinstance(live, (list, tuple)):
-        return isinstance(saved, (list, tuple)) and len(saved) == len(live) and all(
-            _same_kind(a, b) for a, b in zip(saved, live))  # fmt: skip
+        return (
+            isinstance(saved, (list, tuple))
+            and len(saved) == len(live)
+            and all(_same_kind(a, b) for a, b in zip(saved, live))
+        )
     return live is None or type(saved) is type(live) or saved is None
 
 
@@ -161,10 +164,15 @@ def _rng_state() -> dict:
     version, internal, gauss_next = random.getstate()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": {"kind": kind, "keys": torch.from_numpy(np.array(keys, dtype=np.uint32)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
+        "numpy": {
+            "kind": kind,
+            "keys": torch.from_numpy(np.array(keys, dtype=np.uint32)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached": float(cached),
+        },
         "python": {"version": version, "internal": list(internal), "gauss_next": gauss_next},
-    }  # fmt: skip
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -179,12 +187,24 @@ def set_rng_state(state: Mapping) -> None:
         keys = n["keys"].numpy()
         numpy_state = (str(n["kind"]), keys, int(n["pos"]), int(n["has_gauss"]), float(n["cached"]))
         gauss = p["gauss_next"]
-        python_state = (int(p["version"]), tuple(int(x) for x in p["internal"]), None if gauss is None else float(gauss))
+        python_state = (
+            int(p["version"]),
+            tuple(int(x) for x in p["internal"]),
+            None if gauss is None else float(gauss),
+        )
         cuda = list(state["cuda"]) if "cuda" in state and torch.cuda.is_available() else None
-        if not isinstance(torch_state, torch.Tensor) or torch_state.dtype != torch.uint8 or keys.shape != (624,) \
-                or len(python_state[1]) != 625:  # fmt: skip
+        if (
+            not isinstance(torch_state, torch.Tensor)
+            or torch_state.dtype != torch.uint8
+            or keys.shape != (624,)
+            or len(python_state[1]) != 625
+        ):
             raise ValueError("unexpected shapes")
-        saved_torch, saved_numpy, saved_python = torch.get_rng_state(), np.random.get_state(), random.getstate()
+        saved_torch, saved_numpy, saved_python = (
+            torch.get_rng_state(),
+            np.random.get_state(),
+            random.getstate(),
+        )
         try:
             torch.set_rng_state(torch_state)
             np.random.set_state(numpy_state)
@@ -197,8 +217,9 @@ def set_rng_state(state: Mapping) -> None:
             random.setstate(saved_python)
             raise
     except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as err:
-        raise store.CorruptionError(f"the checkpoint's rng state is malformed ({type(err).__name__}); "
-                                    f"load it with restore_rng=False") from None
+        raise store.CorruptionError(
+            f"the checkpoint's rng state is malformed ({type(err).__name__}); load it with restore_rng=False"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -217,12 +238,24 @@ class Staged:
         return flavor.Capture(tree_, self.skeleton, tree.subtree_prefix(MODEL_KEY))
 
 
-def _stage(model, optimizer, scheduler, *, step: int, metrics: Mapping | None, extra: Mapping | None,
-           clone: bool = True) -> Staged:  # fmt: skip
+def _stage(
+    model,
+    optimizer,
+    scheduler,
+    *,
+    step: int,
+    metrics: Mapping | None,
+    extra: Mapping | None,
+    clone: bool = True,
+) -> Staged:
     """Everything a checkpoint holds, on the CPU (copied when ``clone``: training may go on)."""
     copy = _copier(clone)
     state_dict = {k: copy(v) for k, v in model.state_dict(keep_vars=True).items()}  # tied: one object
-    rest: dict[str, Any] = {"step": int(step), "metrics": dict(metrics or {}), "extra": _deep_copy(dict(extra or {}), copy)}
+    rest: dict[str, Any] = {
+        "step": int(step),
+        "metrics": dict(metrics or {}),
+        "extra": _deep_copy(dict(extra or {}), copy),
+    }
     if optimizer is not None:
         rest["optimizer"] = _deep_copy(_named_optimizer_state(model, optimizer), copy)
     if scheduler is not None:
@@ -331,19 +364,43 @@ def _checkpoint_dataset(run: Any, lance_uri: str | None) -> str:
     return f"{root}/experiments/{run.info.experiment_id}/checkpoints/{run.info.run_id}.lance"
 
 
-def _write(staged: Staged, model: torch.nn.Module, run_id: str, step: int, metrics: Mapping | None,
-           name: str, lance_uri: str, keep_last: int | None, keep_best: tuple | None) -> Checkpoint:  # fmt: skip
+def _write(
+    staged: Staged,
+    model: torch.nn.Module,
+    run_id: str,
+    step: int,
+    metrics: Mapping | None,
+    name: str,
+    lance_uri: str,
+    keep_last: int | None,
+    keep_best: tuple | None,
+) -> Checkpoint:
     client = MlflowClient()
     if metrics:  # logged to the run first: MLflow links a step's metrics to the model logged at it
         now = int(time.time() * 1000)
         client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
     tags = {_STEP_TAG: str(step), _METRICS_TAG: json.dumps({k: float(v) for k, v in (metrics or {}).items()})}
-    info = flavor._log(model, name, staged.capture(), step=step, run_id=run_id, lance_uri=lance_uri,
-                       pip_requirements=None, tags=tags)  # fmt: skip
+    info = flavor._log(
+        model,
+        name,
+        staged.capture(),
+        step=step,
+        run_id=run_id,
+        lance_uri=lance_uri,
+        pip_requirements=None,
+        tags=tags,
+    )
     conf = info.flavors[flavor.FLAVOR_NAME]
     deleted = _retain(client, run_id, name, keep_last, keep_best, info.model_id) if keep_last or keep_best else ()
-    return Checkpoint(info.model_id, f"models:/{info.model_id}", run_id, step, conf["lance_uri"],
-                      int(conf["lance_version"]), tuple(deleted))  # fmt: skip
+    return Checkpoint(
+        info.model_id,
+        f"models:/{info.model_id}",
+        run_id,
+        step,
+        conf["lance_uri"],
+        int(conf["lance_version"]),
+        tuple(deleted),
+    )
 
 
 def log_checkpoint(
@@ -378,13 +435,25 @@ def log_checkpoint(
         if metrics is None or metric not in metrics:
             raise ValueError(f"keep_best ranks by {metric!r}; pass it in metrics=")
     if isinstance(model, torch.jit.ScriptModule):
-        raise TypeError("log_checkpoint takes the nn.Module being trained, not a TorchScript module; "
-                        "log the scripted program with mlflow_lance.log_model()")
+        raise TypeError(
+            "log_checkpoint takes the nn.Module being trained, not a TorchScript module; "
+            "log the scripted program with mlflow_lance.log_model()"
+        )
     _writer.wait()  # an earlier background failure surfaces here, before more work is queued
     run = mlflow.active_run() or mlflow.start_run()
     staged = _stage(model, optimizer, scheduler, step=step, metrics=metrics, extra=extra, clone=not blocking)
     dataset = _checkpoint_dataset(run, lance_uri)
-    args = (staged, model, run.info.run_id, int(step), dict(metrics or {}), name, dataset, keep_last, keep_best)
+    args = (
+        staged,
+        model,
+        run.info.run_id,
+        int(step),
+        dict(metrics or {}),
+        name,
+        dataset,
+        keep_last,
+        keep_best,
+    )
     if blocking:
         return _write(*args)
     return CheckpointHandle(_writer.submit(_write, *args))
@@ -396,14 +465,22 @@ def log_checkpoint(
 def _checkpoints(client: MlflowClient, run_id: str, name: str) -> list[Any]:
     """The run's checkpoints MLflow still lists (finished writes only)."""
     run = client.get_run(run_id)
-    found = lifecycle.paged(client.search_logged_models, experiment_ids=[run.info.experiment_id],
-                            filter_string=f"name = {lifecycle.quote_filter(name)}", max_results=1000)  # fmt: skip
-    return [m for m in found if m.source_run_id == run_id and m.status == LoggedModelStatus.READY
-            and _STEP_TAG in (m.tags or {})]  # fmt: skip
+    found = lifecycle.paged(
+        client.search_logged_models,
+        experiment_ids=[run.info.experiment_id],
+        filter_string=f"name = {lifecycle.quote_filter(name)}",
+        max_results=1000,
+    )
+    return [
+        m
+        for m in found
+        if m.source_run_id == run_id and m.status == LoggedModelStatus.READY and _STEP_TAG in (m.tags or {})
+    ]
 
 
-def _retain(client: MlflowClient, run_id: str, name: str, keep_last: int | None, keep_best: tuple | None,
-            newest: str) -> list[str]:  # fmt: skip
+def _retain(
+    client: MlflowClient, run_id: str, name: str, keep_last: int | None, keep_best: tuple | None, newest: str
+) -> list[str]:
     """Delete the run's checkpoints outside keep_last / keep_best; the ids deleted.
 
     The checkpoint just written (``newest``) and registered ones always stay; "last" means
@@ -417,8 +494,11 @@ def _retain(client: MlflowClient, run_id: str, name: str, keep_last: int | None,
         keep |= {m.model_id for m in recent[:keep_last]}
     if keep_best:
         metric, mode, k = keep_best
-        scored = [(v if mode == "min" else -v, m.model_id) for m in models
-                  if (v := _metric(m, metric)) is not None and math.isfinite(v)]  # fmt: skip
+        scored = [
+            (v if mode == "min" else -v, m.model_id)
+            for m in models
+            if (v := _metric(m, metric)) is not None and math.isfinite(v)
+        ]
         keep |= {mid for _, mid in sorted(scored)[: int(k)]}
     registered = set()
     for mv in client.search_model_versions(f"run_id = {lifecycle.quote_filter(run_id)}"):
@@ -449,7 +529,7 @@ def _resolve(uri: str) -> str:
     """``runs:/<run id>/<name>`` names the run's latest checkpoint (by step); else as is."""
     if not uri.startswith("runs:"):
         return uri
-    run_id, _, name = uri[len("runs:"):].lstrip("/").partition("/")
+    run_id, _, name = uri[len("runs:") :].lstrip("/").partition("/")
     models = _checkpoints(MlflowClient(), run_id, name.rstrip("/") or CHECKPOINT_NAME)
     if not models:
         raise store.VersionNotFoundError(f"run {run_id!r} has no finished checkpoint named {name!r}")
@@ -477,7 +557,9 @@ def load_checkpoint(
         raise ValueError("pass the model too: optimizer state is stored by parameter name")
     for wanted, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (restore_rng or None, "rng")):
         if wanted is not None and key not in state:
-            raise store.WeightsError(f"{uri} holds no {key} state" + (" (pass restore_rng=False)" if key == "rng" else ""))
+            raise store.WeightsError(
+                f"{uri} holds no {key} state" + (" (pass restore_rng=False)" if key == "rng" else "")
+            )
     if model is not None:
         model.load_state_dict(state["model"], strict=strict)
     if optimizer is not None:
@@ -486,8 +568,12 @@ def load_checkpoint(
         scheduler.load_state_dict(state["scheduler"])
     if restore_rng:
         set_rng_state(state["rng"])
-    return {"step": state["step"], "metrics": state.get("metrics", {}), "extra": state.get("extra", {}),
-            "model_uri": state["model_uri"]}  # fmt: skip
+    return {
+        "step": state["step"],
+        "metrics": state.get("metrics", {}),
+        "extra": state.get("extra", {}),
+        "model_uri": state["model_uri"],
+    }
 
 
 def read_checkpoint(uri: str) -> dict[str, Any]:
@@ -495,7 +581,7 @@ def read_checkpoint(uri: str) -> dict[str, Any]:
     by parameter name), ``scheduler``, ``rng``, ``step``, ``metrics``, ``extra``, and the
     ``model_uri`` it was read from (``runs:/<run id>/checkpoint`` resolved to the latest)."""
     resolved = _resolve(uri)
-    state = flavor.load_state_dict(resolved)
+    state = flavor.model_state_dict(resolved)
     if not isinstance(state, Mapping) or "model" not in state or "step" not in state:
         raise store.WeightsError(f"{uri} is not a checkpoint logged by mlflow_lance.log_checkpoint")
     why = _malformed(state)
@@ -515,12 +601,17 @@ def _malformed(state: Mapping) -> str | None:
             return f"{key!r} is not a mapping"
     optim = state.get("optimizer")
     if optim is not None and not (
-        isinstance(optim, Mapping) and isinstance(optim.get("state"), Mapping)
+        isinstance(optim, Mapping)
+        and isinstance(optim.get("state"), Mapping)
         and all(isinstance(k, str) and isinstance(v, Mapping) for k, v in optim["state"].items())
         and isinstance(optim.get("param_groups"), list)
-        and all(isinstance(g, Mapping) and isinstance(g.get("params"), list)
-                and all(isinstance(n, str) for n in g["params"]) for g in optim["param_groups"])
-    ):  # fmt: skip
+        and all(
+            isinstance(g, Mapping)
+            and isinstance(g.get("params"), list)
+            and all(isinstance(n, str) for n in g["params"])
+            for g in optim["param_groups"]
+        )
+    ):
         return "'optimizer' is not a name-keyed optimizer state"
     return None
 
@@ -533,4 +624,3 @@ def optimizer_state_in_saved_order(named: Mapping) -> dict:
         "state": {index[n]: s for n, s in named["state"].items()},
         "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]],
     }
-

@@ -47,8 +47,9 @@ class Swept:
 def _tracked(dataset: Dataset, min_version: int | None = None) -> dict[int, set[str]]:
     """Version -> the paths (relative to the dataset) of every file it names."""
     ds = open_lance(dataset.uri, dataset.storage_options) if min_version is not None else dataset.lance
-    table = lance_call(lambda: ds.tracked_files(min_version=min_version).read_all().to_pylist(), dataset.uri,
-                    "the manifests")  # fmt: skip
+    table = lance_call(
+        lambda: ds.tracked_files(min_version=min_version).read_all().to_pylist(), dataset.uri, "the manifests"
+    )
     out: dict[int, set[str]] = {}
     for row in table:
         out.setdefault(int(row["version"]), set()).add(str(row["path"]))
@@ -93,8 +94,11 @@ def sweep(dataset: Dataset, doomed: Collection[int], *, grace: timedelta, dry_ru
         named = set().union(*tracked.values())
         only_doomed = sorted(p for v in doomed for p in tracked[v] if p not in kept and _split(p))
         cutoff = datetime.now(timezone.utc) - grace
-        orphans = sorted(p for p, e in present.items() if p not in named and e.modified < cutoff
-                         and p not in indexes_gone and _leftover(*p.rsplit("/", 1), listed))  # fmt: skip
+        orphans = sorted(
+            p
+            for p, e in present.items()
+            if p not in named and e.modified < cutoff and p not in indexes_gone and _leftover(*p.rsplit("/", 1), listed)
+        )
         files = [p for p in only_doomed if p not in manifests_gone] + orphans
         if not dry_run:
             files = _remove(tree, files)

@@ -37,9 +37,11 @@ EXAMPLES = {
     "versions": "mlflow-lance versions ./weights.lance\n  mlflow-lance versions churn-model --json",
     "diff": "mlflow-lance diff ./weights.lance 3 7\n  mlflow-lance diff churn-model 3      # 3 against latest",
     "tag": "mlflow-lance tag ./weights.lance best 7\n  mlflow-lance tag ./weights.lance best --delete",
-    "verify": "mlflow-lance verify ./weights.lance\n  mlflow-lance verify s3://bucket/lance/models/x.lance --version best",
+    "verify": "mlflow-lance verify ./weights.lance\n"
+    "  mlflow-lance verify s3://bucket/lance/models/x.lance --version best",
     "gc": "mlflow-lance gc churn-model              # what MLflow no longer references\n"
-    "  mlflow-lance gc --all --dry-run\n  mlflow-lance gc ./weights.lance --keep-last 5   # a dataset MLflow never wrote to",
+    "  mlflow-lance gc --all --dry-run\n"
+    "  mlflow-lance gc ./weights.lance --keep-last 5   # a dataset MLflow never wrote to",
     "export": "mlflow-lance export ./weights.lance model.safetensors --version 7",
     "import": "mlflow-lance import ./weights.lance pytorch_model.bin -m 'from the hub checkpoint'\n"
     "  mlflow-lance import ./weights.lance model.safetensors",
@@ -101,8 +103,9 @@ def _duration(unit: str) -> Callable[[str], timedelta]:
             span = timedelta(**{unit: value})
             datetime.now(timezone.utc) - span
         except OverflowError:
-            raise argparse.ArgumentTypeError(f"{text} {unit} is out of range: it reaches back before "
-                                             f"the year 1") from None  # fmt: skip
+            raise argparse.ArgumentTypeError(
+                f"{text} {unit} is out of range: it reaches back before the year 1"
+            ) from None
         return span
 
     return parse
@@ -126,7 +129,10 @@ def _opts(uri: str) -> dict[str, str] | None:
 def _table(rows: list[dict], columns: Sequence[str]) -> str:
     cells = [[printable(r.get(c, "")) for c in columns] for r in rows]
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
-    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+
     return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
 
 
@@ -139,8 +145,14 @@ def _emit(args: argparse.Namespace, payload: object, text: str) -> None:
 def _bar(args: argparse.Namespace, total: int | None, unit: str, desc: str):
     from tqdm import tqdm
 
-    return tqdm(total=total, unit=unit, unit_scale=unit == "B", desc=desc, file=sys.stderr,
-                disable=args.json or not sys.stderr.isatty() and not args.progress)  # fmt: skip
+    return tqdm(
+        total=total,
+        unit=unit,
+        unit_scale=unit == "B",
+        desc=desc,
+        file=sys.stderr,
+        disable=args.json or not sys.stderr.isatty() and not args.progress,
+    )
 
 
 # --------------------------------------------------------------------------- commands
@@ -178,8 +190,9 @@ def cmd_diff(args: argparse.Namespace) -> int:
     lines = [f"{printable(uri)}: version {d.a} -> {d.b}"]
     for mark, names in (("A", d.added), ("R", d.removed), ("M", d.changed)):
         lines += [f"  {mark} {printable(n)}" for n in names]
-    lines.append(f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, "
-                 f"{len(d.unchanged)} unchanged")
+    lines.append(
+        f"{len(d.added)} added, {len(d.removed)} removed, {len(d.changed)} changed, {len(d.unchanged)} unchanged"
+    )
     _emit(args, asdict(d), "\n".join(lines))
     return EXIT_OK
 
@@ -195,8 +208,11 @@ def cmd_tag(args: argparse.Namespace) -> int:
     if args.version is None:
         raise ValueError("give a VERSION to tag, or --delete")
     store.tag(uri, args.name, args.version, storage_options=_opts(uri))
-    _emit(args, {"tag": args.name, "version": args.version},
-          f"tag '{printable(args.name)}' -> version {args.version}")  # fmt: skip
+    _emit(
+        args,
+        {"tag": args.name, "version": args.version},
+        f"tag '{printable(args.name)}' -> version {args.version}",
+    )
     return EXIT_OK
 
 
@@ -212,10 +228,16 @@ def cmd_verify(args: argparse.Namespace) -> int:
         total = None
     with _bar(args, total, "B", "verify") as bar:
         report = store.verify(uri, version, storage_options=opts, progress=bar.update)
-    text = [(f"{printable(uri)} version {report.version}: {report.tensors} tensors, {report.chunks} chunks, "
-             f"{report.bytes:,} bytes checked")]  # fmt: skip
-    text += [f"  CORRUPT {printable(p.name)} (chunk {p.chunk}) {printable(p.file)}: {printable(p.detail)}"
-             for p in report.problems]  # fmt: skip
+    text = [
+        (
+            f"{printable(uri)} version {report.version}: {report.tensors} tensors, {report.chunks} chunks, "
+            f"{report.bytes:,} bytes checked"
+        )
+    ]
+    text += [
+        f"  CORRUPT {printable(p.name)} (chunk {p.chunk}) {printable(p.file)}: {printable(p.detail)}"
+        for p in report.problems
+    ]
     text.append("OK" if report.ok else f"{len(report.problems)} problem(s)")
     _emit(args, {**asdict(report), "ok": report.ok}, "\n".join(text))
     return EXIT_OK if report.ok else EXIT_PROBLEMS
@@ -230,9 +252,15 @@ def cmd_gc(args: argparse.Namespace) -> int:
     from .lifecycle import gc
 
     _target_or_all(args)
-    results = gc(args.target, all=args.all, keep_last=args.keep_last, older_than=args.older_than_days,
-                 grace=args.grace_minutes, dry_run=args.dry_run,
-                 assume_logged_here=args.assume_logged_here)  # fmt: skip
+    results = gc(
+        args.target,
+        all=args.all,
+        keep_last=args.keep_last,
+        older_than=args.older_than_days,
+        grace=args.grace_minutes,
+        dry_run=args.dry_run,
+        assume_logged_here=args.assume_logged_here,
+    )
     verb = "would remove" if args.dry_run else "removed"
     lines = []
     for r in results:
@@ -240,9 +268,11 @@ def cmd_gc(args: argparse.Namespace) -> int:
             lines.append(f"{printable(r.dataset)}: skipped: {printable(r.skipped)}")
             continue
         freed = "" if args.dry_run else f" ({r.bytes_removed:,} bytes freed)"
-        lines.append(f"{printable(r.dataset)}: {verb} versions {r.removed_versions or 'none'}{freed}; "
-                     f"{len(r.kept_referenced)} versions referenced by MLflow; "
-                     f"unpinned {len(r.unpinned)}, pinned {len(r.pinned)}")  # fmt: skip
+        lines.append(
+            f"{printable(r.dataset)}: {verb} versions {r.removed_versions or 'none'}{freed}; "
+            f"{len(r.kept_referenced)} versions referenced by MLflow; "
+            f"unpinned {len(r.unpinned)}, pinned {len(r.pinned)}"
+        )
     total = sum(r.bytes_removed for r in results)
     if not args.dry_run:
         lines.append(f"{sum(len(r.removed_versions) for r in results)} versions, {total:,} bytes freed")
@@ -268,8 +298,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     kinds = {t.dtype: storable(t.dtype) for t in sd.values()}
     unsupported = [f"{printable(name)} ({t.dtype})" for name, t in sd.items() if not kinds[t.dtype]]
     if unsupported:
-        raise ValueError(f"safetensors cannot store {', '.join(unsupported[:5])}; export the other tensors "
-                         f"with mlflow_lance.load_state_dict() and safetensors yourself, or load these with it")  # fmt: skip
+        raise ValueError(
+            f"safetensors cannot store {', '.join(unsupported[:5])}; export the other tensors "
+            f"with mlflow_lance.load_state_dict() and safetensors yourself, or load these with it"
+        )
     seen: dict[int, str] = {}
     out = {}
     with _bar(args, len(sd), "tensor", "export") as bar:
@@ -303,10 +335,11 @@ def _read_checkpoint(path: str) -> dict:
     except SafetensorError as err:
         raise ValueError(f"{path} is not a valid safetensors file: {err}") from None
     except pickle.UnpicklingError as err:
-        raise ValueError(f"{path}: torch.load(weights_only=True) refused it ({_unpickling_detail(err)}); "
-                         f"import loads only tensors and plain containers and never runs pickled "
-                         f"code: convert the checkpoint to safetensors where it was made"
-                         ) from None  # fmt: skip
+        raise ValueError(
+            f"{path}: torch.load(weights_only=True) refused it ({_unpickling_detail(err)}); "
+            f"import loads only tensors and plain containers and never runs pickled "
+            f"code: convert the checkpoint to safetensors where it was made"
+        ) from None
     except OSError:  # the file could not be read (permissions, I/O): exit 2 with the OS's words
         raise
     except Exception as err:  # noqa: BLE001 - anything torch's parser meets in the file is about the file
@@ -332,11 +365,19 @@ def cmd_import(args: argparse.Namespace) -> int:
     uri = _resolve(args.target)
     sd = _read_checkpoint(args.input)
     with _bar(args, 1, "version", "import") as bar:
-        info = store.save_state_dict(sd, uri, message=args.message or f"imported from {os.path.basename(args.input)}",
-                                     storage_options=_opts(uri))  # fmt: skip
+        info = store.save_state_dict(
+            sd,
+            uri,
+            message=args.message or f"imported from {os.path.basename(args.input)}",
+            storage_options=_opts(uri),
+        )
         bar.update(1)
-    _emit(args, asdict(info), f"version {info.version}: {info.num_tensors} tensors, {len(info.changed)} changed, "
-          f"{info.bytes_written:,} bytes written")  # fmt: skip
+    _emit(
+        args,
+        asdict(info),
+        f"version {info.version}: {info.num_tensors} tensors, {len(info.changed)} changed, "
+        f"{info.bytes_written:,} bytes written",
+    )
     return EXIT_OK
 
 
@@ -355,8 +396,10 @@ def _sync_line(r: SyncReport) -> str:
     model = ""
     if r.registered_model:
         model = f"{printable(r.registered_model)}: {len(r.model_versions)} model versions, "
-    return (f"{printable(r.dataset)}: {model}{r.runs} runs; pinned {r.pinned or 'nothing new'}; "
-            f"unpinned {r.unpinned or 'nothing'}")  # fmt: skip
+    return (
+        f"{printable(r.dataset)}: {model}{r.runs} runs; pinned {r.pinned or 'nothing new'}; "
+        f"unpinned {r.unpinned or 'nothing'}"
+    )
 
 
 # --------------------------------------------------------------------------- wiring
@@ -372,14 +415,17 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     """The parser of every command and option (its subparsers are of the same class)."""
-    parser = _Parser(
-        prog="mlflow-lance", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = _Parser(prog="mlflow-lance", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, fn: Callable, help_: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help_, description=help_, epilog="example:\n  " + EXAMPLES[name],
-                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog="example:\n  " + EXAMPLES[name],
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         p.add_argument("--json", action="store_true", help="machine-readable output")
         p.add_argument("--progress", action="store_true", help="show progress bars even when not on a terminal")
         p.set_defaults(fn=fn)
@@ -400,19 +446,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("verify", cmd_verify, "recompute every content hash of a version; exit 1 on any mismatch")
     p.add_argument("target", **target)
     p.add_argument("--version", type=_version, help="version number or tag (default: latest)")
-    p = add("gc", cmd_gc, "remove the versions nothing references (MLflow decides for datasets it logged to) "
-                          "and the files only they use")
+    p = add(
+        "gc",
+        cmd_gc,
+        "remove the versions nothing references (MLflow decides for datasets it logged to) and the files only they use",
+    )
     p.add_argument("target", nargs="?", **target)
-    p.add_argument("--all", action="store_true", help="every dataset under the Lance roots and every registered model's")
-    p.add_argument("--keep-last", type=int, help="also keep the N newest versions (required for datasets MLflow "
-                                                 "never wrote to, unless --older-than-days is given)")
+    p.add_argument(
+        "--all", action="store_true", help="every dataset under the Lance roots and every registered model's"
+    )
+    p.add_argument(
+        "--keep-last",
+        type=int,
+        help="also keep the N newest versions (required for datasets MLflow "
+        "never wrote to, unless --older-than-days is given)",
+    )
     p.add_argument("--older-than-days", type=_duration("days"), help="also remove versions older than this")
-    p.add_argument("--grace-minutes", type=_duration("minutes"), default=timedelta(minutes=30),
-                   help="keep versions superseded less than this long ago (default 30)")
+    p.add_argument(
+        "--grace-minutes",
+        type=_duration("minutes"),
+        default=timedelta(minutes=30),
+        help="keep versions superseded less than this long ago (default 30)",
+    )
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--assume-logged-here", action="store_true",
-                   help="trust that this tracking server logged the dataset even though it knows none of its "
-                        "experiments, runs or models (they were all purged)")
+    p.add_argument(
+        "--assume-logged-here",
+        action="store_true",
+        help="trust that this tracking server logged the dataset even though it knows none of its "
+        "experiments, runs or models (they were all purged)",
+    )
     p = add("export", cmd_export, "write a version to a safetensors file")
     p.add_argument("target", **target)
     p.add_argument("output")
@@ -461,13 +523,22 @@ def _fail(args: argparse.Namespace, err: BaseException, code: int) -> int:
 def _internal(args: argparse.Namespace) -> int:
     """Report an unexpected exception (being handled) with its traceback, escaped: exit code 4."""
     _say(traceback.format_exc().rstrip("\n"), sys.stderr)
-    _say(f"mlflow-lance {args.command}: internal error (exit code {EXIT_INTERNAL}); please report "
-         f"it with the traceback above", sys.stderr)  # fmt: skip
+    _say(
+        f"mlflow-lance {args.command}: internal error (exit code {EXIT_INTERNAL}); please report "
+        f"it with the traceback above",
+        sys.stderr,
+    )
     return EXIT_INTERNAL
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
-                  file: TextIO | None = None, line: str | None = None) -> None:  # fmt: skip
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     """``warnings.showwarning`` for the duration of a command: the warning, escaped, on stderr."""
     _say(warnings.formatwarning(message, category, filename, lineno, line).rstrip("\n"), sys.stderr)
 

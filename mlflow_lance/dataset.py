@@ -32,6 +32,7 @@ T = TypeVar("T")
 # Retry jitter: never draws from the global RNG that training resumes bit-exactly.
 JITTER = random.Random()
 
+
 def lance_error(uri: str, err: BaseException, what: str, elapsed: float = 0.0) -> Exception:
     """What an error Lance raised while reading ``what`` of ``uri`` means: ConnectionError for
     storage that cannot be reached, else a CorruptionError naming the dataset and the part."""
@@ -151,8 +152,9 @@ _SCHEMAS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # checked-out
 def schema_of(ds: lance.LanceDataset) -> pa.Schema:
     """The checked-out version's schema, decoded once (see ``lance_call``)."""
     if ds not in _SCHEMAS:
-        _SCHEMAS[ds] = lance_call(lambda: ds.schema, ds.uri, f"the schema of version {ds.version}",
-                                  retry_vanished=False)  # fmt: skip
+        _SCHEMAS[ds] = lance_call(
+            lambda: ds.schema, ds.uri, f"the schema of version {ds.version}", retry_vanished=False
+        )
     return _SCHEMAS[ds]
 
 
@@ -174,6 +176,7 @@ def checkout(ds: lance.LanceDataset, version: Version | None) -> lance.LanceData
         check_tag_name(version)
     if isinstance(version, int) and not 0 <= version < 1 << 63:
         raise VersionNotFoundError(f"version {version} does not exist in {ds.uri}; {available(ds)}")
+
     def call() -> lance.LanceDataset:
         try:
             out = ds.checkout_version(version)
@@ -186,7 +189,9 @@ def checkout(ds: lance.LanceDataset, version: Version | None) -> lance.LanceData
         schema_of(out)
         return out
 
-    what = f"tag {version[:100]!r} (_refs/tags/{version[:100]}.json)" if isinstance(version, str) else f"version {version}"
+    what = (
+        f"tag {version[:100]!r} (_refs/tags/{version[:100]}.json)" if isinstance(version, str) else f"version {version}"
+    )
     return lance_call(call, ds.uri, what, retry_vanished=False)
 
 
@@ -231,8 +236,11 @@ def fragment_table(ds: lance.LanceDataset, fragments: list | None = None) -> lis
     points elsewhere (``../x``, an absolute path, another base) is refused, naming the file.
     """
     out = []
-    listed = fragments if fragments is not None else lance_call(
-        ds.get_fragments, ds.uri, f"the fragments of version {ds.version}", retry_vanished=False)  # fmt: skip
+    listed = (
+        fragments
+        if fragments is not None
+        else lance_call(ds.get_fragments, ds.uri, f"the fragments of version {ds.version}", retry_vanished=False)
+    )
     for f in listed:
         files = f.metadata.files
         path = files[0].path if files else ""

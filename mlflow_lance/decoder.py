@@ -71,8 +71,11 @@ class _Child:
         self.stderr = tempfile.TemporaryFile()
         self.proc = subprocess.Popen(
             command(),
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, close_fds=True,
-        )  # fmt: skip
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            close_fds=True,
+        )
         self.owner = os.getpid()
 
     def alive(self) -> bool:
@@ -129,8 +132,9 @@ _lock = threading.Lock()
 _child: _Child | None = None
 
 
-def request(kind: str, uri: str, storage_options: Mapping[str, str] | None, *, what: str,
-            memory: int = 0, **args: Any) -> tuple[Any, bytes]:  # fmt: skip
+def request(
+    kind: str, uri: str, storage_options: Mapping[str, str] | None, *, what: str, memory: int = 0, **args: Any
+) -> tuple[Any, bytes]:
     """Ask the decoder to do ``kind`` on dataset ``uri``; (result, binary payload).
 
     ``what`` names what is decoded, for the error if the child dies; ``memory`` is how many
@@ -139,7 +143,13 @@ def request(kind: str, uri: str, storage_options: Mapping[str, str] | None, *, w
     """
     global _child
     timeout = float(os.environ.get(TIMEOUT_ENV) or _DEFAULT_TIMEOUT)
-    header = {"kind": kind, "uri": uri, "storage_options": dict(storage_options or {}), "memory": memory, **args}
+    header = {
+        "kind": kind,
+        "uri": uri,
+        "storage_options": dict(storage_options or {}),
+        "memory": memory,
+        **args,
+    }
     with _lock:
         if _child is None or not _child.alive():
             _child = _Child()

@@ -20,4 +20,3 @@ class CorruptionError(WeightsError):
 
     Also raised for a dataset or model directory whose files are not what they must be
     (a symbolic link out of it, a FIFO or device where a file belongs)."""
-

@@ -32,9 +32,9 @@ import numpy as np
 import torch
 import yaml
 from mlflow import pyfunc
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelInputExample, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
-from mlflow.exceptions import MlflowException
 from mlflow.models.signature import _infer_signature_from_input_example
 from mlflow.models.utils import _save_example
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
@@ -49,18 +49,19 @@ from mlflow.utils.environment import (
     _validate_env_arguments,
 )
 from mlflow.utils.file_utils import write_to
-from mlflow.utils.validation import _validate_model_name
 from mlflow.utils.model_utils import (
     _add_code_from_conf_to_system_path,
     _copy_extra_files,
     _validate_and_copy_code_paths,
     _validate_and_prepare_target_save_path,
 )
+from mlflow.utils.validation import _validate_model_name
 
-from . import lifecycle, modeldir, registry, store, tree
+from . import __version__, lifecycle, modeldir, registry, store, tree
 from .artifacts import Location, dataset_location, storage_options_for
 from .fs import read_bytes
 from .modeldir import FLAVOR_NAME
+from .sidecar import legacy_run_pin, model_pin
 from .skeleton import (
     SKELETON_FILE,
     build_from_factory,
@@ -72,7 +73,6 @@ from .skeleton import (
     retie,
     tie_groups,
 )
-from .sidecar import legacy_run_pin, model_pin
 
 _DATA_SUBPATH = "data"
 _POINTER_FILE = "lance.yaml"
@@ -100,7 +100,7 @@ def get_default_pip_requirements() -> list[str]:
     """
     torch_version = str(torch.__version__).split("+")[0]
     return [
-        f"mlflow-lance=={_dist_version('mlflow-lance')}",
+        f"mlflow-lance=={__version__}",
         f"torch=={torch_version}",
         f"pylance=={_dist_version('pylance')}",
     ]
@@ -197,12 +197,28 @@ def save_model(
     nothing).
     """
     _check_module(pytorch_model)
-    _save(pytorch_model, path, Capture(store.prepare(pytorch_model.state_dict())), lance_uri=lance_uri,
-          storage_options=storage_options, mlflow_model=mlflow_model, conda_env=conda_env, code_paths=code_paths,
-          signature=signature, input_example=input_example, pip_requirements=pip_requirements,
-          extra_pip_requirements=extra_pip_requirements, extra_files=extra_files, metadata=metadata,
-          model_factory=model_factory, factory_kwargs=factory_kwargs, message=message,
-          lance_properties=lance_properties, serialization_format=serialization_format, **torch_save_kwargs)  # fmt: skip
+    _save(
+        pytorch_model,
+        path,
+        Capture(store.prepare(pytorch_model.state_dict())),
+        lance_uri=lance_uri,
+        storage_options=storage_options,
+        mlflow_model=mlflow_model,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        extra_files=extra_files,
+        metadata=metadata,
+        model_factory=model_factory,
+        factory_kwargs=factory_kwargs,
+        message=message,
+        lance_properties=lance_properties,
+        serialization_format=serialization_format,
+        **torch_save_kwargs,
+    )
 
 
 def _save(
@@ -239,9 +255,17 @@ def _save(
     location = _weights_location(path, lance_uri, storage_options)
     with _removed_on_failure(path):  # nothing committed yet: a retry can start over
         conf = _write_small_files(
-            module, path, mlflow_model, factory, signature, input_example, metadata,
-            code_paths, extra_files, capture.skeleton,
-        )  # fmt: skip
+            module,
+            path,
+            mlflow_model,
+            factory,
+            signature,
+            input_example,
+            metadata,
+            code_paths,
+            extra_files,
+            capture.skeleton,
+        )
         if capture.state_prefix:  # a checkpoint: the model's tensors live under this prefix
             conf["state_prefix"] = capture.state_prefix
         env = _environment(conda_env, pip_requirements, extra_pip_requirements)
@@ -294,9 +318,15 @@ def _save_weights(
 
 
 def _describe_model(
-    path: str, mlflow_model: Model, location: Location, info: store.VersionInfo, conf: dict, env: tuple,
-    *, self_contained: bool,
-) -> None:  # fmt: skip
+    path: str,
+    mlflow_model: Model,
+    location: Location,
+    info: store.VersionInfo,
+    conf: dict,
+    env: tuple,
+    *,
+    self_contained: bool,
+) -> None:
     """After the weights are committed: pin their version, then write the pointer, the flavor,
     the environment and MLmodel (which makes the directory a model). On failure the directory
     goes, and the error names the version that nothing references now."""
@@ -317,7 +347,7 @@ def _describe_model(
             parent_version=info.parent,
             pytorch_version=str(torch.__version__),
             pylance_version=_dist_version("pylance"),
-            mlflow_lance_version=_dist_version("mlflow-lance"),
+            mlflow_lance_version=__version__,
             **({"self_contained": True} if self_contained else {}),
             **conf,
         )
@@ -425,8 +455,13 @@ def _load_program(program: bytes, state_dict: Mapping[str, torch.Tensor], device
         sub = subs[owner]
         current = getattr(sub, name)
         value = tensor.to(device)
-        setattr(sub, name, torch.nn.Parameter(value, requires_grad=current.requires_grad)
-                if isinstance(current, torch.nn.Parameter) else value)  # fmt: skip
+        setattr(
+            sub,
+            name,
+            torch.nn.Parameter(value, requires_grad=current.requires_grad)
+            if isinstance(current, torch.nn.Parameter)
+            else value,
+        )
     return module
 
 
@@ -485,13 +520,29 @@ def log_model(
     _check_module(pytorch_model)
     if registered_model_name is not None:  # before anything is created: the registry's own rules
         _validate_model_name(registered_model_name)
-    return _log(pytorch_model, name or artifact_path or "model", Capture(store.prepare(pytorch_model.state_dict())),
-                registered_model_name=registered_model_name, await_registration_for=await_registration_for,
-                metadata=metadata, tags=tags, params=params, step=step, lance_uri=lance_uri,
-                storage_options=storage_options, conda_env=conda_env, code_paths=code_paths, signature=signature,
-                input_example=input_example, pip_requirements=pip_requirements,
-                extra_pip_requirements=extra_pip_requirements, extra_files=extra_files, model_factory=model_factory,
-                factory_kwargs=factory_kwargs, **kwargs)  # fmt: skip
+    return _log(
+        pytorch_model,
+        name or artifact_path or "model",
+        Capture(store.prepare(pytorch_model.state_dict())),
+        registered_model_name=registered_model_name,
+        await_registration_for=await_registration_for,
+        metadata=metadata,
+        tags=tags,
+        params=params,
+        step=step,
+        lance_uri=lance_uri,
+        storage_options=storage_options,
+        conda_env=conda_env,
+        code_paths=code_paths,
+        signature=signature,
+        input_example=input_example,
+        pip_requirements=pip_requirements,
+        extra_pip_requirements=extra_pip_requirements,
+        extra_files=extra_files,
+        model_factory=model_factory,
+        factory_kwargs=factory_kwargs,
+        **kwargs,
+    )
 
 
 def _log(
@@ -508,8 +559,7 @@ def _log(
 ) -> mlflow.models.model.ModelInfo:
     """``log_model`` of a state captured and checked already, to run ``run_id`` (default: the
     active one): the entry point of checkpoints, which write from a background thread."""
-    location, experiment_id, binding = _location_for(name, registered_model_name, lance_uri, storage_options,
-                                                     run_id)  # fmt: skip
+    location, experiment_id, binding = _location_for(name, registered_model_name, lance_uri, storage_options, run_id)
     info = Model.log(
         artifact_path=None,
         name=name,
@@ -544,7 +594,11 @@ def _logged_properties(
 
 
 def _location_for(
-    name: str, registered_model_name: str | None, lance_uri: str | None, storage_options, run_id: str | None = None
+    name: str,
+    registered_model_name: str | None,
+    lance_uri: str | None,
+    storage_options,
+    run_id: str | None = None,
 ) -> tuple[Location, str, str | None]:
     """Where the weights go, the experiment, and the registered model's binding (see lifecycle.py).
 
@@ -562,8 +616,13 @@ def _location_for(
             artifact_location = mlflow.get_experiment(experiment_id).artifact_location
 
             def default(b: str) -> str:
-                return dataset_location(model_name=registered_model_name, registered=True, binding=b,
-                                        artifact_location=artifact_location, experiment_id=experiment_id).uri
+                return dataset_location(
+                    model_name=registered_model_name,
+                    registered=True,
+                    binding=b,
+                    artifact_location=artifact_location,
+                    experiment_id=experiment_id,
+                ).uri
 
             binding, lance_uri = lifecycle.dataset_of(client, registered_model_name, default)
     artifact_location = None
@@ -606,8 +665,11 @@ def _load_from_local(
     saved_with = str(conf.get("pytorch_version", ""))
     saved_with = saved_with if re.fullmatch(r"[0-9][0-9A-Za-z.+_-]{0,40}", saved_with) else "unknown"
     if conf.get("pytorch_version") and saved_with != str(torch.__version__):
-        _logger.warning("Stored model version '%s' does not match installed PyTorch version '%s'",
-                        saved_with, torch.__version__)  # fmt: skip
+        _logger.warning(
+            "Stored model version '%s' does not match installed PyTorch version '%s'",
+            saved_with,
+            torch.__version__,
+        )
     trusted_only = not pickle_allowed(allow_pickle)
     if not trusted_only:
         _add_code_from_conf_to_system_path(local_path, conf)
@@ -629,8 +691,9 @@ def _load_from_local(
     module = load_skeleton(skeleton, os.path.join(local_path, conf["skeleton"]), allow_pickle=allow_pickle)
     ties = tie_groups(module)
     prefix = conf.get("state_prefix")  # a checkpoint: the model's tensors only
-    state_dict = store.load_state_dict(uri, version, map_location=device, storage_options=opts, verify=verify,
-                                       names=prefix)  # fmt: skip
+    state_dict = store.load_state_dict(
+        uri, version, map_location=device, storage_options=opts, verify=verify, names=prefix
+    )
     if prefix:
         state_dict = tree.strip_prefix(state_dict, prefix)
     module.load_state_dict(state_dict, strict=strict, assign=True)
@@ -704,7 +767,7 @@ def load_model(
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def load_state_dict(
+def model_state_dict(
     uri: str | os.PathLike,
     version: store.Version | None = None,
     *,
@@ -713,8 +776,8 @@ def load_state_dict(
     verify: bool = False,
 ) -> Any:
     """The weights (or checkpoint dict) an MLflow model URI, a model directory or a
-    ``log_state_dict`` artifact points at; reads MLmodel or the pointer, nothing else.
-    (``mlflow_lance.load_state_dict`` dispatches here for MLflow URIs only.)"""
+    ``log_state_dict`` artifact points at; reads MLmodel or the pointer, nothing else
+    (``mlflow_lance.load_state_dict`` calls this for MLflow URIs)."""
     uri = os.fspath(uri)
     with _model_pointer(uri) as model:
         if model is None:
@@ -722,8 +785,14 @@ def load_state_dict(
         if version is not None:
             raise ValueError(f"{uri} names one model version; do not pass version= as well")
         dataset, version = model
-        return store.load_state_dict(dataset, version, map_location=map_location, names=names,
-                                     storage_options=storage_options_for(dataset) or None, verify=verify)  # fmt: skip
+        return store.load_state_dict(
+            dataset,
+            version,
+            map_location=map_location,
+            names=names,
+            storage_options=storage_options_for(dataset) or None,
+            verify=verify,
+        )
 
 
 def _download_model(model_uri: str, dst_path: str) -> str:
@@ -798,16 +867,28 @@ def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: 
     run = mlflow.active_run() or mlflow.start_run()
     experiment_id = run.info.experiment_id
     location = dataset_location(
-        model_name=artifact_path.strip("/") or "state_dict", registered=False, experiment_id=experiment_id,
+        model_name=artifact_path.strip("/") or "state_dict",
+        registered=False,
+        experiment_id=experiment_id,
         artifact_location=mlflow.get_experiment(experiment_id).artifact_location,
-    )  # fmt: skip
+    )
     info = store.save_state_dict(
-        state_dict, location.uri, message=f"mlflow run {run.info.run_id}: {artifact_path}",
-        properties={"mlflow.run_id": run.info.run_id, "mlflow.artifact_path": artifact_path,
-                    "mlflow.experiment_id": str(experiment_id)},
+        state_dict,
+        location.uri,
+        message=f"mlflow run {run.info.run_id}: {artifact_path}",
+        properties={
+            "mlflow.run_id": run.info.run_id,
+            "mlflow.artifact_path": artifact_path,
+            "mlflow.experiment_id": str(experiment_id),
+        },
         storage_options=location.storage_options or None,
-    )  # fmt: skip
-    store.tag(location.uri, legacy_run_pin(run.info.run_id), info.version, storage_options=location.storage_options or None)
+    )
+    store.tag(
+        location.uri,
+        legacy_run_pin(run.info.run_id),
+        info.version,
+        storage_options=location.storage_options or None,
+    )
     with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as tmp:
         with open(os.path.join(tmp, _STATE_DICT_POINTER), "w", encoding="utf-8") as f:
             yaml.safe_dump({"lance_uri": location.uri, "lance_version": info.version}, f)
@@ -890,8 +971,11 @@ def _to_numpy(out: Any) -> Any:
 
 def _default_device(model_config: dict | None) -> str:
     """model_config's device, else MLFLOW_DEFAULT_PREDICTION_DEVICE, else CUDA when available."""
-    return ((model_config or {}).get("device") or os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE")
-            or ("cuda" if torch.cuda.is_available() else "cpu"))  # fmt: skip
+    return (
+        (model_config or {}).get("device")
+        or os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE")
+        or ("cuda" if torch.cuda.is_available() else "cpu")
+    )
 
 
 def _load_pyfunc(data_path: str, model_config: dict | None = None) -> _LanceModelWrapper:

@@ -42,12 +42,27 @@ StorageOptions = Mapping[str, str] | None
 # Object stores: a request with no complete answer within 10 s fails (reads go in 16 MiB
 # requests, so that is a stall, not a slow link), and a silent endpoint fails the call within
 # about 70 s (Lance retries each request a few times) instead of ~185 s. Callers may override.
-REMOTE_DEFAULTS = {"connect_timeout": "5s", "timeout": "10s", "client_max_retries": "1", "client_retry_timeout": "10"}
+REMOTE_DEFAULTS = {
+    "connect_timeout": "5s",
+    "timeout": "10s",
+    "client_max_retries": "1",
+    "client_retry_timeout": "10",
+}
 FSYNC_ENV = "MLFLOW_LANCE_FSYNC"
 
 # The directories of a dataset (Lance's and ours), and those whose every entry Lance may open.
-DATASET_DIRS = ("_versions", "data", "_transactions", "_refs", "_refs/tags", "_refs/branches", "_deletions",
-                "_indices", "_mlflow_lance", "_mlflow_lance/index")  # fmt: skip
+DATASET_DIRS = (
+    "_versions",
+    "data",
+    "_transactions",
+    "_refs",
+    "_refs/tags",
+    "_refs/branches",
+    "_deletions",
+    "_indices",
+    "_mlflow_lance",
+    "_mlflow_lance/index",
+)
 _OPENED_BY_LANCE = ("_versions", "_transactions", "_refs/tags", "_refs/branches", "_deletions", "_indices")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -71,8 +86,17 @@ def lance_options(uri: str, storage_options: StorageOptions) -> dict[str, str] |
     return opts or None
 
 
-_UNREACHABLE = ("error sending request", "timed out", "Timeout", "Connection refused", "dns error",
-                "connect error", "tcp connect", "Couldn't connect", "NETWORK_CONNECTION")  # fmt: skip
+_UNREACHABLE = (
+    "error sending request",
+    "timed out",
+    "Timeout",
+    "Connection refused",
+    "dns error",
+    "connect error",
+    "tcp connect",
+    "Couldn't connect",
+    "NETWORK_CONNECTION",
+)
 
 
 class Unreachable(ConnectionError):
@@ -219,8 +243,14 @@ def _read_regular(path: str, limit: int, follow_links: bool) -> bytes | None:
 
 
 def _kind(mode: int) -> str:
-    kinds = ((stat.S_ISLNK, "a symbolic link"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISDIR, "a directory"),
-             (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a device"), (stat.S_ISBLK, "a device"))  # fmt: skip
+    kinds = (
+        (stat.S_ISLNK, "a symbolic link"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a device"),
+        (stat.S_ISBLK, "a device"),
+    )
     return next((what for test, what in kinds if test(mode)), "not a plain file")
 
 
@@ -360,8 +390,11 @@ class Tree:
             if _missing(err):
                 return []
             raise
-        return [Entry(i.base_name, i.size or 0, (i.mtime or datetime.now(timezone.utc)).astimezone(timezone.utc))
-                for i in infos if i.type == fs.FileType.File]  # fmt: skip
+        return [
+            Entry(i.base_name, i.size or 0, (i.mtime or datetime.now(timezone.utc)).astimezone(timezone.utc))
+            for i in infos
+            if i.type == fs.FileType.File
+        ]
 
     def remove(self, sub: str, name: str) -> bool:
         """Delete file ``name`` of directory ``sub``; False if it was already gone."""

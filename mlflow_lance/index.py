@@ -23,7 +23,16 @@ import json
 import os
 from collections.abc import Mapping
 
-from .format import COMPRESSION_KEY, COMPRESSIONS, FORMAT_KEY, FORMAT_VERSION, PROP, Located, plain_name, rows_digest
+from .format import (
+    COMPRESSION_KEY,
+    COMPRESSIONS,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    PROP,
+    Located,
+    plain_name,
+    rows_digest,
+)
 from .fs import StorageOptions, Tree, join, list_names, local_path, read_bytes
 from .tensors import META_COLUMNS, hash_bytes
 
@@ -61,7 +70,12 @@ def read(uri: str, storage_options: StorageOptions, version: int) -> dict | None
         return None
     if not isinstance(doc, dict) or doc.get("index_format") != INDEX_FORMAT or doc.get("version") != version:
         return None
-    rows, fragments, props, schema = doc.get("rows"), doc.get("fragments"), doc.get("properties"), doc.get("schema")
+    rows, fragments, props, schema = (
+        doc.get("rows"),
+        doc.get("fragments"),
+        doc.get("properties"),
+        doc.get("schema"),
+    )
     n = len(META_COLUMNS)
     if (
         not isinstance(rows, list)
@@ -96,10 +110,15 @@ def valid_row(row: object, n: int) -> bool:
 def _valid_fragment(f: object) -> bool:
     """[fragment id, data file, rows]: the file a plain name in data/."""
     return (
-        type(f) is list and len(f) == 3 and type(f[0]) is int and 0 <= f[0] < 1 << 32
-        and type(f[1]) is str and plain_name(f[1])
-        and type(f[2]) is int and f[2] >= 0
-    )  # fmt: skip
+        type(f) is list
+        and len(f) == 3
+        and type(f[0]) is int
+        and 0 <= f[0] < 1 << 32
+        and type(f[1]) is str
+        and plain_name(f[1])
+        and type(f[2]) is int
+        and f[2] >= 0
+    )
 
 
 def rows(doc: dict) -> list[Located]:
@@ -147,7 +166,10 @@ def write(
         "version": version,
         "schema": {k: v for k, v in sorted(schema.items()) if k.startswith(PROP)},
         "properties": {k: properties[k] for k in INDEXED_PROPERTIES if k in properties},
-        "manifest": next(filter(None, (manifest_digest(uri, storage_options, name) for name in manifest_names(version))), None),
+        "manifest": next(
+            filter(None, (manifest_digest(uri, storage_options, name) for name in manifest_names(version))),
+            None,
+        ),
         "fragments": [list(f) for f in table],
         "rows": [[r.meta[c] for c in META_COLUMNS] + [r.position, r.stored] for r in located],
     }
@@ -176,8 +198,11 @@ def manifest_digest(uri: str, storage_options: StorageOptions, name: str | None)
     """Hash of a manifest file's bytes: binds an index to the manifest it was made from, so an
     index outliving its dataset (a copied or recreated directory) is never read alone."""
     try:
-        data = read_bytes(join(uri, "_versions", name), storage_options, limit=MAX_INDEX_BYTES,
-                          follow_links=False) if name else None  # fmt: skip
+        data = (
+            read_bytes(join(uri, "_versions", name), storage_options, limit=MAX_INDEX_BYTES, follow_links=False)
+            if name
+            else None
+        )
     except OSError:
         return None
     return hash_bytes(data) if data is not None else None

@@ -64,7 +64,7 @@ def model_dir_uri(uri: str) -> str:
     if uri.startswith("models:"):
         return ModelsArtifactRepository.get_underlying_uri(uri)
     if uri.startswith("runs:"):
-        run_id, _, name = uri[len("runs:"):].lstrip("/").partition("/")
+        run_id, _, name = uri[len("runs:") :].lstrip("/").partition("/")
         client = MlflowClient()
         experiment_id = client.get_run(run_id).info.experiment_id
         models = client.search_logged_models(
@@ -95,7 +95,8 @@ def not_found(err: BaseException) -> bool:
     """True if MLflow said the thing does not exist (as opposed to any other failure), or
     that the row an update meant to change vanished under it (deleted meanwhile)."""
     return isinstance(err, MlflowException) and (
-        err.error_code == "RESOURCE_DOES_NOT_EXIST" or "0 were matched" in str(err.message))
+        err.error_code == "RESOURCE_DOES_NOT_EXIST" or "0 were matched" in str(err.message)
+    )
 
 
 def _found(lookup: Callable[..., Any], *args: Any) -> bool:
@@ -122,6 +123,7 @@ def paged(search: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
 
 def same_dataset(a: str, b: str) -> bool:
     """Whether two dataset URIs name the same dataset (local paths compared resolved)."""
+
     def norm(uri: str) -> str:
         local = local_path(uri)
         return os.path.realpath(local) if local is not None else uri.rstrip("/")
@@ -188,8 +190,10 @@ def dataset_of(client: MlflowClient, name: str, default: Callable[[str], str]) -
 
 
 def _adopt(client: MlflowClient, name: str) -> str | None:
-    versions = sorted(paged(client.search_model_versions, filter_string=f"name = {quote_filter(name)}",
-                             max_results=1000), key=lambda mv: int(mv.version))  # fmt: skip
+    versions = sorted(
+        paged(client.search_model_versions, filter_string=f"name = {quote_filter(name)}", max_results=1000),
+        key=lambda mv: int(mv.version),
+    )
     for mv in versions:
         try:
             conf = flavor_conf(f"models:/{name}/{mv.version}")
@@ -236,8 +240,13 @@ class References:
         looked up the logged models and runs of a dataset, so that a model version registered
         before that (even of a logged model deleted since) is seen."""
         self.registered = {rm.name: rm for rm in paged(self.client.search_registered_models, max_results=1000)}
-        self.model_versions = list(paged(self.client.search_model_versions, max_results=10000,
-                                         order_by=["name ASC", "version_number ASC"]))  # fmt: skip
+        self.model_versions = list(
+            paged(
+                self.client.search_model_versions,
+                max_results=10000,
+                order_by=["name ASC", "version_number ASC"],
+            )
+        )
 
     def binding(self, name: str, *, store_tag: bool = False) -> str:
         """The binding of registered model ``name`` (computed from its name and creation time
@@ -257,8 +266,10 @@ class References:
 
     def stored(self, name: str) -> bool:
         """Whether registered model ``name`` has its binding tag (as read, or stored since)."""
-        return bool((self.registered.get(name) and (self.registered[name].tags or {}).get(BINDING_TAG))
-                    or name in self._bindings)  # fmt: skip
+        return bool(
+            (self.registered.get(name) and (self.registered[name].tags or {}).get(BINDING_TAG))
+            or name in self._bindings
+        )
 
     def bindings(self) -> dict[str, str]:
         """binding -> current registered model name, for every registered model."""
@@ -295,11 +306,12 @@ class References:
         logged models already pin, or no longer reference).
         """
         if pin.startswith(sidecar.MODEL_PIN):
-            return _found(self.client.get_logged_model, pin[len(sidecar.MODEL_PIN):])
+            return _found(self.client.get_logged_model, pin[len(sidecar.MODEL_PIN) :])
         if (parsed := sidecar.parse_model_version_pin(pin)) is not None:
             binding, version = parsed
             models = self.client.search_registered_models(
-                filter_string=f"tags.`{BINDING_TAG}` = {quote_filter(binding)}", max_results=10)
+                filter_string=f"tags.`{BINDING_TAG}` = {quote_filter(binding)}", max_results=10
+            )
             return any(_found(self.client.get_model_version, rm.name, version) for rm in models)
         return False
 
@@ -319,7 +331,7 @@ class References:
         if m := _MODEL_ID_SOURCE.match(source):
             found = Target(model_id=m.group(1))
         elif _MODEL_VERSION_SOURCE.match(source):  # a copy: its source's *name* may since name
-            try:                                    # another model, so ask where its files live
+            try:  # another model, so ask where its files live
                 location = self.client.get_model_version_download_uri(mv.name, str(mv.version))
             except MlflowException:
                 location = ""
@@ -446,8 +458,9 @@ def _model_version_pins(p: Plan, refs: References) -> dict[str, set[str]]:
     return unknown
 
 
-def apply_pins(p: Plan, refs: References, opts: Mapping[str, str] | None,
-               scope: Callable[[str], bool] = lambda pin: True) -> tuple[list[str], list[str]]:  # fmt: skip
+def apply_pins(
+    p: Plan, refs: References, opts: Mapping[str, str] | None, scope: Callable[[str], bool] = lambda pin: True
+) -> tuple[list[str], list[str]]:
     """Set the desired pins and remove the stale ones (within ``scope``); (pinned, unpinned).
 
     MLflow was read before this dataset's pins were, so each stale pin's reference is looked
@@ -533,13 +546,29 @@ def gc_dataset(
     pinned, unpinned = ([], list(p.stale)) if dry_run else apply_pins(p, refs, opts)
     policy = keep_last is not None or older_than is not None
     pool = set(p.versions) if policy else p.from_mlflow
-    report = store.gc(uri, keep_last=keep_last, older_than=older_than, grace=grace, storage_options=opts,
-                      candidates=pool - set(p.referenced), ignore_tags=p.stale if dry_run else (),
-                      dry_run=dry_run)  # fmt: skip
+    report = store.gc(
+        uri,
+        keep_last=keep_last,
+        older_than=older_than,
+        grace=grace,
+        storage_options=opts,
+        candidates=pool - set(p.referenced),
+        ignore_tags=p.stale if dry_run else (),
+        dry_run=dry_run,
+    )
     if not dry_run and (report.removed_versions or pinned or unpinned):
         sidecar.refresh(uri, opts, names=refs.bindings())
-    return GcResult(uri, report.removed_versions, report.bytes_removed, pinned, unpinned, sorted(p.referenced),
-                    dry_run=dry_run, orphan_files=report.orphan_files, orphan_bytes=report.orphan_bytes)  # fmt: skip
+    return GcResult(
+        uri,
+        report.removed_versions,
+        report.bytes_removed,
+        pinned,
+        unpinned,
+        sorted(p.referenced),
+        dry_run=dry_run,
+        orphan_files=report.orphan_files,
+        orphan_bytes=report.orphan_bytes,
+    )
 
 
 def looks_like_dataset(target: str) -> bool:
@@ -572,10 +601,27 @@ def gc(
         uri = os.fspath(target)
         opts = dict(storage_options or {}) or storage_options_for(uri) or None
         if not is_tracking_uri_set() and not is_managed(uri, opts):  # the cheap check first
-            r = store.gc(uri, keep_last=keep_last, older_than=older_than, grace=grace, storage_options=opts,
-                         dry_run=dry_run)  # fmt: skip
-            return [GcResult(uri, r.removed_versions, r.bytes_removed, [], [], r.kept_tagged, dry_run=dry_run,
-                             orphan_files=r.orphan_files, orphan_bytes=r.orphan_bytes)]  # fmt: skip
+            r = store.gc(
+                uri,
+                keep_last=keep_last,
+                older_than=older_than,
+                grace=grace,
+                storage_options=opts,
+                dry_run=dry_run,
+            )
+            return [
+                GcResult(
+                    uri,
+                    r.removed_versions,
+                    r.bytes_removed,
+                    [],
+                    [],
+                    r.kept_tagged,
+                    dry_run=dry_run,
+                    orphan_files=r.orphan_files,
+                    orphan_bytes=r.orphan_bytes,
+                )
+            ]
     refs = References(assume_logged_here=assume_logged_here)
     results = []
     explicit = not all and target is not None and looks_like_dataset(os.fspath(target))
@@ -586,9 +632,17 @@ def gc(
         # tags name (anyone who can edit those could aim it at any dataset this machine reaches)
         policy = explicit or any(under(u, root) for root in roots)
         try:
-            results.append(gc_dataset(u, refs, keep_last=keep_last if policy else None,
-                                      older_than=older_than if policy else None, grace=grace,
-                                      dry_run=dry_run, storage_options=storage_options))  # fmt: skip
+            results.append(
+                gc_dataset(
+                    u,
+                    refs,
+                    keep_last=keep_last if policy else None,
+                    older_than=older_than if policy else None,
+                    grace=grace,
+                    dry_run=dry_run,
+                    storage_options=storage_options,
+                )
+            )
         except (ForeignDataset, store.WeightsError, FileNotFoundError, MlflowException) as err:
             if not all or (isinstance(err, MlflowException) and not not_found(err)):
                 raise

@@ -54,7 +54,7 @@ def load_state_dict(
     if is_mlflow_uri(uri):
         if run_id is not None:
             raise ValueError(f"{uri} names one model; run_id= selects a version of a dataset URI")
-        from .flavor import load_state_dict as from_model
+        from .flavor import model_state_dict as from_model
 
         return from_model(uri, version, map_location=map_location, names=names, verify=verify)
     opts = dict(storage_options or {}) or storage_options_for(uri) or None
@@ -64,5 +64,6 @@ def load_state_dict(
         from . import sidecar  # YAML: only a run's version needs the sidecar
 
         version = sidecar.version_for_run(uri, run_id, opts, step=step, model_id=model_id)
-    return store.load_state_dict(uri, version, map_location=map_location, names=names, storage_options=opts,
-                                 verify=verify)  # fmt: skip
+    return store.load_state_dict(
+        uri, version, map_location=map_location, names=names, storage_options=opts, verify=verify
+    )

@@ -33,7 +33,7 @@ MAX_ARCHITECTURE = 4 << 30  # a skeleton or program: the module without its weig
 
 
 def kind(path: str) -> str | None:
-    """"dataset" for a local Lance dataset, "model" for a model directory, else None."""
+    """ "dataset" for a local Lance dataset, "model" for a model directory, else None."""
     try:
         if stat.S_ISDIR(os.lstat(os.path.join(path, "_versions")).st_mode):
             return "dataset"
@@ -48,8 +48,13 @@ def kind(path: str) -> str | None:
 def member(model_dir: str, relative: object) -> str:
     """The path of file ``relative`` of the model directory, checked: a relative path with no
     '..' and no link on the way. CorruptionError names what is wrong."""
-    if not isinstance(relative, str) or not relative or os.path.isabs(relative) or "\\" in relative \
-            or any(part in ("", ".", "..") for part in relative.split("/")):  # fmt: skip
+    if (
+        not isinstance(relative, str)
+        or not relative
+        or os.path.isabs(relative)
+        or "\\" in relative
+        or any(part in ("", ".", "..") for part in relative.split("/"))
+    ):
         raise CorruptionError(
             f"MLmodel of {model_dir} names {str(relative)[:200]!r}, which is not a file inside the model directory"
         )
@@ -78,7 +83,9 @@ def _yaml(model_dir: str, relative: str) -> Any:
     try:
         return parse_yaml(data.decode("utf-8"))
     except (UnicodeDecodeError, yaml.YAMLError, RecursionError, ValueError):
-        raise CorruptionError(f"{os.path.join(model_dir, relative)} is not valid YAML (its content is not shown)") from None
+        raise CorruptionError(
+            f"{os.path.join(model_dir, relative)} is not valid YAML (its content is not shown)"
+        ) from None
 
 
 def mlmodel(model_dir: str) -> Any:
@@ -127,8 +134,13 @@ def parse_pointer(data: bytes, where: str) -> tuple[str, int]:
         raise CorruptionError(f"{where} is not valid YAML (its content is not shown)") from None
     uri = doc.get("lance_uri") if isinstance(doc, dict) else None
     version = doc.get("lance_version") if isinstance(doc, dict) else None
-    if not isinstance(uri, str) or not uri or isinstance(version, bool) or not isinstance(version, int) \
-            or not 0 <= version < 1 << 63:  # fmt: skip
+    if (
+        not isinstance(uri, str)
+        or not uri
+        or isinstance(version, bool)
+        or not isinstance(version, int)
+        or not 0 <= version < 1 << 63
+    ):
         raise CorruptionError(f"{where} must map lance_uri to a URI and lance_version to a version number")
     return uri, version
 

@@ -75,7 +75,9 @@ def plan_version(
     return units, [t.name for t in tensors if t.name not in same]
 
 
-def reusable_tensors(tensors: list[TensorRows], same: Mapping[str, Entry], fragment_rows: Mapping[int, int]) -> set[str]:
+def reusable_tensors(
+    tensors: list[TensorRows], same: Mapping[str, Entry], fragment_rows: Mapping[int, int]
+) -> set[str]:
     """Names of unchanged tensors whose rows can all be taken over in whole parent fragments:
     a fragment is reused only when the new version's rows at that place are exactly its rows,
     in order (a run of which one tensor changed, or was removed or moved, is rewritten)."""
@@ -83,8 +85,9 @@ def reusable_tensors(tensors: list[TensorRows], same: Mapping[str, Entry], fragm
     while True:
         addresses = [
             (t.name, same[t.name].rows[i].address if t.name in keep else None)
-            for t in tensors for i in range(len(t.meta))
-        ]  # fmt: skip
+            for t in tensors
+            for i in range(len(t.meta))
+        ]
         covered = [False] * len(addresses)
         p = 0
         while p < len(addresses):

@@ -227,8 +227,15 @@ class _SeedValues(_Bytes):
         self._opts = lance_options(uri, storage_options)
 
     def fill(self, row: Row, dst: torch.Tensor) -> int:
-        count, data = decoder.request("seed_values", self.uri, self._opts, what=f"row {row.index} of version "
-                                      f"{self.version}", memory=row.size, version=self.version, index=row.index)  # fmt: skip
+        count, data = decoder.request(
+            "seed_values",
+            self.uri,
+            self._opts,
+            what=f"row {row.index} of version {self.version}",
+            memory=row.size,
+            version=self.version,
+            index=row.index,
+        )
         src = readonly_bytes(data)
         dst[: min(src.numel(), dst.numel())].copy_(src[: dst.numel()])
         return src.numel()
@@ -242,9 +249,19 @@ class VersionReader:
     its commit properties, and its payload bytes. Use as a context manager (it holds open
     files). Choose one with ``open_version`` or ``describe``."""
 
-    def __init__(self, uri: str, version: int, compression: str | None, located: list[Located],
-                 properties: dict[str, str] | None, source: _Bytes, *, agree: bool = True,
-                 writable: bool = True, hashed: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        uri: str,
+        version: int,
+        compression: str | None,
+        located: list[Located],
+        properties: dict[str, str] | None,
+        source: _Bytes,
+        *,
+        agree: bool = True,
+        writable: bool = True,
+        hashed: bool = True,
+    ):
         self.uri = uri
         self.version = version
         self.codec = compression
@@ -273,8 +290,15 @@ class VersionReader:
         """Every tensor of the version and the problems of its metadata (format.problems)."""
         found = problems(self.entries, self.codec is not None)
         if not self.agree:
-            found.append(Problem("", -1, "", f"the rows differ from what commit {self.version} recorded "
-                                 f"({PROP}rows): they were rewritten after the commit"))
+            found.append(
+                Problem(
+                    "",
+                    -1,
+                    "",
+                    f"the rows differ from what commit {self.version} recorded "
+                    f"({PROP}rows): they were rewritten after the commit",
+                )
+            )
         return self.entries, found
 
     def properties(self) -> dict[str, str] | None:
@@ -340,8 +364,12 @@ class VersionReader:
             for row, dst in jobs:
                 self._read_stored(row, dst)
             return
-        pieces = [(row, start, dst[start : start + PIECE]) for row, dst in jobs if row.size
-                  for start in range(0, row.size, PIECE)]  # fmt: skip
+        pieces = [
+            (row, start, dst[start : start + PIECE])
+            for row, dst in jobs
+            if row.size
+            for start in range(0, row.size, PIECE)
+        ]
 
         def piece(p: tuple[Row, int, torch.Tensor]) -> None:
             row, start, dst = p
@@ -372,12 +400,12 @@ class VersionReader:
             raw = zstandard.ZstdDecompressor().decompress(memoryview(packed.numpy()), max_output_size=row.size)
         except zstandard.ZstdError as err:
             raise CorruptionError(
-                f"chunk {row.chunk} at {self.file_of(row)} does not decompress ({err}); "
-                f"run verify() on {self.uri}"
+                f"chunk {row.chunk} at {self.file_of(row)} does not decompress ({err}); run verify() on {self.uri}"
             ) from None
         if len(raw) != row.size:
-            raise CorruptionError(f"chunk {row.chunk} at {self.file_of(row)} decompresses to "
-                                  f"{len(raw)} bytes, expected {row.size}")  # fmt: skip
+            raise CorruptionError(
+                f"chunk {row.chunk} at {self.file_of(row)} decompresses to {len(raw)} bytes, expected {row.size}"
+            )
         dst.copy_(readonly_bytes(raw))
 
 
@@ -404,8 +432,14 @@ def open_version(dataset: Dataset, version: int | str | None, *, index_alone: bo
             raise err.about(dataset.uri) from None
         if found is not None:
             number, doc, located = found
-            reader = VersionReader(dataset.uri, number, codec(doc["schema"].get(COMPRESSION_KEY, "none")), located,
-                                   doc["properties"], _bytes_of(dataset, number))  # fmt: skip
+            reader = VersionReader(
+                dataset.uri,
+                number,
+                codec(doc["schema"].get(COMPRESSION_KEY, "none")),
+                located,
+                doc["properties"],
+                _bytes_of(dataset, number),
+            )
             if not reader.checked()[1]:
                 return reader
     return describe(dataset, dataset.checkout(version))
@@ -421,16 +455,27 @@ def describe(dataset: Dataset, ds: lance.LanceDataset, *, rows_themselves: bool 
     uri, opts = dataset.uri, dataset.storage_options
     table = fragment_table(ds)
     digest = recorded_digest(ds)
-    compression = codec((schema_of(ds).metadata or {}).get(COMPRESSION_KEY.encode(), b"none").decode("utf-8", "replace"))
+    compression = codec(
+        (schema_of(ds).metadata or {}).get(COMPRESSION_KEY.encode(), b"none").decode("utf-8", "replace")
+    )
     located = None if rows_themselves else index.matching(uri, opts, ds.version, table, digest)
     if located is not None:
-        reader = VersionReader(uri, ds.version, compression, located, commit_properties(ds), _bytes_of(dataset, ds.version))
+        reader = VersionReader(
+            uri, ds.version, compression, located, commit_properties(ds), _bytes_of(dataset, ds.version)
+        )
         if not reader.checked()[1]:
             return reader
     located = scan(dataset, ds, table)
     agree = digest is None or rows_digest(r.meta for r in located) == digest
-    return VersionReader(uri, ds.version, compression, located, commit_properties(ds),
-                         _bytes_of(dataset, ds.version), agree=agree)  # fmt: skip
+    return VersionReader(
+        uri,
+        ds.version,
+        compression,
+        located,
+        commit_properties(ds),
+        _bytes_of(dataset, ds.version),
+        agree=agree,
+    )
 
 
 def scan(dataset: Dataset, ds: lance.LanceDataset, table: list[index.Fragment]) -> list[Located]:
@@ -438,8 +483,13 @@ def scan(dataset: Dataset, ds: lance.LanceDataset, table: list[index.Fragment]) 
     check_local_files(dataset.uri, ds.version, table)
     what = f"the rows of version {ds.version}"
     try:
-        found, _ = decoder.request("scan", dataset.uri, lance_options(dataset.uri, dataset.storage_options),
-                                   what=what, version=ds.version)  # fmt: skip
+        found, _ = decoder.request(
+            "scan",
+            dataset.uri,
+            lance_options(dataset.uri, dataset.storage_options),
+            what=what,
+            version=ds.version,
+        )
     except (OSError, ValueError) as err:
         if isinstance(err, CorruptionError):
             raise
@@ -450,8 +500,10 @@ def scan(dataset: Dataset, ds: lance.LanceDataset, table: list[index.Fragment]) 
         index.valid_row(row[:-1], n) and type(row[-1]) is int and 0 <= row[-1] < 1 << 64 for row in found
     ):
         raise CorruptionError(f"{what} of {dataset.uri} are malformed (a value of the wrong type or range)")
-    return [Located(dict(zip(META_COLUMNS, row[:n])), row[-1], row[n], files.get(row[-1] >> 32, ""), row[n + 1])
-            for row in found]  # fmt: skip
+    return [
+        Located(dict(zip(META_COLUMNS, row[:n])), row[-1], row[n], files.get(row[-1] >> 32, ""), row[n + 1])
+        for row in found
+    ]
 
 
 def _seed(dataset: Dataset, ds: lance.LanceDataset) -> VersionReader:
@@ -460,8 +512,13 @@ def _seed(dataset: Dataset, ds: lance.LanceDataset) -> VersionReader:
     versions, and is decoded entirely in the decoder."""
     what = f"the rows of version {ds.version}"
     try:
-        found, _ = decoder.request("seed_rows", dataset.uri, lance_options(dataset.uri, dataset.storage_options),
-                                   what=what, version=ds.version)  # fmt: skip
+        found, _ = decoder.request(
+            "seed_rows",
+            dataset.uri,
+            lance_options(dataset.uri, dataset.storage_options),
+            what=what,
+            version=ds.version,
+        )
     except (OSError, ValueError) as err:
         if isinstance(err, CorruptionError):
             raise
@@ -470,8 +527,14 @@ def _seed(dataset: Dataset, ds: lance.LanceDataset) -> VersionReader:
     for i, row in enumerate(found if isinstance(found, list) else [None]):
         name, shape, address, count = row if isinstance(row, list) and len(row) == 4 else (None, None, None, None)
         shape = shape if shape is not None else []
-        if (not isinstance(name, str) or name in seen or not isinstance(shape, list) or len(shape) > MAX_DIMS
-                or not all(type(s) is int and 0 <= s < 1 << 62 for s in shape) or type(address) is not int):  # fmt: skip
+        if (
+            not isinstance(name, str)
+            or name in seen
+            or not isinstance(shape, list)
+            or len(shape) > MAX_DIMS
+            or not all(type(s) is int and 0 <= s < 1 << 62 for s in shape)
+            or type(address) is not int
+        ):
             raise CorruptionError(
                 f"row {i} of {ds.uri} (version {ds.version}) repeats the name {str(name)[:200]!r} or has "
                 f"shape {str(shape)[:80]}, which is not a list of non-negative sizes"
@@ -483,11 +546,27 @@ def _seed(dataset: Dataset, ds: lance.LanceDataset) -> VersionReader:
                 f"but holds {count} values"
             )
         seen.add(name)
-        meta = {"name": name, "chunk": 0, "offset": 0, "nbytes": nbytes, "dtype": "float64", "shape": shape,
-                "hash": "", "alias": None}  # fmt: skip
+        meta = {
+            "name": name,
+            "chunk": 0,
+            "offset": 0,
+            "nbytes": nbytes,
+            "dtype": "float64",
+            "shape": shape,
+            "hash": "",
+            "alias": None,
+        }
         located.append(Located(meta, address, None, "", nbytes))
-    return VersionReader(dataset.uri, ds.version, None, located, {}, _SeedValues(dataset.uri, ds.version,
-                         dataset.storage_options), writable=False, hashed=False)  # fmt: skip
+    return VersionReader(
+        dataset.uri,
+        ds.version,
+        None,
+        located,
+        {},
+        _SeedValues(dataset.uri, ds.version, dataset.storage_options),
+        writable=False,
+        hashed=False,
+    )
 
 
 def check_local_files(uri: str, version: int, table: list[index.Fragment]) -> None:
@@ -532,8 +611,7 @@ def device_of(map_location: str | torch.device | None) -> torch.device:
     if isinstance(map_location, (str, torch.device)):
         return torch.device(map_location)
     raise TypeError(
-        f"map_location must be None, a device string such as 'cuda:0', or a torch.device; "
-        f"got {map_location!r}"
+        f"map_location must be None, a device string such as 'cuda:0', or a torch.device; got {map_location!r}"
     )
 
 
@@ -582,10 +660,23 @@ def _pread_exact(fd: int, path: str, position: int, dst: torch.Tensor) -> None:
         got += n
 
 
-def write_index(dataset: Dataset, ds: lance.LanceDataset, located: list[Located], table: list[index.Fragment],
-                *, sync: bool = True) -> None:  # fmt: skip
+def write_index(
+    dataset: Dataset,
+    ds: lance.LanceDataset,
+    located: list[Located],
+    table: list[index.Fragment],
+    *,
+    sync: bool = True,
+) -> None:
     """Write the version index of checked-out version ``ds`` from rows known to be its own."""
     schema = {k.decode(): v.decode() for k, v in (schema_of(ds).metadata or {}).items()}
-    index.write(dataset.uri, dataset.storage_options, ds.version, schema=schema,
-                properties=commit_properties(ds) or {}, table=table, located=located, sync=sync)  # fmt: skip
-
+    index.write(
+        dataset.uri,
+        dataset.storage_options,
+        ds.version,
+        schema=schema,
+        properties=commit_properties(ds) or {},
+        table=table,
+        located=located,
+        sync=sync,
+    )

@@ -106,8 +106,12 @@ def _fitting(tags: Mapping[str, str], limit: int, where: str) -> dict[str, str]:
     (cut, a URI would name another dataset)."""
     too_long = sorted(k for k, v in tags.items() if len(v) > limit)
     if too_long:
-        _logger.warning("mlflow-lance: not tagging %s with %s: longer than MLflow's %d characters",
-                        where, ", ".join(too_long), limit)  # fmt: skip
+        _logger.warning(
+            "mlflow-lance: not tagging %s with %s: longer than MLflow's %d characters",
+            where,
+            ", ".join(too_long),
+            limit,
+        )
     return {k: v for k, v in tags.items() if k not in too_long}
 
 
@@ -123,11 +127,18 @@ def _for_the_ui(what: str, step: Callable[..., _T], *args: Any, **kwargs: Any) -
         return step(*args, **kwargs)
     except Exception as err:  # UI bookkeeping never fails a log
         if lifecycle.not_found(err):
-            _logger.warning("mlflow-lance: skipped %s: it was deleted or renamed meanwhile (%s)", what,
-                            getattr(err, "message", err))  # fmt: skip
+            _logger.warning(
+                "mlflow-lance: skipped %s: it was deleted or renamed meanwhile (%s)",
+                what,
+                getattr(err, "message", err),
+            )
         else:
-            _logger.warning("mlflow-lance: %s failed; the weights are saved and pinned, and `mlflow-lance sync` "
-                            "redoes it: %s: %s", what, type(err).__name__, err)  # fmt: skip
+            _logger.warning(
+                "mlflow-lance: %s failed; the weights are saved and pinned, and `mlflow-lance sync` redoes it: %s: %s",
+                what,
+                type(err).__name__,
+                err,
+            )
             _logger.debug("", exc_info=True)
         return None
 
@@ -148,10 +159,14 @@ def lance_tags(conf: Mapping) -> dict[str, str]:
 def _conf(uri: str, info: store.VersionInfo) -> dict[str, Any]:
     """The flavor-conf figures of a stored version (what the UI shows), from its commit."""
     return {
-        "lance_uri": uri, "lance_version": info.version, "parent_version": info.parent,
-        "tensors": info.num_tensors, "tensors_changed": len(info.changed), "bytes": info.total_bytes,
+        "lance_uri": uri,
+        "lance_version": info.version,
+        "parent_version": info.parent,
+        "tensors": info.num_tensors,
+        "tensors_changed": len(info.changed),
+        "bytes": info.total_bytes,
         "bytes_written": info.bytes_written,
-    }  # fmt: skip
+    }
 
 
 def _describe(conf: Mapping) -> str:
@@ -175,8 +190,9 @@ def _pin(uri: str, pin: str, version: int, opts: Mapping[str, str] | None) -> bo
     return True
 
 
-def _present_version(client: MlflowClient, name: str, version: str, conf: Mapping,
-                     current: ModelVersion | None = None) -> bool:  # fmt: skip
+def _present_version(
+    client: MlflowClient, name: str, version: str, conf: Mapping, current: ModelVersion | None = None
+) -> bool:
     """Give one model version its ``lance.*`` tags and description; True if anything was
     written. With ``current`` (the version as last read) only what differs is written.
 
@@ -203,8 +219,12 @@ def _present_version(client: MlflowClient, name: str, version: str, conf: Mappin
     return wrote
 
 
-def after_log(model_info: ModelInfo, registered_model_name: str | None, binding: str | None,
-              opts: Mapping[str, str] | None) -> None:  # fmt: skip
+def after_log(
+    model_info: ModelInfo,
+    registered_model_name: str | None,
+    binding: str | None,
+    opts: Mapping[str, str] | None,
+) -> None:
     """After ``log_model``: pin the model version (safety: a failure fails the log), then, for
     the UI, tag the run, the logged model and the model version, describe the version, catch
     up the model's other versions, write its history and refresh the sidecar. Each UI step that
@@ -219,25 +239,43 @@ def after_log(model_info: ModelInfo, registered_model_name: str | None, binding:
     tags = lance_tags(conf)
     if model_info.run_id:
         run_tags = _fitting(tags, limits().run_tag, f"run {model_info.run_id}")
-        _for_the_ui(f"tagging run {model_info.run_id}", client.log_batch, model_info.run_id,
-                    tags=[RunTag(k, v) for k, v in run_tags.items()])  # fmt: skip
+        _for_the_ui(
+            f"tagging run {model_info.run_id}",
+            client.log_batch,
+            model_info.run_id,
+            tags=[RunTag(k, v) for k, v in run_tags.items()],
+        )
     if model_info.model_id:
         model_tags = _fitting(tags, limits().logged_model_tag, f"logged model {model_info.model_id}")
-        _for_the_ui(f"tagging logged model {model_info.model_id}", client.set_logged_model_tags,
-                    model_info.model_id, model_tags)  # fmt: skip
+        _for_the_ui(
+            f"tagging logged model {model_info.model_id}",
+            client.set_logged_model_tags,
+            model_info.model_id,
+            model_tags,
+        )
     if registered:
         name = registered_model_name
         _for_the_ui(f"describing model version {mv} of {name!r}", _present_version, client, name, str(mv), conf)
         listed = _for_the_ui(f"catching up the other versions of {name!r}", _catch_up, client, name, binding)
         _for_the_ui(f"the version history of {name!r}", write_history, name, binding, uri, opts, versions=listed)
-    _for_the_ui(f"refreshing the sidecar of {uri}", sidecar.refresh, uri, opts,
-                names={binding: registered_model_name} if registered else None)  # fmt: skip
+    _for_the_ui(
+        f"refreshing the sidecar of {uri}",
+        sidecar.refresh,
+        uri,
+        opts,
+        names={binding: registered_model_name} if registered else None,
+    )
 
 
 def _model_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     """Every version of registered model ``name``, as MLflow lists them now."""
-    return list(lifecycle.paged(client.search_model_versions, filter_string=f"name = {lifecycle.quote_filter(name)}",
-                                max_results=1000))  # fmt: skip
+    return list(
+        lifecycle.paged(
+            client.search_model_versions,
+            filter_string=f"name = {lifecycle.quote_filter(name)}",
+            max_results=1000,
+        )
+    )
 
 
 def _catch_up(client: MlflowClient, name: str, binding: str) -> list[ModelVersion] | None:
@@ -265,7 +303,12 @@ def _bookkeep_version(client: MlflowClient, name: str, version: str, binding: st
     if conf is None:
         return False
     uri = conf["lance_uri"]
-    _pin(uri, sidecar.model_version_pin(binding, version), int(conf["lance_version"]), storage_options_for(uri) or None)
+    _pin(
+        uri,
+        sidecar.model_version_pin(binding, version),
+        int(conf["lance_version"]),
+        storage_options_for(uri) or None,
+    )
     _present_version(client, name, version, conf)
     return True
 
@@ -284,8 +327,13 @@ def register_model(model_uri: str, name: str, **kwargs: Any) -> ModelVersion:
     except MlflowException as err:
         if not lifecycle.not_found(err):
             raise
-        _logger.warning("mlflow-lance: model version %s of %r was deleted or renamed right after it was registered; "
-                        "not pinned here (%s)", version, name, err.message)  # fmt: skip
+        _logger.warning(
+            "mlflow-lance: model version %s of %r was deleted or renamed right after it was registered; "
+            "not pinned here (%s)",
+            version,
+            name,
+            err.message,
+        )
         return mv
     if conf is not None:
         uri = conf["lance_uri"]
@@ -313,8 +361,14 @@ def _bind_and_write_history(client: MlflowClient, name: str, binding: str, uri: 
     write_history(name, binding, bound, storage_options_for(bound) or None)
 
 
-def write_history(name: str, binding: str, uri: str, opts: Mapping[str, str] | None, *,
-                  versions: Iterable[ModelVersion] | None = None) -> None:  # fmt: skip
+def write_history(
+    name: str,
+    binding: str,
+    uri: str,
+    opts: Mapping[str, str] | None,
+    *,
+    versions: Iterable[ModelVersion] | None = None,
+) -> None:
     """Put the version history table into the registered model's description, below any text a
     person wrote above the marker: the newest versions first, as many as MLflow's limit allows,
     then how many older ones are not shown. The person's text is never cut; where it leaves no
@@ -438,8 +492,10 @@ def sync(target: str | os.PathLike | None = None, *, all: bool = False) -> list[
 
 
 def _changed_underneath(err: MlflowException) -> str:
-    return (f"a registered model or model version was deleted or renamed while sync ran; left as far as it "
-            f"got ({err.message})")  # fmt: skip
+    return (
+        f"a registered model or model version was deleted or renamed while sync ran; left as far as it "
+        f"got ({err.message})"
+    )
 
 
 def _sync_dataset(uri: str, refs: References, *, full: bool) -> SyncReport:
@@ -492,17 +548,22 @@ def _reconcile_model(name: str, refs: References, reports: list[SyncReport]) -> 
             return pin.startswith(own_versions) or (home and pin.startswith(sidecar.MODEL_PIN))
 
         report.pinned, report.unpinned = lifecycle.apply_pins(p, refs, opts, scope)
-        report.model_versions = {pin[len(own_versions):]: v for pin, v in p.desired.items()
-                                 if pin.startswith(own_versions)}  # fmt: skip
+        report.model_versions = {
+            pin[len(own_versions) :]: v for pin, v in p.desired.items() if pin.startswith(own_versions)
+        }
     read = {str(mv.version): mv for mv in refs.model_versions if mv.name == name}
     for report in reports:  # the UI: tags and a description on every version, where not right yet
-        infos = {v.version: v for v in store.versions(report.dataset,
-                                                      storage_options=storage_options_for(report.dataset) or None)}
+        infos = {
+            v.version: v
+            for v in store.versions(report.dataset, storage_options=storage_options_for(report.dataset) or None)
+        }
         for mv_number, version in report.model_versions.items():
             if version not in infos:
                 continue
             try:
-                if _present_version(client, name, mv_number, _conf(report.dataset, infos[version]), read.get(mv_number)):
+                if _present_version(
+                    client, name, mv_number, _conf(report.dataset, infos[version]), read.get(mv_number)
+                ):
                     report.updated.append(mv_number)
             except MlflowException as err:
                 if not lifecycle.not_found(err):

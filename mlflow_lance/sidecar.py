@@ -81,7 +81,7 @@ def parse_model_version_pin(tag: str) -> tuple[str, str] | None:
     """(binding, version) of an ``mv.<binding>.<version>`` pin, else None."""
     if not tag.startswith(MODEL_VERSION_PIN):
         return None
-    binding, _, version = tag[len(MODEL_VERSION_PIN):].rpartition(".")
+    binding, _, version = tag[len(MODEL_VERSION_PIN) :].rpartition(".")
     return (binding, version) if binding and version.isdigit() else None
 
 
@@ -109,8 +109,11 @@ def build(
     dataset = store.Dataset.of(dataset, storage_options)
     infos = store.versions(dataset)
     pins = _pins(dataset)
-    known_names = {v.properties["mlflow.binding"]: v.properties.get("mlflow.registered_model_name")
-                   for v in infos if v.properties.get("mlflow.binding")}  # fmt: skip
+    known_names = {
+        v.properties["mlflow.binding"]: v.properties.get("mlflow.registered_model_name")
+        for v in infos
+        if v.properties.get("mlflow.binding")
+    }
     known_names.update(names or {})
     logged, registered, legacy = _pinned({v.version: v for v in infos}, pins, known_names)
     doc = {
@@ -133,18 +136,22 @@ def _runs(infos: list[store.VersionInfo]) -> dict[str, list[dict]]:
     for v in infos:
         run_id = v.properties.get("mlflow.run_id")
         if run_id:
-            runs.setdefault(run_id, []).append({
-                "lance_version": v.version,
-                "model_id": v.properties.get("mlflow.model_id"),
-                "artifact_path": v.properties.get("mlflow.artifact_path"),
-                "step": _int(v.properties.get("mlflow.step")),
-                "time": v.timestamp.isoformat(timespec="seconds"),
-            })  # fmt: skip
+            runs.setdefault(run_id, []).append(
+                {
+                    "lance_version": v.version,
+                    "model_id": v.properties.get("mlflow.model_id"),
+                    "artifact_path": v.properties.get("mlflow.artifact_path"),
+                    "step": _int(v.properties.get("mlflow.step")),
+                    "time": v.timestamp.isoformat(timespec="seconds"),
+                }
+            )
     return runs
 
 
 def _pinned(
-    by_version: Mapping[int, store.VersionInfo], pins: Mapping[str, int], known_names: Mapping[str, str | None]
+    by_version: Mapping[int, store.VersionInfo],
+    pins: Mapping[str, int],
+    known_names: Mapping[str, str | None],
 ) -> tuple[dict[str, dict], dict[str, dict], dict[str, int]]:
     """The logged models, the registered models (by binding) and the legacy pins, from the
     pins and the commit properties of the versions they hold."""
@@ -155,7 +162,7 @@ def _pinned(
         info = by_version.get(version)
         props = info.properties if info else {}
         if tag.startswith(MODEL_PIN):
-            logged[tag[len(MODEL_PIN):]] = {
+            logged[tag[len(MODEL_PIN) :]] = {
                 "lance_version": version,
                 "run_id": props.get("mlflow.run_id"),
                 "artifact_path": props.get("mlflow.artifact_path"),
@@ -229,13 +236,17 @@ def refresh(
     """
     dataset = store.Dataset(dataset_uri, storage_options)  # opened once for the check and the build
     doc = None if force else read(dataset_uri, storage_options)
-    if doc is not None and (doc["lance_latest_version"] != store.latest_version(dataset)
-                            or doc["pins"] != _pins(dataset)):  # fmt: skip
+    if doc is not None and (
+        doc["lance_latest_version"] != store.latest_version(dataset) or doc["pins"] != _pins(dataset)
+    ):
         doc = None
     if doc is None:
         previous = read(dataset_uri, storage_options) if names is None else None
-        carried = {b: e.get("name") for b, e in (previous or {}).get("registered_models", {}).items()
-                   if isinstance(e, dict) and isinstance(e.get("name"), str)}  # fmt: skip
+        carried = {
+            b: e.get("name")
+            for b, e in (previous or {}).get("registered_models", {}).items()
+            if isinstance(e, dict) and isinstance(e.get("name"), str)
+        }
         doc = build(dataset, names={**carried, **(names or {})})
         if save:
             write(dataset_uri, doc, storage_options)
@@ -270,8 +281,11 @@ def version_for_run(
         elif len(entries) > 1:
             if attempt == 0:
                 continue  # confirm against a fresh build before asking the caller to choose
-            listed = "; ".join(f"version {e.get('lance_version')} (model_id={e.get('model_id')}, "
-                               f"step={e.get('step')}, name={e.get('artifact_path')})" for e in entries)  # fmt: skip
+            listed = "; ".join(
+                f"version {e.get('lance_version')} (model_id={e.get('model_id')}, "
+                f"step={e.get('step')}, name={e.get('artifact_path')})"
+                for e in entries
+            )
             raise store.VersionNotFoundError(
                 f"run {run_id!r} logged {len(entries)} versions to {dataset_uri}: {listed}; pass step= or "
                 f"model_id= to choose one"

@@ -96,9 +96,7 @@ def check_factory(model_factory: str, factory_kwargs: Mapping | None, *, resolve
     so that a spec that names nothing fails at log time, not at the first load.
     """
     if not isinstance(model_factory, str) or not re.fullmatch(f"{_DOTTED}:{_DOTTED}", model_factory):
-        raise ValueError(
-            f"model_factory must look like 'package.module:callable', got {model_factory!r}"
-        )
+        raise ValueError(f"model_factory must look like 'package.module:callable', got {model_factory!r}")
     if factory_kwargs is not None and not isinstance(factory_kwargs, Mapping):
         raise ValueError(f"factory_kwargs must be a mapping, got {type(factory_kwargs).__name__}")
     kwargs = dict(factory_kwargs or {})
@@ -112,9 +110,13 @@ def check_factory(model_factory: str, factory_kwargs: Mapping | None, *, resolve
 
 
 def build_from_factory(
-    model_factory: str, factory_kwargs: Mapping | None, *, trusted_only: bool, model_dir: str,
+    model_factory: str,
+    factory_kwargs: Mapping | None,
+    *,
+    trusted_only: bool,
+    model_dir: str,
     device: str | None = None,
-) -> torch.nn.Module:  # fmt: skip
+) -> torch.nn.Module:
     """Build the module with ``package.module:callable(**factory_kwargs)`` (under
     ``torch.device(device)`` when given: "meta" builds shapes without memory).
 

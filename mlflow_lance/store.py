@@ -37,9 +37,9 @@ import zstandard
 from . import cleanup, fs, index, tree
 from .dataset import (
     JITTER,
-    check_format,
     Dataset,
     available,
+    check_format,
     checkout,
     commit_properties,
     fragment_table,
@@ -97,11 +97,33 @@ if TYPE_CHECKING:  # Lance is imported where a verb writes or opens a dataset: a
     from lance.fragment import FragmentMetadata
 
 __all__ = [
-    "CorruptionError", "Dataset", "Diff", "GcReport", "LoadResult", "Prepared", "Problem", "VerifyReport", "VersionInfo",
-    "VersionNotFoundError", "WeightsError", "diff", "gc", "latest_version", "load_into",
-    "load_state_dict", "prepare", "reindex", "resolve_version", "save_state_dict", "tag", "tags", "untag", "verify", "version_properties",
+    "CorruptionError",
+    "Dataset",
+    "Diff",
+    "GcReport",
+    "LoadResult",
+    "Prepared",
+    "Problem",
+    "VerifyReport",
+    "VersionInfo",
+    "VersionNotFoundError",
+    "WeightsError",
+    "diff",
+    "gc",
+    "latest_version",
+    "load_into",
+    "load_state_dict",
+    "prepare",
+    "reindex",
+    "resolve_version",
+    "save_state_dict",
+    "tag",
+    "tags",
+    "untag",
+    "verify",
+    "version_properties",
     "versions",
-]  # fmt: skip
+]
 
 _PARALLEL_WRITE_BYTES = 64 << 20
 _CALL_BYTES = 64 << 20
@@ -219,9 +241,20 @@ def save_state_dict(
     with ThreadPoolExecutor(1) as flusher:  # data files are flushed while the next ones are written
         flushing: list = []
         data = os.path.join(local_path(uri) or "", "data")
-        new_files = _write_rows(fresh, uri, new_schema, storage_options, create=parent is None, written=(
-            lambda frags: flushing.append(flusher.submit(fs.sync_files, [os.path.join(data, f.files[0].path)
-                                                                         for f in frags]))) if flush else None)  # fmt: skip
+        new_files = _write_rows(
+            fresh,
+            uri,
+            new_schema,
+            storage_options,
+            create=parent is None,
+            written=(
+                lambda frags: flushing.append(
+                    flusher.submit(fs.sync_files, [os.path.join(data, f.files[0].path) for f in frags])
+                )
+            )
+            if flush
+            else None,
+        )
         for job in flushing:
             job.result()
     written = iter(new_files)
@@ -232,12 +265,24 @@ def save_state_dict(
         fs.sync_dirs([data] + ([root, os.path.dirname(os.path.abspath(root))] if parent is None else []))
 
     txn_props = _transaction_properties(
-        message, props, spec, parent, tensors, changed, [n for n in previous if n not in state_dict], bytes_written
+        message,
+        props,
+        spec,
+        parent,
+        tensors,
+        changed,
+        [n for n in previous if n not in state_dict],
+        bytes_written,
     )
     import lance
 
-    ds, txn_file = _commit(uri, lance.LanceOperation.Overwrite(new_schema, fragments), txn_props,
-                           parent.version if parent else 0, storage_options)  # fmt: skip
+    ds, txn_file = _commit(
+        uri,
+        lance.LanceOperation.Overwrite(new_schema, fragments),
+        txn_props,
+        parent.version if parent else 0,
+        storage_options,
+    )
     if flush:
         _flush_commit(local_path(uri), ds.version, txn_file)
     _index_new_version(dataset, ds, units, sync=flush)
@@ -247,8 +292,10 @@ def save_state_dict(
 def _flush_commit(root: str, version: int, txn_file: str) -> None:
     """Flush a local commit: its transaction file and manifest, their directories and the
     dataset's root (which holds those directories' names after a first commit)."""
-    manifest = next((p for name in index.manifest_names(version)
-                     if os.path.isfile(p := os.path.join(root, "_versions", name))), None)  # fmt: skip
+    manifest = next(
+        (p for name in index.manifest_names(version) if os.path.isfile(p := os.path.join(root, "_versions", name))),
+        None,
+    )
     fs.sync_files([os.path.join(root, "_transactions", txn_file), *([manifest] if manifest else [])])
     fs.sync_dirs([os.path.join(root, "_transactions"), os.path.join(root, "_versions"), root])
 
@@ -350,9 +397,13 @@ def reindex(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions
 
 
 def check_fits(
-    module: torch.nn.Module, uri: str | os.PathLike | Dataset, version: Version | None = None, *,
-    strict: bool = True, storage_options: StorageOptions = None,
-) -> None:  # fmt: skip
+    module: torch.nn.Module,
+    uri: str | os.PathLike | Dataset,
+    version: Version | None = None,
+    *,
+    strict: bool = True,
+    storage_options: StorageOptions = None,
+) -> None:
     """Raise (as ``load_into`` would, before it writes anything) unless the version's tensors
     fit ``module``'s keys and shapes; reads metadata only, so ``module`` may be on the meta
     device."""
@@ -362,9 +413,7 @@ def check_fits(
     _check_targets(module, reader, entries, module.state_dict(keep_vars=True), strict)
 
 
-def versions(
-    uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None
-) -> list[VersionInfo]:
+def versions(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> list[VersionInfo]:
     """Every version still stored, oldest first, with what each one wrote and changed."""
     dataset = Dataset.of(uri, storage_options)
     ds = dataset.lance
@@ -381,8 +430,12 @@ def versions(
         if PROP + "tensors" not in props:  # written by something else: derive the figures
             entries = describe(dataset, checkout(ds, n)).entries
             total = sum(e.nbytes for e in entries.values() if e.tie is None)
-            props = {PROP + "tensors": str(len(entries)), PROP + "bytes": str(total),
-                     PROP + "bytes_written": str(total), PROP + "changed": json.dumps(list(entries))}  # fmt: skip
+            props = {
+                PROP + "tensors": str(len(entries)),
+                PROP + "bytes": str(total),
+                PROP + "bytes_written": str(total),
+                PROP + "changed": json.dumps(list(entries)),
+            }
         out.append(_version_info(ds.uri, n, _aware(v["timestamp"]), props, tags))
     return out
 
@@ -410,9 +463,7 @@ def diff(
     )
 
 
-def tag(
-    uri: str | os.PathLike | Dataset, name: str, version: int, *, storage_options: StorageOptions = None
-) -> None:
+def tag(uri: str | os.PathLike | Dataset, name: str, version: int, *, storage_options: StorageOptions = None) -> None:
     """Point tag ``name`` at ``version`` (moving it if it exists); tagged versions survive gc.
 
     On a local disk the tag is durable when this returns (see ``save_state_dict``)."""
@@ -477,8 +528,9 @@ def verify(
     try:
         ds = dataset.checkout(version)
     except CorruptionError as err:  # the dataset's files are not what they must be
-        return VerifyReport(dataset.uri, version if isinstance(version, int) else -1, 0, 0, 0,
-                            [Problem("", -1, "", str(err))])  # fmt: skip
+        return VerifyReport(
+            dataset.uri, version if isinstance(version, int) else -1, 0, 0, 0, [Problem("", -1, "", str(err))]
+        )
     try:
         reader = describe(dataset, ds, rows_themselves=True)
         entries, found = reader.checked()
@@ -508,8 +560,14 @@ def verify(
                 if progress is not None:
                     progress(row.size)
                 if (got := reader.bad_hash(row, dst)) is not None:
-                    found.append(Problem(e.name, row.chunk, reader.file_of(row),
-                                         f"content hash {got} != recorded {row.hash[:64]}"))  # fmt: skip
+                    found.append(
+                        Problem(
+                            e.name,
+                            row.chunk,
+                            reader.file_of(row),
+                            f"content hash {got} != recorded {row.hash[:64]}",
+                        )
+                    )
     return VerifyReport(ds.uri, ds.version, len(entries), chunks, nbytes, found)
 
 
@@ -674,8 +732,11 @@ def _commit(
         try:
             return lance.LanceDataset.commit(uri, txn, storage_options=opts), f"{read_version}-{txn.uuid}.txn"
         except (CommitConflictError, OSError, ValueError) as err:
-            retryable = isinstance(err, CommitConflictError) or "conflict" in str(err).lower() \
+            retryable = (
+                isinstance(err, CommitConflictError)
+                or "conflict" in str(err).lower()
                 or "already exists" in str(err).lower()
+            )
             if not retryable or attempt == _COMMIT_ATTEMPTS - 1:
                 _raise_write_error(uri, err)
             time.sleep(JITTER.uniform(0, 0.02 * 2 ** min(attempt, 6)))
@@ -697,14 +758,18 @@ def _index_new_version(dataset: Dataset, ds: lance.LanceDataset, units: list[Uni
             fresh.append(frag)
             located += [Located(meta, fid << 32 | i, None, path, None) for i, (meta, _) in enumerate(unit.rows)]
         else:
-            located += [Located(meta, fid << 32 | i, old.position, path, old.stored)
-                        for i, ((meta, _), old) in enumerate(zip(unit.rows, unit.old))]  # fmt: skip
+            located += [
+                Located(meta, fid << 32 | i, old.position, path, old.stored)
+                for i, ((meta, _), old) in enumerate(zip(unit.rows, unit.old))
+            ]
     if fresh:  # their blob positions: a scan of the blob descriptors only (a third of a full scan)
         blobs = ds.scanner(columns=["data"], with_row_address=True, fragments=fresh).to_table()
         descriptors = zip(blobs["_rowaddr"].to_pylist(), blobs["data"].to_pylist())
         found = {address: (d["position"], d["size"]) for address, d in descriptors}
-        located = [r._replace(position=found[r.address][0], stored=found[r.address][1]) if r.address in found else r
-                   for r in located]  # fmt: skip
+        located = [
+            r._replace(position=found[r.address][0], stored=found[r.address][1]) if r.address in found else r
+            for r in located
+        ]
     with contextlib.suppress(OSError, WeightsError):  # derived data: the next load decodes the rows instead
         write_index(dataset, ds, located, table, sync=sync)
 
@@ -863,9 +928,7 @@ def _check_properties(properties: Mapping[str, str] | None) -> dict[str, str]:
     props = dict(properties or {})
     for k, v in props.items():
         if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(
-                f"properties must map str to str; {k!r}: {v!r} is not (convert values with str())"
-            )
+            raise TypeError(f"properties must map str to str; {k!r}: {v!r} is not (convert values with str())")
     return props
 
 
@@ -880,16 +943,14 @@ def _aware(ts: datetime) -> datetime:
     return ts.astimezone(timezone.utc)
 
 
-def _version_info(
-    uri: str, version: int, ts: datetime, props: Mapping[str, str], tags: tuple[str, ...]
-) -> VersionInfo:
+def _version_info(uri: str, version: int, ts: datetime, props: Mapping[str, str], tags: tuple[str, ...]) -> VersionInfo:
     """A version's summary from its commit properties; WeightsError names a malformed one."""
     return VersionInfo(version=version, timestamp=ts, tags=tags, **_summary(uri, version, props))
 
 
 def _summary(uri: str, version: int, props: Mapping[str, str]) -> dict:
     """The VersionInfo fields a commit's properties hold, each checked."""
-    p = {k[len(PROP):]: v for k, v in props.items() if k.startswith(PROP)}
+    p = {k[len(PROP) :]: v for k, v in props.items() if k.startswith(PROP)}
 
     def bad(key: str, why: str) -> WeightsError:
         return WeightsError(
@@ -991,14 +1052,18 @@ def _read_in_place(
     CPU, contiguous, of the stored dtype) straight into it; their names. With ``verify`` each
     chunk goes through a staging buffer and is hashed before it is copied in."""
     direct = [
-        name for name, dst in dsts.items()
+        name
+        for name, dst in dsts.items()
         if entries[name].tie is None
         and dst.device.type == "cpu"
         and dst.is_contiguous()
         and dst.dtype == dtype_from_name(entries[name].dtype, key=name)
-    ]  # fmt: skip
-    jobs = [(entries[name], row, uint8_view(dsts[name])[row.offset : row.offset + row.size])
-            for name in direct for row in entries[name].rows]  # fmt: skip
+    ]
+    jobs = [
+        (entries[name], row, uint8_view(dsts[name])[row.offset : row.offset + row.size])
+        for name in direct
+        for row in entries[name].rows
+    ]
     if verify:
         stage = torch.empty(max((row.size for _, row, _ in jobs), default=0), dtype=torch.uint8)
         for e, row, dst in jobs:
@@ -1012,7 +1077,11 @@ def _read_in_place(
 
 
 def _copy_the_rest(
-    reader: VersionReader, entries: Mapping[str, Entry], dsts: Mapping[str, torch.Tensor], done: set[str], verify: bool
+    reader: VersionReader,
+    entries: Mapping[str, Entry],
+    dsts: Mapping[str, torch.Tensor],
+    done: set[str],
+    verify: bool,
 ) -> None:
     """The tensors ``_read_in_place`` left (another dtype or device, non-contiguous, tied):
     through a CPU tensor, or for a tie, from its source once that is in the module."""
@@ -1046,8 +1115,15 @@ def _commit_problems(ds: lance.LanceDataset, entries: Mapping[str, Entry]) -> li
         return [Problem("", -1, "", str(err))]
     total = sum(e.nbytes for e in entries.values() if e.tie is None)
     if (summary["num_tensors"], summary["total_bytes"]) != (len(entries), total):
-        return [Problem("", -1, "", f"the commit records {summary['num_tensors']} tensors of "
-                        f"{summary['total_bytes']} bytes; the rows hold {len(entries)} of {total}")]
+        return [
+            Problem(
+                "",
+                -1,
+                "",
+                f"the commit records {summary['num_tensors']} tensors of "
+                f"{summary['total_bytes']} bytes; the rows hold {len(entries)} of {total}",
+            )
+        ]
     return []
 
 
@@ -1068,7 +1144,7 @@ def _gc_select(
     check_format(ds, FORMAT_VERSION)  # refuses a dataset that holds no weights
     all_versions = version_list(ds)
     tagged = {t["version"] for name, t in tag_list(ds).items() if name not in ignore_tags}
-    newest = {v["version"] for v in all_versions[-(keep_last or 1):]}
+    newest = {v["version"] for v in all_versions[-(keep_last or 1) :]}
     now = datetime.now(timezone.utc)
     cutoff = now - older_than if older_than is not None else None
     superseded = {  # when each version stopped being the latest
@@ -1076,10 +1152,11 @@ def _gc_select(
     }
     old = [v for v in all_versions if v["version"] not in newest]
     doomed = [
-        v["version"] for v in old
+        v["version"]
+        for v in old
         if v["version"] not in tagged
         and (candidates is None or v["version"] in candidates)
         and (cutoff is None or _aware(v["timestamp"]) < cutoff)
         and superseded.get(v["version"], now) <= now - grace
-    ]  # fmt: skip
+    ]
     return doomed, sorted(v["version"] for v in old if v["version"] in tagged)

@@ -22,14 +22,29 @@ import xxhash
 # Every dense torch dtype whose bytes round-trip exactly. Names are torch's own
 # (``str(dtype)`` without the ``torch.`` prefix), so a dataset is readable by a person.
 _DTYPE_NAMES = (
-    "float64", "float32", "float16", "bfloat16",
-    "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu",
+    "float64",
+    "float32",
+    "float16",
+    "bfloat16",
+    "float8_e4m3fn",
+    "float8_e4m3fnuz",
+    "float8_e5m2",
+    "float8_e5m2fnuz",
+    "float8_e8m0fnu",
     "float4_e2m1fn_x2",
-    "complex128", "complex64", "complex32",
-    "int64", "int32", "int16", "int8",
-    "uint64", "uint32", "uint16", "uint8",
+    "complex128",
+    "complex64",
+    "complex32",
+    "int64",
+    "int32",
+    "int16",
+    "int8",
+    "uint64",
+    "uint32",
+    "uint16",
+    "uint8",
     "bool",
-)  # fmt: skip
+)
 DTYPES: dict[str, torch.dtype] = {
     n: getattr(torch, n) for n in _DTYPE_NAMES if isinstance(getattr(torch, n, None), torch.dtype)
 }
@@ -100,8 +115,7 @@ def validate_state_dict(state_dict: Mapping[str, object]) -> None:
             )
         if value.layout != torch.strided:
             raise TypeError(
-                f"tensor {key!r} has layout {value.layout}; only dense tensors are stored. "
-                f"Call .to_dense() first."
+                f"tensor {key!r} has layout {value.layout}; only dense tensors are stored. Call .to_dense() first."
             )
         if value.is_quantized:
             raise TypeError(
@@ -195,8 +209,7 @@ class TensorRows:
 def tensor_key(meta: list[Mapping]) -> tuple:
     """Identity of a tensor's stored rows: equal keys mean identical content (dedup)."""
     return tuple(
-        (m["chunk"], m["offset"], m["nbytes"], m["dtype"], tuple(m["shape"]), m["hash"], m["alias"])
-        for m in meta
+        (m["chunk"], m["offset"], m["nbytes"], m["dtype"], tuple(m["shape"]), m["hash"], m["alias"]) for m in meta
     )
 
 

@@ -167,4 +167,4 @@ def subtree_prefix(*keys: str | int) -> str:
 def strip_prefix(tensors: Mapping[str, torch.Tensor], prefix: str) -> OrderedDict[str, torch.Tensor]:
     """The tensors under ``prefix`` with their own names (a flat state dict below the prefix:
     its keys are the original state-dict keys, unescaped)."""
-    return OrderedDict((unquote(k[len(prefix):]), v) for k, v in tensors.items() if k.startswith(prefix))
+    return OrderedDict((unquote(k[len(prefix) :]), v) for k, v in tensors.items() if k.startswith(prefix))

@@ -3,11 +3,11 @@ of tests/test_byteflip.py, run as a child under a memory cap so that an abort is
 
 Usage: byteflip_worker.py SEED CASES WORKDIR. Seeded: case i of seed s flips the same bytes of
 the same file every run (Lance writes a data file's schema metadata in hash order, so a few
-bytes of its footer differ from run to run; the offsets flipped do not). Before each case it prints ``case <i>`` to stderr, so that
-if the process dies the case that killed it is named. At the end it prints one JSON line:
-the number of cases and reads run, how each read ended, and every read that ended other than
-in the data or one of the package's errors ("bad"), or returned other bytes than were saved
-from a verified read ("wrong").
+bytes of its footer differ from run to run; the offsets flipped do not). Before each case it
+prints ``case <i>`` to stderr, so that if the process dies the case that killed it is named.
+At the end it prints one JSON line: the number of cases and reads run, how each read ended,
+and every read that ended other than in the data or one of the package's errors ("bad"), or
+returned other bytes than were saved from a verified read ("wrong").
 """
 
 from __future__ import annotations
@@ -36,9 +36,14 @@ def state(seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     emb = torch.randn(64, 32, generator=g)
     return {
-        "emb": emb, "head": emb, "big": torch.randn(70_000, generator=g), "bias": torch.arange(8),
-        "f16": torch.randn(3, 3, generator=g).half(), "scale": torch.tensor(2.5), "flag": torch.tensor([True, False]),
-    }  # fmt: skip
+        "emb": emb,
+        "head": emb,
+        "big": torch.randn(70_000, generator=g),
+        "bias": torch.arange(8),
+        "f16": torch.randn(3, 3, generator=g).half(),
+        "scale": torch.tensor(2.5),
+        "flag": torch.tensor([True, False]),
+    }
 
 
 def pristine(root: Path) -> dict[str, tuple[Path, list[dict[str, torch.Tensor]]]]:

@@ -18,12 +18,13 @@ import time
 import urllib.request
 from pathlib import Path
 
+import corpus
 import pytest
 
-import corpus
-
 BIN = Path(sys.executable).parent
-ARTIFACTS = Path(os.environ.get("MLFLOW_LANCE_TEST_ARTIFACTS") or Path(__file__).resolve().parent.parent / "test-artifacts")
+ARTIFACTS = Path(
+    os.environ.get("MLFLOW_LANCE_TEST_ARTIFACTS") or Path(__file__).resolve().parent.parent / "test-artifacts"
+)
 _CORPUS_FAILED: list[str] = []
 
 
@@ -80,12 +81,23 @@ def running_mlflow_server(root: Path, artifact_args: list[str], env: dict | None
     with open(root / "server.log", "wb") as log:
         proc = subprocess.Popen(
             [
-                str(BIN / "mlflow"), "server",
-                "--backend-store-uri", backend, *artifact_args,
-                "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            ],  # fmt: skip
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
-        )  # fmt: skip
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                backend,
+                *artifact_args,
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+        )
         url = f"http://127.0.0.1:{port}"
         try:
             wait_http(f"{url}/health", proc, expect=b"OK")
@@ -97,7 +109,9 @@ def running_mlflow_server(root: Path, artifact_args: list[str], env: dict | None
 def _pg_bin(tool: str) -> str:
     found = shutil.which(tool) or next(iter(sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{tool}"), reverse=True)), None)
     if found is None:
-        raise RuntimeError(f"PostgreSQL's {tool} is not installed (apt-get install postgresql); scripts/test.sh does it")
+        raise RuntimeError(
+            f"PostgreSQL's {tool} is not installed (apt-get install postgresql); scripts/test.sh does it"
+        )
     return found
 
 
@@ -114,17 +128,39 @@ def running_postgres():
     if as_root:
         shutil.chown(base, "postgres")
     try:
-        subprocess.run([*run_as, _pg_bin("initdb"), "-D", str(data), "-U", user, "-A", "trust", "--no-sync"],
-                       check=True, capture_output=True)  # fmt: skip
-        subprocess.run([*run_as, _pg_bin("pg_ctl"), "-D", str(data), "-l", str(base / "pg.log"), "-w", "-o",
-                        f"-h 127.0.0.1 -p {port} -k {base} -F", "start"], check=True, capture_output=True)  # fmt: skip
+        subprocess.run(
+            [*run_as, _pg_bin("initdb"), "-D", str(data), "-U", user, "-A", "trust", "--no-sync"],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [
+                *run_as,
+                _pg_bin("pg_ctl"),
+                "-D",
+                str(data),
+                "-l",
+                str(base / "pg.log"),
+                "-w",
+                "-o",
+                f"-h 127.0.0.1 -p {port} -k {base} -F",
+                "start",
+            ],
+            check=True,
+            capture_output=True,
+        )
         try:
-            subprocess.run([*run_as, _pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", user, "mlflow"],
-                           check=True, capture_output=True)  # fmt: skip
+            subprocess.run(
+                [*run_as, _pg_bin("createdb"), "-h", "127.0.0.1", "-p", str(port), "-U", user, "mlflow"],
+                check=True,
+                capture_output=True,
+            )
             yield f"postgresql+psycopg2://{user}@127.0.0.1:{port}/mlflow"
         finally:
-            subprocess.run([*run_as, _pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
-                           capture_output=True)  # fmt: skip
+            subprocess.run(
+                [*run_as, _pg_bin("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                capture_output=True,
+            )
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
@@ -186,8 +222,10 @@ def s3_server(tmp_path_factory):
     log = open(root / "moto.log", "wb")
     proc = subprocess.Popen(
         [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     endpoint = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{endpoint}/moto-api/", proc, timeout=60)
@@ -197,9 +235,13 @@ def s3_server(tmp_path_factory):
             "AWS_SECRET_ACCESS_KEY": "test-secret-for-moto-0123456789",
             "AWS_DEFAULT_REGION": "us-east-1",
         }
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                          aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
-                          aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"])
+        s3 = boto3.client(
+            "s3",
+            endpoint_url=endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=env["AWS_SECRET_ACCESS_KEY"],
+        )
         s3.create_bucket(Bucket="mlflow-team")
         yield {"endpoint": endpoint, "env": env, "client": s3, "bucket": "mlflow-team"}
     finally:

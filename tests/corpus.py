@@ -22,4 +22,9 @@ def report(failed: list[str]) -> dict:
     by_class: dict[str, dict[str, int]] = {}
     for (kind, result), n in sorted(OUTCOMES.items()):
         by_class.setdefault(kind, {})[result] = n
-    return {"cases": sum(OUTCOMES.values()), "failed_tests": len(failed), "failed": failed, "by_class": by_class}
+    return {
+        "cases": sum(OUTCOMES.values()),
+        "failed_tests": len(failed),
+        "failed": failed,
+        "by_class": by_class,
+    }

@@ -10,9 +10,12 @@ class SmallCNN(torch.nn.Module):
     def __init__(self, classes: int = 5):
         super().__init__()
         self.features = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
-            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
-        )  # fmt: skip
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.BatchNorm2d(8),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(2),
+            torch.nn.Flatten(),
+        )
         self.head = torch.nn.Linear(32, classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -29,9 +29,9 @@ import pytest
 import torch
 import yaml
 import zstandard
+from corpus import record
 
 import mlflow_lance as ml
-from corpus import record
 from mlflow_lance import cleanup, format, store
 from mlflow_lance.cli import main as cli
 from mlflow_lance.tensors import hash_bytes
@@ -176,15 +176,23 @@ def test_1_a_manifest_naming_files_outside_makes_gc_delete_nothing_there(tmp_pat
     frags = []
     for f in ds.get_fragments():
         old = f.metadata.files[0]
-        new = DataFile(escape, old.fields, old.column_indices, old.file_major_version, old.file_minor_version,
-                       old.file_size_bytes)  # fmt: skip
+        new = DataFile(
+            escape,
+            old.fields,
+            old.column_indices,
+            old.file_major_version,
+            old.file_minor_version,
+            old.file_size_bytes,
+        )
         frags.append(dataclasses.replace(f.metadata, files=[new]))
         break
     txn = lance.Transaction(ds.version, lance.LanceOperation.Overwrite(ds.schema, frags))
     lance.LanceDataset.commit(str(shared), txn)
     props = dict(ds.read_transaction(ds.version).transaction_properties)  # version 2 again, on top
     good = [f.metadata for f in ds.get_fragments()]
-    txn = lance.Transaction(ds.version + 1, lance.LanceOperation.Overwrite(ds.schema, good), transaction_properties=props)
+    txn = lance.Transaction(
+        ds.version + 1, lance.LanceOperation.Overwrite(ds.schema, good), transaction_properties=props
+    )
     lance.LanceDataset.commit(str(shared), txn)  # the crafted version 3 is now an old one
     age(shared)
     report = store.gc(shared, keep_last=1, grace=timedelta(0))
@@ -226,8 +234,13 @@ def in_subprocess(code: str, timeout: float = 90) -> dict:
     """Run ``code`` in a fresh interpreter (a hang cannot take the test run with it); the JSON
     it prints last. A hang fails the test naming the timeout."""
     try:
-        out = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                             timeout=timeout, env={**os.environ, "PYTHONPATH": str(HERE)})  # fmt: skip
+        out = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONPATH": str(HERE)},
+        )
     except subprocess.TimeoutExpired:
         pytest.fail(f"hung for {timeout:.0f}s")
     assert out.returncode == 0, out.stderr[-3000:]
@@ -252,7 +265,8 @@ def refused_in_time(cases: str, what: str) -> dict:
     got = in_subprocess(f"CASES = {cases}\n" + CALLS)
     for name, result in got.items():
         assert result.startswith(("CorruptionError", "WeightsError", "VersionNotFoundError")) or result in (
-            "returned",), (name, result)  # fmt: skip
+            "returned",
+        ), (name, result)
         record(f"r2-2 {what}", "refused" if result != "returned" else "correct")
     return got
 
@@ -263,14 +277,17 @@ def test_2_a_manifest_that_is_a_fifo_never_hangs(uri_pair):
     manifest.unlink()
     os.mkfifo(manifest)
     u = str(uri)
-    got = refused_in_time(f"""{{
+    got = refused_in_time(
+        f"""{{
         "load": lambda: ml.load_state_dict({u!r}),
         "load verify": lambda: ml.load_state_dict({u!r}, verify=True),
         "verify": lambda: ml.verify({u!r}),
         "versions": lambda: ml.versions({u!r}),
         "cli versions": lambda: main(["versions", {u!r}]) == 2 or 1 / 0,
         "cli verify": lambda: main(["verify", {u!r}]) in (1, 2) or 1 / 0,
-    }}""", "fifo manifest")  # fmt: skip
+    }}""",
+        "fifo manifest",
+    )
     assert "not a regular file" in got["load verify"] and "FIFO" in got["versions"]
 
 
@@ -281,12 +298,15 @@ def test_2_a_tag_file_that_is_a_fifo_never_hangs(uri_pair):
     tag.unlink()
     os.mkfifo(tag)
     u = str(uri)
-    got = refused_in_time(f"""{{
+    got = refused_in_time(
+        f"""{{
         "versions": lambda: ml.versions({u!r}),
         "tags": lambda: ml.tags({u!r}),
         "load a tag": lambda: ml.load_state_dict({u!r}, "best"),
         "cli versions": lambda: main(["versions", {u!r}]) == 2 or 1 / 0,
-    }}""", "fifo tag")  # fmt: skip
+    }}""",
+        "fifo tag",
+    )
     assert all("FIFO" in r for r in got.values() if r != "returned")
 
 
@@ -297,13 +317,18 @@ def test_2_a_model_directory_file_that_is_a_fifo_never_hangs(tmp_path, which):
     (path / which).unlink()
     os.mkfifo(path / which)
     p = str(path)
-    got = refused_in_time(f"""{{
+    got = refused_in_time(
+        f"""{{
         "load_model untrusted": lambda: ml.load_model({p!r}, allow_pickle=False),
         "load_model": lambda: ml.load_model({p!r}),
         "load_state_dict": lambda: ml.load_state_dict({p!r}),
-    }}""", "fifo model file")  # fmt: skip
+    }}""",
+        "fifo model file",
+    )
     assert "not a regular file" in got["load_model untrusted"] and "not a regular file" in got["load_model"], got
-    assert got["load_state_dict"] == "returned" if which == "MLmodel" else "not a regular file" in got["load_state_dict"]
+    assert (
+        got["load_state_dict"] == "returned" if which == "MLmodel" else "not a regular file" in got["load_state_dict"]
+    )
 
 
 @pytest.fixture
@@ -325,7 +350,7 @@ def peak_rss_growth(code: str) -> dict:
         {textwrap.indent(textwrap.dedent(code), " " * 8).strip()}
         grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
         print(json.dumps({{"out": out, "grown_mb": grown}}))
-    """)  # fmt: skip
+    """)
 
 
 def chunked_index(uri: Path, chunks: int) -> None:
@@ -337,11 +362,26 @@ def chunked_index(uri: Path, chunks: int) -> None:
     first = doc["rows"][0]  # w: 64 x 64 float32 in one 16 KiB row
     size = first[3] // 4
     n = len(store.META_COLUMNS)
-    fake = [[first[0], i, i * size, size * chunks, "float32", [size * chunks // 4], first[6], None, first[n], size]
-            for i in range(chunks)]  # fmt: skip
+    fake = [
+        [
+            first[0],
+            i,
+            i * size,
+            size * chunks,
+            "float32",
+            [size * chunks // 4],
+            first[6],
+            None,
+            first[n],
+            size,
+        ]
+        for i in range(chunks)
+    ]
     doc["rows"] = fake + doc["rows"][1:]
     doc["fragments"][0][2] = chunks
-    doc["properties"]["mlflow_lance.rows"] = format.rows_digest(dict(zip(store.META_COLUMNS, r[:n])) for r in doc["rows"])
+    doc["properties"]["mlflow_lance.rows"] = format.rows_digest(
+        dict(zip(store.META_COLUMNS, r[:n])) for r in doc["rows"]
+    )
     path.write_text(json.dumps(doc))
 
 
@@ -351,7 +391,7 @@ def test_4_an_index_whose_chunks_all_point_at_the_same_bytes_allocates_nothing(u
     got = peak_rss_growth(f"""
         sd = ml.load_state_dict({str(uri)!r})
         out = {{k: list(v.shape) for k, v in sd.items()}}
-    """)  # fmt: skip
+    """)
     assert got["out"] == {k: list(v.shape) for k, v in sd.items()}  # the real rows, decoded instead
     assert got["grown_mb"] < 40, got
     record("r2-4 amplification", "correct")
@@ -376,8 +416,13 @@ def test_4_a_zstd_chunk_claiming_256_MiB_from_8_KiB_is_refused(tmp_path, monkeyp
 def test_4_our_own_zstd_chunks_stay_within_the_ratio_and_round_trip(tmp_path):
     """A save of all-zero tensors keeps every chunk within the ratio a load accepts."""
     uri = tmp_path / "z.lance"
-    sd = {"zeros": torch.zeros(1 << 20), "ones": torch.ones(70_000, dtype=torch.float16), "r": torch.randn(100),
-          "empty": torch.zeros(0), "big": torch.zeros(3, 1 << 20)}  # fmt: skip
+    sd = {
+        "zeros": torch.zeros(1 << 20),
+        "ones": torch.ones(70_000, dtype=torch.float16),
+        "r": torch.randn(100),
+        "empty": torch.zeros(0),
+        "big": torch.zeros(3, 1 << 20),
+    }
     ml.save_state_dict(sd, uri, compression="zstd")
     got = ml.load_state_dict(uri, verify=True)
     assert all(torch.equal(got[k], sd[k]) for k in sd) and ml.verify(uri).ok
@@ -387,8 +432,12 @@ def test_4_our_own_zstd_chunks_stay_within_the_ratio_and_round_trip(tmp_path):
 
 def test_4_a_factory_with_crafted_shapes_is_refused_before_it_allocates(tmp_path):
     path = tmp_path / "model"
-    ml.save_model(torch.nn.Linear(4, 2), str(path), model_factory="torch.nn:Linear",
-                  factory_kwargs={"in_features": 4, "out_features": 2})  # fmt: skip
+    ml.save_model(
+        torch.nn.Linear(4, 2),
+        str(path),
+        model_factory="torch.nn:Linear",
+        factory_kwargs={"in_features": 4, "out_features": 2},
+    )
     mlmodel = yaml.safe_load((path / "MLmodel").read_text())
     mlmodel["flavors"]["mlflow_lance"]["factory_kwargs"] = {"in_features": 8192, "out_features": 8192}
     (path / "MLmodel").write_text(yaml.safe_dump(mlmodel))
@@ -398,7 +447,7 @@ def test_4_a_factory_with_crafted_shapes_is_refused_before_it_allocates(tmp_path
             out = "loaded"
         except RuntimeError as err:
             out = str(err)
-    """)  # fmt: skip
+    """)
     assert "size mismatch for weight" in got["out"] and got["grown_mb"] < 64, got
     record("r2-4 amplification", "refused")
 
@@ -486,8 +535,15 @@ def test_6_a_manifest_or_tag_linked_out_of_the_dataset_is_refused(uri_pair, tmp_
 # --------------------------------------------------------------------------- 8: errors that name the problem
 
 
-@pytest.mark.parametrize("text", [b"\x00\x01binary", b"lance_uri: [unclosed", b"lance_uri: x\nlance_version: "
-                                  + str(10**30).encode(), b"lance_uri: 7\nlance_version: -1"])  # fmt: skip
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"\x00\x01binary",
+        b"lance_uri: [unclosed",
+        b"lance_uri: x\nlance_version: " + str(10**30).encode(),
+        b"lance_uri: 7\nlance_version: -1",
+    ],
+)
 def test_8_a_malformed_pointer_is_a_corruption_error_naming_it(tmp_path, text):
     path = tmp_path / "model"
     ml.save_model(torch.nn.Linear(2, 2), str(path))
@@ -497,8 +553,9 @@ def test_8_a_malformed_pointer_is_a_corruption_error_naming_it(tmp_path, text):
     record("r2-8 error", "refused")
 
 
-@pytest.mark.parametrize("edit", ["no architecture", "two architectures", "skeleton not a string",
-                                  "no flavor", "not a mapping"])  # fmt: skip
+@pytest.mark.parametrize(
+    "edit", ["no architecture", "two architectures", "skeleton not a string", "no flavor", "not a mapping"]
+)
 def test_8_a_malformed_mlmodel_is_a_corruption_error_naming_it(tmp_path, edit):
     path = tmp_path / "model"
     ml.save_model(torch.nn.Linear(2, 2), str(path))
@@ -528,11 +585,23 @@ def test_8_a_crafted_checkpoint_gives_a_clear_error(tmp_path, rng):
     path = tmp_path / "model"
     net = torch.nn.Linear(2, 2)
     ml.save_model(net, str(path))
-    good = {"torch": torch.get_rng_state(), "numpy": {"kind": "MT19937", "keys": torch.zeros(624, dtype=torch.int64),
-            "pos": 0, "has_gauss": 0, "cached": 0.0}, "python": {"version": 3, "internal": [0] * 625,
-            "gauss_next": None}}  # fmt: skip
-    state = {"missing": None, "a string": "x", "wrong keys": {"torch": good["torch"]},
-             "wrong sizes": {**good, "numpy": {**good["numpy"], "keys": torch.zeros(3, dtype=torch.int64)}}}[rng]
+    good = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": "MT19937",
+            "keys": torch.zeros(624, dtype=torch.int64),
+            "pos": 0,
+            "has_gauss": 0,
+            "cached": 0.0,
+        },
+        "python": {"version": 3, "internal": [0] * 625, "gauss_next": None},
+    }
+    state = {
+        "missing": None,
+        "a string": "x",
+        "wrong keys": {"torch": good["torch"]},
+        "wrong sizes": {**good, "numpy": {**good["numpy"], "keys": torch.zeros(3, dtype=torch.int64)}},
+    }[rng]
     tree = {"model": {k: v.detach().clone() for k, v in net.state_dict().items()}, "step": 3}
     if state is not None:
         tree["rng"] = state
@@ -612,11 +681,14 @@ def test_2_a_deletion_file_that_is_a_fifo_never_hangs(tmp_path):
     victim.unlink()
     os.mkfifo(victim)
     u = str(uri)
-    got = refused_in_time(f"""{{
+    got = refused_in_time(
+        f"""{{
         "load": lambda: ml.load_state_dict({u!r}),
         "versions": lambda: ml.versions({u!r}),
         "verify": lambda: ml.verify({u!r}),
-    }}""", "fifo deletion file")  # fmt: skip
+    }}""",
+        "fifo deletion file",
+    )
     assert "FIFO" in got["load"]
 
 
@@ -626,8 +698,9 @@ def test_4_a_sidecar_of_aliases_is_refused_at_once(tmp_path):
     uri = tmp_path / "runs.lance"
     ml.save_state_dict({"w": torch.ones(4)}, uri, properties={"mlflow.run_id": "r1"})
     fan = "d: &d {}\nL: &L [" + ",".join(["*d"] * 30000) + "]\nruns: {" + ",".join(f"k{i}: *L" for i in range(30000))
-    (tmp_path / "runs.lance.yaml").write_text("lance_latest_version: 1\nlogged_models: {}\nregistered_models: {}\n"
-                                              "pins: {}\n" + fan + "}\n")  # fmt: skip
+    (tmp_path / "runs.lance.yaml").write_text(
+        "lance_latest_version: 1\nlogged_models: {}\nregistered_models: {}\npins: {}\n" + fan + "}\n"
+    )
     started = time.monotonic()
     assert torch.equal(ml.load_state_dict(uri, run_id="r1")["w"], torch.ones(4))
     assert time.monotonic() - started < 10
@@ -639,8 +712,13 @@ def test_4_a_docs_example_row_claiming_a_shape_it_does_not_hold_allocates_nothin
     import pyarrow as pa
 
     uri = tmp_path / "seed.lance"
-    table = pa.table({"name": ["w"], "value": pa.array([[1.0, 2.0]], pa.list_(pa.float64())),
-                      "shape": pa.array([shape], pa.list_(pa.int64()))})  # fmt: skip
+    table = pa.table(
+        {
+            "name": ["w"],
+            "value": pa.array([[1.0, 2.0]], pa.list_(pa.float64())),
+            "shape": pa.array([shape], pa.list_(pa.int64())),
+        }
+    )
     lance.write_dataset(table, str(uri))
     with pytest.raises(ml.CorruptionError, match="holds 2 values"):
         ml.load_state_dict(uri)
@@ -680,21 +758,33 @@ def test_8_a_crafted_checkpoint_spec_in_the_index_is_a_corruption_error(tmp_path
 def test_8_rng_and_optimizer_hyperparameters_of_the_wrong_kind_are_refused(tmp_path):
     from mlflow_lance.checkpoint import load_checkpoint, set_rng_state
 
-    good = {"torch": torch.get_rng_state(), "numpy": {"kind": "MT19937", "keys": torch.zeros(624, dtype=torch.int64),
-            "pos": 0, "has_gauss": 0, "cached": 10**400}, "python": {"version": 3, "internal": [0] * 625,
-            "gauss_next": None}}  # fmt: skip
+    good = {
+        "torch": torch.get_rng_state(),
+        "numpy": {
+            "kind": "MT19937",
+            "keys": torch.zeros(624, dtype=torch.int64),
+            "pos": 0,
+            "has_gauss": 0,
+            "cached": 10**400,
+        },
+        "python": {"version": 3, "internal": [0] * 625, "gauss_next": None},
+    }
     with pytest.raises(ml.CorruptionError, match="rng state is malformed"):
         set_rng_state(good)
     path = tmp_path / "model"
     net = torch.nn.Linear(2, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)
     ml.save_model(net, str(path))
-    named = {"state": {}, "param_groups": [{**opt.state_dict()["param_groups"][0], "lr": "x",
-                                            "params": ["weight", "bias"]}]}  # fmt: skip
-    info = ml.save_state_dict({"model": dict(net.state_dict()), "step": 1, "optimizer": named},
-                              path / "data" / "weights.lance")  # fmt: skip
-    (path / "data" / "lance.yaml").write_text(yaml.safe_dump({"lance_uri": "weights.lance",
-                                                              "lance_version": info.version}))  # fmt: skip
+    named = {
+        "state": {},
+        "param_groups": [{**opt.state_dict()["param_groups"][0], "lr": "x", "params": ["weight", "bias"]}],
+    }
+    info = ml.save_state_dict(
+        {"model": dict(net.state_dict()), "step": 1, "optimizer": named}, path / "data" / "weights.lance"
+    )
+    (path / "data" / "lance.yaml").write_text(
+        yaml.safe_dump({"lance_uri": "weights.lance", "lance_version": info.version})
+    )
     with pytest.raises(ml.CorruptionError, match=r"hyperparameters \['lr'\]"):
         load_checkpoint(str(path), net, opt, restore_rng=False)
     assert opt.param_groups[0]["lr"] == 0.1
@@ -707,7 +797,7 @@ def test_4_an_index_of_tiny_objects_is_not_parsed(uri_pair):
     path.write_text('{"index_format":2,"version":2,"rows":[' + ",".join(["{}"] * ((15 << 20) // 3)) + "]}")
     got = peak_rss_growth(f"""
         out = sorted(ml.load_state_dict({str(uri)!r}))
-    """)  # fmt: skip
+    """)
     assert got["out"] == sorted(sd) and got["grown_mb"] < 100, got
     record("r2-4 amplification", "correct")
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from corpus import record
 
 import mlflow_lance as ml
-from corpus import record
 
 HERE = Path(__file__).resolve().parent
 SEED = int(os.environ.get("MLFLOW_LANCE_BYTEFLIP_SEED", "20261204"))
@@ -26,8 +26,15 @@ CAP = 6 << 30  # address space: the interpreter with torch and Lance takes ~2.5 
 
 
 def test_flipped_bytes_end_in_data_or_a_clear_error_never_an_abort(tmp_path):
-    cmd = ["prlimit", f"--as={CAP}", sys.executable, str(HERE / "byteflip_worker.py"), str(SEED), str(CASES),
-           str(tmp_path)]  # fmt: skip
+    cmd = [
+        "prlimit",
+        f"--as={CAP}",
+        sys.executable,
+        str(HERE / "byteflip_worker.py"),
+        str(SEED),
+        str(CASES),
+        str(tmp_path),
+    ]
     try:
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     except subprocess.TimeoutExpired as err:

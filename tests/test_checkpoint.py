@@ -27,8 +27,13 @@ ARTIFACTS = HERE.parent / "test-artifacts"
 
 
 def worker(*args: str, env: dict) -> dict:
-    out = subprocess.run([sys.executable, str(HERE / "train_worker.py"), *args], capture_output=True, text=True,
-                         timeout=300, env={**os.environ, **env})  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, str(HERE / "train_worker.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, **env},
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -96,11 +101,21 @@ def test_retention_keeps_the_last_and_the_best_and_gc_reclaims_the_rest(tracking
         infos = []
         for step, loss in enumerate(losses, 1):
             step_once(model, opt)
-            infos.append(ml.log_checkpoint(model, opt, step=step, metrics={"val_loss": loss},
-                                           keep_last=1, keep_best=("val_loss", "min", 2)))  # fmt: skip
+            infos.append(
+                ml.log_checkpoint(
+                    model,
+                    opt,
+                    step=step,
+                    metrics={"val_loss": loss},
+                    keep_last=1,
+                    keep_best=("val_loss", "min", 2),
+                )
+            )
             if step == 3:
                 mlflow.register_model(infos[-1].model_uri, "kept-checkpoint")  # registered: never deleted
-    live = sorted(int(m.tags[checkpoint._STEP_TAG]) for m in checkpoint._checkpoints(client, run.info.run_id, "checkpoint"))
+    live = sorted(
+        int(m.tags[checkpoint._STEP_TAG]) for m in checkpoint._checkpoints(client, run.info.run_id, "checkpoint")
+    )
     assert live == [2, 3, 4, 6]
     uri = infos[0].lance_uri
     before = {v.version for v in ml.versions(uri)}
@@ -126,7 +141,9 @@ def test_frozen_parameters_cost_nothing_after_the_first_checkpoint(tracking):
             opt.step()
             opt.zero_grad()
             ckpt = ml.log_checkpoint(model, opt, step=step)
-            written.append(next(v for v in ml.versions(ckpt.lance_uri) if v.version == ckpt.lance_version).bytes_written)
+            written.append(
+                next(v for v in ml.versions(ckpt.lance_uri) if v.version == ckpt.lance_version).bytes_written
+            )
     backbone_bytes = sum(p.numel() * p.element_size() for p in backbone.parameters())
     assert written[0] > backbone_bytes
     for w in written[1:]:  # the head, its two Adam moments, step counters, RNG states: no backbone
@@ -147,8 +164,12 @@ def test_sigkill_during_async_writes_loses_no_earlier_checkpoint(tracking):
     trials = checked = 0
     client = MlflowClient()
     for _ in range(20):
-        proc = subprocess.Popen([sys.executable, str(HERE / "train_worker.py"), "crash"], stdout=subprocess.PIPE,
-                                text=True, env=env)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, str(HERE / "train_worker.py"), "crash"],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
         run_id = _first_json(proc.stdout)["run_id"]
         time.sleep(rng.uniform(0.3, 3.0))
         proc.send_signal(signal.SIGKILL)
@@ -156,8 +177,9 @@ def test_sigkill_during_async_writes_loses_no_earlier_checkpoint(tracking):
         trials += 1
         for m in checkpoint._checkpoints(client, run_id, "checkpoint"):  # every finished one loads exactly
             step = int(m.tags[checkpoint._STEP_TAG])
-            model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-                                        torch.nn.Linear(32, 1))  # fmt: skip
+            model = torch.nn.Sequential(
+                torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(32, 1)
+            )
             state = ml.load_checkpoint(f"models:/{m.model_id}", model, restore_rng=False)
             assert state["step"] == step and torch.equal(model[0].weight, torch.full((32, 8), float(step)))
             conf = ml.load_state_dict(f"models:/{m.model_id}")
@@ -171,7 +193,11 @@ def test_sigkill_during_async_writes_loses_no_earlier_checkpoint(tracking):
     ARTIFACTS.mkdir(exist_ok=True)
     path = ARTIFACTS / "reliability.json"
     report = json.loads(path.read_text()) if path.exists() else {}
-    report["async_checkpoint_kills"] = {"trials": trials, "checkpoints_checked": checked, "lost_or_corrupt": 0}
+    report["async_checkpoint_kills"] = {
+        "trials": trials,
+        "checkpoints_checked": checked,
+        "lost_or_corrupt": 0,
+    }
     path.write_text(json.dumps(report, indent=2, sort_keys=True))
 
 
@@ -180,8 +206,13 @@ def test_review_findings_hold(tracking, tmp_path, capsys):
     NaN never outranks a real metric; gc --all finds run checkpoint datasets; tied weights are
     staged once; the CLI exports a checkpoint version as flat tensors."""
     model, _ = small(3)
-    opt = torch.optim.SGD([{"params": [model[0].weight, model[1].weight], "lr": 0.1},
-                           {"params": [model[0].bias, model[1].bias], "lr": 0.5}], momentum=0.9)  # fmt: skip
+    opt = torch.optim.SGD(
+        [
+            {"params": [model[0].weight, model[1].weight], "lr": 0.1},
+            {"params": [model[0].bias, model[1].bias], "lr": 0.5},
+        ],
+        momentum=0.9,
+    )
     step_once(model, opt)
     with mlflow.start_run() as run:
         first = ml.log_checkpoint(model, opt, step=1, metrics={"loss": 0.1}, keep_best=("loss", "min", 1))
@@ -190,8 +221,13 @@ def test_review_findings_hold(tracking, tmp_path, capsys):
     live = {m.model_id for m in checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint")}
     assert first.model_id in live and third.model_id in live and second.model_id not in live
     fresh, _ = small(4)  # the same parameters, grouped and ordered differently
-    opt2 = torch.optim.SGD([{"params": [fresh[1].bias, fresh[0].bias], "lr": 0.5},
-                            {"params": [fresh[1].weight, fresh[0].weight], "lr": 0.1}], momentum=0.9)  # fmt: skip
+    opt2 = torch.optim.SGD(
+        [
+            {"params": [fresh[1].bias, fresh[0].bias], "lr": 0.5},
+            {"params": [fresh[1].weight, fresh[0].weight], "lr": 0.1},
+        ],
+        momentum=0.9,
+    )
     ml.load_checkpoint(first.model_uri, fresh, opt2, restore_rng=False)
     by_param = {p: opt.state[q]["momentum_buffer"] for p, q in zip(fresh.parameters(), model.parameters())}
     for p, buf in by_param.items():

@@ -39,7 +39,9 @@ def test_help_shows_an_example_for_every_command():
     out = subprocess.run([str(BIN / "mlflow-lance"), "--help"], capture_output=True, text=True, check=True).stdout
     for command in EXAMPLES:
         assert command in out
-        sub = subprocess.run([str(BIN / "mlflow-lance"), command, "--help"], capture_output=True, text=True, check=True).stdout
+        sub = subprocess.run(
+            [str(BIN / "mlflow-lance"), command, "--help"], capture_output=True, text=True, check=True
+        ).stdout
         assert "example:" in sub and f"mlflow-lance {command}" in sub
 
 

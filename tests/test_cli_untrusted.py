@@ -72,16 +72,24 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 def raw_commit(uri: Path, fragments: list, props: dict[str, str]) -> int:
     """A Lance commit of ``fragments`` with exactly these transaction properties."""
     ds = lance.dataset(str(uri))
-    txn = lance.Transaction(ds.version, lance.LanceOperation.Overwrite(ds.schema, fragments),
-                            transaction_properties=props)  # fmt: skip
+    txn = lance.Transaction(
+        ds.version, lance.LanceOperation.Overwrite(ds.schema, fragments), transaction_properties=props
+    )
     return lance.LanceDataset.commit(str(uri), txn).version
 
 
 def tensor_row(name: str, t: torch.Tensor) -> tuple[dict, memoryview]:
     payload = t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    meta = {"name": name, "chunk": 0, "offset": 0, "nbytes": len(payload), "shape": list(t.shape),
-            "dtype": str(t.dtype).removeprefix("torch."), "hash": hash_bytes(payload),
-            "alias": None}  # fmt: skip
+    meta = {
+        "name": name,
+        "chunk": 0,
+        "offset": 0,
+        "nbytes": len(payload),
+        "shape": list(t.shape),
+        "dtype": str(t.dtype).removeprefix("torch."),
+        "hash": hash_bytes(payload),
+        "alias": None,
+    }
     return meta, memoryview(payload)
 
 
@@ -94,16 +102,25 @@ def hostile_dataset(uri: Path) -> Path:
     ds = lance.dataset(str(uri))
     props = dict(ds.read_transaction(ds.version).transaction_properties)
     message = f"second {EVIL}\nfake line\tx"
-    props.update({"mlflow_lance.message": message, "lance.commit.message": message,
-                  "mlflow_lance.properties": json.dumps({"mlflow.run_id": "run" + EVIL}),
-                  "mlflow_lance.changed": json.dumps(["b" + EVIL])})  # fmt: skip
+    props.update(
+        {
+            "mlflow_lance.message": message,
+            "lance.commit.message": message,
+            "mlflow_lance.properties": json.dumps({"mlflow.run_id": "run" + EVIL}),
+            "mlflow_lance.changed": json.dumps(["b" + EVIL]),
+        }
+    )
     raw_commit(uri, [f.metadata for f in ds.get_fragments()], props)
-    rows = [tensor_row("w", torch.ones(4)), tensor_row("x" + EVIL, torch.ones(3)),
-            tensor_row(FAKE_LINE, torch.arange(2))]  # fmt: skip
+    rows = [
+        tensor_row("w", torch.ones(4)),
+        tensor_row("x" + EVIL, torch.ones(3)),
+        tensor_row(FAKE_LINE, torch.arange(2)),
+    ]
     schema = lance.dataset(str(uri)).schema
     reader = pa.RecordBatchReader.from_batches(schema, (rows_batch(schema, m, p) for m, p in rows))
-    frags = write_fragments(reader, str(uri), schema=schema, mode="append", max_rows_per_file=1,
-                            data_storage_version="2.0")  # fmt: skip
+    frags = write_fragments(
+        reader, str(uri), schema=schema, mode="append", max_rows_per_file=1, data_storage_version="2.0"
+    )
     assert raw_commit(uri, frags, {}) == 3
     return uri
 
@@ -183,8 +200,13 @@ def test_every_command_escapes_what_a_hostile_dataset_holds(capsys, hostile, lis
     code, out, _ = run(capsys, "sync", "--all")
     assert (code, out) == (0, f"{shown_listed}: 0 runs; pinned nothing new; unpinned nothing\n")
 
-    for command in (["versions", uri], ["diff", uri, "1", "3"], ["verify", uri], ["gc", "--all", "--dry-run",
-                    "--keep-last", "1"], ["sync", "--all"]):  # fmt: skip
+    for command in (
+        ["versions", uri],
+        ["diff", uri, "1", "3"],
+        ["verify", uri],
+        ["gc", "--all", "--dry-run", "--keep-last", "1"],
+        ["sync", "--all"],
+    ):
         code, out, _ = run(capsys, *command, "--json")
         assert code in (0, 1) and out.isascii() and "\\u009b" in out and json.loads(out)
     versions = json.loads(run(capsys, "versions", uri, "--json")[1])
@@ -203,14 +225,18 @@ def test_the_installed_command_writes_no_raw_escape(hostile, listed, tmp_path):
     """The same commands as a real process: the bytes on its stdout and stderr."""
     uri = str(hostile)
     commands = {
-        ("versions", uri): 0, ("versions", uri, "--json"): 0, ("diff", uri, "1", "3"): 0, ("verify", uri): 1,
-        ("export", uri, str(tmp_path / "o.safetensors")): 2, ("tag", uri, "t", "1"): 0,
-        ("gc", "--all", "--dry-run", "--keep-last", "1"): 0, ("sync", "--all"): 0,
+        ("versions", uri): 0,
+        ("versions", uri, "--json"): 0,
+        ("diff", uri, "1", "3"): 0,
+        ("verify", uri): 1,
+        ("export", uri, str(tmp_path / "o.safetensors")): 2,
+        ("tag", uri, "t", "1"): 0,
+        ("gc", "--all", "--dry-run", "--keep-last", "1"): 0,
+        ("sync", "--all"): 0,
         ("versions", str(tmp_path / f"{EVIL}.lance")): 2,  # Lance quotes the path it refuses
-    }  # fmt: skip
+    }
     for argv, expected in commands.items():
-        proc = subprocess.run([str(BIN / "mlflow-lance"), *argv], capture_output=True, timeout=300,
-                              check=False)  # fmt: skip
+        proc = subprocess.run([str(BIN / "mlflow-lance"), *argv], capture_output=True, timeout=300, check=False)
         assert proc.returncode == expected, (argv, proc.stderr[-3000:])
         assert_clean(proc.stdout)
         assert_clean(proc.stderr)
@@ -238,11 +264,13 @@ def test_errors_quoting_a_path_or_a_tag_file_are_escaped(capsys, tmp_path):
 
 
 BAD_TAG_FILES = {  # a tag file's content, what Lance (through Rust's Debug escaping) says of it
-    "a version that is a hostile string": (json.dumps({"version": "v" + EVIL, "manifestSize": 1}),
-                                           "\\u{1b}[2J\\u{1b}]52;c;ZXZpbA==\\u{7}\\u{7}\\u{9b}31m\\u{7f}\\u{202e}"),
+    "a version that is a hostile string": (
+        json.dumps({"version": "v" + EVIL, "manifestSize": 1}),
+        "\\u{1b}[2J\\u{1b}]52;c;ZXZpbA==\\u{7}\\u{7}\\u{9b}31m\\u{7f}\\u{202e}",
+    ),
     "no version": ("{}", "missing field `version`"),
     "not JSON": ("not json", "expected ident"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(BAD_TAG_FILES))
@@ -348,11 +376,13 @@ TORCH_FILES = {  # the file's bytes (built at test time), what the error says
     "code": (lambda: torch_file({"w": Evil()}), "refused it (Trying to load unsupported GLOBAL posix.system"),
     "garbage": (lambda: b"garbage data, not a pickle", "weights_only=True) refused it (Unsupported operand"),
     "empty": (lambda: b"", "is not a readable torch checkpoint: EOFError"),
-    "truncated zip": (lambda: torch_file({"w": torch.ones(8)}, 100),
-                      "is not a readable torch checkpoint: RuntimeError: PytorchStreamReader"),
+    "truncated zip": (
+        lambda: torch_file({"w": torch.ones(8)}, 100),
+        "is not a readable torch checkpoint: RuntimeError: PytorchStreamReader",
+    ),
     "not a dict": (lambda: torch_file([torch.ones(1)]), "holds a list, not a state dict"),
     "a key save refuses": (lambda: torch_file({"w" + EVIL: torch.ones(1)}), "holds control characters"),
-}  # fmt: skip
+}
 
 
 @pytest.mark.parametrize("case", sorted(TORCH_FILES))
@@ -449,8 +479,7 @@ def test_a_pickle_error_names_the_file_even_when_torch_says_little(capsys, tmp_p
         (["gc", "{uri}", "--keep-last", "0"], 2, "keep_last must be >= 1"),
     ],
 )
-def test_arguments_out_of_range_are_refused_with_a_message(capsys, private_tracking, tmp_path, argv, code,
-                                                           message):  # fmt: skip
+def test_arguments_out_of_range_are_refused_with_a_message(capsys, private_tracking, tmp_path, argv, code, message):
     uri = tmp_path / "w.lance"
     ml.save_state_dict({"w": torch.ones(2)}, uri)
     argv = [a.format(uri=uri) for a in argv]

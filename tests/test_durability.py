@@ -39,9 +39,25 @@ def traced(tmp_path: Path, env: dict) -> tuple[list[str], list]:
     out = tmp_path / "trace.txt"
     env = {**env, "SECOND_SAVE_MARKER": str(tmp_path / "second-save-starts")}
     done = subprocess.run(
-        ["strace", "-f", "-yy", "-s", "0", "-e", f"trace={CALLS}", "-o", str(out), sys.executable, "-c",
-         textwrap.dedent(SCRIPT)], env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+        [
+            "strace",
+            "-f",
+            "-yy",
+            "-s",
+            "0",
+            "-e",
+            f"trace={CALLS}",
+            "-o",
+            str(out),
+            sys.executable,
+            "-c",
+            textwrap.dedent(SCRIPT),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     import json
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 import torch
 from mlflow import MlflowClient
+from model_zoo import SmallCNN, TwoInputs, tiny_gpt2, trained
 
 import mlflow_lance as ml
 from conftest import BIN, free_port, stop, wait_http
-from model_zoo import SmallCNN, TwoInputs, tiny_gpt2, trained
 
 HERE = Path(__file__).resolve().parent
 ZOO = [str(HERE / "model_zoo.py")]
@@ -33,9 +33,12 @@ def predict(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 def in_fresh_process(code: str) -> dict:
     """Run code in a new interpreter (same environment) and return the JSON it prints last."""
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=300,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "PYTHONPATH": str(HERE)},
-    )  # fmt: skip
+    )
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -47,8 +50,7 @@ def test_every_model_uri_loads_the_version_its_run_logged(tracking):
     for seed in (1, 2):  # two versions: each URI must find its own
         model = trained(SmallCNN(), seed)
         with mlflow.start_run() as run:
-            info = ml.log_model(model, name="model", registered_model_name=name, code_paths=ZOO,
-                                input_example=IMAGES)
+            info = ml.log_model(model, name="model", registered_model_name=name, code_paths=ZOO, input_example=IMAGES)
         runs.append((run.info.run_id, info, predict(model, IMAGES)))
     (run1, info1, want1), (run2, info2, want2) = runs
     assert int(info1.registered_model_version) == 1 and int(info2.registered_model_version) == 2
@@ -155,16 +157,30 @@ def test_models_serve_answers_invocations(tracking):
     MlflowClient().set_registered_model_alias("cnn-serve", "live", "1")
     port = free_port()
     proc = subprocess.Popen(
-        [str(BIN / "mlflow"), "models", "serve", "-m", "models:/cnn-serve@live", "--env-manager", "local",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(BIN / "mlflow"),
+            "models",
+            "serve",
+            "-m",
+            "models:/cnn-serve@live",
+            "--env-manager",
+            "local",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
         env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"},  # its uvicorn
-    )  # fmt: skip
+    )
     try:
         wait_http(f"http://127.0.0.1:{port}/ping", proc, timeout=120)
         body = json.dumps({"inputs": IMAGES.tolist()}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=body,
-                                     headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as r:
             got = np.array(json.loads(r.read())["predictions"], dtype="float32")
     finally:
@@ -212,8 +228,14 @@ def test_skeleton_size_does_not_grow_with_the_weights(tmp_path):
 def test_model_factory_loads_without_pickle(tracking, monkeypatch):
     model = trained(SmallCNN(classes=5), 10)
     with mlflow.start_run():
-        ml.log_model(model, name="model", registered_model_name="cnn-factory",
-                     model_factory="model_zoo:SmallCNN", factory_kwargs={"classes": 5}, code_paths=ZOO)
+        ml.log_model(
+            model,
+            name="model",
+            registered_model_name="cnn-factory",
+            model_factory="model_zoo:SmallCNN",
+            factory_kwargs={"classes": 5},
+            code_paths=ZOO,
+        )
     monkeypatch.setenv("MLFLOW_ALLOW_PICKLE_DESERIALIZATION", "false")
     loaded = ml.load_model("models:/cnn-factory/1")
     assert torch.equal(loaded.head.weight, model.head.weight)
@@ -232,8 +254,13 @@ def test_bad_input_to_log_model_writes_nothing(tracking):
         with pytest.raises(ValueError, match="package.module:callable"):
             ml.log_model(SmallCNN(), name="model", registered_model_name="bad", model_factory="nocolon")
         with pytest.raises(ValueError, match="JSON"):
-            ml.log_model(SmallCNN(), name="model", registered_model_name="bad",
-                         model_factory="model_zoo:SmallCNN", factory_kwargs={"x": object()})
+            ml.log_model(
+                SmallCNN(),
+                name="model",
+                registered_model_name="bad",
+                model_factory="model_zoo:SmallCNN",
+                factory_kwargs={"x": object()},
+            )
     root = Path(os.environ["MLFLOW_LANCE_ROOT"])
     assert not list(root.rglob("*.lance"))
     assert MlflowClient().search_model_versions("name='bad'") == []

@@ -15,8 +15,9 @@ from mlflow_lance import fs
 def python(code: str) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter that imports this checkout's mlflow_lance."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env,
-                          check=False)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env, check=False
+    )
 
 
 def test_local_path_of_plain_paths_and_file_uris(tmp_path):
@@ -81,8 +82,10 @@ def test_read_text_limits_and_what_reads_as_missing(tmp_path):
 def test_read_refuses_fifos_without_blocking(tmp_path):
     fifo = tmp_path / "fifo"
     os.mkfifo(fifo)
-    out = python(f"from mlflow_lance import fs; print(fs.read_text({str(fifo)!r}, limit=9), "
-                 f"fs.read_bytes({str(fifo)!r}, limit=9))")  # a child: a read that blocks times out
+    out = python(
+        f"from mlflow_lance import fs; print(fs.read_text({str(fifo)!r}, limit=9), "
+        f"fs.read_bytes({str(fifo)!r}, limit=9))"
+    )  # a child: a read that blocks times out
     assert out.stdout.strip() == "None None", out.stderr
 
 
@@ -107,6 +110,5 @@ def test_list_dirs_lists_only_directories(tmp_path):
 
 
 def test_importing_fs_imports_neither_lance_nor_mlflow_nor_pyarrow():
-    out = python("import sys, mlflow_lance.fs; "
-                 "print([m for m in ('lance', 'mlflow', 'pyarrow') if m in sys.modules])")
+    out = python("import sys, mlflow_lance.fs; print([m for m in ('lance', 'mlflow', 'pyarrow') if m in sys.modules])")
     assert out.stdout.strip() == "[]", out.stderr

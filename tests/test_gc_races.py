@@ -26,8 +26,15 @@ NOW = timedelta(0)
 
 # Where gc reads MLflow or changes pins, in its order: a registry operation is made right
 # before the n-th such call (see lifecycle.plan for why the order keeps every reference).
-STEPS = [(lifecycle, "plan"), (store, "versions"), (MlflowClient, "get_logged_model"),
-         (MlflowClient, "search_model_versions"), (lifecycle, "apply_pins"), (store, "gc"), (cleanup, "_tracked")]
+STEPS = [
+    (lifecycle, "plan"),
+    (store, "versions"),
+    (MlflowClient, "get_logged_model"),
+    (MlflowClient, "search_model_versions"),
+    (lifecycle, "apply_pins"),
+    (store, "gc"),
+    (cleanup, "_tracked"),
+]
 
 
 def net(seed: int) -> torch.nn.Module:
@@ -135,10 +142,23 @@ def test_gc_processes_racing_a_registrar_process_lose_nothing(postgres_mlflow_se
     _point_at(postgres_mlflow_server, tmp_path, monkeypatch)
     made = [logged_then_superseded(100 + i) for i in range(10)]
     env = {**os.environ}
-    gcs = [subprocess.Popen([str(BIN / "mlflow-lance"), "gc", "--all", "--grace-minutes", "0"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]  # fmt: skip
-    racer = subprocess.run([sys.executable, "-c", textwrap.dedent(RACER), "raced", *[m for m, _ in made]],
-                           env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    gcs = [
+        subprocess.Popen(
+            [str(BIN / "mlflow-lance"), "gc", "--all", "--grace-minutes", "0"],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
+    racer = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(RACER), "raced", *[m for m, _ in made]],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert racer.returncode == 0, racer.stderr[-2000:]
     for p in gcs:
         out, err = p.communicate(timeout=600)
@@ -155,13 +175,22 @@ def test_two_gc_at_once_both_finish(tracking):
     uris = set()
     for i in range(4):
         model_id, _ = logged_then_superseded(200 + i)
-        uris.add(ml.register_model(f"models:/{model_id}", "twice").tags.get("lance.uri")
-                 or MlflowClient().get_logged_model(model_id).tags["lance.uri"])  # fmt: skip
+        uris.add(
+            ml.register_model(f"models:/{model_id}", "twice").tags.get("lance.uri")
+            or MlflowClient().get_logged_model(model_id).tags["lance.uri"]
+        )
     client = MlflowClient()
     for mv in client.search_model_versions("name = 'twice'"):
         client.delete_model_version("twice", mv.version)
-    runs = [subprocess.Popen([str(BIN / "mlflow-lance"), "gc", "--all", "--grace-minutes", "0"],
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(3)]  # fmt: skip
+    runs = [
+        subprocess.Popen(
+            [str(BIN / "mlflow-lance"), "gc", "--all", "--grace-minutes", "0"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
     for p in runs:
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]

@@ -40,8 +40,13 @@ def record(key: str, value) -> None:
 
 
 def start_worker(mode: str, target: str, env: dict | None = None) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, str(HERE / "crash_worker.py"), mode, target], stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, env={**os.environ, **(env or {})})  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(HERE / "crash_worker.py"), mode, target],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env={**os.environ, **(env or {})},
+    )
     assert proc.stdout.readline().strip() == "READY"
     return proc
 
@@ -95,12 +100,23 @@ def test_save_killed_at_random_moments_leaves_every_version_intact_and_gc_reclai
         os.utime(path, (old, old))
     report = ml.gc(uri, keep_last=1, grace=timedelta(minutes=30))
     ds = lance.dataset(uri)  # versions superseded within the grace period stay, with their files
-    used = {f.path for v in ds.versions() for frag in ds.checkout_version(v["version"]).get_fragments()
-            for f in frag.metadata.files}  # fmt: skip
-    record("save_state_dict_kills", {"trials": trials, "versions_checked": len(seen), "lost_or_corrupt": len(bad),
-                                     "files_left_by_kills": len(set(before) - used),
-                                     "orphans_reclaimed": report[0].orphan_files,
-                                     "orphan_bytes_reclaimed": report[0].orphan_bytes})  # fmt: skip
+    used = {
+        f.path
+        for v in ds.versions()
+        for frag in ds.checkout_version(v["version"]).get_fragments()
+        for f in frag.metadata.files
+    }
+    record(
+        "save_state_dict_kills",
+        {
+            "trials": trials,
+            "versions_checked": len(seen),
+            "lost_or_corrupt": len(bad),
+            "files_left_by_kills": len(set(before) - used),
+            "orphans_reclaimed": report[0].orphan_files,
+            "orphan_bytes_reclaimed": report[0].orphan_bytes,
+        },
+    )
     assert not bad, bad
     assert len(seen) >= trials // 2
     assert report[0].orphan_files > 0 and report[0].orphan_bytes > 0  # the kills left some, now gone
@@ -113,8 +129,11 @@ def test_save_killed_at_random_moments_leaves_every_version_intact_and_gc_reclai
 def test_log_model_and_sync_killed_at_random_moments(tracking):
     random.seed(2)
     name = "crash-model"
-    env = {"MLFLOW_TRACKING_URI": tracking["url"], "MLFLOW_LANCE_ROOT": os.environ["MLFLOW_LANCE_ROOT"],
-           "MLFLOW_EXPERIMENT_NAME": mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id()).name}
+    env = {
+        "MLFLOW_TRACKING_URI": tracking["url"],
+        "MLFLOW_LANCE_ROOT": os.environ["MLFLOW_LANCE_ROOT"],
+        "MLFLOW_EXPERIMENT_NAME": mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id()).name,
+    }
     trials = {"log": 0, "sync": 0}
     for i in range(16):
         mode = "sync" if i % 4 == 3 else "log"
@@ -141,8 +160,10 @@ def test_log_model_and_sync_killed_at_random_moments(tracking):
     (entry,) = doc["registered_models"].values()
     assert set(entry["versions"]) == {mv.version for mv in versions} == set(report.model_versions)
     tags, binding = ml.tags(uri), client.get_registered_model(name).tags["mlflow_lance.binding"]
-    assert all(tags[sidecar.model_version_pin(binding, mv.version)] == flavor_conf(name, mv.version)["lance_version"]
-               for mv in versions)  # fmt: skip
+    assert all(
+        tags[sidecar.model_version_pin(binding, mv.version)] == flavor_conf(name, mv.version)["lance_version"]
+        for mv in versions
+    )
     record("log_model_and_sync_kills", {**trials, "model_versions_checked": len(versions), "lost_or_corrupt": 0})
 
 
@@ -197,8 +218,13 @@ def test_unreachable_storage_fails_fast_with_a_clear_message():
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    opts = {"aws_endpoint": f"http://127.0.0.1:{port}", "allow_http": "true", "aws_access_key_id": "a",
-            "aws_secret_access_key": "b", "aws_region": "us-east-1"}
+    opts = {
+        "aws_endpoint": f"http://127.0.0.1:{port}",
+        "allow_http": "true",
+        "aws_access_key_id": "a",
+        "aws_secret_access_key": "b",
+        "aws_region": "us-east-1",
+    }
     t0 = time.monotonic()
     with pytest.raises(ConnectionError, match=r"cannot reach the storage of 's3://b/w.lance'.*aws_endpoint"):
         ml.load_state_dict("s3://b/w.lance", storage_options=opts)
@@ -212,9 +238,15 @@ def test_a_silent_endpoint_times_out_instead_of_hanging():
     server.bind(("127.0.0.1", 0))
     server.listen(16)  # accepts connections, never answers
     port = server.getsockname()[1]
-    opts = {"aws_endpoint": f"http://127.0.0.1:{port}", "allow_http": "true", "aws_access_key_id": "a",
-            "aws_secret_access_key": "b", "aws_region": "us-east-1", "timeout": "2s",
-            "client_retry_timeout": "6"}  # fmt: skip
+    opts = {
+        "aws_endpoint": f"http://127.0.0.1:{port}",
+        "allow_http": "true",
+        "aws_access_key_id": "a",
+        "aws_secret_access_key": "b",
+        "aws_region": "us-east-1",
+        "timeout": "2s",
+        "client_retry_timeout": "6",
+    }
     t0 = time.monotonic()
     try:
         with pytest.raises(ConnectionError, match="timed out"):
@@ -287,6 +319,8 @@ def test_plain_writers_racing_gc_keep_every_surviving_version_whole(tmp_path):
     assert removed and surviving
     bad: list[str] = []
     checked = check_versions(uri, {1}, bad)
-    record("plain_writers_racing_gc", {"versions_collected": len(removed), "surviving_checked": checked,
-                                       "lost_or_corrupt": len(bad)})  # fmt: skip
+    record(
+        "plain_writers_racing_gc",
+        {"versions_collected": len(removed), "surviving_checked": checked, "lost_or_corrupt": len(bad)},
+    )
     assert checked == len(surviving) and not bad, bad

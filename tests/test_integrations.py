@@ -22,7 +22,10 @@ from mlflow_lance import checkpoint, lifecycle
 def _torch_global_state():
     """Lightning's deterministic=True switches torch's global deterministic mode on and leaves
     it on; put it back so that later tests (float4 tensors) run as they do alone."""
-    before = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    before = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -32,12 +35,16 @@ def _torch_global_state():
 
 def live_steps(run_id: str) -> list[int]:
     """Steps of the run's checkpoints MLflow still lists."""
-    return sorted(int(m.tags[checkpoint._STEP_TAG]) for m in checkpoint._checkpoints(MlflowClient(), run_id, "checkpoint"))
+    return sorted(
+        int(m.tags[checkpoint._STEP_TAG]) for m in checkpoint._checkpoints(MlflowClient(), run_id, "checkpoint")
+    )
 
 
 def test_the_integrations_package_imports_no_framework():
-    code = ("import sys, mlflow_lance.integrations; "
-            "print(sorted({'lightning', 'transformers', 'peft', 'torch'} & set(sys.modules)))")  # fmt: skip
+    code = (
+        "import sys, mlflow_lance.integrations; "
+        "print(sorted({'lightning', 'transformers', 'peft', 'torch'} & set(sys.modules)))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -45,7 +52,7 @@ def test_the_integrations_package_imports_no_framework():
 # --------------------------------------------------------------------------- Lightning
 
 L = pytest.importorskip("lightning.pytorch")
-from mlflow_lance.integrations.lightning import MLflowLanceCheckpoint
+from mlflow_lance.integrations.lightning import MLflowLanceCheckpoint  # noqa: E402 (after the skip)
 
 SCORES = [3.0, 1.0, 4.0, 0.5]  # a made-up validation score per epoch: best two are epochs 1 and 3
 
@@ -55,8 +62,9 @@ class TinyModule(L.LightningModule):
 
     def __init__(self) -> None:
         super().__init__()
-        self.net = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2),
-                                       torch.nn.Linear(16, 1))  # fmt: skip
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Dropout(0.2), torch.nn.Linear(16, 1)
+        )
 
     def training_step(self, batch, batch_idx):
         x, y = batch
@@ -76,16 +84,25 @@ def loaders() -> tuple[torch.utils.data.DataLoader, torch.utils.data.DataLoader]
     g = torch.Generator().manual_seed(0)
     x, y = torch.randn(32, 4, generator=g), torch.randn(32, 1, generator=g)
     data = torch.utils.data.TensorDataset(x, y)
-    return (torch.utils.data.DataLoader(data, batch_size=8, shuffle=True),
-            torch.utils.data.DataLoader(data, batch_size=16))  # fmt: skip
+    return (
+        torch.utils.data.DataLoader(data, batch_size=8, shuffle=True),
+        torch.utils.data.DataLoader(data, batch_size=16),
+    )
 
 
 def fit(tmp_path, seed: int, epochs: int, callbacks: list, ckpt_path: str | None = None):
     L.seed_everything(seed, verbose=False)
     module = TinyModule()
-    trainer = L.Trainer(max_epochs=epochs, accelerator="cpu", deterministic=True, logger=False,
-                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path,
-                        callbacks=callbacks)  # fmt: skip
+    trainer = L.Trainer(
+        max_epochs=epochs,
+        accelerator="cpu",
+        deterministic=True,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=tmp_path,
+        callbacks=callbacks,
+    )
     trainer.fit(module, *loaders(), ckpt_path=ckpt_path)
     return module, trainer
 
@@ -97,7 +114,9 @@ def test_lightning_fit_resumes_from_a_checkpoint_uri_bit_identically(tracking, t
         fit(tmp_path, 0, 2, [MLflowLanceCheckpoint()])
     assert live_steps(run.info.run_id) == [8]  # 4 batches an epoch; save_top_k=1 keeps the latest
     with mlflow.start_run():
-        resumed, trainer = fit(tmp_path, 123, 4, [MLflowLanceCheckpoint()], ckpt_path=f"runs:/{run.info.run_id}/checkpoint")
+        resumed, trainer = fit(
+            tmp_path, 123, 4, [MLflowLanceCheckpoint()], ckpt_path=f"runs:/{run.info.run_id}/checkpoint"
+        )
     assert trainer.global_step == 16 and trainer.current_epoch == 4
     assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
     assert not list(tmp_path.rglob("*.ckpt"))  # no default ModelCheckpoint was added
@@ -122,7 +141,7 @@ def test_lightning_save_top_k_keeps_exactly_the_k_best(tracking, tmp_path):
 # --------------------------------------------------------------------------- Hugging Face Trainer
 
 transformers = pytest.importorskip("transformers")
-from mlflow_lance.integrations.transformers import MLflowLanceTrainerCallback, resume_training
+from mlflow_lance.integrations.transformers import MLflowLanceTrainerCallback, resume_training  # noqa: E402
 
 
 def gpt2(seed: int, **config):
@@ -140,12 +159,25 @@ def tokens(n: int = 32, vocab: int = 64) -> list[dict]:
 
 def hf_trainer(model, tmp_path, seed: int, **args) -> transformers.Trainer:
     arguments = transformers.TrainingArguments(
-        output_dir=str(tmp_path / "hf"), per_device_train_batch_size=4, per_device_eval_batch_size=8,
-        learning_rate=1e-2, logging_steps=2, report_to=[], use_cpu=True, seed=seed, disable_tqdm=True,
-        dataloader_num_workers=0, **{"save_strategy": "steps", **args},
-    )  # fmt: skip
-    return transformers.Trainer(model=model, args=arguments, train_dataset=tokens(), eval_dataset=tokens(8),
-                                callbacks=[MLflowLanceTrainerCallback()])  # fmt: skip
+        output_dir=str(tmp_path / "hf"),
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=1e-2,
+        logging_steps=2,
+        report_to=[],
+        use_cpu=True,
+        seed=seed,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+        **{"save_strategy": "steps", **args},
+    )
+    return transformers.Trainer(
+        model=model,
+        args=arguments,
+        train_dataset=tokens(),
+        eval_dataset=tokens(8),
+        callbacks=[MLflowLanceTrainerCallback()],
+    )
 
 
 def test_hf_trainer_resumes_mid_epoch_bit_identically_and_keeps_save_total_limit(tracking, tmp_path):
@@ -154,8 +186,11 @@ def test_hf_trainer_resumes_mid_epoch_bit_identically_and_keeps_save_total_limit
         hf_trainer(straight, tmp_path, 0, max_steps=12, save_steps=2, save_total_limit=2).train()
     assert live_steps(run.info.run_id) == [10, 12]
     assert not list((tmp_path / "hf").glob("checkpoint-*"))  # the Trainer wrote no folders of its own
-    (at_10,) = [m for m in checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint")
-                if m.tags[checkpoint._STEP_TAG] == "10"]  # fmt: skip
+    (at_10,) = [
+        m
+        for m in checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint")
+        if m.tags[checkpoint._STEP_TAG] == "10"
+    ]
     with mlflow.start_run():
         resumed = gpt2(1)
         trainer = hf_trainer(resumed, tmp_path, 1, max_steps=12, save_steps=2)
@@ -166,12 +201,25 @@ def test_hf_trainer_resumes_mid_epoch_bit_identically_and_keeps_save_total_limit
 
 def test_hf_metric_for_best_model_keeps_the_best_besides_the_last(tracking, tmp_path):
     with mlflow.start_run() as run:  # the eval loss falls as it trains: "greater is better" makes the first best
-        hf_trainer(gpt2(0), tmp_path, 0, max_steps=8, save_steps=2, eval_strategy="steps", eval_steps=2,
-                   save_total_limit=1, metric_for_best_model="loss", greater_is_better=True).train()  # fmt: skip
+        hf_trainer(
+            gpt2(0),
+            tmp_path,
+            0,
+            max_steps=8,
+            save_steps=2,
+            eval_strategy="steps",
+            eval_steps=2,
+            save_total_limit=1,
+            metric_for_best_model="loss",
+            greater_is_better=True,
+        ).train()
     history = MlflowClient().get_metric_history(run.info.run_id, "eval_loss")
     assert [m.step for m in sorted(history, key=lambda m: -m.value)][:1] == [2]
     assert live_steps(run.info.run_id) == [2, 8]
-    for refused in ({"load_best_model_at_end": True, "eval_strategy": "steps"}, {"save_strategy": "best", "eval_strategy": "steps", "metric_for_best_model": "loss"}):
+    for refused in (
+        {"load_best_model_at_end": True, "eval_strategy": "steps"},
+        {"save_strategy": "best", "eval_strategy": "steps", "metric_for_best_model": "loss"},
+    ):
         with pytest.raises(ValueError, match="MLflowLanceTrainerCallback"):
             hf_trainer(gpt2(0), tmp_path, 0, max_steps=2, **{"save_steps": 2, **refused}).train()
 
@@ -180,8 +228,16 @@ def lora(seed: int):
     peft = pytest.importorskip("peft")
     base = gpt2(0, n_layer=2, n_embd=64, vocab_size=1024)  # the same base weights each time
     torch.manual_seed(seed)  # ... and adapters initialised from ``seed``
-    return peft.get_peft_model(base, peft.LoraConfig(r=4, target_modules=["c_attn"], fan_in_fan_out=True,
-                                                     init_lora_weights="gaussian", task_type="CAUSAL_LM"))  # fmt: skip
+    return peft.get_peft_model(
+        base,
+        peft.LoraConfig(
+            r=4,
+            target_modules=["c_attn"],
+            fan_in_fan_out=True,
+            init_lora_weights="gaussian",
+            task_type="CAUSAL_LM",
+        ),
+    )
 
 
 def test_peft_lora_checkpoints_after_the_first_write_only_adapters_and_their_optimizer_state(tracking, tmp_path):
@@ -190,8 +246,10 @@ def test_peft_lora_checkpoints_after_the_first_write_only_adapters_and_their_opt
     adapters = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     with mlflow.start_run() as run:
         hf_trainer(model, tmp_path, 0, max_steps=6, save_steps=2).train()
-    ckpts = sorted(checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint"),
-                   key=lambda m: int(m.tags[checkpoint._STEP_TAG]))  # fmt: skip
+    ckpts = sorted(
+        checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint"),
+        key=lambda m: int(m.tags[checkpoint._STEP_TAG]),
+    )
     written = [v.bytes_written for v in ml.versions(lifecycle.flavor_conf(f"models:/{ckpts[0].model_id}")["lance_uri"])]
     assert len(written) == 3 and written[0] > base_bytes > 3 * adapters + 256 * 1024
     # the adapters, their two Adam moments, counters and RNG states, no base weights: within the

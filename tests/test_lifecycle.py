@@ -39,10 +39,18 @@ def assert_loads(uri: str, weights: dict[str, torch.Tensor]) -> None:
 def mlflow_gc(server: dict) -> None:
     """MLflow's own gc: purges deleted runs and deleted logged models (and their artifacts)."""
     subprocess.run(
-        [str(BIN / "mlflow"), "gc", "--backend-store-uri", server["backend"],
-         "--artifacts-destination", str(server["root"] / "artifacts")],
-        check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+        [
+            str(BIN / "mlflow"),
+            "gc",
+            "--backend-store-uri",
+            server["backend"],
+            "--artifacts-destination",
+            str(server["root"] / "artifacts"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
 
 def test_checkpoints_of_one_run_registered_later_all_survive_gc(tracking):
@@ -56,7 +64,15 @@ def test_checkpoints_of_one_run_registered_later_all_survive_gc(tracking):
     assert_loads("models:/best/1", expect(models[0]))
     for info, m in zip(infos, models):
         assert_loads(f"models:/{info.model_id}", expect(m))
-    assert ml.tags(uri)[sidecar.model_version_pin(lifecycle.binding_id("best", MlflowClient().get_registered_model("best").creation_timestamp), 1)] == 1
+    assert (
+        ml.tags(uri)[
+            sidecar.model_version_pin(
+                lifecycle.binding_id("best", MlflowClient().get_registered_model("best").creation_timestamp),
+                1,
+            )
+        ]
+        == 1
+    )
 
     MlflowClient().delete_logged_model(infos[1].model_id)  # epoch 2 goes; epoch 1 stays registered
     (result,) = ml.gc(uri, grace=NOW)
@@ -175,8 +191,10 @@ def test_deleted_references_give_their_space_back(tracking):
     (dry,) = ml.gc(uri, grace=NOW, dry_run=True)
     assert dry.removed_versions == [2]
     (result,) = ml.gc(uri, grace=NOW)
-    assert result.removed_versions == [2] and result.bytes_removed >= sum(
-        t.numel() * t.element_size() for t in drop.state_dict().values()) - 64
+    assert (
+        result.removed_versions == [2]
+        and result.bytes_removed >= sum(t.numel() * t.element_size() for t in drop.state_dict().values()) - 64
+    )
     assert_loads("models:/space/1", expect(keep))
     assert_loads("models:/space/3", expect(keep))
     assert "model." + info.model_id not in ml.tags(uri)
@@ -275,7 +293,10 @@ def test_pins_of_the_old_scheme_protect_until_gc_replaces_them(tracking):
     ml.tag(uri, f"run.{run.info.run_id}", 1)
     ml.tag(uri, "model-version.1", 1)
     (result,) = ml.gc(uri, grace=NOW)
-    assert result.removed_versions == [] and set(result.unpinned) == {f"run.{run.info.run_id}", "model-version.1"}
+    assert result.removed_versions == [] and set(result.unpinned) == {
+        f"run.{run.info.run_id}",
+        "model-version.1",
+    }
     assert not any(t.startswith(("run.", "model-version.")) for t in ml.tags(uri))
     assert_loads("models:/legacy-pins/1", expect(old))
     MlflowClient().delete_model_version("legacy-pins", "1")

@@ -99,8 +99,12 @@ class World:
 
     def _log(self, run_id: str, registered: str | None, step: int) -> None:
         sd = self._new_weights()
-        info = ml.log_model(module(sd), name=self.rng.choice(["model", "model", "head"]),
-                            registered_model_name=registered, step=step)  # fmt: skip
+        info = ml.log_model(
+            module(sd),
+            name=self.rng.choice(["model", "model", "head"]),
+            registered_model_name=registered,
+            step=step,
+        )
         conf = info.flavors["mlflow_lance"]
         self.models[info.model_id] = Logged(info.model_id, run_id, conf["lance_uri"], conf["lance_version"], sd)
         if registered:
@@ -198,10 +202,18 @@ class World:
 
     def op_mlflow_gc(self) -> None:
         subprocess.run(
-            [str(BIN / "mlflow"), "gc", "--backend-store-uri", self.server["backend"],
-             "--artifacts-destination", str(self.server["root"] / "artifacts")],
-            check=True, capture_output=True, timeout=180,
-        )  # fmt: skip
+            [
+                str(BIN / "mlflow"),
+                "gc",
+                "--backend-store-uri",
+                self.server["backend"],
+                "--artifacts-destination",
+                str(self.server["root"] / "artifacts"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
         for m in self.models.values():
             if m.deleted:
                 m.purged = True
@@ -230,8 +242,17 @@ class World:
         between its pin changes and right before it deletes files. Every reference made
         before its delete step must load afterwards; what was released meanwhile is reclaimed
         by a later gc (checked by the next quiet one)."""
-        inside = ["op_register_later", "op_copy", "op_delete_logged_model", "op_delete_model_version", "op_rename",
-                  "op_alias_or_stage", "op_delete_run", "op_restore_run", "op_delete_registered_model"]  # fmt: skip
+        inside = [
+            "op_register_later",
+            "op_copy",
+            "op_delete_logged_model",
+            "op_delete_model_version",
+            "op_rename",
+            "op_alias_or_stage",
+            "op_delete_run",
+            "op_restore_run",
+            "op_delete_registered_model",
+        ]
         busy, done = [False], []
 
         def interleave() -> None:
@@ -255,8 +276,18 @@ class World:
             setattr(owner, name, call)
             return owner, name, original
 
-        steps = [(MlflowClient, n) for n in ("get_logged_model", "get_run", "search_model_versions", "get_model_version",
-                 "search_registered_models", "get_registered_model", "get_model_version_download_uri")]  # fmt: skip
+        steps = [
+            (MlflowClient, n)
+            for n in (
+                "get_logged_model",
+                "get_run",
+                "search_model_versions",
+                "get_model_version",
+                "search_registered_models",
+                "get_registered_model",
+                "get_model_version_download_uri",
+            )
+        ]
         steps += [(store, "tag"), (store, "untag"), (cleanup, "_tracked")]
         restore = [hooked(owner, name) for owner, name in steps]
         try:
@@ -328,14 +359,28 @@ class World:
             assert set(stored) == expected, f"{uri}: stored {stored}, referenced {sorted(expected)}"
             # and the space came back: no data file is left that no surviving version uses
             ds = lance.dataset(uri)
-            used = {f.path for v in stored for frag in ds.checkout_version(v).get_fragments() for f in frag.metadata.files}
+            used = {
+                f.path for v in stored for frag in ds.checkout_version(v).get_fragments() for f in frag.metadata.files
+            }
             assert set(os.listdir(Path(uri) / "data")) == used, f"{uri}: data files no version uses"
 
     OPS = {
-        "op_log": 24, "op_register_later": 8, "op_copy": 6, "op_rename": 4, "op_alias_or_stage": 4,
-        "op_delete_run": 6, "op_restore_run": 3, "op_delete_model_version": 12, "op_delete_registered_model": 2,
-        "op_delete_logged_model": 12, "op_mlflow_gc": 1, "op_sync": 6, "op_gc": 8, "op_log_while_gc": 2, "op_gc_with_registry_races": 6,
-    }  # fmt: skip
+        "op_log": 24,
+        "op_register_later": 8,
+        "op_copy": 6,
+        "op_rename": 4,
+        "op_alias_or_stage": 4,
+        "op_delete_run": 6,
+        "op_restore_run": 3,
+        "op_delete_model_version": 12,
+        "op_delete_registered_model": 2,
+        "op_delete_logged_model": 12,
+        "op_mlflow_gc": 1,
+        "op_sync": 6,
+        "op_gc": 8,
+        "op_log_while_gc": 2,
+        "op_gc_with_registry_races": 6,
+    }
 
     def run(self, steps: int) -> list[str]:
         done = []
@@ -385,11 +430,16 @@ def test_random_mlflow_lifecycles_lose_nothing_and_reclaim_the_rest(own_server, 
     path = ARTIFACTS / "lifecycle.json"
     report = json.loads(path.read_text()) if path.exists() else {}
     report[own_server["kind"]] = {
-        "seed": seed, "operations": STEPS, "by_operation": world.counts, "references_checked": world.checked,
-        "registry_operations_inside_gc": world.inside_gc, "logged_models": len(world.models),
-        "versions_reclaimed": world.versions_reclaimed, "bytes_reclaimed": world.bytes_reclaimed,
+        "seed": seed,
+        "operations": STEPS,
+        "by_operation": world.counts,
+        "references_checked": world.checked,
+        "registry_operations_inside_gc": world.inside_gc,
+        "logged_models": len(world.models),
+        "versions_reclaimed": world.versions_reclaimed,
+        "bytes_reclaimed": world.bytes_reclaimed,
         "lost": len(world.lost),
-    }  # fmt: skip
+    }
     path.write_text(json.dumps(report, indent=2))
     assert not world.lost, world.lost
     assert world.counts.get("op_gc", 0) + world.counts.get("op_log_while_gc", 0) >= STEPS // 40

@@ -209,7 +209,7 @@ def test_a_failed_commit_leaves_the_previous_version_whole(tmp_path: Path, monke
     with pytest.raises(OSError, match="injected"):
         ml.save_state_dict(changed, uri)
     monkeypatch.undo()
-    assert ml.latest_version(uri) == 1
+    assert store.latest_version(uri) == 1
     assert_loads(uri, sd)
     assert ml.verify(uri).ok
     assert ml.save_state_dict(changed, uri).changed == ("a0", "a1", "a2", "a3")
@@ -222,8 +222,15 @@ def test_a_failed_commit_leaves_the_previous_version_whole(tmp_path: Path, monke
 def entry(t, fragment: int, row: int) -> format.Entry:
     """A stored single-row tensor at row ``row`` of fragment ``fragment``."""
     meta = t.meta[0]
-    return format.Entry(t.name, meta["dtype"], meta["shape"], meta["nbytes"], None, t.meta,
-                        [format.Row(0, 0, t.nbytes, meta["hash"], fragment << 32 | row, 0, 0, "f", t.nbytes)])
+    return format.Entry(
+        t.name,
+        meta["dtype"],
+        meta["shape"],
+        meta["nbytes"],
+        None,
+        t.meta,
+        [format.Row(0, 0, t.nbytes, meta["hash"], fragment << 32 | row, 0, 0, "f", t.nbytes)],
+    )
 
 
 def test_plan_reuses_whole_fragments_only():
@@ -244,10 +251,21 @@ def test_plan_reuses_whole_fragments_only():
 
 def test_plan_packs_small_tensors_between_large_ones_and_keeps_chunks_apart():
     big = torch.zeros(plan.PACK_TENSOR_BYTES // 4)
-    ts = [to_rows("s0", small(0)), to_rows("big", big), to_rows("s1", small(1)), to_rows("s2", small(2)),
-          to_rows("chunked", small(3), chunk_bytes=SMALL // 2)]  # fmt: skip
+    ts = [
+        to_rows("s0", small(0)),
+        to_rows("big", big),
+        to_rows("s1", small(1)),
+        to_rows("s2", small(2)),
+        to_rows("chunked", small(3), chunk_bytes=SMALL // 2),
+    ]
     units, changed = plan.plan_version(ts, {}, {})
-    assert [[m["name"] for m, _ in u.rows] for u in units] == [["s0"], ["big"], ["s1", "s2"], ["chunked"], ["chunked"]]
+    assert [[m["name"] for m, _ in u.rows] for u in units] == [
+        ["s0"],
+        ["big"],
+        ["s1", "s2"],
+        ["chunked"],
+        ["chunked"],
+    ]
     assert changed == [t.name for t in ts]
 
 

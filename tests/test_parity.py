@@ -4,8 +4,6 @@ signature). One test per row of the parity table (issue 10)."""
 
 from __future__ import annotations
 
-import io
-import json
 import logging
 import os
 import pickle
@@ -176,8 +174,14 @@ def test_8_and_9_log_state_dict_takes_checkpoint_dicts_and_load_state_dict_reads
 
 
 def test_10_serialization_format_and_pickle_module_are_accepted_and_pt2_refused(tmp_path):
-    ml.save_model(linear(), str(tmp_path / "a"), serialization_format="pickle", pickle_module=pickle,
-                  pip_requirements=[], pickle_protocol=4)  # fmt: skip
+    ml.save_model(
+        linear(),
+        str(tmp_path / "a"),
+        serialization_format="pickle",
+        pickle_module=pickle,
+        pip_requirements=[],
+        pickle_protocol=4,
+    )
     assert torch.equal(ml.load_model(str(tmp_path / "a")).weight, linear().weight)
     with pytest.raises(ValueError, match="serialization_format='pickle'"):
         ml.save_model(linear(), str(tmp_path / "b"), serialization_format="pt2", pip_requirements=[])
@@ -207,8 +211,13 @@ def test_12_a_factory_that_names_nothing_fails_at_log_time(tracking):
 
 
 def test_13_a_dataset_on_an_endpoint_that_is_down_is_reported_unreachable():
-    opts = {"aws_endpoint": "http://127.0.0.1:9", "allow_http": "true", "aws_access_key_id": "a",
-            "aws_secret_access_key": "b", "aws_region": "us-east-1"}  # fmt: skip
+    opts = {
+        "aws_endpoint": "http://127.0.0.1:9",
+        "allow_http": "true",
+        "aws_access_key_id": "a",
+        "aws_secret_access_key": "b",
+        "aws_region": "us-east-1",
+    }
     with pytest.raises(ConnectionError, match="cannot reach"):
         ml.load_state_dict("s3://bucket/w.lance", storage_options=opts)
 

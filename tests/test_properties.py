@@ -13,8 +13,11 @@ from hypothesis import strategies as st
 import mlflow_lance as ml
 from mlflow_lance.tensors import DTYPES
 
-NAMES = st.text(alphabet=st.characters(codec="utf-8", exclude_categories=["Cc", "Cs", "Zs", "Zl", "Zp"]),
-                min_size=1, max_size=12)
+NAMES = st.text(
+    alphabet=st.characters(codec="utf-8", exclude_categories=["Cc", "Cs", "Zs", "Zl", "Zp"]),
+    min_size=1,
+    max_size=12,
+)
 SHAPES = st.lists(st.integers(0, 5), min_size=0, max_size=3)
 
 

@@ -57,11 +57,19 @@ def logged(tracking, tmp_path):
     mlflow.register_model(f"models:/{first.model_id}", f"plain-{name}")  # a model with no binding tag yet
     uri = first.flavors["mlflow_lance"]["lance_uri"]
     ml.tag(uri, "best", 1)
-    return {"name": name, "uri": uri, "run": run.info.run_id, "first": first, "second": second, "ckpt": ckpt, "net": net}
+    return {
+        "name": name,
+        "uri": uri,
+        "run": run.info.run_id,
+        "first": first,
+        "second": second,
+        "ckpt": ckpt,
+        "net": net,
+    }
 
 
 def reads(w: dict, tmp_path: Path) -> dict:
-    uri, net = w["uri"], w["net"]
+    uri = w["uri"]
     holder = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
     return {
         "load latest": lambda: ml.load_state_dict(uri),
@@ -75,8 +83,8 @@ def reads(w: dict, tmp_path: Path) -> dict:
         "diff": lambda: ml.diff(uri, 1),
         "tags": lambda: ml.tags(uri),
         "verify": lambda: ml.verify(uri),
-        "latest_version": lambda: ml.latest_version(uri),
-        "resolve_version": lambda: ml.resolve_version(uri, "best"),
+        "latest_version": lambda: store.latest_version(uri),
+        "resolve_version": lambda: store.resolve_version(uri, "best"),
         "version_properties": lambda: store.version_properties(uri, 1),
         "models:/ state dict": lambda: ml.load_state_dict(f"models:/{w['name']}/1"),
         "load_model models:/": lambda: ml.load_model(f"models:/{w['name']}/2"),

@@ -70,14 +70,17 @@ def test_limits_are_mlflows_own_with_a_fallback():
     got = registry.limits()
     assert got.registered_model_description == reg.SqlRegisteredModel.description.type.length
     assert got.model_version_description == reg.SqlModelVersion.description.type.length
-    assert got.registered_model_tag == min(reg.SqlRegisteredModelTag.value.type.length,
-                                           validation.MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH)  # fmt: skip
+    assert got.registered_model_tag == min(
+        reg.SqlRegisteredModelTag.value.type.length, validation.MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH
+    )
     assert got.model_version_tag == validation.MAX_MODEL_REGISTRY_TAG_VALUE_LENGTH  # a TEXT column
     assert got.run_tag == got.logged_model_tag == validation.MAX_TAG_VAL_LENGTH == trk.SqlTag.value.type.length
     assert trk.SqlLoggedModelTag.tag_value.type.length is None  # a TEXT column
     # without MLflow's SQLAlchemy models (mlflow-skinny): the shortest column, everywhere
-    code = ("import sys; sys.modules['mlflow.store.model_registry.dbmodels.models'] = None\n"
-            "from mlflow_lance import registry; print(sorted(set(vars(registry.limits()).values())))")  # fmt: skip
+    code = (
+        "import sys; sys.modules['mlflow.store.model_registry.dbmodels.models'] = None\n"
+        "from mlflow_lance import registry; print(sorted(set(vars(registry.limits()).values())))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == [registry.FALLBACK_LIMIT]
 
@@ -101,8 +104,14 @@ def _history(name: str, versions: int, person: str) -> tuple[float, list[registr
     assert lance["lance.version"] == "1" and first.description.startswith("**Lance version 1**")
 
     def register(tagged: bool) -> None:
-        client.create_model_version(name, first.source, run_id=first.run_id, model_id=info.model_id,
-                                    tags=lance if tagged else None, description=first.description if tagged else None)  # fmt: skip
+        client.create_model_version(
+            name,
+            first.source,
+            run_id=first.run_id,
+            model_id=info.model_id,
+            tags=lance if tagged else None,
+            description=first.description if tagged else None,
+        )
 
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(register, [True] * (versions - 1 - UNTAGGED) + [False] * UNTAGGED))
@@ -128,7 +137,8 @@ def _exercise(name: str, seed: int) -> dict[str, float]:
     newest = ml.register_model(f"models:/{earlier.model_id}", name)
     took["register_model"] = time.perf_counter() - start
     assert client.get_model_version(name, newest.version).tags["lance.version"] == str(
-        earlier.flavors["mlflow_lance"]["lance_version"])
+        earlier.flavors["mlflow_lance"]["lance_version"]
+    )
 
     start = time.perf_counter()
     reports = ml.sync(name)
@@ -190,7 +200,7 @@ def test_text_a_person_wrote_is_never_cut(pg):
     name = "described"
     _log(name, 1)
     client = MlflowClient()
-    long = ("Model card: " + "x" * 4_900 + ".")  # fits MLflow's 5,000 characters, leaves no room for a table
+    long = "Model card: " + "x" * 4_900 + "."  # fits MLflow's 5,000 characters, leaves no room for a table
     client.update_registered_model(name, description=long)
     _log(name, 2)  # on PostgreSQL the table would overflow the column: no table, and no error
     assert client.get_registered_model(name).description == long
@@ -263,8 +273,13 @@ print(json.dumps({"deleted": deleted}))
 def _start(script: str, tmp_path: Path, *args: str) -> tuple[subprocess.Popen, Path]:
     """A process running ``script`` against this test's server, once it is ready; and its stop file."""
     stop, ready = tmp_path / f"stop-{time.monotonic_ns()}", tmp_path / f"ready-{time.monotonic_ns()}"
-    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(script), str(stop), str(ready), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ))  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), str(stop), str(ready), *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     deadline = time.monotonic() + 120
     while not ready.exists():
         assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else "not ready"
@@ -280,12 +295,19 @@ def _finish(proc: subprocess.Popen, stop: Path) -> dict:
 
 
 def _sync_all() -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "mlflow-lance"), "sync", "--all", "--json"], check=False,
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ))  # fmt: skip
+    return subprocess.run(
+        [str(BIN / "mlflow-lance"), "sync", "--all", "--json"],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
+    )
 
 
-def _assert_every_version_pinned_and_loading(names: list[str], seed_of: dict[str, int],
-                                              only: set[tuple[str, str]] | None = None) -> int:  # fmt: skip
+def _assert_every_version_pinned_and_loading(
+    names: list[str], seed_of: dict[str, int], only: set[tuple[str, str]] | None = None
+) -> int:
     """Every model version of ``names`` that exists (of ``only``, if given) is pinned and loads
     the weights of the logged model it was registered from; how many there are."""
     client, checked = MlflowClient(), 0
@@ -321,8 +343,10 @@ def test_sync_all_finishes_while_models_are_renamed_and_versions_deleted(pg, tmp
     reports = [r for run in runs for r in json.loads(run.stdout)]
     changed = [r for r in reports if r["gone"] or (r["skipped"] and "deleted or renamed" in r["skipped"])]
     assert changed, "the registry never changed underneath a sync: the test did not test anything"
-    print(f"\n{counts['renames']} renames, {counts['deleted']} versions deleted during 3 syncs: "
-          f"{sum(bool(r['skipped']) for r in changed)} reports skipped, {sum(len(r['gone']) for r in changed)} gone")
+    print(
+        f"\n{counts['renames']} renames, {counts['deleted']} versions deleted during 3 syncs: "
+        f"{sum(bool(r['skipped']) for r in changed)} reports skipped, {sum(len(r['gone']) for r in changed)} gone"
+    )
     assert len(logged) == _assert_every_version_pinned_and_loading(names, seed_of, only=logged)
     assert _sync_all().returncode == 0  # and a quiet sync pins what plain MLflow registered meanwhile
     assert _assert_every_version_pinned_and_loading(names, seed_of) >= len(logged)

@@ -363,12 +363,17 @@ def test_lance_is_used_when_the_index_alone_cannot_answer(uri, tmp_path):
     ml.save_state_dict(sd, uri)
     ml.save_state_dict({"w": sd["w"] * 2}, uri)
     ml.tag(uri, "first", 1)
-    for call in (f"ml.load_state_dict({str(uri)!r}, 'first')", f"ml.load_state_dict({str(uri)!r}, verify=True)"):
+    for call in (
+        f"ml.load_state_dict({str(uri)!r}, 'first')",
+        f"ml.load_state_dict({str(uri)!r}, verify=True)",
+    ):
         out, imported = loads_without_lance(f"import mlflow_lance as ml\nout = {call}['w'].tolist()")
         assert imported and out in (sd["w"].tolist(), (sd["w"] * 2).tolist())
     lance.dataset(str(uri)).checkout_version(1).restore()  # version 3 = version 1, by Lance alone
     assert not (uri / "_mlflow_lance" / "index" / "3.json").exists()
-    out, imported = loads_without_lance(f"import mlflow_lance as ml\nout = ml.load_state_dict({str(uri)!r})['w'].tolist()")
+    out, imported = loads_without_lance(
+        f"import mlflow_lance as ml\nout = ml.load_state_dict({str(uri)!r})['w'].tolist()"
+    )
     assert imported and out == sd["w"].tolist()
     assert not (uri / "_mlflow_lance" / "index" / "3.json").exists()  # no digest in its commit: always scanned
     other = tmp_path / "other.lance"  # same version numbers, other weights and manifests
@@ -436,7 +441,9 @@ def test_an_index_folder_that_links_elsewhere_is_not_read(uri, tmp_path):
     doc = json.loads((elsewhere / "1.json").read_text())
     doc["rows"][0][4] = "int32"  # a forged index outside the dataset, consistent with itself
     (elsewhere / "1.json").write_text(json.dumps(_self_consistent(doc)))
-    out, imported = loads_without_lance(f"import mlflow_lance as ml\nout = str(ml.load_state_dict({str(uri)!r})['w'].dtype)")
+    out, imported = loads_without_lance(
+        f"import mlflow_lance as ml\nout = str(ml.load_state_dict({str(uri)!r})['w'].dtype)"
+    )
     assert out == "torch.float32" and imported
 
 

@@ -16,10 +16,10 @@ import pytest
 import torch
 import yaml
 from mlflow import MlflowClient
+from model_zoo import SmallCNN, trained
 
 import mlflow_lance as ml
 from mlflow_lance import artifacts, fs, sidecar
-from model_zoo import SmallCNN, trained
 
 HERE = Path(__file__).resolve().parent
 
@@ -39,18 +39,22 @@ def test_dataset_names_are_safe_and_collision_free():
 
 def test_lance_root_follows_the_artifact_location(monkeypatch):
     monkeypatch.delenv("MLFLOW_LANCE_ROOT", raising=False)
-    loc = artifacts.dataset_location(model_name="churn", registered=True,
-                                     artifact_location="s3://bucket/mlflow/7", experiment_id="7")
+    loc = artifacts.dataset_location(
+        model_name="churn", registered=True, artifact_location="s3://bucket/mlflow/7", experiment_id="7"
+    )
     assert loc.uri == f"s3://bucket/mlflow/lance/models/{artifacts.safe_name('churn')}.lance"
-    loc = artifacts.dataset_location(model_name="m", registered=False,
-                                     artifact_location="file:///srv/mlruns/3", experiment_id="3")
+    loc = artifacts.dataset_location(
+        model_name="m", registered=False, artifact_location="file:///srv/mlruns/3", experiment_id="3"
+    )
     assert loc.uri == f"/srv/mlruns/lance/experiments/3/{artifacts.safe_name('m')}.lance"
     with pytest.raises(ValueError, match="Set MLFLOW_LANCE_ROOT"):
-        artifacts.dataset_location(model_name="m", registered=True,
-                                   artifact_location="mlflow-artifacts:/1", experiment_id="1")
+        artifacts.dataset_location(
+            model_name="m", registered=True, artifact_location="mlflow-artifacts:/1", experiment_id="1"
+        )
     monkeypatch.setenv("MLFLOW_LANCE_ROOT", "s3://other/root/")
-    loc = artifacts.dataset_location(model_name="m", registered=True,
-                                     artifact_location="mlflow-artifacts:/1", experiment_id="1")
+    loc = artifacts.dataset_location(
+        model_name="m", registered=True, artifact_location="mlflow-artifacts:/1", experiment_id="1"
+    )
     assert loc.uri.startswith("s3://other/root/models/")
 
 
@@ -135,9 +139,16 @@ def test_pinned_versions_survive_gc_and_sync_unpins_deleted_model_versions(track
     assert ml.gc(uri, keep_last=1, grace=timedelta(0))[0].removed_versions == [4]
     MlflowClient().delete_model_version("pinned-model", "2")
     (report,) = ml.sync("pinned-model")
-    assert report.unpinned == [sidecar.model_version_pin(binding, 2)] and report.model_versions == {"1": 1, "3": 3}
+    assert report.unpinned == [sidecar.model_version_pin(binding, 2)] and report.model_versions == {
+        "1": 1,
+        "3": 3,
+    }
     assert sidecar.model_version_pin(binding, 2) not in ml.tags(uri)
-    assert sorted(v for t, v in ml.tags(uri).items() if t.startswith("model.")) == [1, 2, 3]  # logged models live
+    assert sorted(v for t, v in ml.tags(uri).items() if t.startswith("model.")) == [
+        1,
+        2,
+        3,
+    ]  # logged models live
     doc = sidecar.read(uri)
     assert _model_versions(doc, "pinned-model") == {"1": 1, "3": 3} and len(doc["runs"]) == 3
     for mv, seed in (("1", 4), ("3", 6)):
@@ -156,7 +167,12 @@ def test_ui_tags_and_descriptions(tracking):
     assert "Lance version 2" in mv2.description and "parent version 1" in mv2.description
     history = client.get_registered_model("ui-model").description
     assert "| 2 | 2 |" in history and "| 1 | 1 |" in history and "| 0 | 0.0% |" in history
-    assert client.get_logged_model(conf.get("model_id") or client.get_run(run_id).outputs.model_outputs[0].model_id).tags["lance.version"] == "1"
+    assert (
+        client.get_logged_model(conf.get("model_id") or client.get_run(run_id).outputs.model_outputs[0].model_id).tags[
+            "lance.version"
+        ]
+        == "1"
+    )
 
 
 # --------------------------------------------------------------------------- concurrency
@@ -165,11 +181,15 @@ def test_ui_tags_and_descriptions(tracking):
 def _writers(name: str, seeds: list[int], env: dict) -> list[dict]:
     start = time.time() + 8  # every process imports torch and mlflow first
     procs = [
-        subprocess.Popen([sys.executable, str(HERE / "writer.py"), name, str(seed), str(start)],
-                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env={**os.environ, **env, "PYTHONPATH": str(HERE)})
+        subprocess.Popen(
+            [sys.executable, str(HERE / "writer.py"), name, str(seed), str(start)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, **env, "PYTHONPATH": str(HERE)},
+        )
         for seed in seeds
-    ]  # fmt: skip
+    ]
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=300)
@@ -190,8 +210,10 @@ def _check_round(name: str, results: list[dict], expected_versions: int, opts: d
         assert [e["lance_version"] for e in doc["runs"][r["run_id"]]] == [r["lance_version"]]
         assert _model_versions(doc, name)[r["model_version"]] == r["lance_version"]
         want = trained(SmallCNN(), r["seed"]).state_dict()
-        for got in (ml.load_state_dict(f"runs:/{r['run_id']}/model"),
-                    ml.load_state_dict(f"models:/{name}/{r['model_version']}")):
+        for got in (
+            ml.load_state_dict(f"runs:/{r['run_id']}/model"),
+            ml.load_state_dict(f"models:/{name}/{r['model_version']}"),
+        ):
             assert all(torch.equal(got[k], want[k]) for k in want)
     assert len(MlflowClient().search_model_versions(f"name='{name}'")) == expected_versions
 
@@ -238,13 +260,22 @@ def test_team_setup_on_s3(team_server, monkeypatch):
             loaded = ml.load_model(uri)
             assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), want.state_dict().values()))
         opts = artifacts.storage_options_for(conf["lance_uri"])
-        assert ml.load_state_dict(conf["lance_uri"], run_id=run_id, storage_options=opts).keys() == want.state_dict().keys()
-        keys = [o["Key"] for o in team_server["client"].list_objects_v2(Bucket=team_server["bucket"], Prefix="mlflow/")["Contents"]]
+        assert (
+            ml.load_state_dict(conf["lance_uri"], run_id=run_id, storage_options=opts).keys()
+            == want.state_dict().keys()
+        )
+        keys = [
+            o["Key"]
+            for o in team_server["client"].list_objects_v2(Bucket=team_server["bucket"], Prefix="mlflow/")["Contents"]
+        ]
         assert any(k.endswith(".lance.yaml") for k in keys) and any("/_versions/" in k for k in keys)
         assert not any(k.endswith(".pt") or k.endswith(".pth") for k in keys)
         for round_ in range(2):
-            results = _writers(name, [30 + 10 * round_ + i for i in range(4)],
-                               {"MLFLOW_TRACKING_URI": team_server["url"], **team_server["env"]})
+            results = _writers(
+                name,
+                [30 + 10 * round_ + i for i in range(4)],
+                {"MLFLOW_TRACKING_URI": team_server["url"], **team_server["env"]},
+            )
             _check_round(name, results, expected_versions=1 + 4 * (round_ + 1), opts=opts)
         _assert_no_credentials_written(team_server, name, conf["lance_uri"], run_id, opts)
     finally:
@@ -254,7 +285,10 @@ def test_team_setup_on_s3(team_server, monkeypatch):
 def _assert_no_credentials_written(team_server: dict, name: str, uri: str, run_id: str, opts: dict) -> None:
     """The keys used above appear in no MLmodel, artifact, sidecar, tag, description, commit or log."""
     client = MlflowClient()
-    texts = [client.get_registered_model(name).description or "", json.dumps(client.get_run(run_id).data.tags)]
+    texts = [
+        client.get_registered_model(name).description or "",
+        json.dumps(client.get_run(run_id).data.tags),
+    ]
     for mv in client.search_model_versions(f"name='{name}'"):
         local = mlflow.artifacts.download_artifacts(f"models:/{name}/{mv.version}")
         texts += [p.read_bytes().decode("latin-1") for p in Path(local).rglob("*") if p.is_file()]

@@ -90,7 +90,15 @@ def test_the_key_changes_with_content_dtype_and_shape_only() -> None:
 
 def test_only_exact_ties_are_aliases() -> None:
     w = torch.randn(4, 4)
-    sd = {"embed": w, "head": w, "half": w[:2], "copy": w.clone(), "t": w.t(), "empty": torch.empty(0), "e2": torch.empty(0)}
+    sd = {
+        "embed": w,
+        "head": w,
+        "half": w[:2],
+        "copy": w.clone(),
+        "t": w.t(),
+        "empty": torch.empty(0),
+        "e2": torch.empty(0),
+    }
     assert find_aliases(sd) == {"head": "embed"}
     alias = to_rows("head", w, alias="embed")
     assert alias.nbytes == 0 and alias.meta[0]["alias"] == "embed" and alias.meta[0]["nbytes"] == 64
@@ -125,7 +133,12 @@ def read_back(batch: pa.RecordBatch) -> list[tuple[dict, bytes]]:
 
 
 def test_a_unit_batch_holds_its_rows_in_order_with_exact_payloads() -> None:
-    tensors = [sample(torch.float16, (7,)), sample(torch.int64, (2, 3)), torch.empty(0), sample(torch.bool, (5,))]
+    tensors = [
+        sample(torch.float16, (7,)),
+        sample(torch.int64, (2, 3)),
+        torch.empty(0),
+        sample(torch.bool, (5,)),
+    ]
     rows = []
     for i, t in enumerate(tensors):
         r = to_rows(f"t{i}", t)

@@ -9,12 +9,14 @@ from pathlib import Path
 
 import mlflow
 import pytest
-
-import mlflow_lance as ml
 from model_zoo import SmallCNN, trained
 
+import mlflow_lance as ml
+
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-headless-shell") or "/usr/bin/chromium"
-ARTIFACTS = Path(os.environ.get("MLFLOW_LANCE_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts"))
+ARTIFACTS = Path(
+    os.environ.get("MLFLOW_LANCE_TEST_ARTIFACTS", Path(__file__).resolve().parent.parent / "test-artifacts")
+)
 
 
 @pytest.fixture
@@ -28,9 +30,15 @@ def browser(tmp_path):
             executable_path=CHROMIUM,
             headless=True,
             viewport={"width": 1600, "height": 1200},
-            args=["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync"],
-        )  # fmt: skip
+            args=[
+                "--no-sandbox",
+                "--disable-gpu",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+            ],
+        )
         yield context
         context.close()
 

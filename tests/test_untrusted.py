@@ -23,6 +23,7 @@ import lance
 import pytest
 import torch
 import yaml
+from corpus import OUTCOMES, record
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from lance.fragment import DataFile, write_fragments
@@ -31,8 +32,6 @@ import mlflow_lance as ml
 from mlflow_lance import format, store
 from mlflow_lance.cli import main as cli
 from mlflow_lance.tensors import hash_bytes, rows_batch
-
-from corpus import OUTCOMES, record
 
 HERE = Path(__file__).resolve().parent
 
@@ -78,29 +77,44 @@ def data_file(uri: Path, name: str) -> Path:
 def row(name: str, payload: bytes, dtype: str = "float32", shape: list | None = None, **over) -> tuple[dict, bytes]:
     """One crafted row: consistent by default, with any column overridden."""
     size = {"float32": 4, "int64": 8, "int32": 4}[dtype]
-    meta = {"name": name, "chunk": 0, "offset": 0, "nbytes": len(payload), "dtype": dtype,
-            "shape": [len(payload) // size] if shape is None else shape, "hash": hash_bytes(payload), "alias": None}
+    meta = {
+        "name": name,
+        "chunk": 0,
+        "offset": 0,
+        "nbytes": len(payload),
+        "dtype": dtype,
+        "shape": [len(payload) // size] if shape is None else shape,
+        "hash": hash_bytes(payload),
+        "alias": None,
+    }
     meta.update(over)
     return meta, payload
 
 
 def base_rows() -> list[tuple[dict, bytes]]:
     sd = weights()
-    return [row("emb", raw(sd["emb"]), shape=[16, 4]), row("bias", raw(sd["bias"]), "int64"),
-            row("scale", raw(sd["scale"]), shape=[]),
-            row("head", b"", shape=[16, 4], nbytes=256, alias="emb")]  # fmt: skip
+    return [
+        row("emb", raw(sd["emb"]), shape=[16, 4]),
+        row("bias", raw(sd["bias"]), "int64"),
+        row("scale", raw(sd["scale"]), shape=[]),
+        row("head", b"", shape=[16, 4], nbytes=256, alias="emb"),
+    ]
 
 
 def commit(uri: Path, fragments: list, props: dict[str, str]) -> int:
     ds = lance.dataset(str(uri))
-    txn = lance.Transaction(ds.version, lance.LanceOperation.Overwrite(ds.schema, fragments),
-                            transaction_properties=props)  # fmt: skip
+    txn = lance.Transaction(
+        ds.version, lance.LanceOperation.Overwrite(ds.schema, fragments), transaction_properties=props
+    )
     return lance.LanceDataset.commit(str(uri), txn).version
 
 
 def summary(metas: list[dict], digest: bool = True) -> dict[str, str]:
-    props = {"mlflow_lance.tensors": str(len({m["name"] for m in metas})), "mlflow_lance.format": "1",
-             "mlflow_lance.bytes": str(sum(m["nbytes"] for m in metas if m["alias"] is None))}
+    props = {
+        "mlflow_lance.tensors": str(len({m["name"] for m in metas})),
+        "mlflow_lance.format": "1",
+        "mlflow_lance.bytes": str(sum(m["nbytes"] for m in metas if m["alias"] is None)),
+    }
     if digest:  # an attacker who writes the commit can write a matching digest
         props["mlflow_lance.rows"] = format.rows_digest(metas)
     return props
@@ -112,9 +126,14 @@ def craft(uri: Path, rows: list[tuple[dict, bytes]], props: dict | None = None) 
     batches = [rows_batch(ds.schema, meta, memoryview(payload)) for meta, payload in rows]
     import pyarrow as pa
 
-    frags = write_fragments(pa.RecordBatchReader.from_batches(ds.schema, iter(batches)), str(uri),
-                            schema=ds.schema, mode="append", max_rows_per_file=1,
-                            data_storage_version="2.0")  # fmt: skip
+    frags = write_fragments(
+        pa.RecordBatchReader.from_batches(ds.schema, iter(batches)),
+        str(uri),
+        schema=ds.schema,
+        mode="append",
+        max_rows_per_file=1,
+        data_storage_version="2.0",
+    )
     return commit(uri, frags, summary([m for m, _ in rows]) if props is None else props)
 
 
@@ -170,10 +189,13 @@ def in_subprocess(code: str, timeout: float = 90, env: dict | None = None) -> di
     """Run code in a fresh interpreter (a hang or a signal cannot take the test run with it);
     returns the JSON it prints last."""
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=timeout,
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), **(env or {})},
         check=False,
-    )  # fmt: skip
+    )
     died = f" ({signal.Signals(-out.returncode).name})" if out.returncode < 0 else ""
     assert out.returncode == 0, f"exit {out.returncode}{died}: {out.stderr[-3000:]}"
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -206,10 +228,15 @@ def silent_store():
     """.replace("PORT", str(port))
     env = {**os.environ, "PYTHONPATH": str(HERE.parent)}
     procs = {
-        name: subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), opts], stdout=subprocess.PIPE,
-                               text=True, env=env, start_new_session=True)
+        name: subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(code), opts],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         for name, opts in (("default", "{}"), ("override", '{"timeout": "1s", "client_max_retries": "0"}'))
-    }  # fmt: skip
+    }
     yield procs
     for p in procs.values():
         if p.poll() is None:
@@ -237,8 +264,12 @@ def factory_model(tmp_path_factory) -> Path:
     """A real model directory logged with a factory the environment vouches for."""
     path = tmp_path_factory.mktemp("factory") / "model"
     torch.manual_seed(0)
-    ml.save_model(torch.nn.Linear(4, 2), str(path), model_factory="torch.nn:Linear",
-                  factory_kwargs={"in_features": 4, "out_features": 2})  # fmt: skip
+    ml.save_model(
+        torch.nn.Linear(4, 2),
+        str(path),
+        model_factory="torch.nn:Linear",
+        factory_kwargs={"in_features": 4, "out_features": 2},
+    )
     return path
 
 
@@ -248,6 +279,7 @@ def with_factory(model: Path, dst: Path, factory: str, kwargs: dict, marker: Pat
     mlmodel = yaml.safe_load((dst / "MLmodel").read_text())
     conf = mlmodel["flavors"]["mlflow_lance"]
     conf["model_factory"] = factory
+
     def fill(v):
         if isinstance(v, str):
             return v.format(marker=str(marker))
@@ -286,7 +318,8 @@ def test_1_a_factory_the_environment_does_not_vouch_for_never_runs(factory_model
         assert "antigravity" not in sys.modules and "shipped_zoo" not in sys.modules
         record("1 factory", "refused")
     # the same directories through pyfunc, as `mlflow models serve` would load them
-    got = in_subprocess(f"""
+    got = in_subprocess(
+        f"""
         import json, mlflow.pyfunc
         out = []
         for d in {dirs!r}:
@@ -296,7 +329,9 @@ def test_1_a_factory_the_environment_does_not_vouch_for_never_runs(factory_model
             except PermissionError as e:
                 out.append("refused")
         print(json.dumps(out))
-    """, env={"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"})  # fmt: skip
+    """,
+        env={"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false"},
+    )
     assert got == ["refused"] * len(dirs)
     assert not marker.exists()
     OUTCOMES[("1 factory (pyfunc)", "refused")] += len(dirs)
@@ -308,7 +343,8 @@ def test_1_a_factory_registered_by_an_installed_package_loads(factory_model, tmp
     site = tmp_path / "site"
     (site / "vouched_models").mkdir(parents=True)
     (site / "vouched_models" / "__init__.py").write_text(
-        "import torch\n\ndef linear(n: int) -> torch.nn.Module:\n    return torch.nn.Linear(n, 2)\n")
+        "import torch\n\ndef linear(n: int) -> torch.nn.Module:\n    return torch.nn.Linear(n, 2)\n"
+    )
     info = site / "vouched_models-1.0.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: vouched-models\nVersion: 1.0\n")
@@ -321,15 +357,20 @@ def test_1_a_factory_registered_by_an_installed_package_loads(factory_model, tmp
     marker = tmp_path / "marker"
     shadow = {"vouched_models/__init__.py": "open({marker!r}, 'w')\nimport torch\nlinear = torch.nn.Linear\n"}
     evil = with_factory(factory_model, tmp_path / "shadow", "vouched_models:linear", {"n": 4}, marker, shadow)
-    got = in_subprocess(f"""
+    got = in_subprocess(
+        f"""
         import json, mlflow.pyfunc
         try:
             mlflow.pyfunc.load_model({str(evil)!r})  # pyfunc puts the model's code/ first on sys.path
             print(json.dumps("loaded"))
         except PermissionError:
             print(json.dumps("refused"))
-    """, env={"MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
-              "PYTHONPATH": os.pathsep.join([str(site), str(HERE.parent)])})  # fmt: skip
+    """,
+        env={
+            "MLFLOW_ALLOW_PICKLE_DESERIALIZATION": "false",
+            "PYTHONPATH": os.pathsep.join([str(site), str(HERE.parent)]),
+        },
+    )
     assert got == "refused" and not marker.exists()
     record("1 factory", "refused")
 
@@ -350,8 +391,9 @@ TIE_ATTACKS = {
 def test_2_a_tie_that_points_nowhere_is_refused(uri, tmp_path, attack):
     over = dict(TIE_ATTACKS[attack])
     payload = over.pop("payload", b"")
-    rows = base_rows() + [row("x", payload, shape=over.pop("shape", [16, 4]), nbytes=256,
-                              hash=hash_bytes(payload), **over)]  # fmt: skip
+    rows = base_rows() + [
+        row("x", payload, shape=over.pop("shape", [16, 4]), nbytes=256, hash=hash_bytes(payload), **over)
+    ]
     craft(uri, rows)
     assert outcome(uri, None, "2 tie", tmp_path) == "refused"
 
@@ -360,8 +402,10 @@ def test_2_a_model_directory_over_a_self_tie_loads_no_uninitialised_memory(tmp_p
     path = tmp_path / "model"
     ml.save_model(torch.nn.Linear(16, 4), str(path))
     inner = path / "data" / "weights.lance"
-    version = craft(inner, [row("weight", b"", shape=[4, 16], nbytes=256, alias="weight"),
-                            row("bias", raw(torch.ones(4)))])  # fmt: skip
+    version = craft(
+        inner,
+        [row("weight", b"", shape=[4, 16], nbytes=256, alias="weight"), row("bias", raw(torch.ones(4)))],
+    )
     pointer = path / "data" / "lance.yaml"
     pointer.write_text(yaml.safe_dump({"lance_uri": "weights.lance", "lance_version": version}))
     for verify in (False, True):
@@ -395,8 +439,14 @@ def test_3_a_manifest_path_out_of_the_dataset_is_refused(uri, secret, tmp_path, 
         meta = f.metadata
         old = meta.files[0]
         if old.path == emb:
-            new = DataFile(path, old.fields, old.column_indices, old.file_major_version, old.file_minor_version,
-                           old.file_size_bytes)  # fmt: skip
+            new = DataFile(
+                path,
+                old.fields,
+                old.column_indices,
+                old.file_major_version,
+                old.file_minor_version,
+                old.file_size_bytes,
+            )
             meta = dataclasses.replace(meta, files=[new])
         frags.append(meta)
     txn = ds.read_transaction(ds.version)
@@ -566,11 +616,14 @@ def test_5_an_index_that_is_a_link_or_fifo_is_ignored(uri, tmp_path):
     assert outcome(uri, expected(), "5 index", tmp_path) == "correct"
     index_of(uri).unlink()
     os.mkfifo(index_of(uri))
-    got = in_subprocess(f"""
+    got = in_subprocess(
+        f"""
         import json, mlflow_lance as ml
         sd = ml.load_state_dict({str(uri)!r})
         print(json.dumps(sorted(sd)))
-    """, timeout=60)  # fmt: skip
+    """,
+        timeout=60,
+    )
     assert got == sorted(weights())
     record("5 index", "correct")
 
@@ -585,7 +638,8 @@ def test_6_a_data_file_that_is_a_fifo_fails_instead_of_hanging(uri, with_index):
     os.mkfifo(target)
     if not with_index:
         index_of(uri).unlink()
-    got = in_subprocess(f"""
+    got = in_subprocess(
+        f"""
         import json, time, mlflow_lance as ml
         out = []
         for call in (lambda: ml.load_state_dict({str(uri)!r}), lambda: ml.verify({str(uri)!r})):
@@ -596,7 +650,9 @@ def test_6_a_data_file_that_is_a_fifo_fails_instead_of_hanging(uri, with_index):
             except ml.WeightsError as e:
                 out.append(["error", str(e)])
         print(json.dumps(out))
-    """, timeout=60)  # fmt: skip
+    """,
+        timeout=60,
+    )
     (load, load_err), (check, check_detail) = got
     assert load == "error" and "not a regular file" in load_err and target.name in load_err
     assert check == "problems" and "not a regular file" in check_detail
@@ -624,7 +680,8 @@ def test_7_verified_and_unmapped_loads_do_not_change_when_the_file_does(tmp_path
     ml.save_model(torch.nn.Linear(64, 64), str(path))
     uri = path / "data" / "weights.lance"
     weight, bias = data_file(uri, "weight"), data_file(uri, "bias")
-    got = in_subprocess(f"""
+    got = in_subprocess(
+        f"""
         import json, os, torch, mlflow_lance as ml
         ways = {{
             "verify=True": lambda: ml.load_state_dict({str(uri)!r}, verify=True),
@@ -639,7 +696,9 @@ def test_7_verified_and_unmapped_loads_do_not_change_when_the_file_does(tmp_path
         os.truncate({str(bias)!r}, 0)  # truncated
         same = {{k: all(torch.equal(sd[n], before[k][n]) for n in sd) for k, sd in loads.items()}}
         print(json.dumps(same))
-    """, timeout=90)  # fmt: skip
+    """,
+        timeout=90,
+    )
     assert got == {"verify=True": True, "load_model verify=True": True, "MLFLOW_LANCE_MMAP=0": True}
     OUTCOMES[("7 changed file", "correct")] += len(got)
 
@@ -733,10 +792,14 @@ def pristine(tmp_path_factory) -> Path:
 
 
 JSON = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.text(max_size=8) | st.sampled_from(
-        ["float32", "int32", "emb", "head", "bias", "scale", "../x"]),
-    lambda inner: st.lists(inner, max_size=3), max_leaves=6,
-)  # fmt: skip
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.text(max_size=8)
+    | st.sampled_from(["float32", "int32", "emb", "head", "bias", "scale", "../x"]),
+    lambda inner: st.lists(inner, max_size=3),
+    max_leaves=6,
+)
 COLUMN_VALUES = {
     "name": st.sampled_from(["emb", "bias", "scale", "head", "x", "", "emb\n"]),
     "chunk": st.integers(-2, 3),
@@ -749,12 +812,20 @@ COLUMN_VALUES = {
 }
 
 
-@settings(max_examples=40, deadline=None, derandomize=True, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture])  # reproducible counts
+@settings(
+    max_examples=40,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)  # reproducible counts
 @given(
     target=st.sampled_from(["index", "rows"]),
-    edits=st.lists(st.tuples(st.integers(0, 3), st.sampled_from(sorted(COLUMN_VALUES)), st.data()),
-                   min_size=1, max_size=3),
+    edits=st.lists(
+        st.tuples(st.integers(0, 3), st.sampled_from(sorted(COLUMN_VALUES)), st.data()),
+        min_size=1,
+        max_size=3,
+    ),
     payload_cut=st.sampled_from([None, 0, 1, 63]),
 )
 def test_fuzz_mutated_index_and_rows_never_load_unsafely(pristine, tmp_path_factory, target, edits, payload_cut):
@@ -829,8 +900,17 @@ def test_5_a_sidecar_that_does_not_parse_is_ignored(tmp_path, garbage):
     elif garbage == "fifo":
         os.mkfifo(path)
     else:
-        path.write_text(yaml.safe_dump({"runs": {"run1": 7}, "logged_models": [], "registered_models": {},
-                                        "pins": {}, "lance_latest_version": "x"}))
+        path.write_text(
+            yaml.safe_dump(
+                {
+                    "runs": {"run1": 7},
+                    "logged_models": [],
+                    "registered_models": {},
+                    "pins": {},
+                    "lance_latest_version": "x",
+                }
+            )
+        )
     import time
 
     before = path.read_bytes() if garbage != "fifo" else None

@@ -66,8 +66,9 @@ if mode == "straight":
 elif mode == "checkpoint":
     with mlflow.start_run() as run:
         loss = train(model, opt, sched, data, int(sys.argv[2]))
-        mlflow_lance.log_checkpoint(model, opt, step=int(sys.argv[2]), scheduler=sched, metrics={"loss": loss},
-                                    extra={"cursor": 1234})
+        mlflow_lance.log_checkpoint(
+            model, opt, step=int(sys.argv[2]), scheduler=sched, metrics={"loss": loss}, extra={"cursor": 1234}
+        )
     print(json.dumps({"run_id": run.info.run_id}))
 elif mode == "resume":
     state = mlflow_lance.load_checkpoint(sys.argv[3], model, opt, sched)

@@ -24,7 +24,14 @@ with mlflow.start_run() as run:
         time.sleep(0.001)
     info = mlflow_lance.log_model(model, name="model", registered_model_name=name)
 flavor = info.flavors["mlflow_lance"]
-print(json.dumps({
-    "run_id": run.info.run_id, "seed": seed, "uri": flavor["lance_uri"],
-    "lance_version": flavor["lance_version"], "model_version": str(info.registered_model_version),
-}))
+print(
+    json.dumps(
+        {
+            "run_id": run.info.run_id,
+            "seed": seed,
+            "uri": flavor["lance_uri"],
+            "lance_version": flavor["lance_version"],
+            "model_version": str(info.registered_model_version),
+        }
+    )
+)

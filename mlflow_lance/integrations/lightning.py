@@ -43,7 +43,13 @@ __all__ = ["MLflowLanceCheckpoint"]
 _URI_PREFIXES = ("models:/", "runs:/")
 _RNG_KEY = "mlflow_lance_rng"  # rides in the rebuilt Lightning dict from the IO to the callback
 # Not needed to resume fit (the module already exists) and often not storable without pickling.
-_NOT_STORED = ("state_dict", "hyper_parameters", "hparams_name", "hparams_type", "datamodule_hyper_parameters")
+_NOT_STORED = (
+    "state_dict",
+    "hyper_parameters",
+    "hparams_name",
+    "hparams_type",
+    "datamodule_hyper_parameters",
+)
 
 
 @dataclass(frozen=True)
@@ -73,10 +79,21 @@ class _MLflowLanceIO(CheckpointIO):
             return self.base.save_checkpoint(checkpoint, path, storage_options=storage_options)
         req = storage_options
         single = len(req.optimizers) == 1  # one optimizer: stored by parameter name with the weights
-        rest = {k: v for k, v in checkpoint.items() if k not in _NOT_STORED and not (single and k == "optimizer_states")}
-        ckpt.log_checkpoint(req.model, req.optimizers[0] if single else None, step=req.step, metrics=req.metrics,
-                            extra={"lightning": rest}, blocking=req.blocking, keep_last=req.keep_last,
-                            keep_best=req.keep_best, name=req.name, lance_uri=req.lance_uri)  # fmt: skip
+        rest = {
+            k: v for k, v in checkpoint.items() if k not in _NOT_STORED and not (single and k == "optimizer_states")
+        }
+        ckpt.log_checkpoint(
+            req.model,
+            req.optimizers[0] if single else None,
+            step=req.step,
+            metrics=req.metrics,
+            extra={"lightning": rest},
+            blocking=req.blocking,
+            keep_last=req.keep_last,
+            keep_best=req.keep_best,
+            name=req.name,
+            lance_uri=req.lance_uri,
+        )
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         if not str(path).startswith(_URI_PREFIXES):
@@ -197,8 +214,13 @@ class MLflowLanceCheckpoint(Checkpoint):
     # ------------------------------------------------------------------ saving
 
     def _save(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if (self.save_top_k == 0 or trainer.fast_dev_run or trainer.sanity_checking
-                or trainer.state.fn != TrainerFn.FITTING or self._last_step_saved == trainer.global_step):  # fmt: skip
+        if (
+            self.save_top_k == 0
+            or trainer.fast_dev_run
+            or trainer.sanity_checking
+            or trainer.state.fn != TrainerFn.FITTING
+            or self._last_step_saved == trainer.global_step
+        ):
             return
         metrics = None
         if self.monitor is not None:
@@ -213,7 +235,16 @@ class MLflowLanceCheckpoint(Checkpoint):
         keep = self.save_top_k if self.save_top_k > 0 else None
         keep_best = (self.monitor, self.mode, keep) if keep and self.monitor else None
         keep_last = 1 if keep_best and self.save_last else (keep if keep and not self.monitor else None)
-        request = _LogRequest(pl_module, list(trainer.optimizers), trainer.global_step, metrics, keep_last,
-                              keep_best, self.blocking, self.name, self.lance_uri)  # fmt: skip
+        request = _LogRequest(
+            pl_module,
+            list(trainer.optimizers),
+            trainer.global_step,
+            metrics,
+            keep_last,
+            keep_best,
+            self.blocking,
+            self.name,
+            self.lance_uri,
+        )
         self._last_step_saved = trainer.global_step
         trainer.save_checkpoint(f"{self.name}@step={trainer.global_step}", storage_options=request)

@@ -82,8 +82,14 @@ class MLflowLanceTrainerCallback(TrainerCallback):
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
         self._take_save(args, state, control, kwargs)
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                    metrics: dict[str, float] | None = None, **kwargs) -> None:  # fmt: skip
+    def on_evaluate(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        metrics: dict[str, float] | None = None,
+        **kwargs,
+    ) -> None:
         if self._after_evaluation is not None:
             objects, self._after_evaluation = self._after_evaluation, None
             self._log(args, state, control, objects, metrics or {})
@@ -102,8 +108,14 @@ class MLflowLanceTrainerCallback(TrainerCallback):
             self._log(args, state, control, objects, {})
         control.should_save = False
 
-    def _log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, objects: dict,
-             metrics: dict[str, float]) -> None:  # fmt: skip
+    def _log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        objects: dict,
+        metrics: dict[str, float],
+    ) -> None:
         keep_last, keep_best, scored = args.save_total_limit, None, None
         if args.metric_for_best_model:
             key = args.metric_for_best_model
@@ -116,17 +128,27 @@ class MLflowLanceTrainerCallback(TrainerCallback):
         state.stateful_callbacks["TrainerControl"] = control.state()  # as the Trainer stores it with a checkpoint
         if not args.should_save:  # not the main process
             return
-        ckpt.log_checkpoint(objects["model"], objects["optimizer"], step=state.global_step,
-                            scheduler=objects.get("lr_scheduler"), metrics=scored,
-                            extra={_STATE_KEY: json.dumps(dataclasses.asdict(state), sort_keys=True)},
-                            blocking=self.blocking, keep_last=keep_last, keep_best=keep_best,
-                            name=self.name, lance_uri=self.lance_uri)  # fmt: skip
+        ckpt.log_checkpoint(
+            objects["model"],
+            objects["optimizer"],
+            step=state.global_step,
+            scheduler=objects.get("lr_scheduler"),
+            metrics=scored,
+            extra={_STATE_KEY: json.dumps(dataclasses.asdict(state), sort_keys=True)},
+            blocking=self.blocking,
+            keep_last=keep_last,
+            keep_best=keep_best,
+            name=self.name,
+            lance_uri=self.lance_uri,
+        )
 
 
 def _evaluates_at_every_save(args: TrainingArguments) -> bool:
     if args.eval_strategy != args.save_strategy:
         return False
-    return args.save_strategy != IntervalStrategy.STEPS or args.save_steps % (args.eval_steps or args.logging_steps) == 0
+    return (
+        args.save_strategy != IntervalStrategy.STEPS or args.save_steps % (args.eval_steps or args.logging_steps) == 0
+    )
 
 
 def resume_training(trainer: Trainer, uri: str, **train_kwargs: Any) -> Any:
