@@ -17,6 +17,7 @@ __version__ = "0.2.0"  # the one place the version is written (pyproject.toml re
 
 _EXPORTS = {
     "store": [
+        "CommittedError",
         "CorruptionError",
         "Diff",
         "GcReport",
@@ -90,6 +91,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs (the names __all__ lists, import
     from .loading import load_state_dict
     from .registry import SyncReport, register_model, sync
     from .store import (
+        CommittedError,
         CorruptionError,
         Diff,
         GcReport,

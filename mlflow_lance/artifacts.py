@@ -24,18 +24,12 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from urllib.parse import urlparse
 
+from .dataset import Dataset
+
 ROOT_ENV = "MLFLOW_LANCE_ROOT"
-
-
-@dataclass(frozen=True)
-class Location:
-    """A dataset URI plus the storage options needed to open it (never persisted)."""
-
-    uri: str
-    storage_options: dict[str, str] = field(default_factory=dict, repr=False)
 
 
 def safe_name(name: str, suffix: str | None = None) -> str:
@@ -53,7 +47,20 @@ def safe_name(name: str, suffix: str | None = None) -> str:
     return f"{slug}-{suffix or hashlib.sha256(name.encode()).hexdigest()[:10]}"
 
 
-def storage_options_for(uri: str) -> dict[str, str]:
+def is_dataset_target(target: str) -> bool:
+    """Whether a command's TARGET names a dataset (a URI, an existing path, or a path ending
+    in ``.lance``) rather than a registered model: the one rule for gc, sync and the CLI."""
+    return "://" in target or os.path.exists(target) or target.endswith(".lance")
+
+
+def options(uri: str, explicit: Mapping[str, str] | None = None) -> dict[str, str] | None:
+    """The storage options dataset ``uri`` is opened with, by one rule everywhere: those the
+    environment MLflow itself reads gives for its scheme, updated key by key by ``explicit``
+    ones (which win); None when there are none. Never persisted."""
+    return {**_from_environment(uri), **dict(explicit or {})} or None
+
+
+def _from_environment(uri: str) -> dict[str, str]:
     """Lance storage options for ``uri`` from the environment MLflow itself reads."""
     scheme = urlparse(uri).scheme
     opts: dict[str, str] = {}
@@ -137,9 +144,9 @@ def dataset_location(
     artifact_location: str | None,
     experiment_id: str | None,
     lance_uri: str | None = None,
-    storage_options: dict[str, str] | None = None,
+    storage_options: Mapping[str, str] | None = None,
     binding: str | None = None,
-) -> Location:
+) -> Dataset:
     """Where the weights of ``model_name`` go (see the module docstring for the rules)."""
     if lance_uri:
         uri = to_lance_uri(os.fspath(lance_uri))
@@ -149,6 +156,4 @@ def dataset_location(
         root = lance_root(artifact_location, experiment_id)
         sub = "models" if registered else f"experiments/{experiment_id or '0'}"
         uri = f"{root}/{sub}/{safe_name(model_name, binding)}.lance"
-    opts = storage_options_for(uri)
-    opts.update(storage_options or {})
-    return Location(uri, opts)
+    return Dataset(uri, options(uri, storage_options))

@@ -529,8 +529,8 @@ def _resolve(uri: str) -> str:
     """``runs:/<run id>/<name>`` names the run's latest checkpoint (by step); else as is."""
     if not uri.startswith("runs:"):
         return uri
-    run_id, _, name = uri[len("runs:") :].lstrip("/").partition("/")
-    models = _checkpoints(MlflowClient(), run_id, name.rstrip("/") or CHECKPOINT_NAME)
+    run_id, name = lifecycle.runs_uri(uri)
+    models = _checkpoints(MlflowClient(), run_id, name or CHECKPOINT_NAME)
     if not models:
         raise store.VersionNotFoundError(f"run {run_id!r} has no finished checkpoint named {name!r}")
     latest = max(models, key=lambda m: (m.creation_timestamp, int(m.tags[_STEP_TAG])))  # the last written

@@ -113,7 +113,9 @@ def _duration(unit: str) -> Callable[[str], timedelta]:
 
 def _resolve(target: str) -> str:
     """A dataset URI for TARGET (a URI or path as is; else a registered model's dataset)."""
-    if "://" in target or os.path.exists(target) or target.endswith(".lance"):  # as lifecycle.looks_like_dataset
+    from .artifacts import is_dataset_target
+
+    if is_dataset_target(target):
         return target
     from .registry import dataset_for_model
 
@@ -121,9 +123,9 @@ def _resolve(target: str) -> str:
 
 
 def _opts(uri: str) -> dict[str, str] | None:
-    from .artifacts import storage_options_for
+    from .artifacts import options
 
-    return storage_options_for(uri) or None
+    return options(uri)
 
 
 def _table(rows: list[dict], columns: Sequence[str]) -> str:

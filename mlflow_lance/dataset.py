@@ -45,26 +45,57 @@ def lance_error(uri: str, err: BaseException, what: str, elapsed: float = 0.0) -
     )
 
 
-def lance_call(call: Callable[[], T], uri: str, what: str, *, retry_vanished: bool = True) -> T:
-    """``call()``, a read of ``what`` of dataset ``uri`` through Lance, with Lance's failures
-    turned into this package's errors (``lance_error``). That includes a Rust panic while a
-    manifest is decoded (``PanicException``, a BaseException that ``except Exception`` misses;
-    a crafted schema type does it). ``retry_vanished``: retried while what it reads vanishes
-    under it (another gc removing a version or a tag between Lance's listing and its read)."""
-    started = time.monotonic()
-    for attempt in range(8):
+def retrying(
+    call: Callable[[], T],
+    *,
+    retry: Callable[[Exception], bool],
+    attempts: int,
+    pause: float,
+    between: Callable[[], object] | None = None,
+) -> T:
+    """``call()``, called again while it raises an error ``retry`` accepts, at most ``attempts``
+    times, after a jittered pause that doubles each time (from ``pause`` seconds, up to 64x)
+    and ``between()``; the last error otherwise. The one retry loop of the package: concurrent
+    commits, tags moved by another writer, files another gc removed under a listing."""
+    for attempt in range(attempts):
         try:
             return call()
-        except (WeightsError, ConnectionError, FileNotFoundError):
-            raise
-        except BaseException as err:
-            if not isinstance(err, (ValueError, OSError, RuntimeError)) and type(err).__name__ != "PanicException":
+        except Exception as err:
+            if not retry(err) or attempt == attempts - 1:
                 raise
-            text = str(err).lower()
-            if not retry_vanished or ("not found" not in text and "no such file" not in text) or attempt == 7:
-                raise lance_error(uri, err, what, time.monotonic() - started) from None
-            time.sleep(JITTER.uniform(0, 0.005 * 2**attempt))
+            time.sleep(JITTER.uniform(0, pause * 2 ** min(attempt, 6)))
+            if between is not None:
+                between()
     raise AssertionError("unreachable")
+
+
+def _lance_failure(err: BaseException) -> bool:
+    """An error Lance raised about a dataset (as opposed to one of ours, or an interrupt); a
+    Rust panic is a ``PanicException``, a BaseException that ``except Exception`` misses."""
+    return (
+        isinstance(err, (ValueError, OSError, RuntimeError))
+        and not isinstance(err, (WeightsError, ConnectionError, FileNotFoundError))
+    ) or type(err).__name__ == "PanicException"
+
+
+def _vanished(err: Exception) -> bool:
+    text = str(err).lower()
+    return _lance_failure(err) and ("not found" in text or "no such file" in text)
+
+
+def lance_call(call: Callable[[], T], uri: str, what: str, *, retry_vanished: bool = True) -> T:
+    """``call()``, a read or write of ``what`` of dataset ``uri`` through Lance, with Lance's
+    failures turned into this package's errors (``lance_error``), a Rust panic while a manifest
+    is decoded (a crafted schema type) included. ``retry_vanished``: retried while what it
+    reads vanishes under it (another gc removing a version or a tag between Lance's listing
+    and its read)."""
+    started = time.monotonic()
+    try:
+        return retrying(call, retry=_vanished if retry_vanished else (lambda err: False), attempts=8, pause=0.005)
+    except BaseException as err:
+        if _lance_failure(err):
+            raise lance_error(uri, err, what, time.monotonic() - started) from None
+        raise
 
 
 def open_lance(uri: str, storage_options: StorageOptions = None) -> lance.LanceDataset:
@@ -106,6 +137,9 @@ class Dataset:
         self.uri = os.fspath(uri)
         self.storage_options = storage_options
         self._lance: lance.LanceDataset | None = None
+
+    def __repr__(self) -> str:  # never the storage options: they hold credentials
+        return f"Dataset({self.uri!r})"
 
     @classmethod
     def of(cls, uri: str | os.PathLike | Dataset, storage_options: StorageOptions = None) -> Dataset:

@@ -58,10 +58,12 @@ from mlflow.utils.model_utils import (
 from mlflow.utils.validation import _validate_model_name
 
 from . import __version__, lifecycle, modeldir, registry, store, tree
-from .artifacts import Location, dataset_location, storage_options_for
+from .artifacts import dataset_location, options
+from .dataset import Dataset
+from .errors import after_commit
 from .fs import read_bytes
 from .modeldir import FLAVOR_NAME
-from .sidecar import legacy_run_pin, model_pin
+from .sidecar import model_pin, run_pin
 from .skeleton import (
     SKELETON_FILE,
     build_from_factory,
@@ -283,19 +285,19 @@ def _removed_on_failure(path: str) -> Iterator[None]:
         raise
 
 
-def _weights_location(path: str, lance_uri: str | None, storage_options: Mapping[str, str] | None) -> Location:
+def _weights_location(path: str, lance_uri: str | None, storage_options: Mapping[str, str] | None) -> Dataset:
     """Where the weights go: ``lance_uri`` (a local path made absolute, so that the pointer does
     not depend on the cwd), else a dataset inside the model directory."""
     if not lance_uri:
-        return Location(os.path.join(path, _DATA_SUBPATH, "weights.lance"))
+        return Dataset(os.path.join(path, _DATA_SUBPATH, "weights.lance"))
     if "://" not in os.fspath(lance_uri):
         lance_uri = os.path.abspath(lance_uri)
-    return Location(os.fspath(lance_uri), dict(storage_options or {}))
+    return Dataset(os.fspath(lance_uri), options(os.fspath(lance_uri), storage_options))
 
 
 def _save_weights(
     prepared: store.Prepared,
-    location: Location,
+    location: Dataset,
     mlflow_model: Model,
     message: str | None,
     lance_properties: Mapping[str, str] | None,
@@ -313,14 +315,14 @@ def _save_weights(
         location.uri,
         message=message or (f"mlflow run {mlflow_model.run_id}" if mlflow_model.run_id else None),
         properties={k: v for k, v in properties.items() if v},
-        storage_options=location.storage_options or None,
+        storage_options=location.storage_options,
     )
 
 
 def _describe_model(
     path: str,
     mlflow_model: Model,
-    location: Location,
+    location: Dataset,
     info: store.VersionInfo,
     conf: dict,
     env: tuple,
@@ -332,9 +334,9 @@ def _describe_model(
     goes, and the error names the version that nothing references now."""
     try:
         model_id = getattr(mlflow_model, "model_id", None)
-        pin = model_pin(model_id) if model_id else legacy_run_pin(mlflow_model.run_id) if mlflow_model.run_id else None
+        pin = model_pin(model_id) if model_id else run_pin(mlflow_model.run_id) if mlflow_model.run_id else None
         if pin:  # before anything else: from here on gc keeps this version
-            store.tag(location.uri, pin, info.version, storage_options=location.storage_options or None)
+            store.tag(location.uri, pin, info.version, storage_options=location.storage_options)
         _write_pointer(path, "weights.lance" if self_contained else location.uri, info.version)
         mlflow_model.add_flavor(
             FLAVOR_NAME,
@@ -366,10 +368,13 @@ def _describe_model(
         shutil.rmtree(path, ignore_errors=True)
         if not isinstance(err, Exception):  # KeyboardInterrupt, SystemExit: as they are
             raise
-        raise RuntimeError(
+        raise after_commit(
+            err,
             f"saving the model failed after its weights were committed as version "
             f"{info.version} of {location.uri}; no run or model references that version, "
-            f"and mlflow_lance.gc() can remove it. Cause: {err}"
+            f"and mlflow_lance.gc() can remove it. Cause: {err}",
+            uri=location.uri,
+            version=info.version,
         ) from err
 
 
@@ -417,6 +422,14 @@ def _write_small_files(
     return conf
 
 
+def _refuse_unknown(function: str, given: Mapping[str, Any], accepted: set[str]) -> None:
+    """TypeError, worded as Python's, for keyword arguments outside those mlflow.pytorch's
+    ``function`` passes through (which are accepted, and change nothing)."""
+    unknown = sorted(set(given) - accepted)
+    if unknown:
+        raise TypeError(f"{function}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+
+
 def _check_pytorch_options(serialization_format: str | None, torch_save_kwargs: Mapping[str, Any]) -> None:
     if serialization_format not in (None, "pickle"):
         raise ValueError(
@@ -425,9 +438,7 @@ def _check_pytorch_options(serialization_format: str | None, torch_save_kwargs: 
             f"serialization_format='pickle' or leave it out), a TorchScript program (pass a "
             f"torch.jit.script/trace module) or a model_factory that loads without pickle"
         )
-    unknown = sorted(set(torch_save_kwargs) - _TORCH_SAVE_OPTIONS)
-    if unknown:
-        raise TypeError(f"save_model() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    _refuse_unknown("save_model", torch_save_kwargs, _TORCH_SAVE_OPTIONS)
 
 
 def _program_without_weights(module: torch.jit.ScriptModule) -> bytes:
@@ -483,7 +494,7 @@ def _write_environment(path: str, conda_env: dict, pip_requirements: list, pip_c
 
 def _write_pointer(path: str, uri: str, version: int) -> None:
     with open(os.path.join(path, _DATA_SUBPATH, _POINTER_FILE), "w") as f:
-        yaml.safe_dump({"lance_uri": uri, "lance_version": int(version)}, f)
+        f.write(modeldir.pointer_text(uri, version))
 
 
 def log_model(
@@ -573,7 +584,7 @@ def _log(
         lance_properties=_logged_properties(step, experiment_id, registered_model_name, binding),
         **kwargs,
     )
-    registry.after_log(info, registered_model_name, binding, location.storage_options or None)
+    registry.after_log(info, registered_model_name, binding, location.storage_options)
     return info
 
 
@@ -599,7 +610,7 @@ def _location_for(
     lance_uri: str | None,
     storage_options,
     run_id: str | None = None,
-) -> tuple[Location, str, str | None]:
+) -> tuple[Dataset, str, str | None]:
     """Where the weights go, the experiment, and the registered model's binding (see lifecycle.py).
 
     A registered model writes to the dataset it is bound to for its whole life (renames
@@ -661,7 +672,7 @@ def _load_from_local(
     conf = modeldir.flavor_conf(local_path)
     uri, version = modeldir.pointer(local_path)
     device = torch.device(map_location) if map_location is not None else torch.device("cpu")
-    opts = storage_options_for(uri) or None
+    opts = options(uri)
     saved_with = str(conf.get("pytorch_version", ""))
     saved_with = saved_with if re.fullmatch(r"[0-9][0-9A-Za-z.+_-]{0,40}", saved_with) else "unknown"
     if conf.get("pytorch_version") and saved_with != str(torch.__version__):
@@ -743,9 +754,7 @@ def load_model(
     passes through (``weights_only``, ``pickle_module``, ``mmap``, ``encoding``) are
     accepted; weights are never unpickled, so they change nothing.
     """
-    unknown = sorted(set(torch_load_kwargs) - _TORCH_LOAD_OPTIONS)
-    if unknown:
-        raise TypeError(f"load_model() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    _refuse_unknown("load_model", torch_load_kwargs, _TORCH_LOAD_OPTIONS)
     if device is not None and map_location is not None and torch.device(device) != torch.device(map_location):
         raise ValueError(f"device={device!r} and map_location={map_location!r} disagree; pass one")
     map_location = map_location if map_location is not None else device
@@ -790,7 +799,7 @@ def model_state_dict(
             version,
             map_location=map_location,
             names=names,
-            storage_options=storage_options_for(dataset) or None,
+            storage_options=options(dataset),
             verify=verify,
         )
 
@@ -861,9 +870,7 @@ def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: 
     ``load_state_dict("runs:/<run id>/<artifact_path>")`` reads it back. torch.save's
     options are accepted and change nothing (nothing is pickled).
     """
-    unknown = sorted(set(kwargs) - _TORCH_SAVE_OPTIONS - {"pickle_module"})
-    if unknown:
-        raise TypeError(f"log_state_dict() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}")
+    _refuse_unknown("log_state_dict", kwargs, _TORCH_SAVE_OPTIONS | {"pickle_module"})
     run = mlflow.active_run() or mlflow.start_run()
     experiment_id = run.info.experiment_id
     location = dataset_location(
@@ -881,17 +888,17 @@ def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: 
             "mlflow.artifact_path": artifact_path,
             "mlflow.experiment_id": str(experiment_id),
         },
-        storage_options=location.storage_options or None,
+        storage_options=location.storage_options,
     )
     store.tag(
         location.uri,
-        legacy_run_pin(run.info.run_id),
+        run_pin(run.info.run_id),
         info.version,
-        storage_options=location.storage_options or None,
+        storage_options=location.storage_options,
     )
     with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as tmp:
         with open(os.path.join(tmp, _STATE_DICT_POINTER), "w", encoding="utf-8") as f:
-            yaml.safe_dump({"lance_uri": location.uri, "lance_version": info.version}, f)
+            f.write(modeldir.pointer_text(location.uri, info.version))
         mlflow.log_artifact(os.path.join(tmp, _STATE_DICT_POINTER), artifact_path)
 
 

@@ -41,7 +41,7 @@ from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
 from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
 from . import modeldir, sidecar, store
-from .artifacts import ROOT_ENV, lance_root, storage_options_for
+from .artifacts import ROOT_ENV, is_dataset_target, lance_root, options
 from .fs import list_dirs, local_path
 from .modeldir import FLAVOR_NAME
 
@@ -64,17 +64,24 @@ def model_dir_uri(uri: str) -> str:
     if uri.startswith("models:"):
         return ModelsArtifactRepository.get_underlying_uri(uri)
     if uri.startswith("runs:"):
-        run_id, _, name = uri[len("runs:") :].lstrip("/").partition("/")
+        run_id, name = runs_uri(uri)
         client = MlflowClient()
         experiment_id = client.get_run(run_id).info.experiment_id
         models = client.search_logged_models(
-            experiment_ids=[experiment_id], filter_string=f"name = {quote_filter(name.rstrip('/'))}"
+            experiment_ids=[experiment_id], filter_string=f"name = {quote_filter(name)}"
         )
         matches = [m for m in models if m.source_run_id == run_id]
         if matches:
             newest = max(matches, key=lambda m: m.creation_timestamp)
             return ModelsArtifactRepository.get_underlying_uri(f"models:/{newest.model_id}")
     return uri
+
+
+def runs_uri(uri: str) -> tuple[str, str]:
+    """(run id, artifact path) of a ``runs:/<run id>/<path>`` URI (the path without slashes
+    at its ends; empty if the URI names none)."""
+    run_id, _, name = uri[len("runs:") :].lstrip("/").partition("/")
+    return run_id, name.strip("/")
 
 
 def flavor_conf(model_uri: str) -> dict | None:
@@ -139,14 +146,24 @@ def binding_id(name: str, creation_timestamp: int | None) -> str:
     return hashlib.sha256(f"{name}\0{creation_timestamp}".encode()).hexdigest()[:12]
 
 
-def _set_tag(client: MlflowClient, name: str, key: str, value: str) -> None:
-    """Set a registered-model tag that concurrent writers set to the same value (a racing
-    insert of the same key may fail on some backends; re-read before giving up)."""
+def racing_set(set_tag: Callable[[], object], now: Callable[[], str | None], value: str) -> None:
+    """``set_tag()``, the set of a tag that concurrent writers may be setting to the same
+    value: a racing insert of the same key fails on some backends, which is fine when the
+    value it wanted is there (``now()`` re-reads it); "not found" and anything else raise."""
     try:
-        client.set_registered_model_tag(name, key, value)
-    except MlflowException:
-        if (client.get_registered_model(name).tags or {}).get(key) != value:
+        set_tag()
+    except MlflowException as err:
+        if not_found(err) or now() != value:
             raise
+
+
+def _set_tag(client: MlflowClient, name: str, key: str, value: str) -> None:
+    """Set a registered-model tag that concurrent writers set to the same value."""
+    racing_set(
+        lambda: client.set_registered_model_tag(name, key, value),
+        lambda: (client.get_registered_model(name).tags or {}).get(key),
+        value,
+    )
 
 
 def bind(client: MlflowClient, name: str, *, create: bool = False) -> tuple[str, Any]:
@@ -285,7 +302,7 @@ class References:
         """True if this tracking server has the experiment (in any lifecycle stage)."""
         return _found(self.client.get_experiment, experiment_id)
 
-    def knows(self, infos: list[store.VersionInfo], p: Plan) -> bool:
+    def knows(self, infos: list[store.VersionInfo], p: Survey) -> bool:
         """Whether this tracking server is the one that logged these versions: something it
         references lives there, or it has their experiment or one of their runs. If not,
         "not found" means "wrong server", and nothing may be judged unreferenced."""
@@ -365,7 +382,7 @@ class ForeignDataset(LookupError):
 
 
 @dataclass
-class Plan:
+class Survey:
     """The pins a dataset must carry according to MLflow, and what nothing references."""
 
     dataset: str
@@ -379,7 +396,7 @@ class Plan:
     unbound: dict[str, str] = field(default_factory=dict)  # pin -> model whose binding tag it needs
 
 
-def plan(uri: str, refs: References, opts: Mapping[str, str] | None = None) -> Plan:
+def survey(uri: str, refs: References, opts: Mapping[str, str] | None = None) -> Survey:
     """Compare dataset ``uri``'s pins with what MLflow references.
 
     The order is what makes gc safe against registry operations made while it runs: the pins
@@ -391,7 +408,7 @@ def plan(uri: str, refs: References, opts: Mapping[str, str] | None = None) -> P
     """
     pins = {t: v for t, v in store.tags(uri, storage_options=opts).items() if sidecar.is_pin(t)}
     infos = store.versions(uri, storage_options=opts)
-    p = Plan(uri, [v.version for v in infos])
+    p = Survey(uri, [v.version for v in infos])
     by_model = p.by_model
     for info in infos:
         model_id = info.properties.get("mlflow.model_id")
@@ -406,7 +423,7 @@ def plan(uri: str, refs: References, opts: Mapping[str, str] | None = None) -> P
         run_id = info.properties.get("mlflow.run_id")
         if run_id and not info.properties.get("mlflow.model_id") and refs.run_live(run_id):
             p.referenced.setdefault(info.version, []).append(f"run {run_id}")
-            p.desired[sidecar.legacy_run_pin(run_id)] = info.version  # the run's newest such version
+            p.desired[sidecar.run_pin(run_id)] = info.version  # the run's newest such version
     refs.reread()
     unknown_bindings = _model_version_pins(p, refs)
     for pin, version in pins.items():
@@ -430,7 +447,7 @@ def plan(uri: str, refs: References, opts: Mapping[str, str] | None = None) -> P
     return p
 
 
-def _model_version_pins(p: Plan, refs: References) -> dict[str, set[str]]:
+def _model_version_pins(p: Survey, refs: References) -> dict[str, set[str]]:
     """Add the pin of every model version whose weights are in this dataset to ``p.desired``;
     binding -> the model versions whose target could not be told (their pins are kept)."""
     unknown: dict[str, set[str]] = {}
@@ -459,7 +476,7 @@ def _model_version_pins(p: Plan, refs: References) -> dict[str, set[str]]:
 
 
 def apply_pins(
-    p: Plan, refs: References, opts: Mapping[str, str] | None, scope: Callable[[str], bool] = lambda pin: True
+    p: Survey, refs: References, opts: Mapping[str, str] | None, scope: Callable[[str], bool] = lambda pin: True
 ) -> tuple[list[str], list[str]]:
     """Set the desired pins and remove the stale ones (within ``scope``); (pinned, unpinned).
 
@@ -541,8 +558,8 @@ def gc_dataset(
     that are older than ``grace`` (what killed saves left). See ``plan`` for the order of the
     reads that keeps this safe while the registry changes.
     """
-    opts = storage_options if storage_options is not None else (storage_options_for(uri) or None)
-    p = plan(uri, refs, opts)
+    opts = options(uri, storage_options)
+    p = survey(uri, refs, opts)
     pinned, unpinned = ([], list(p.stale)) if dry_run else apply_pins(p, refs, opts)
     policy = keep_last is not None or older_than is not None
     pool = set(p.versions) if policy else p.from_mlflow
@@ -557,7 +574,7 @@ def gc_dataset(
         dry_run=dry_run,
     )
     if not dry_run and (report.removed_versions or pinned or unpinned):
-        sidecar.refresh(uri, opts, names=refs.bindings())
+        sidecar.refresh(uri, opts, model_names=refs.bindings())
     return GcResult(
         uri,
         report.removed_versions,
@@ -569,11 +586,6 @@ def gc_dataset(
         orphan_files=report.orphan_files,
         orphan_bytes=report.orphan_bytes,
     )
-
-
-def looks_like_dataset(target: str) -> bool:
-    """A URI or an existing path (as opposed to a registered model name)."""
-    return "://" in target or os.path.exists(target)
 
 
 def gc(
@@ -597,9 +609,9 @@ def gc(
     saved with ``lance_uri=`` and registered) are kept when a tracking server is configured,
     and with none configured the store's rules alone apply.
     """
-    if not all and target is not None and looks_like_dataset(os.fspath(target)):
+    if not all and target is not None and is_dataset_target(os.fspath(target)):
         uri = os.fspath(target)
-        opts = dict(storage_options or {}) or storage_options_for(uri) or None
+        opts = options(uri, storage_options)
         if not is_tracking_uri_set() and not is_managed(uri, opts):  # the cheap check first
             r = store.gc(
                 uri,
@@ -624,7 +636,7 @@ def gc(
             ]
     refs = References(assume_logged_here=assume_logged_here)
     results = []
-    explicit = not all and target is not None and looks_like_dataset(os.fspath(target))
+    explicit = not all and target is not None and is_dataset_target(os.fspath(target))
     roots = [] if explicit else lance_roots(refs.client)
     for u in datasets_for(target, refs, all=all):
         # keep_last / older_than remove versions nothing in MLflow speaks for: only in a dataset
@@ -737,7 +749,7 @@ def lance_roots(client: MlflowClient) -> list[str]:
 def _datasets_under_roots(refs: References) -> list[str]:
     found = []
     for root in lance_roots(refs.client):
-        opts = storage_options_for(root) or None
+        opts = options(root)
         found += [d for d in list_dirs(f"{root}/models", opts) if d.endswith(".lance")]
         for exp in list_dirs(f"{root}/experiments", opts):
             found += [d for d in list_dirs(exp, opts) if d.endswith(".lance")]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from . import store
-from .artifacts import storage_options_for
+from .artifacts import options
 
 _MLFLOW_SCHEMES = ("runs", "models", "mlflow-artifacts")
 
@@ -57,7 +57,7 @@ def load_state_dict(
         from .flavor import model_state_dict as from_model
 
         return from_model(uri, version, map_location=map_location, names=names, verify=verify)
-    opts = dict(storage_options or {}) or storage_options_for(uri) or None
+    opts = options(uri, storage_options)
     if run_id is not None:
         if version is not None:
             raise ValueError("pass either version= or run_id=, not both")

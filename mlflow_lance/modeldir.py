@@ -145,6 +145,13 @@ def parse_pointer(data: bytes, where: str) -> tuple[str, int]:
     return uri, version
 
 
+def pointer_text(uri: str, version: int) -> str:
+    """A pointer file's content: the Lance URI and version of a model's weights."""
+    import yaml
+
+    return yaml.safe_dump({"lance_uri": uri, "lance_version": int(version)})
+
+
 def pointer(model_dir: str) -> tuple[str, int]:
     """(Lance URI, version) the directory's weights are; a relative URI is a dataset inside
     the directory (a self-contained model), confined like every other file of it."""

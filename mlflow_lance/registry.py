@@ -36,7 +36,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 
 from . import lifecycle, sidecar, store
-from .artifacts import storage_options_for
+from .artifacts import is_dataset_target, options
 from .lifecycle import DATASET_TAG, FLAVOR_NAME, References, flavor_conf
 
 HISTORY_MARKER = "<!-- mlflow-lance history -->"
@@ -206,11 +206,11 @@ def _present_version(
     for key, value in tags.items():
         if have.get(key) == value:
             continue
-        try:
-            client.set_model_version_tag(name, version, key, value)
-        except MlflowException as err:
-            if lifecycle.not_found(err) or (client.get_model_version(name, version).tags or {}).get(key) != value:
-                raise
+        lifecycle.racing_set(
+            lambda key=key, value=value: client.set_model_version_tag(name, version, key, value),
+            lambda key=key: (client.get_model_version(name, version).tags or {}).get(key),
+            value,
+        )
         wrote = True
     description = _describe(conf)
     if current is None or current.description != description:
@@ -263,7 +263,7 @@ def after_log(
         sidecar.refresh,
         uri,
         opts,
-        names={binding: registered_model_name} if registered else None,
+        model_names={binding: registered_model_name} if registered else None,
     )
 
 
@@ -307,7 +307,7 @@ def _bookkeep_version(client: MlflowClient, name: str, version: str, binding: st
         uri,
         sidecar.model_version_pin(binding, version),
         int(conf["lance_version"]),
-        storage_options_for(uri) or None,
+        options(uri),
     )
     _present_version(client, name, version, conf)
     return True
@@ -337,18 +337,22 @@ def register_model(model_uri: str, name: str, **kwargs: Any) -> ModelVersion:
         return mv
     if conf is not None:
         uri = conf["lance_uri"]
-        opts = storage_options_for(uri) or None
+        opts = options(uri)
         _pin(uri, sidecar.model_version_pin(binding, version), int(conf["lance_version"]), opts)
         _for_the_ui(f"describing model version {version} of {name!r}", _present_version, client, name, version, conf)
         _for_the_ui(f"the version history of {name!r}", _bind_and_write_history, client, name, binding, uri)
-        _for_the_ui(f"refreshing the sidecar of {uri}", sidecar.refresh, uri, opts, names={binding: name})
+        _for_the_ui(f"refreshing the sidecar of {uri}", sidecar.refresh, uri, opts, model_names={binding: name})
     return mv
 
 
 def _bind_dataset(client: MlflowClient, name: str, uri: str) -> None:
     """Bind registered model ``name`` to dataset ``uri`` (where its later versions are logged)."""
     for key, value in _fitting({DATASET_TAG: uri}, limits().registered_model_tag, f"registered model {name!r}").items():
-        client.set_registered_model_tag(name, key, value)
+        lifecycle.racing_set(
+            lambda: client.set_registered_model_tag(name, key, value),
+            lambda: (client.get_registered_model(name).tags or {}).get(key),
+            value,
+        )
 
 
 def _bind_and_write_history(client: MlflowClient, name: str, binding: str, uri: str) -> None:
@@ -358,7 +362,7 @@ def _bind_and_write_history(client: MlflowClient, name: str, binding: str, uri: 
     if not bound:
         _bind_dataset(client, name, uri)
         bound = uri
-    write_history(name, binding, bound, storage_options_for(bound) or None)
+    write_history(name, binding, bound, options(bound))
 
 
 def write_history(
@@ -484,8 +488,8 @@ def sync(target: str | os.PathLike | None = None, *, all: bool = False) -> list[
     if target is None:
         raise ValueError("name a registered model or a dataset URI, or pass all=True")
     target = os.fspath(target)
-    if lifecycle.looks_like_dataset(target) or target not in refs.registered:
-        if not lifecycle.looks_like_dataset(target):
+    if is_dataset_target(target) or target not in refs.registered:
+        if not is_dataset_target(target):
             raise LookupError(f"{target!r} is neither a registered model nor a dataset URI that exists")
         return [_sync_dataset(target, refs, full=True)]
     return _sync_model(target, refs)
@@ -499,13 +503,13 @@ def _changed_underneath(err: MlflowException) -> str:
 
 
 def _sync_dataset(uri: str, refs: References, *, full: bool) -> SyncReport:
-    opts = storage_options_for(uri) or None
+    opts = options(uri)
     report = SyncReport(dataset=uri)
     try:
         if full:
-            p = lifecycle.plan(uri, refs, opts)
+            p = lifecycle.survey(uri, refs, opts)
             report.pinned, report.unpinned = lifecycle.apply_pins(p, refs, opts)
-        doc = sidecar.refresh(uri, opts, force=True, names=refs.bindings())
+        doc = sidecar.refresh(uri, opts, force=True, model_names=refs.bindings())
         report.runs = len(doc["runs"])
         report.reindexed = store.reindex(uri, storage_options=opts)
     except MlflowException as err:
@@ -540,8 +544,8 @@ def _reconcile_model(name: str, refs: References, reports: list[SyncReport]) -> 
         _bind_dataset(client, name, bound)
     own_versions = sidecar.model_version_pin(binding, "")
     for report in reports:
-        opts = storage_options_for(report.dataset) or None
-        p = lifecycle.plan(report.dataset, refs, opts)
+        opts = options(report.dataset)
+        p = lifecycle.survey(report.dataset, refs, opts)
         home = lifecycle.same_dataset(report.dataset, bound)
 
         def scope(pin: str, home: bool = home) -> bool:
@@ -553,10 +557,7 @@ def _reconcile_model(name: str, refs: References, reports: list[SyncReport]) -> 
         }
     read = {str(mv.version): mv for mv in refs.model_versions if mv.name == name}
     for report in reports:  # the UI: tags and a description on every version, where not right yet
-        infos = {
-            v.version: v
-            for v in store.versions(report.dataset, storage_options=storage_options_for(report.dataset) or None)
-        }
+        infos = {v.version: v for v in store.versions(report.dataset, storage_options=options(report.dataset))}
         for mv_number, version in report.model_versions.items():
             if version not in infos:
                 continue
@@ -570,9 +571,9 @@ def _reconcile_model(name: str, refs: References, reports: list[SyncReport]) -> 
                     raise
                 client.get_registered_model(name)  # the model itself gone: its "not found" ends this sync
                 report.gone.append(mv_number)
-    write_history(name, binding, bound, storage_options_for(bound) or None)
+    write_history(name, binding, bound, options(bound))
     for report in reports:
-        opts = storage_options_for(report.dataset) or None
-        doc = sidecar.refresh(report.dataset, opts, force=True, names=refs.bindings())
+        opts = options(report.dataset)
+        doc = sidecar.refresh(report.dataset, opts, force=True, model_names=refs.bindings())
         report.runs = len(doc["runs"])
         report.reindexed = store.reindex(report.dataset, storage_options=opts)

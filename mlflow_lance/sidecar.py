@@ -43,9 +43,9 @@ from .fs import parse_yaml, read_text, write_text
 
 MODEL_PIN = "model."
 MODEL_VERSION_PIN = "mv."
-LEGACY_RUN_PIN = "run."
+RUN_PIN = "run."
 LEGACY_MODEL_VERSION_PIN = "model-version."
-PIN_PREFIXES = (MODEL_PIN, MODEL_VERSION_PIN, LEGACY_RUN_PIN, LEGACY_MODEL_VERSION_PIN)
+PIN_PREFIXES = (MODEL_PIN, MODEL_VERSION_PIN, RUN_PIN, LEGACY_MODEL_VERSION_PIN)
 MAX_SIDECAR_BYTES = 8 << 20  # larger files are not parsed: the sidecar is rebuilt instead
 _HEADER = (
     "# Written by mlflow-lance: which Lance version each MLflow run, logged model and registered\n"
@@ -67,9 +67,10 @@ def model_version_pin(binding: str, version: int | str) -> str:
     return f"{MODEL_VERSION_PIN}{binding}.{version}"
 
 
-def legacy_run_pin(run_id: str) -> str:
-    """The pin a run's version got before pins named logged models (still honoured)."""
-    return f"{LEGACY_RUN_PIN}{run_id}"
+def run_pin(run_id: str) -> str:
+    """The pin of a version a run saved without a logged model (``log_state_dict``, and
+    ``log_model`` before pins named logged models)."""
+    return f"{RUN_PIN}{run_id}"
 
 
 def is_pin(tag: str) -> bool:
@@ -99,11 +100,11 @@ def build(
     dataset: str | store.Dataset,
     storage_options: Mapping[str, str] | None = None,
     *,
-    names: Mapping[str, str] | None = None,
+    model_names: Mapping[str, str] | None = None,
 ) -> dict:
     """The sidecar document, from the dataset's commit properties and pins alone.
 
-    ``names`` maps bindings to registered model names (the registry knows them; without it
+    ``model_names`` maps bindings to registered model names (the registry knows them; without it
     the name recorded at log time is used).
     """
     dataset = store.Dataset.of(dataset, storage_options)
@@ -114,7 +115,7 @@ def build(
         for v in infos
         if v.properties.get("mlflow.binding")
     }
-    known_names.update(names or {})
+    known_names.update(model_names or {})
     logged, registered, legacy = _pinned({v.version: v for v in infos}, pins, known_names)
     doc = {
         "dataset": dataset.uri,
@@ -225,7 +226,7 @@ def refresh(
     storage_options: Mapping[str, str] | None = None,
     *,
     force: bool = False,
-    names: Mapping[str, str] | None = None,
+    model_names: Mapping[str, str] | None = None,
     save: bool = True,
 ) -> dict:
     """The current sidecar; rebuilt if missing, damaged, stale or ``force``, and then written
@@ -241,13 +242,13 @@ def refresh(
     ):
         doc = None
     if doc is None:
-        previous = read(dataset_uri, storage_options) if names is None else None
+        previous = read(dataset_uri, storage_options) if model_names is None else None
         carried = {
             b: e.get("name")
             for b, e in (previous or {}).get("registered_models", {}).items()
             if isinstance(e, dict) and isinstance(e.get("name"), str)
         }
-        doc = build(dataset, names={**carried, **(names or {})})
+        doc = build(dataset, model_names={**carried, **(model_names or {})})
         if save:
             write(dataset_uri, doc, storage_options)
     return doc

@@ -20,7 +20,6 @@ import json
 import os
 import re
 import struct
-import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterable, Mapping
@@ -36,7 +35,6 @@ import zstandard
 
 from . import cleanup, fs, index, tree
 from .dataset import (
-    JITTER,
     Dataset,
     available,
     check_format,
@@ -44,13 +42,13 @@ from .dataset import (
     commit_properties,
     fragment_table,
     lance_call,
-    lance_error,
     open_lance,
     recorded_digest,
+    retrying,
     tag_list,
     version_list,
 )
-from .errors import CorruptionError, VersionNotFoundError, WeightsError
+from .errors import CommittedError, CorruptionError, VersionNotFoundError, WeightsError
 from .format import (
     COMPRESSION_KEY,
     FORMAT_VERSION,
@@ -97,6 +95,7 @@ if TYPE_CHECKING:  # Lance is imported where a verb writes or opens a dataset: a
     from lance.fragment import FragmentMetadata
 
 __all__ = [
+    "CommittedError",
     "CorruptionError",
     "Dataset",
     "Diff",
@@ -471,17 +470,19 @@ def tag(uri: str | os.PathLike | Dataset, name: str, version: int, *, storage_op
     dataset = Dataset.of(uri, storage_options)
     ds = dataset.lance
     target = checkout(ds, version).version
-    for attempt in range(8):  # another writer may create or move the same tag in between
-        try:
-            if name in tag_list(ds):
-                ds.tags.update(name, target)
-            else:
-                ds.tags.create(name, target)
-            break
-        except (ValueError, OSError, RuntimeError) as err:
-            if attempt == 7:
-                raise lance_error(ds.uri, err, f"tag {name!r}") from None
-            time.sleep(JITTER.uniform(0, 0.01 * 2**attempt))
+
+    def set_tag() -> None:  # another writer may create or move the same tag in between: retried
+        if name in tag_list(ds):
+            ds.tags.update(name, target)
+        else:
+            ds.tags.create(name, target)
+
+    lance_call(
+        lambda: retrying(set_tag, retry=lambda err: not isinstance(err, WeightsError), attempts=8, pause=0.01),
+        ds.uri,
+        f"tag {name!r}",
+        retry_vanished=False,
+    )
     root = local_path(dataset.uri)
     if root is not None and durable():
         folder = os.path.join(root, "_refs", "tags")
@@ -497,11 +498,11 @@ def untag(uri: str | os.PathLike | Dataset, name: str, *, storage_options: Stora
     if name not in tag_list(ds):
         raise missing
     try:
-        ds.tags.delete(name)
-    except (ValueError, OSError) as err:
+        lance_call(lambda: ds.tags.delete(name), ds.uri, f"tag {str(name)[:200]!r}", retry_vanished=False)
+    except CorruptionError as err:
         if "not found" in str(err).lower() or "does not exist" in str(err).lower():
-            raise missing from None
-        raise lance_error(ds.uri, err, f"tag {str(name)[:200]!r}") from None
+            raise missing from None  # another process removed it first: gone is done
+        raise
 
 
 def tags(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> dict[str, int]:
@@ -727,21 +728,25 @@ def _commit(
     import lance
     from lance.commit import CommitConflictError
 
-    for attempt in range(_COMMIT_ATTEMPTS):
-        txn = lance.Transaction(read_version, operation, uuid=str(uuid.uuid4()), transaction_properties=properties)
-        try:
-            return lance.LanceDataset.commit(uri, txn, storage_options=opts), f"{read_version}-{txn.uuid}.txn"
-        except (CommitConflictError, OSError, ValueError) as err:
-            retryable = (
-                isinstance(err, CommitConflictError)
-                or "conflict" in str(err).lower()
-                or "already exists" in str(err).lower()
-            )
-            if not retryable or attempt == _COMMIT_ATTEMPTS - 1:
-                _raise_write_error(uri, err)
-            time.sleep(JITTER.uniform(0, 0.02 * 2 ** min(attempt, 6)))
-            read_version = open_lance(uri, storage_options).version
-    raise AssertionError("unreachable")
+    base = [read_version]
+
+    def commit() -> tuple[lance.LanceDataset, str]:
+        txn = lance.Transaction(base[0], operation, uuid=str(uuid.uuid4()), transaction_properties=properties)
+        return lance.LanceDataset.commit(uri, txn, storage_options=opts), f"{base[0]}-{txn.uuid}.txn"
+
+    def conflict(err: Exception) -> bool:
+        text = str(err).lower()
+        return isinstance(err, CommitConflictError) or (
+            isinstance(err, (OSError, ValueError)) and ("conflict" in text or "already exists" in text)
+        )
+
+    def rebase() -> None:
+        base[0] = open_lance(uri, storage_options).version
+
+    try:
+        return retrying(commit, retry=conflict, attempts=_COMMIT_ATTEMPTS, pause=0.02, between=rebase)
+    except (CommitConflictError, OSError, ValueError) as err:
+        _raise_write_error(uri, err)
 
 
 def _index_new_version(dataset: Dataset, ds: lance.LanceDataset, units: list[Unit], *, sync: bool) -> None:

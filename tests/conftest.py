@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +27,48 @@ ARTIFACTS = Path(
     os.environ.get("MLFLOW_LANCE_TEST_ARTIFACTS") or Path(__file__).resolve().parent.parent / "test-artifacts"
 )
 _CORPUS_FAILED: list[str] = []
+
+
+def raw(t) -> bytes:
+    """The exact bytes of a tensor, for bit-exact comparisons (NaN payloads included)."""
+    t = t.detach().contiguous().reshape(-1)
+    return t.view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b""
+
+
+def in_subprocess(code: str, timeout: float = 90, env: dict | None = None) -> dict:
+    """Run ``code`` in a fresh interpreter (a hang, an abort or a signal cannot take the test
+    run with it); the JSON it prints last. A hang fails the test naming the timeout."""
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(code)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parent), str(here)]), **(env or {})},
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"hung for {timeout:.0f}s")
+    died = f" ({signal.Signals(-out.returncode).name})" if out.returncode < 0 else ""
+    assert out.returncode == 0, f"exit {out.returncode}{died}: {out.stderr[-3000:]}"
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(autouse=True)
+def _global_random_state():
+    """Every test leaves the global random generators (torch, numpy, random) as it found
+    them, however it seeds them."""
+    import random
+
+    import numpy as np
+    import torch
+
+    saved = torch.get_rng_state(), np.random.get_state(), random.getstate()
+    yield
+    torch.set_rng_state(saved[0])
+    np.random.set_state(saved[1])
+    random.setstate(saved[2])
 
 
 def pytest_runtest_logreport(report) -> None:

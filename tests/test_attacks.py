@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 import textwrap
 import time
 from datetime import timedelta
@@ -32,6 +30,7 @@ import zstandard
 from corpus import record
 
 import mlflow_lance as ml
+from conftest import in_subprocess
 from mlflow_lance import cleanup, format, store
 from mlflow_lance.cli import main as cli
 from mlflow_lance.tensors import hash_bytes
@@ -228,23 +227,6 @@ def test_1_gc_all_does_not_follow_a_dataset_link_under_the_lance_root(tracking, 
 
 
 # --------------------------------------------------------------------------- 2: special files
-
-
-def in_subprocess(code: str, timeout: float = 90) -> dict:
-    """Run ``code`` in a fresh interpreter (a hang cannot take the test run with it); the JSON
-    it prints last. A hang fails the test naming the timeout."""
-    try:
-        out = subprocess.run(
-            [sys.executable, "-c", textwrap.dedent(code)],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            env={**os.environ, "PYTHONPATH": str(HERE)},
-        )
-    except subprocess.TimeoutExpired:
-        pytest.fail(f"hung for {timeout:.0f}s")
-    assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 CALLS = """

@@ -271,3 +271,20 @@ def test_proxied_artifacts_without_a_lance_root_say_what_to_set(tracking, monkey
     monkeypatch.delenv("MLFLOW_LANCE_ROOT")
     with mlflow.start_run(), pytest.raises(ValueError, match="Set MLFLOW_LANCE_ROOT"):
         ml.log_model(SmallCNN(), name="model")
+
+
+def test_a_failure_after_the_commit_keeps_its_type_and_names_the_version(tmp_path, monkeypatch):
+    """MLmodel cannot be written after the weights were committed: the error is both the
+    original OSError and the package's CommittedError, naming the version nothing references."""
+    from mlflow.models import Model
+
+    def full_disk(self, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Model, "save", full_disk)
+    lance_uri = tmp_path / "w.lance"
+    with pytest.raises(ml.CommittedError) as info:
+        ml.save_model(torch.nn.Linear(3, 2), str(tmp_path / "model"), lance_uri=str(lance_uri))
+    assert isinstance(info.value, OSError) and info.value.version == 1 and info.value.uri == str(lance_uri)
+    assert "committed as version 1" in str(info.value) and not (tmp_path / "model").exists()
+    assert [v.version for v in ml.versions(lance_uri)] == [1]

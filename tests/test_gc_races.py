@@ -25,9 +25,9 @@ BIN = Path(sys.executable).parent
 NOW = timedelta(0)
 
 # Where gc reads MLflow or changes pins, in its order: a registry operation is made right
-# before the n-th such call (see lifecycle.plan for why the order keeps every reference).
+# before the n-th such call (see lifecycle.survey for why the order keeps every reference).
 STEPS = [
-    (lifecycle, "plan"),
+    (lifecycle, "survey"),
     (store, "versions"),
     (MlflowClient, "get_logged_model"),
     (MlflowClient, "search_model_versions"),

@@ -12,16 +12,12 @@ import pytest
 import torch
 
 import mlflow_lance as ml
+from conftest import raw as bits
 from mlflow_lance import format, plan, store
 from mlflow_lance.tensors import to_rows
 
 SMALL = plan.PACK_RUN_BYTES // 8  # bytes of one packed tensor: 8 fill a run
 assert SMALL < plan.PACK_TENSOR_BYTES
-
-
-def bits(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def small(seed: int, dtype: torch.dtype = torch.float32, nbytes: int = SMALL) -> torch.Tensor:

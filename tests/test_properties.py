@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mlflow_lance as ml
+from conftest import raw as _bits
 from mlflow_lance.tensors import DTYPES
 
 NAMES = st.text(
@@ -19,11 +20,6 @@ NAMES = st.text(
     max_size=12,
 )
 SHAPES = st.lists(st.integers(0, 5), min_size=0, max_size=3)
-
-
-def _bits(t: torch.Tensor) -> bytes:
-    t = t.contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 @st.composite

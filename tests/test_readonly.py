@@ -94,7 +94,7 @@ def reads(w: dict, tmp_path: Path) -> dict:
         "gc dry run": lambda: ml.gc(uri, grace=timedelta(0), dry_run=True),
         "gc --all dry run": lambda: ml.gc(all=True, grace=timedelta(0), keep_last=1, dry_run=True),
         "store gc dry run": lambda: store.gc(uri, keep_last=1, grace=timedelta(0), dry_run=True),
-        "plan": lambda: lifecycle.plan(uri, lifecycle.References()),
+        "plan": lambda: lifecycle.survey(uri, lifecycle.References()),
         "cli versions": lambda: cli(["versions", uri]) == 0 or 1 / 0,
         "cli diff": lambda: cli(["diff", uri, "1"]) == 0 or 1 / 0,
         "cli verify": lambda: cli(["verify", uri, "--version", "best"]) == 0 or 1 / 0,

@@ -14,14 +14,9 @@ import pytest
 import torch
 
 import mlflow_lance as ml
+from conftest import raw as bits
 from mlflow_lance import format, plan, store
 from mlflow_lance.tensors import DTYPES
-
-
-def bits(t: torch.Tensor) -> bytes:
-    """The exact bytes of a tensor, for bit-exact comparisons (NaN payloads included)."""
-    t = t.detach().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def assert_same(a: torch.Tensor, b: torch.Tensor) -> None:

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 from model_zoo import SmallCNN, trained
 
 import mlflow_lance as ml
-from mlflow_lance import artifacts, fs, sidecar
+from mlflow_lance import artifacts, fs, sidecar, store
 
 HERE = Path(__file__).resolve().parent
 
@@ -62,11 +62,13 @@ def test_storage_options_come_from_mlflows_environment(monkeypatch):
     monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", "http://127.0.0.1:9000")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "id")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret")
-    opts = artifacts.storage_options_for("s3://b/x.lance")
+    opts = artifacts.options("s3://b/x.lance")
     assert opts["aws_endpoint"] == "http://127.0.0.1:9000" and opts["allow_http"] == "true"
     assert opts["aws_access_key_id"] == "id" and opts["aws_secret_access_key"] == "secret"
-    assert artifacts.storage_options_for("/local/x.lance") == {}
-    assert repr(artifacts.Location("s3://b/x", opts)).count("secret") == 0
+    assert artifacts.options("/local/x.lance") is None
+    assert artifacts.options("s3://b/x.lance", {"aws_region": "eu-west-1"})["aws_secret_access_key"] == "secret"
+    assert artifacts.options("s3://b/x.lance", {"aws_access_key_id": "mine"})["aws_access_key_id"] == "mine"
+    assert repr(store.Dataset("s3://b/x", opts)).count("secret") == 0
 
 
 # --------------------------------------------------------------------------- sidecar and pins
@@ -259,7 +261,7 @@ def test_team_setup_on_s3(team_server, monkeypatch):
         for uri in (f"runs:/{run_id}/model", f"models:/{name}@champion"):
             loaded = ml.load_model(uri)
             assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), want.state_dict().values()))
-        opts = artifacts.storage_options_for(conf["lance_uri"])
+        opts = artifacts.options(conf["lance_uri"])
         assert (
             ml.load_state_dict(conf["lance_uri"], run_id=run_id, storage_options=opts).keys()
             == want.state_dict().keys()

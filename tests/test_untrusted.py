@@ -29,6 +29,7 @@ from hypothesis import strategies as st
 from lance.fragment import DataFile, write_fragments
 
 import mlflow_lance as ml
+from conftest import in_subprocess, raw
 from mlflow_lance import format, store
 from mlflow_lance.cli import main as cli
 from mlflow_lance.tensors import hash_bytes, rows_batch
@@ -43,11 +44,6 @@ def weights() -> dict[str, torch.Tensor]:
     """A small state dict with a tie (head is emb), two dtypes and a 0-d tensor."""
     emb = torch.arange(64, dtype=torch.float32).reshape(16, 4) / 7
     return {"emb": emb, "bias": torch.arange(8, dtype=torch.int64), "scale": torch.tensor(2.5), "head": emb}
-
-
-def raw(t: torch.Tensor) -> bytes:
-    t = t.detach().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
 def expected() -> dict[str, bytes]:
@@ -183,22 +179,6 @@ def outcome(uri: Path, expect: dict[str, bytes] | None, kind: str, tmp_path: Pat
     assert results[-2] == want, (kind, report.problems)
     record(kind, want)
     return want
-
-
-def in_subprocess(code: str, timeout: float = 90, env: dict | None = None) -> dict:
-    """Run code in a fresh interpreter (a hang or a signal cannot take the test run with it);
-    returns the JSON it prints last."""
-    out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)]), **(env or {})},
-        check=False,
-    )
-    died = f" ({signal.Signals(-out.returncode).name})" if out.returncode < 0 else ""
-    assert out.returncode == 0, f"exit {out.returncode}{died}: {out.stderr[-3000:]}"
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 # --------------------------------------------------------------------------- 6: a silent object store
