@@ -198,8 +198,10 @@ def run_benchmark(args: argparse.Namespace, root: Path, report: Report, mlflow: 
     tensors = list(model.state_dict().values())
     raw = sum(v.numel() * v.element_size() for v in tensors)
     reqs = mlflow_lance.get_default_pip_requirements()
-    print(f"model: GPT-2 small + head, {raw / 1e6:.0f} MB raw, {len(tensors)} tensors; repeat={args.repeat}, "
-          f"versions={args.versions}, settle={args.settle} s; tracking: mlflow server, proxied artifacts")
+    print(
+        f"model: GPT-2 small + head, {raw / 1e6:.0f} MB raw, {len(tensors)} tensors; repeat={args.repeat}, "
+        f"versions={args.versions}, settle={args.settle} s; tracking: mlflow server, proxied artifacts"
+    )
 
     # Warm the server and both code paths once, registry included (first requests create
     # tables and the server's registry store, first calls import and initialise: ~6 s once,
@@ -268,8 +270,13 @@ def run_benchmark(args: argparse.Namespace, root: Path, report: Report, mlflow: 
         report.goal("later `log_model` through the server (the head changed), MLFLOW_LANCE_FSYNC=0, "
                     "<= 0.5x `mlflow.pytorch`", PYTORCH_PEER, later["lance-nosync"] / later["pytorch"],
                     "x", 0.5)  # fmt: skip
-    report.table(f"`log_model` through an `mlflow server` (GPT-2 small + head, {raw / 1e6:.0f} MB, "
-                 f"{len(tensors)} tensors): seconds, contenders interleaved", LOG_COLUMNS, LOG_UNITS, rows)
+    report.table(
+        f"`log_model` through an `mlflow server` (GPT-2 small + head, {raw / 1e6:.0f} MB, "
+        f"{len(tensors)} tensors): seconds, contenders interleaved",
+        LOG_COLUMNS,
+        LOG_UNITS,
+        rows,
+    )
     report.table(f"`mlflow.pyfunc.load_model` in process (reads: no fsync): median seconds of {args.repeat}",
                  ["", "mlflow_lance", "mlflow.pytorch", "ratio"], ["", "s", "s", "x"],
                  [["`load_model(\"models:/<name>/latest\")`", ours_load, theirs_load,
@@ -285,8 +292,13 @@ def run_benchmark(args: argparse.Namespace, root: Path, report: Report, mlflow: 
          ours_artifacts / raw],
         ["mlflow.pytorch: MLflow artifacts", theirs_bytes, theirs_bytes / raw],
     ])  # fmt: skip
-    report.goal(f"bytes on disk after {args.versions} versions <= 1.2x one model", "one model's raw bytes",
-                total_ours / raw, "x", 1.2)
+    report.goal(
+        f"bytes on disk after {args.versions} versions <= 1.2x one model",
+        "one model's raw bytes",
+        total_ours / raw,
+        "x",
+        1.2,
+    )
 
 
 # --------------------------------------------------------------------------- cold processes
@@ -419,8 +431,7 @@ PARTS = [  # label, (module name, attribute) timed; what is left of a log_model 
     ("commit (`_commit`)", ("store", "_commit")),
     ("version index (`_index_new_version`, its fsyncs apart)", ("store", "_index_new_version")),
     ("pins (`store.tag`)", ("store", "tag")),
-    ("the rest of the store (open, plan, checks, the wait for fsyncs in other threads)",
-     ("store", "save_state_dict")),
+    ("the rest of the store (open, plan, checks, the wait for fsyncs in other threads)", ("store", "save_state_dict")),
     ("the flavor's files, skeleton and environment (`flavor._save`)", ("flavor", "_save")),
     ("registry bookkeeping (`registry.after_log`)", ("registry", "after_log")),
 ]

@@ -162,8 +162,11 @@ class Report:
             "date": self.started.isoformat(timespec="seconds"),
             "seconds_total": round((datetime.now(timezone.utc) - self.started).total_seconds(), 1),
             "parameters": self.parameters,
-            "machine": machine() | {"loadavg_start": [round(x, 2) for x in self.load_start],
-                                    "loadavg_end": [round(x, 2) for x in os.getloadavg()]},
+            "machine": machine()
+            | {
+                "loadavg_start": [round(x, 2) for x in self.load_start],
+                "loadavg_end": [round(x, 2) for x in os.getloadavg()],
+            },
             "versions": versions(),
             **self.figures(),
         }
@@ -538,7 +541,8 @@ def report_workload(report: Report, label: str, r: dict[str, Any], repeat: int) 
     ]  # fmt: skip
     report.table(
         f"{label}: loads, warm page cache; {rounds}",
-        ["", "mlflow_lance", "peer", "ratio"], ["", "s", "s", "x"],
+        ["", "mlflow_lance", "peer", "ratio"],
+        ["", "s", "s", "x"],
         [[text, ours, peer, ours / peer] for text, ours, peer in loads],
     )
     first, changed, versions = r["first_bytes"], r["changed_bytes"], r["versions"]
@@ -566,12 +570,27 @@ def report_workload(report: Report, label: str, r: dict[str, Any], repeat: int) 
     report.goal(f"{label}: `load_into` <= 1.1x safetensors `load_file` + `load_state_dict`",
                 "safetensors `load_file` + `load_state_dict`", r["ml_load_into"] / r["st_load_into"],
                 "x", 1.1)  # fmt: skip
-    report.goal(f"{label}: a version with 1 tensor changed <= 0.25x the first save",
-                "our first save (both durable)", r["ml_version_1_changed"] / med["ml_durable"], "x", 0.25)
-    report.goal(f"{label}: a version with 1 tensor changed adds <= the changed bytes + 1 MiB",
-                "the changed tensor's bytes", r["growth"] - changed, "B", MIB)
-    report.goal(f"{label}: the first version on disk <= raw bytes + 1 %", "the tensors' raw bytes",
-                100 * (first / raw - 1), "%", 1.0)
+    report.goal(
+        f"{label}: a version with 1 tensor changed <= 0.25x the first save",
+        "our first save (both durable)",
+        r["ml_version_1_changed"] / med["ml_durable"],
+        "x",
+        0.25,
+    )
+    report.goal(
+        f"{label}: a version with 1 tensor changed adds <= the changed bytes + 1 MiB",
+        "the changed tensor's bytes",
+        r["growth"] - changed,
+        "B",
+        MIB,
+    )
+    report.goal(
+        f"{label}: the first version on disk <= raw bytes + 1 %",
+        "the tensors' raw bytes",
+        100 * (first / raw - 1),
+        "%",
+        1.0,
+    )
 
 
 def report_gpt2_extras(report: Report, x: dict[str, Any], r: dict[str, Any]) -> None:
@@ -593,10 +612,19 @@ def report_gpt2_extras(report: Report, x: dict[str, Any], r: dict[str, Any]) -> 
         ["`load_into` peak RSS above baseline (ratio: vs the largest tensor)", None,
          rss["peak_above_baseline"], rss["peak_above_baseline"] / rss["largest_tensor"]],
     ]  # fmt: skip
-    report.table("GPT-2 small only: docs example, partial load, peak memory",
-                 ["", "seconds", "bytes", "ratio"], ["", "s", "B", "x"], rows)
-    report.goal("GPT-2 small: `load_into` peak RSS above baseline <= 2x the largest tensor",
-                "the largest tensor's bytes", rss["peak_above_baseline"] / rss["largest_tensor"], "x", 2.0)
+    report.table(
+        "GPT-2 small only: docs example, partial load, peak memory",
+        ["", "seconds", "bytes", "ratio"],
+        ["", "s", "B", "x"],
+        rows,
+    )
+    report.goal(
+        "GPT-2 small: `load_into` peak RSS above baseline <= 2x the largest tensor",
+        "the largest tensor's bytes",
+        rss["peak_above_baseline"] / rss["largest_tensor"],
+        "x",
+        2.0,
+    )
 
 
 def report_cuda(report: Report, label: str, c: dict[str, float], repeat: int) -> None:
@@ -629,8 +657,10 @@ def main() -> None:
                                                   "settle": args.settle,
                                                   "skip_docs_example": args.skip_docs_example})  # fmt: skip
     work = cleaned_up_at_exit("bench_store_")
-    print(f"repeat={args.repeat}, settle={args.settle} s; torch threads {torch.get_num_threads()}; "
-          f"{os.cpu_count()} CPUs; rounds interleave every contender, figures are medians")
+    print(
+        f"repeat={args.repeat}, settle={args.settle} s; torch threads {torch.get_num_threads()}; "
+        f"{os.cpu_count()} CPUs; rounds interleave every contender, figures are medians"
+    )
     for name in models:
         label, build, key = WORKLOADS[name]
         sd, module = build()

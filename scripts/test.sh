@@ -20,4 +20,5 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 python3 -m venv .venv
 .venv/bin/pip install -q torch==2.13.0 -e '.[dev]'
+.venv/bin/ruff check . && .venv/bin/ruff format --check .   # the code's own standard, before the tests
 exec .venv/bin/python -m pytest "$@"

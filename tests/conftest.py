@@ -23,6 +23,8 @@ import corpus
 import pytest
 
 BIN = Path(sys.executable).parent
+_OUTCOMES: dict[str, int] = {}
+_STARTED = time.time()
 ARTIFACTS = Path(
     os.environ.get("MLFLOW_LANCE_TEST_ARTIFACTS") or Path(__file__).resolve().parent.parent / "test-artifacts"
 )
@@ -72,16 +74,46 @@ def _global_random_state():
 
 
 def pytest_runtest_logreport(report) -> None:
-    """Count the corpus tests that failed (a case that ended unsafe or wrong)."""
+    """Count how tests ended (run.json), and the corpus tests that failed (a case that ended
+    unsafe or wrong)."""
+    if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
+        _OUTCOMES[report.outcome] = _OUTCOMES.get(report.outcome, 0) + 1
     if report.failed and report.nodeid.split("::")[0].endswith(corpus.CORPUS_FILES):
         _CORPUS_FAILED.append(report.nodeid)
 
 
+def report(name: str, key: str, value: object) -> None:
+    """Merge ``key: value`` into the report ``test-artifacts/<name>`` (figures that
+    scripts/docs.py renders into docs/reliability.md), counted from what the test ran."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    path = ARTIFACTS / name
+    doc = json.loads(path.read_text()) if path.exists() else {}
+    doc[key] = value
+    path.write_text(json.dumps(doc, indent=2, sort_keys=True))
+
+
 def pytest_sessionfinish(session) -> None:
-    """Write the corpus tally (test-artifacts/untrusted.json) when corpus cases ran."""
+    """Write the corpus tally (test-artifacts/untrusted.json) when corpus cases ran, and what
+    this run was (run.json: when, on what, with what, and how many tests ended how)."""
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
     if corpus.OUTCOMES:
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
         (ARTIFACTS / "untrusted.json").write_text(json.dumps(corpus.report(_CORPUS_FAILED), indent=2))
+    import importlib.metadata
+    import platform
+
+    versions = {}
+    for dist in ("torch", "pylance", "mlflow", "mlflow-lance"):
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+            versions[dist] = importlib.metadata.version(dist)
+    run = {
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.time() - _STARTED),
+        "machine": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "versions": versions,
+        "tests": dict(sorted(_OUTCOMES.items())),
+        "selection": " ".join(session.config.invocation_params.args),
+    }
+    (ARTIFACTS / "run.json").write_text(json.dumps(run, indent=2))
 
 
 def free_port() -> int:

@@ -14,7 +14,6 @@ invariants are checked after every gc:
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import subprocess
@@ -31,7 +30,7 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_lance as ml
-from conftest import ARTIFACTS, running_mlflow_server, running_postgres
+from conftest import report, running_mlflow_server, running_postgres
 from mlflow_lance import cleanup, store
 
 BIN = Path(sys.executable).parent
@@ -426,21 +425,21 @@ def test_random_mlflow_lifecycles_lose_nothing_and_reclaim_the_rest(own_server, 
         world.run(STEPS)
     finally:
         mlflow.set_tracking_uri(None)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    path = ARTIFACTS / "lifecycle.json"
-    report = json.loads(path.read_text()) if path.exists() else {}
-    report[own_server["kind"]] = {
-        "seed": seed,
-        "operations": STEPS,
-        "by_operation": world.counts,
-        "references_checked": world.checked,
-        "registry_operations_inside_gc": world.inside_gc,
-        "logged_models": len(world.models),
-        "versions_reclaimed": world.versions_reclaimed,
-        "bytes_reclaimed": world.bytes_reclaimed,
-        "lost": len(world.lost),
-    }
-    path.write_text(json.dumps(report, indent=2))
+    report(
+        "lifecycle.json",
+        own_server["kind"],
+        {
+            "seed": seed,
+            "operations": STEPS,
+            "by_operation": world.counts,
+            "references_checked": world.checked,
+            "registry_operations_inside_gc": world.inside_gc,
+            "logged_models": len(world.models),
+            "versions_reclaimed": world.versions_reclaimed,
+            "bytes_reclaimed": world.bytes_reclaimed,
+            "lost": len(world.lost),
+        },
+    )
     assert not world.lost, world.lost
     assert world.counts.get("op_gc", 0) + world.counts.get("op_log_while_gc", 0) >= STEPS // 40
     assert world.inside_gc >= STEPS // 50  # registry operations really ran inside gc's steps

@@ -191,6 +191,7 @@ def test_a_thousand_versions_on_postgresql(pg):
         rows[versions] = _check_history(name, person, newest=versions + 2, total=versions + 2)
     assert rows[10] == 12  # all of them fit
     assert 50 < rows[1000] < 100  # the newest that fit, then the count of the rest
+    report("reliability.json", "registry_scale_seconds_postgresql", {str(n): f for n, f in figures.items()})
     print("\nseconds on PostgreSQL   " + "".join(f"{n:>14,} versions" for n in figures))
     for op in figures[10]:
         print(f"{op:<24}" + "".join(f"{figures[n][op]:>23.2f}" for n in figures))
