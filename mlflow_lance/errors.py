@@ -41,4 +41,3 @@ def after_commit(err: Exception, message: str, *, uri: str, version: int) -> Com
         out = CommittedError(message)
     out.uri, out.version = uri, version
     return out
-
