@@ -106,6 +106,11 @@ def open_lance(uri: str, storage_options: StorageOptions = None) -> lance.LanceD
 
     root = local_path(uri)
     if root is not None:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(
+                f"no weights dataset at {uri!r}: nothing has been saved there yet "
+                f"(check the URI, or save a version first)"
+            )
         check_tree(root)
 
     def call() -> lance.LanceDataset:

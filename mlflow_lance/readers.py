@@ -286,8 +286,9 @@ class VersionReader:
             self._entries = build_entries(self.located)
         return self._entries
 
-    def checked(self) -> tuple[OrderedDict[str, Entry], list[Problem]]:
-        """Every tensor of the version and the problems of its metadata (format.problems)."""
+    def problems(self) -> list[Problem]:
+        """What is wrong with the version's metadata (format.problems), and whether its rows
+        are those its commit recorded."""
         found = problems(self.entries, self.codec is not None)
         if not self.agree:
             found.append(
@@ -299,7 +300,7 @@ class VersionReader:
                     f"({PROP}rows): they were rewritten after the commit",
                 )
             )
-        return self.entries, found
+        return found
 
     def properties(self) -> dict[str, str] | None:
         """The version's commit properties (None if its commit cannot be read)."""
@@ -319,7 +320,7 @@ class VersionReader:
         got = hash_bytes(memoryview(chunk.numpy()))
         return got if got != row.hash else None
 
-    def check(self, rows: Iterable[Row]) -> None:
+    def check_stored(self, rows: Iterable[Row]) -> None:
         """Before anything is allocated or written: each data file holds its chunk's bytes; a
         compressed chunk's frame decompresses to exactly its size."""
         for row in rows:
@@ -440,7 +441,7 @@ def open_version(dataset: Dataset, version: int | str | None, *, index_alone: bo
                 doc["properties"],
                 _bytes_of(dataset, number),
             )
-            if not reader.checked()[1]:
+            if not reader.problems():
                 return reader
     return describe(dataset, dataset.checkout(version))
 
@@ -463,7 +464,7 @@ def describe(dataset: Dataset, ds: lance.LanceDataset, *, rows_themselves: bool 
         reader = VersionReader(
             uri, ds.version, compression, located, commit_properties(ds), _bytes_of(dataset, ds.version)
         )
-        if not reader.checked()[1]:
+        if not reader.problems():
             return reader
     located = scan(dataset, ds, table)
     agree = digest is None or rows_digest(r.meta for r in located) == digest
@@ -637,7 +638,7 @@ def materialize(reader: VersionReader, entries: list[Entry], *, verify: bool) ->
     jobs: list[tuple[Entry, Row, torch.Tensor]] = []
     for e in entries:
         dtype = dtype_from_name(e.dtype, key=e.name)
-        reader.check(e.rows)
+        reader.check_stored(e.rows)
         t = reader.mapped(e.rows[0], dtype, e.shape) if len(e.rows) == 1 and not verify else None
         if t is None:
             t = torch.empty(e.shape, dtype=dtype)

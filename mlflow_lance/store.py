@@ -83,7 +83,7 @@ from .tensors import (
     META_COLUMNS,  # noqa: F401 (tests use store.META_COLUMNS)
     TensorRows,
     dtype_from_name,
-    find_aliases,
+    find_ties,
     to_rows,
     uint8_view,
     unit_batch,
@@ -232,8 +232,8 @@ def save_state_dict(
     parent = dataset.existing()
     new_schema, previous = _reusable_base(dataset, parent, compression)
 
-    aliases = find_aliases(state_dict)
-    tensors = [to_rows(name, t, alias=aliases.get(name), chunk_bytes=chunk_bytes) for name, t in state_dict.items()]
+    ties = find_ties(state_dict)
+    tensors = [to_rows(name, t, tie=ties.get(name), chunk_bytes=chunk_bytes) for name, t in state_dict.items()]
     reusable = {f.fragment_id: f.metadata for f in parent.get_fragments()} if parent else {}
     units, changed = plan_version(tensors, previous, {fid: f.physical_rows for fid, f in reusable.items()})
     fresh = [u.rows for u in units if u.reused is None]
@@ -320,7 +320,7 @@ def load_state_dict(
     """
     device = device_of(map_location)
     reader = open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
-    entries, found = reader.checked()
+    entries, found = reader.entries, reader.problems()
     raise_problems(reader.uri, reader.version, found)
     selected = select(entries, names)
     sources = {entries[name].tie or name: None for name in selected}  # ordered, unique
@@ -359,13 +359,13 @@ def load_into(
     CorruptionError, and the tensors copied before it keep their new values.
     """
     reader = open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
-    entries, found = reader.checked()
+    entries, found = reader.entries, reader.problems()
     raise_problems(reader.uri, reader.version, found)
     targets = module.state_dict(keep_vars=True)
     missing, unexpected = _check_targets(module, reader, entries, targets, strict)
     with reader, torch.no_grad():
         dsts = {name: targets[name].detach() for name in entries if name in targets}
-        reader.check(row for name in dsts for row in entries[entries[name].tie or name].rows)
+        reader.check_stored(row for name in dsts for row in entries[entries[name].tie or name].rows)
         done = _read_in_place(reader, entries, dsts, verify)
         _copy_the_rest(reader, entries, dsts, done, verify)
     return LoadResult(missing, unexpected)
@@ -389,7 +389,7 @@ def reindex(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions
         if digest is None or index.matching(dataset.uri, dataset.storage_options, version.version, table, digest):
             continue
         reader = describe(dataset, version, rows_themselves=True)
-        if not reader.checked()[1]:
+        if not reader.problems():
             write_index(dataset, version, reader.located, table)
             done.append(version.version)
     return done
@@ -407,7 +407,7 @@ def check_fits(
     fit ``module``'s keys and shapes; reads metadata only, so ``module`` may be on the meta
     device."""
     reader = open_version(Dataset.of(uri, storage_options), version)
-    entries, found = reader.checked()
+    entries, found = reader.entries, reader.problems()
     raise_problems(reader.uri, reader.version, found)
     _check_targets(module, reader, entries, module.state_dict(keep_vars=True), strict)
 
@@ -534,7 +534,7 @@ def verify(
         )
     try:
         reader = describe(dataset, ds, rows_themselves=True)
-        entries, found = reader.checked()
+        entries, found = reader.entries, reader.problems()
     except CorruptionError as err:  # the version's rows themselves cannot be read
         return VerifyReport(ds.uri, ds.version, 0, 0, 0, [Problem("", -1, "", str(err))])
     found += _commit_problems(ds, entries)
@@ -549,7 +549,7 @@ def verify(
                 continue
             for row in e.rows:
                 try:
-                    reader.check([row])
+                    reader.check_stored([row])
                     if buf.numel() < row.size:
                         buf = torch.empty(row.size, dtype=torch.uint8)
                     dst = buf[: row.size]
@@ -674,7 +674,7 @@ def _reusable_base(
             f"{dataset.uri} was created with compression={existing!r}; compression is fixed per "
             f"dataset, so pass compression=None or save to a new URI"
         )
-    previous, found = reader.checked()
+    previous, found = reader.entries, reader.problems()
     bad = {p.name for p in found}
     return schema(existing), {n: e for n, e in previous.items() if n not in bad}  # never reuse those rows
 
@@ -798,6 +798,11 @@ def _raise_write_error(uri: str, err: Exception) -> NoReturn:
                 + ". Nothing was committed and earlier versions are intact; write where you have write "
                 "access (lance_uri= / MLFLOW_LANCE_ROOT) or fix the permissions."
             ) from err
+    if isinstance(err, OSError):
+        raise OSError(
+            f"writing a new version to {uri!r} failed ({' '.join(text.split())[:300]}). Nothing was committed "
+            f"and earlier versions are intact."
+        ) from err
     raise err
 
 

@@ -163,14 +163,14 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     return memoryview(t.view(torch.uint8).numpy()).cast("B")
 
 
-def find_aliases(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
+def find_ties(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
     """Names whose tensor is the very same view of a storage as an earlier name's (tied weights).
 
     Returns {later name: first name}. Only exact ties (same storage, offset, shape, strides and
     dtype) count; partial overlaps are stored as independent tensors.
     """
     first: dict[tuple, str] = {}
-    aliases: dict[str, str] = {}
+    ties: dict[str, str] = {}
     for key, t in state_dict.items():
         if t.numel() == 0:
             continue
@@ -183,10 +183,10 @@ def find_aliases(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
             t.dtype,
         )
         if ident in first:
-            aliases[key] = first[ident]
+            ties[key] = first[ident]
         else:
             first[ident] = key
-    return aliases
+    return ties
 
 
 @dataclass(frozen=True)
@@ -214,15 +214,16 @@ def tensor_key(meta: list[Mapping]) -> tuple:
 
 
 def to_rows(
-    name: str, tensor: torch.Tensor, *, alias: str | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    name: str, tensor: torch.Tensor, *, tie: str | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES
 ) -> TensorRows:
-    """Split one tensor into rows and hash each chunk. A tied alias has one empty row."""
+    """Split one tensor into rows and hash each chunk. A tensor tied to another (``tie``: the
+    name it shares its storage with) has one empty row, whose ``alias`` column names it."""
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     dname = dtype_name(tensor.dtype, key=name)
     shape = list(tensor.shape)
     total = tensor.numel() * tensor.element_size()
-    if alias is not None:
+    if tie is not None:
         data = memoryview(b"")
         spans = [(0, 0)]
     else:
@@ -240,7 +241,7 @@ def to_rows(
                 "dtype": dname,
                 "shape": shape,
                 "hash": hash_bytes(payload),
-                "alias": alias,
+                "alias": tie,
             }
         )
         payloads.append(payload)

@@ -481,7 +481,7 @@ def test_the_docs_example_format_is_read_through_the_same_reader_interface(tmp_p
     seed, ours = readers["seed.lance"], readers["ours.lance"]
     assert (seed.writable, ours.writable) == (False, True) and (seed.hashed, ours.hashed) == (False, True)
     for reader in readers.values():
-        entries, problems = reader.checked()
+        entries, problems = reader.entries, reader.problems()
         assert problems == [] and list(entries) == list(reader.entries) == ["w", "b"]
         assert [(e.dtype, e.shape) for e in entries.values()] == [("float64", [3, 4]), ("float64", [5])]
         with reader:

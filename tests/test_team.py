@@ -3,6 +3,7 @@ S3-compatible server, and several trainers logging into one model at the same mo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -32,7 +33,8 @@ def test_dataset_names_are_safe_and_collision_free():
     safe = [artifacts.safe_name(n) for n in names]
     assert len(set(safe)) == len(names)
     assert all("/" not in s and "\\" not in s and ".." not in s and " " not in s for s in safe)
-    assert artifacts.safe_name("churn") == artifacts.safe_name("churn")  # deterministic
+    assert artifacts.safe_name("churn") == "churn-" + hashlib.sha256(b"churn").hexdigest()[:10]  # the same everywhere
+    assert artifacts.safe_name("churn", "3f9a1c0b2e4d") == "churn-3f9a1c0b2e4d"  # a binding names it instead
     with pytest.raises(ValueError, match="non-empty"):
         artifacts.safe_name("  ")
 

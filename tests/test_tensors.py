@@ -17,7 +17,7 @@ from mlflow_lance.tensors import (
     check_key,
     dtype_from_name,
     dtype_name,
-    find_aliases,
+    find_ties,
     hash_bytes,
     rows_batch,
     stored_nbytes,
@@ -99,8 +99,8 @@ def test_only_exact_ties_are_aliases() -> None:
         "empty": torch.empty(0),
         "e2": torch.empty(0),
     }
-    assert find_aliases(sd) == {"head": "embed"}
-    alias = to_rows("head", w, alias="embed")
+    assert find_ties(sd) == {"head": "embed"}
+    alias = to_rows("head", w, tie="embed")
     assert alias.nbytes == 0 and alias.meta[0]["alias"] == "embed" and alias.meta[0]["nbytes"] == 64
 
 
