@@ -417,14 +417,30 @@ def log_checkpoint(
     name: str = CHECKPOINT_NAME,
     lance_uri: str | None = None,
 ) -> Checkpoint | CheckpointHandle:
-    """Log a training checkpoint to the active run (started if none).
+    """Log a training checkpoint to the active run (started if none): the model's weights,
+    the optimizer's and scheduler's state, the RNGs, ``step``, ``metrics`` and ``extra``, as
+    one version of the run's dataset (writing only what changed since the run's previous
+    checkpoint) and one MLflow logged model.
 
-    ``blocking=False`` returns a handle as soon as the state is staged (CPU copies); the
-    write and the MLflow calls run in a background thread, one at a time (the next call
-    waits), and ``wait_for_checkpoints()`` or process exit flushes them. A background error
-    is raised by the next call (or by ``handle.result()``). ``keep_last=N`` and
-    ``keep_best=(metric, "min"|"max", k)`` delete the run's other checkpoints as logged
-    models afterwards (never one registered as a model version).
+    Args:
+        model: the module being trained.
+        optimizer / scheduler: their state is stored (the optimizer's keyed by parameter name).
+        step: the training step (the checkpoint's step in MLflow).
+        metrics: logged to the run at ``step`` and linked to the checkpoint.
+        extra: anything else to keep (numbers, strings, lists, dicts, tensors; never pickled).
+        blocking: False returns once the state is copied to CPU memory; one background thread
+            writes (at most one in flight; the next call waits), and a background failure is
+            raised by the next call, ``wait_for_checkpoints()`` or the handle.
+        keep_last / keep_best: delete the run's other checkpoints as logged models afterwards
+            (never one registered as a model version); ``mlflow-lance gc`` reclaims their bytes.
+        name / lance_uri: the logged model's name; an explicit dataset.
+
+    Returns:
+        A Checkpoint (model id, URI, Lance version), or a CheckpointHandle when not blocking.
+
+    Example:
+        >>> log_checkpoint(model, optimizer, step=500, metrics={"val_loss": 0.3}, blocking=False,
+        ...                keep_best=("val_loss", "min", 3))
     """
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
@@ -547,10 +563,26 @@ def load_checkpoint(
     strict: bool = True,
 ) -> dict[str, Any]:
     """Restore a checkpoint in place: the model's weights, the optimizer's and scheduler's
-    state and (``restore_rng``) the random number generators, so that training goes on as
-    if it had never stopped. ``uri``: ``models:/<model id>``, ``runs:/<run id>/checkpoint``
-    (the run's latest) or a model directory. Returns ``step``, ``metrics``, ``extra`` and the
-    ``model_uri`` restored from.
+    state and the RNGs, so that training goes on as if it had never stopped.
+
+    Args:
+        uri: ``models:/<model id>``, ``runs:/<run id>/checkpoint`` (the run's latest), or a
+            model directory.
+        model / optimizer / scheduler: what to restore (the optimizer needs its model: its
+            state is stored by parameter name).
+        restore_rng: also restore torch's, numpy's and Python's generators.
+        strict: refuse missing and unexpected model keys.
+
+    Returns:
+        ``{"step", "metrics", "extra", "model_uri"}`` of the checkpoint restored.
+
+    Raises:
+        WeightsError: not a checkpoint, or it lacks the optimizer / scheduler / RNG state asked for.
+        CorruptionError: its stored state is malformed (nothing is restored).
+
+    Example:
+        >>> state = load_checkpoint("runs:/<run id>/checkpoint", model, optimizer, scheduler)
+        >>> start = state["step"] + 1
     """
     state = read_checkpoint(uri)
     if optimizer is not None and model is None:

@@ -521,12 +521,37 @@ def log_model(
     artifact_path: str | None = None,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
-    """Log ``pytorch_model`` to the active run (started if none): weights to Lance, the rest
-    to MLflow. Same parameters as ``mlflow.pytorch.log_model``, plus ``lance_uri`` (a dataset
-    URI; default: the registered model's dataset under the Lance root, see artifacts.py),
-    ``storage_options`` and ``model_factory``/``factory_kwargs``. Afterwards the run, the
-    logged model and the model version carry ``lance.*`` tags, the version is pinned and the
-    sidecar next to the dataset is up to date.
+    """Log ``pytorch_model`` to the active run (started if none): its weights as a new version
+    of a Lance dataset, the rest (MLmodel, environment, architecture) to MLflow, as
+    ``mlflow.pytorch.log_model`` does, whose parameters it accepts.
+
+    Afterwards the run, the logged model and the model version carry ``lance.*`` tags, the
+    version is pinned, and the sidecar next to the dataset is up to date. Bookkeeping for the
+    UI that fails (a model version deleted at once) is a warning: the weights are safe.
+
+    Args:
+        pytorch_model: the module (a TorchScript module is stored as its program without weights).
+        name: the logged model's name (``artifact_path`` is its older alias).
+        registered_model_name: register a new version of this model; its weights go to the
+            dataset the model is bound to for its whole life.
+        lance_uri / storage_options: an explicit dataset for the weights.
+        model_factory / factory_kwargs: ``"package.module:callable"`` and JSON keyword
+            arguments that build the module without pickle at load time.
+        signature, input_example, pip_requirements, extra_pip_requirements, conda_env,
+            code_paths, extra_files, metadata, tags, params, step, await_registration_for:
+            as in ``mlflow.pytorch.log_model``.
+
+    Returns:
+        MLflow's ModelInfo; ``info.flavors["mlflow_lance"]`` names the Lance URI and version.
+
+    Raises:
+        TypeError / ValueError: a module or state dict that cannot be stored, a registered
+            model name the registry refuses; nothing is created.
+        CommittedError: a step after the weights were committed failed (names the version).
+
+    Example:
+        >>> with mlflow.start_run():
+        ...     info = log_model(model, name="model", registered_model_name="churn", input_example=x)
     """
     _check_module(pytorch_model)
     if registered_model_name is not None:  # before anything is created: the registry's own rules
@@ -743,16 +768,30 @@ def load_model(
     allow_pickle: bool | None = None,
     **torch_load_kwargs: Any,
 ) -> torch.nn.Module:
-    """Load a model logged with this flavor (``runs:/``, ``models:/``, a path, ...).
+    """Load a model logged with this flavor: the architecture from MLflow's artifact store (a
+    few KB), the weights straight from the Lance version it was logged with.
 
-    The architecture comes from MLflow's artifact store (a few KB), the weights straight
-    from the Lance version the model was logged with, onto ``map_location`` (or ``device``,
-    its alias). ``allow_pickle=False`` (or MLFLOW_ALLOW_PICKLE_DESERIALIZATION=false) refuses
-    the skeleton pickle and TorchScript programs and treats the model as untrusted: its
-    ``model_factory`` must be one the installed environment vouches for (see
-    ``skeleton.trusted_factory``). torch.load's options that ``mlflow.pytorch.load_model``
-    passes through (``weights_only``, ``pickle_module``, ``mmap``, ``encoding``) are
-    accepted; weights are never unpickled, so they change nothing.
+    Args:
+        model_uri: ``runs:/<run id>/<name>``, ``models:/<model id>``, ``models:/<name>/<version>``,
+            ``models:/<name>@<alias>``, ``models:/<name>/latest``, or a local model directory.
+        dst_path: where to download MLmodel and the architecture (default: a temp directory).
+        map_location / device: the device the weights go to.
+        strict: refuse missing and unexpected keys.
+        verify: rehash every byte of the weights.
+        allow_pickle: False refuses the skeleton pickle and TorchScript programs and treats the
+            directory as untrusted (default: MLFLOW_ALLOW_PICKLE_DESERIALIZATION).
+        torch_load_kwargs: ``weights_only``, ``pickle_module``, ``mmap``, ``encoding``: accepted,
+            as ``mlflow.pytorch.load_model`` passes them; weights are never unpickled.
+
+    Returns:
+        The module, in eval mode, its parameters the loaded tensors.
+
+    Raises:
+        PermissionError: pickle refused and the model needs it (or its factory is not trusted).
+        CorruptionError / VersionNotFoundError: its weights cannot be loaded as recorded.
+
+    Example:
+        >>> model = load_model("models:/churn@champion", map_location="cuda:0")
     """
     _refuse_unknown("load_model", torch_load_kwargs, _TORCH_LOAD_OPTIONS)
     if device is not None and map_location is not None and torch.device(device) != torch.device(map_location):

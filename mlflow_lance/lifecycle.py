@@ -599,15 +599,33 @@ def gc(
     assume_logged_here: bool = False,
     storage_options: Mapping[str, str] | None = None,
 ) -> list[GcResult]:
-    """Remove weights nothing references any more, one result per dataset.
+    """Remove the weights nothing references any more, one result per dataset.
 
-    ``target`` is a dataset URI, or a registered model name (the datasets its versions use);
-    ``all=True`` takes every dataset under the Lance roots and every registered model's.
-    Where MLflow logged the versions, MLflow's references decide (read once for all
-    datasets) and ``keep_last``/``older_than`` are optional. A dataset MLflow never wrote to
-    needs one of them; its versions that a model version still points at (a model directory
-    saved with ``lance_uri=`` and registered) are kept when a tracking server is configured,
-    and with none configured the store's rules alone apply.
+    Where MLflow logged the versions, MLflow's references decide, read in an order no
+    registry operation can beat (see ``survey``); a version is never removed while it is the
+    latest, superseded less than ``grace`` ago, or tagged by a person. Files no version names
+    (what killed saves left) go once older than ``grace``. Deletes stay inside each dataset.
+
+    Args:
+        target: a dataset URI, or a registered model name (the datasets its versions use).
+        all: every dataset under the Lance roots and every registered model's.
+        keep_last / older_than: also remove versions MLflow never logged, outside this policy
+            (required for a dataset MLflow never wrote to; applied only to a dataset named
+            here or under a Lance root).
+        grace: keep versions superseded less than this long ago (a save in flight reuses the
+            latest version's files), and files younger than this.
+        dry_run: report what would go; write and delete nothing.
+        assume_logged_here: trust that this tracking server logged the datasets even though it
+            knows none of their experiments, runs or models (all purged).
+        storage_options: for object storage.
+
+    Returns:
+        A GcResult per dataset: versions removed, bytes freed (orphans included), pins set and
+        removed, and, with ``all``, why a dataset was left alone (``skipped``).
+
+    Example:
+        >>> gc(all=True, dry_run=True)
+        >>> gc("churn")   # the datasets registered model "churn" uses
     """
     if not all and target is not None and is_dataset_target(os.fspath(target)):
         uri = os.fspath(target)

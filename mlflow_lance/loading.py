@@ -43,12 +43,32 @@ def load_state_dict(
     step: int | None = None,
     model_id: str | None = None,
 ) -> Any:
-    """Load weights (a state dict, or the checkpoint dict that was saved) from a Lance
-    dataset URI or an MLflow model URI.
+    """The weights (a state dict, or the checkpoint dict that was saved) of a Lance dataset
+    URI or an MLflow model URI, read straight from Lance.
 
-    For a dataset: ``version`` (a number or tag; default latest), or ``run_id`` (with
-    ``step=`` or ``model_id=`` when the run logged several versions). ``names`` selects
-    tensors by list, prefix or glob and reads only their bytes.
+    Args:
+        uri: a dataset URI (a path, ``s3://``, ...), an MLflow model URI (``runs:/``,
+            ``models:/``, ``mlflow-artifacts:``) or a local model directory.
+        version: for a dataset: a version number or a tag (default: the latest).
+        map_location: the device the tensors go to (default CPU: local datasets come back as
+            copy-on-write memory maps, no copy).
+        names: a list of keys, or one string that is a prefix or a glob; only their bytes are read.
+        storage_options: for object storage; merged over what the environment gives.
+        verify: rehash every byte read (and return private memory instead of maps).
+        run_id / step / model_id: for a dataset: the version a run logged (with ``step=`` or
+            ``model_id=`` when it logged several), found through the sidecar, no tracking server.
+
+    Returns:
+        An OrderedDict of tensors in saved order, or the checkpoint dict that was saved.
+
+    Raises:
+        VersionNotFoundError: no such version, tag, run or tensor (the message lists what exists).
+        CorruptionError: the version's files or metadata are damaged or crafted; nothing loaded.
+        FileNotFoundError: nothing was saved at ``uri``.
+
+    Example:
+        >>> sd = load_state_dict("models:/churn@champion", names="encoder.*")
+        >>> sd = load_state_dict("weights.lance", "best", map_location="cuda:0")
     """
     uri = os.fspath(uri)
     if is_mlflow_uri(uri):

@@ -208,20 +208,39 @@ def save_state_dict(
 ) -> VersionInfo:
     """Save ``state_dict`` as a new version of the weights dataset at ``uri``.
 
-    A checkpoint dict (tensors nested in dicts, lists and tuples next to numbers, strings and
-    None: an optimizer's state dict, an epoch counter) is stored too: its tensors as rows
-    named by their path, the rest as JSON with the version (see tree.py); it loads back equal.
-    Only tensors whose bytes, dtype or shape differ from the latest version are written;
-    the rest reuse that version's data files. ``properties`` (str -> str) are stored with
-    the version. ``compression="zstd"`` applies to a new dataset only; the default stores
-    raw bytes, which load fastest (memory-mapped, no decode). ``state_dict`` may be what
-    ``prepare`` returned (then it is not checked again).
+    Only tensors whose bytes, dtype or shape differ from the latest version are written; the
+    rest reuse that version's data files. A checkpoint dict (tensors nested in dicts, lists
+    and tuples next to numbers, strings and None: an optimizer's state dict, an epoch counter)
+    is stored too: its tensors as rows named by their path, the rest as JSON with the version;
+    it loads back equal. The version is durable when this returns (see ``sync_files``).
 
-    The version is durable when this returns: on a local disk its data files, manifest,
-    commit, version index and their directories are flushed (fsync), as
-    ``torch.distributed.checkpoint``'s ``FileSystemWriter`` does; ``sync_files=False`` (or
-    MLFLOW_LANCE_FSYNC=0) skips that for scratch use. On object storage a completed PUT is
-    durable already.
+    Args:
+        state_dict: name -> tensor, or a checkpoint dict, or what ``prepare`` returned (not
+            checked again).
+        uri: a dataset URI (a path, ``file://``, ``s3://``, ``gs://``, ``az://``) or a Dataset.
+        message: stored with the version (``versions()`` shows it).
+        properties: str -> str, stored with the version.
+        storage_options: for object storage; merged over what the environment gives.
+        chunk_bytes: tensors larger than this are split into rows of at most this size.
+        compression: ``"zstd"`` for a new dataset (fixed per dataset); the default stores raw
+            bytes, which load fastest (memory-mapped, no decode).
+        sync_files: flush data files, manifest, commit, version index and their directories
+            (fsync) before returning, as ``torch.distributed.checkpoint``'s ``FileSystemWriter``
+            does. Default: True unless MLFLOW_LANCE_FSYNC=0 (scratch use). On object storage a
+            completed PUT is durable already.
+
+    Returns:
+        The new version's VersionInfo (number, bytes written, names changed, ...).
+
+    Raises:
+        TypeError / ValueError: a value that is not a storable tensor, a bad key, bad
+            properties; nothing is written.
+        WeightsError: ``uri`` holds something else than a weights dataset of this format.
+        OSError / PermissionError / ConnectionError: the write failed; nothing was committed.
+
+    Example:
+        >>> info = save_state_dict(model.state_dict(), "weights.lance", message="epoch 3")
+        >>> info.version, info.bytes_written
     """
     prepared = prepare(state_dict)
     state_dict, spec = prepared.tensors, prepared.spec
@@ -351,12 +370,30 @@ def load_into(
     """Read a version straight into ``module``'s parameters and buffers, tensor by tensor.
 
     Bytes go from the data files into the parameters' memory without an intermediate state
-    dict, so peak memory stays near one tensor. Keys, shapes, the version's metadata and
-    every data file are checked before anything is written: with ``strict`` missing or
-    unexpected keys raise, as do shape mismatches. With ``verify`` each chunk is read into
-    a staging buffer (at most one chunk, 1 GiB, at a time) and hashed before it is copied
-    into the module, so the module never holds unverified bytes; a corrupt chunk raises
-    CorruptionError, and the tensors copied before it keep their new values.
+    dict, so peak memory stays near one tensor. Keys, shapes, the version's metadata and every
+    data file are checked before anything is written.
+
+    Args:
+        module: the module to fill (its tensors may be of another dtype or on another device:
+            they are cast and moved).
+        uri: a dataset URI or a Dataset.
+        version: a version number or a tag (default: the latest).
+        strict: refuse missing and unexpected keys, as ``nn.Module.load_state_dict`` does.
+        storage_options: for object storage.
+        verify: each chunk is read into a staging buffer and hashed before it is copied in, so
+            the module never holds unverified bytes (a corrupt chunk raises; tensors copied
+            before it keep their new values).
+
+    Returns:
+        LoadResult(missing_keys, unexpected_keys), as ``nn.Module.load_state_dict``.
+
+    Raises:
+        RuntimeError: keys or shapes do not match (worded as ``load_state_dict`` words it),
+            before anything is written.
+        VersionNotFoundError / CorruptionError: as ``load_state_dict``.
+
+    Example:
+        >>> load_into(model, "weights.lance", verify=True)
     """
     reader = open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
     entries, found = reader.entries, reader.problems()
@@ -518,12 +555,26 @@ def verify(
     storage_options: StorageOptions = None,
     progress: Callable[[int], object] | None = None,
 ) -> VerifyReport:
-    """Check a version: its metadata (rows consistent with each other, with the data files
-    and with its commit) and the content hash of every chunk; report each problem.
+    """Check a version: its metadata (rows consistent with each other, with the data files and
+    with its commit) and the content hash of every chunk. The rows are decoded from the data
+    files themselves (in a child process: a corrupt file is a problem reported, never a crash),
+    not taken from the version index.
 
-    The rows are decoded from the data files themselves (in the decoder: a corrupt file is
-    a problem reported, never a crash), not taken from the version index.
-    ``progress`` is called with the bytes of each chunk checked (for progress bars).
+    Args:
+        uri: a dataset URI or a Dataset.
+        version: a version number or a tag (default: the latest).
+        storage_options: for object storage.
+        progress: called with the bytes of each chunk checked (for progress bars).
+
+    Returns:
+        A VerifyReport: ``ok``, and each problem (tensor, chunk, file, what is wrong).
+
+    Raises:
+        VersionNotFoundError: no such version or tag.
+
+    Example:
+        >>> report = verify("weights.lance")
+        >>> report.ok, [p.detail for p in report.problems]
     """
     dataset = Dataset.of(uri, storage_options)
     try:
