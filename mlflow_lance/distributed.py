@@ -69,7 +69,18 @@ from .tensors import (
     validate_state_dict,
 )
 
-__all__ = ["Shard", "active", "checkpoint_group", "load", "plan_chunks", "save", "stage"]
+__all__ = [
+    "Shard",
+    "active",
+    "checkpoint_group",
+    "collective",
+    "load",
+    "plan_chunks",
+    "save",
+    "stage",
+    "unwrapped",
+    "write",
+]
 
 TIMEOUT_ENV = "MLFLOW_LANCE_DIST_TIMEOUT"  # seconds a rank waits for its peers in a save (default 1800)
 _GROUPS: dict[tuple, Any] = {}
@@ -83,6 +94,24 @@ def active(group: Any = None) -> bool:
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def collective(model: torch.nn.Module) -> bool:
+    """Whether saving ``model`` takes every rank: a process group is initialised and the model
+    is wrapped by ``DistributedDataParallel`` or holds DTensors (FSDP2, tensor parallel). A
+    plain module (``ddp.module`` on rank 0 alone, as before) is saved by the rank that calls."""
+    if not active():
+        return False
+    from torch.nn.parallel import DistributedDataParallel
+
+    return isinstance(model, DistributedDataParallel) or any(_is_dtensor(t) for t in model.state_dict().values())
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a ``DistributedDataParallel`` wraps (its state dict's names), else ``model``."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
 
 
 def checkpoint_group(group: Any = None) -> Any:
@@ -599,6 +628,7 @@ def load(
     storage_options: Mapping[str, str] | None = None,
     verify: bool = False,
     strict: bool = True,
+    skip: tuple[str, ...] = (),
 ) -> Any:
     """Fill ``state``'s tensors in place from a version, resharding: each rank reads only the
     bytes its own shards cover, whatever the world size the version was saved at (or none).
@@ -615,13 +645,15 @@ def load(
         uri / version / storage_options: the version (default: the latest).
         verify: read whole chunks and check their content hashes before copying.
         strict: refuse tensors of ``state`` the version lacks (else they keep their values).
+        skip: name prefixes (``tree.subtree_prefix("optimizer")``) of stored tensors not to
+            read when ``state`` lacks them: None in the returned tree.
 
     Returns:
         The stored tree (a checkpoint dict's numbers and strings as saved) with ``state``'s own
-        tensors in it; stored tensors ``state`` lacks are read whole.
+        tensors in it; stored tensors ``state`` lacks are read whole (unless skipped).
 
     Raises:
-        KeyError / ValueError: a tensor missing from the version, or of another shape.
+        WeightsError: a tensor missing from the version (``strict``), or stored with another shape.
         CorruptionError: as ``load_state_dict``.
 
     Example:
@@ -635,13 +667,13 @@ def load(
     raise_problems(reader.uri, reader.version, reader.problems())
     missing = [n for n in flat if n not in entries]
     if missing and strict:
-        raise KeyError(
+        raise WeightsError(
             f"version {reader.version} of {reader.uri} has no tensor {missing[0]!r} (and {len(missing) - 1} more "
             f"missing); pass strict=False to keep their current values"
         )
     for name, t in flat.items():
         if name in entries and list(t.shape) != entries[name].shape:
-            raise ValueError(
+            raise WeightsError(
                 f"tensor {name!r} is stored with shape {entries[name].shape}, but this state's is {list(t.shape)}"
             )
     filled: dict[str, torch.Tensor] = {}
@@ -651,6 +683,8 @@ def load(
                 e = entries[entries[name].tie or name]
                 _read_local(reader, e, t, verify)
                 filled[name] = t
+        skipped = [n for n in entries if n not in filled and n.startswith(skip)]
+        filled.update(dict.fromkeys(skipped))
         rest = [n for n in entries if n not in filled]
         if rest:
             filled.update(

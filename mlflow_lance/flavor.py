@@ -57,7 +57,7 @@ from mlflow.utils.model_utils import (
 )
 from mlflow.utils.validation import _validate_model_name
 
-from . import __version__, lifecycle, modeldir, registry, store, tree
+from . import __version__, distributed, lifecycle, modeldir, registry, store, tree
 from .artifacts import dataset_location, options
 from .dataset import Dataset
 from .errors import after_commit
@@ -138,11 +138,14 @@ class Capture:
     """What a save writes, captured (and checked) once: the prepared state (a model's state
     dict, or a checkpoint's whole tree), the architecture when it was captured earlier (a
     skeleton pickled at staging time; None: taken from the module at save time), and where the
-    model's own tensors sit in the tree (``state_prefix``, for checkpoints)."""
+    model's own tensors sit in the tree (``state_prefix``, for checkpoints). A state whose data
+    files are written already (``written``: by every rank of a distributed save) is committed
+    as it is, to the dataset it was written to."""
 
-    prepared: store.Prepared
+    prepared: store.Prepared | None
     skeleton: bytes | None = None
     state_prefix: str | None = None
+    written: store.Written | None = None
 
 
 class _Saver:
@@ -271,7 +274,7 @@ def _save(
         if capture.state_prefix:  # a checkpoint: the model's tensors live under this prefix
             conf["state_prefix"] = capture.state_prefix
         env = _environment(conda_env, pip_requirements, extra_pip_requirements)
-        info = _save_weights(capture.prepared, location, mlflow_model, message, lance_properties)
+        info = _save_weights(capture, location, mlflow_model, message, lance_properties)
     _describe_model(path, mlflow_model, location, info, conf, env, self_contained=not lance_uri)
 
 
@@ -296,7 +299,7 @@ def _weights_location(path: str, lance_uri: str | None, storage_options: Mapping
 
 
 def _save_weights(
-    prepared: store.Prepared,
+    capture: Capture,
     location: Dataset,
     mlflow_model: Model,
     message: str | None,
@@ -310,11 +313,20 @@ def _save_weights(
         "mlflow.artifact_path": mlflow_model.artifact_path,
         **dict(lance_properties or {}),
     }
+    message = message or (f"mlflow run {mlflow_model.run_id}" if mlflow_model.run_id else None)
+    properties = {k: v for k, v in properties.items() if v}
+    if capture.written is not None:  # written by every rank of a distributed save
+        if capture.written.dataset.uri != location.uri:
+            raise ValueError(
+                f"the shards were written to {capture.written.dataset.uri}, but this model's weights "
+                f"go to {location.uri}; nothing was committed"
+            )
+        return store.commit_version(capture.written, message=message, properties=properties)
     return store.save_state_dict(
-        prepared,
+        capture.prepared,
         location.uri,
-        message=message or (f"mlflow run {mlflow_model.run_id}" if mlflow_model.run_id else None),
-        properties={k: v for k, v in properties.items() if v},
+        message=message,
+        properties=properties,
         storage_options=location.storage_options,
     )
 
@@ -556,6 +568,29 @@ def log_model(
     _check_module(pytorch_model)
     if registered_model_name is not None:  # before anything is created: the registry's own rules
         _validate_model_name(registered_model_name)
+    if distributed.collective(pytorch_model):
+        return _log_sharded(
+            pytorch_model,
+            name or artifact_path or "model",
+            registered_model_name=registered_model_name,
+            lance_uri=lance_uri,
+            storage_options=storage_options,
+            signature=False if signature is None and input_example is not None else signature,
+            input_example=input_example,
+            await_registration_for=await_registration_for,
+            metadata=metadata,
+            tags=tags,
+            params=params,
+            step=step,
+            conda_env=conda_env,
+            code_paths=code_paths,
+            pip_requirements=pip_requirements,
+            extra_pip_requirements=extra_pip_requirements,
+            extra_files=extra_files,
+            model_factory=model_factory,
+            factory_kwargs=factory_kwargs,
+            **kwargs,
+        )
     return _log(
         pytorch_model,
         name or artifact_path or "model",
@@ -611,6 +646,56 @@ def _log(
     )
     registry.after_log(info, registered_model_name, binding, location.storage_options)
     return info
+
+
+def _log_sharded(
+    module: torch.nn.Module,
+    name: str,
+    *,
+    registered_model_name: str | None,
+    lance_uri: str | None,
+    storage_options: Mapping[str, str] | None,
+    **kwargs: Any,
+) -> mlflow.models.model.ModelInfo:
+    """``log_model`` of a model sharded over the process group (FSDP2, tensor parallel, DDP),
+    every rank calling: rank 0 names the dataset; every rank writes its own shards
+    (``distributed.write``); rank 0 logs one model whose save commits them as one version; the
+    ModelInfo (or the first error) on every rank. No signature is inferred from an input
+    example: that would run the sharded model on rank 0 alone (pass ``signature=``)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    group = distributed.checkpoint_group()
+    rank = dist.get_rank(group)
+    where, error = None, None
+    if rank == 0:
+        try:
+            if mlflow.active_run() is None:
+                mlflow.start_run()
+            location, _, _ = _location_for(name, registered_model_name, lance_uri, storage_options)
+            where = (location.uri, location.storage_options)
+        except Exception as err:  # noqa: BLE001 (raised on every rank by share)
+            error = err
+    uri, uri_options = distributed.share(where, error, group, "naming the model's dataset")
+    shards = distributed.stage(get_model_state_dict(module), clone=False)
+    written = distributed.write(shards, Dataset(uri, uri_options), group=group)
+    info, error = None, None
+    if written is not None:  # rank 0
+        try:
+            plain = distributed.unwrapped(module)
+            capture = Capture(None, dump_skeleton(plain), written=written)
+            info = _log(
+                plain,
+                name,
+                capture,
+                registered_model_name=registered_model_name,
+                lance_uri=lance_uri,
+                storage_options=storage_options,
+                **kwargs,
+            )
+        except Exception as err:  # noqa: BLE001 (raised on every rank by share)
+            error = err
+    return distributed.share(info, error, group, "logging the model")
 
 
 def _check_module(module: object) -> None:
@@ -827,7 +912,7 @@ def model_state_dict(
     ``log_state_dict`` artifact points at; reads MLmodel or the pointer, nothing else
     (``mlflow_lance.load_state_dict`` calls this for MLflow URIs)."""
     uri = os.fspath(uri)
-    with _model_pointer(uri) as model:
+    with model_pointer(uri) as model:
         if model is None:
             raise ValueError(f"{uri} is neither an MLflow model URI nor a model directory")
         if version is not None:
@@ -858,7 +943,7 @@ def _download_model(model_uri: str, dst_path: str) -> str:
 
 
 @contextlib.contextmanager
-def _model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
+def model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
     """(Lance URI, version) of an MLflow model URI, a model directory or a state dict that
     ``log_state_dict`` logged; None for anything else (a dataset URI). A self-contained model
     directory's dataset is downloaded for the duration (maps of it stay valid after)."""

@@ -290,3 +290,47 @@ def killed(rank: int, world: int, port: int, tmp: str, uri: str, victim: int, po
         outcome = f"{type(err).__name__}: {err}"[:500]
     dump(tmp, f"killed{rank}.json", {"outcome": outcome})
     os._exit(0)  # the process group is broken: do not wait for the dead peer at exit
+
+
+def mlflow_checkpoints(rank: int, world: int, port: int, tmp: str, tracking_uri: str) -> None:
+    """Every rank calls the everyday API with an FSDP2 model: log_checkpoint (blocking, then in
+    the background with retention), log_model into a registered model, and load_checkpoint
+    into a fresh model and optimizer, then training goes on bit-identically."""
+    import mlflow
+
+    import mlflow_lance as ml
+
+    init(rank, world, port)
+    mlflow.set_tracking_uri(tracking_uri)
+    if rank == 0:
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("dist", artifact_location=f"{tmp}/artifacts"))
+    model, opt = fsdp_model()
+    train(model, opt, range(STEPS_BEFORE), rank, world)
+    first = ml.log_checkpoint(model, opt, step=STEPS_BEFORE, metrics={"loss": 2.0})
+    train(model, opt, range(STEPS_BEFORE, STEPS_BEFORE + 1), rank, world)
+    handle = ml.log_checkpoint(model, opt, step=STEPS_BEFORE + 1, metrics={"loss": 1.0}, blocking=False, keep_last=1)
+    reference = full_state(model, opt)  # staged already: training may go on while it writes
+    second = handle.result()
+    info = ml.log_model(model, name="final", registered_model_name="dist-model")
+    ddp = torch.nn.parallel.DistributedDataParallel(Tiny())  # rank 0's initial weights on every rank
+    ddp_info = ml.log_model(ddp, name="ddp")
+    torch.manual_seed(123)
+    fresh, fresh_opt = fsdp_model(seed=7)  # nothing trained: the optimizer has no state yet
+    restored = ml.load_checkpoint(second.model_uri, fresh, fresh_opt)
+    loaded = same(full_state(fresh, fresh_opt), reference)
+    train(model, opt, range(STEPS_BEFORE + 1, STEPS_BEFORE + 3), rank, world)
+    train(fresh, fresh_opt, range(STEPS_BEFORE + 1, STEPS_BEFORE + 3), rank, world)
+    result = {
+        "first": [first.model_id, first.run_id, first.lance_version],
+        "second": [second.model_id, second.run_id, second.lance_version, list(second.deleted), second.model_uri],
+        "model": [info.model_id, info.model_uri, info.registered_model_version],
+        "ddp": ddp_info.model_uri,
+        "restored_step": restored["step"],
+        "loaded": loaded,
+        "resumed": same(full_state(fresh, fresh_opt), full_state(model, opt)),
+    }
+    dump(tmp, f"mlflow{rank}.json", result)
+    if rank == 0:
+        torch.save(reference, os.path.join(tmp, "reference.pt"))
+        torch.save(dict(ddp.module.state_dict()), os.path.join(tmp, "ddp.pt"))
+    dist.destroy_process_group()

@@ -169,3 +169,56 @@ def test_a_rank_killed_mid_save_leaves_no_version_and_gc_reclaims_its_files(tmp_
     assert after == before, (report, sorted(after - before))
     info = store.save_state_dict(W.Tiny().state_dict(), uri)  # the next save works
     assert info.version == 2
+
+
+# --------------------------------------------------------------------------- through MLflow
+
+
+def test_fsdp_ranks_log_one_checkpoint_and_one_model_to_one_run_and_resume(tmp_path):
+    """log_checkpoint / log_model / load_checkpoint called on every rank of an FSDP2 job: one
+    run, one logged model per call, the same result on every rank; the checkpoint loads in one
+    process (load_model, load_checkpoint) with no process group and no consolidation step."""
+    import mlflow
+
+    import mlflow_lance as ml
+    from mlflow_lance import checkpoint
+
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    W.run(W.mlflow_checkpoints, 2, str(tmp_path), tracking)
+    ranks = [_read(tmp_path, f"mlflow{r}.json") for r in range(2)]
+    assert ranks[0] == ranks[1]  # every rank got the same checkpoints and model back
+    got = ranks[0]
+    assert got["loaded"] == [] and got["resumed"] == [] and got["restored_step"] == W.STEPS_BEFORE + 1
+    first_id, run_id, first_version = got["first"]
+    second_id, second_run, second_version, deleted, second_uri = got["second"]
+    assert second_run == run_id and second_version == first_version + 1 and deleted == [first_id]
+
+    mlflow.set_tracking_uri(tracking)
+    client = mlflow.MlflowClient()
+    (experiment,) = [e for e in client.search_experiments() if e.name == "dist"]
+    assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [
+        run_id
+    ]  # one run, not one per rank
+    names = sorted(m.name for m in client.search_logged_models([experiment.experiment_id]))
+    assert names == ["checkpoint", "ddp", "final"]  # the first checkpoint fell to keep_last=1
+    reference = torch.load(tmp_path / "reference.pt", weights_only=True)
+
+    plain = ml.load_model(second_uri)  # one process, no process group: the whole model
+    assert type(plain).__name__ == "Tiny"
+    assert all(raw(plain.state_dict()[k]) == raw(v) for k, v in reference["model"].items())
+    model, opt = W.Tiny(), None
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    state = checkpoint.load_checkpoint(second_uri, model, opt, restore_rng=False)
+    assert state["step"] == W.STEPS_BEFORE + 1
+    assert all(raw(model.state_dict()[k]) == raw(v) for k, v in reference["model"].items())
+    named = reference["optimizer"]["state"]
+    for i, fqn in enumerate(n for n, _ in model.named_parameters()):
+        assert all(raw(opt.state_dict()["state"][i][k]) == raw(v) for k, v in named[fqn].items()), fqn
+    model_id, model_uri, registered_version = got["model"]
+    final = ml.load_model(f"models:/dist-model/{registered_version}")
+    assert client.get_model_version("dist-model", str(registered_version)).run_id == run_id
+    assert client.get_logged_model(model_id).name == "final"
+    assert all(raw(final.state_dict()[k]) == raw(v) for k, v in reference["model"].items())  # logged untrained since
+    ddp = ml.load_model(got["ddp"])  # DDP: the wrapped module, its replicated weights written once
+    expected = torch.load(tmp_path / "ddp.pt", weights_only=True)
+    assert type(ddp).__name__ == "Tiny" and all(raw(ddp.state_dict()[k]) == raw(v) for k, v in expected.items())
