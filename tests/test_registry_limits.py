@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from model_zoo import SmallCNN, trained
 
 import mlflow_lance as ml
-from conftest import _point_at
+from conftest import _point_at, report
 from mlflow_lance import registry, sidecar
 from mlflow_lance.lifecycle import BINDING_TAG, DATASET_TAG
 
@@ -179,10 +179,10 @@ def test_a_thousand_versions_on_postgresql(pg):
     rows, figures = {}, {}
     for name, versions, seed in (("history-10", 10, 10), ("history-1000", 1000, 20)):
         first_sync, reports = _history(name, versions, person)
-        (report,) = reports
-        assert not report.skipped and not report.gone
-        assert len(report.updated) == UNTAGGED  # only the bare versions needed their tags and description
-        assert len(report.pinned) == versions - 1  # every version pinned, the logged one by log_model already...
+        (found,) = reports
+        assert not found.skipped and not found.gone
+        assert len(found.updated) == UNTAGGED  # only the bare versions needed their tags and description
+        assert len(found.pinned) == versions - 1  # every version pinned, the logged one by log_model already...
         start = time.perf_counter()
         (again,) = ml.sync(name)
         steady = time.perf_counter() - start
