@@ -334,3 +334,25 @@ def mlflow_checkpoints(rank: int, world: int, port: int, tmp: str, tracking_uri:
         torch.save(reference, os.path.join(tmp, "reference.pt"))
         torch.save(dict(ddp.module.state_dict()), os.path.join(tmp, "ddp.pt"))
     dist.destroy_process_group()
+
+
+def on_s3(rank: int, world: int, port: int, tmp: str, uri: str, opts: dict) -> None:
+    """FSDP2 saved twice to a dataset on S3 (each rank PUTs its own files), then loaded back
+    resharded on every rank."""
+    from mlflow_lance import distributed
+
+    init(rank, world, port)
+    model, opt = fsdp_model()
+    train(model, opt, range(1), rank, world)
+    first = distributed.save(sharded_state(model, opt), uri, storage_options=opts)
+    train(model, opt, range(1, 2), rank, world)
+    second = distributed.save(sharded_state(model, opt), uri, storage_options=opts)
+    again, again_opt = fsdp_model(seed=4)
+    train(again, again_opt, range(1), rank, world)
+    restore(again, again_opt, distributed.load(sharded_state(again, again_opt), uri, storage_options=opts))
+    whole = full_state(model, opt)  # collective: on every rank
+    result = {"versions": [first.version, second.version], "loaded": same(full_state(again, again_opt), whole)}
+    dump(tmp, f"s3_{rank}.json", result)
+    if rank == 0:
+        torch.save(whole, os.path.join(tmp, "s3.pt"))
+    dist.destroy_process_group()

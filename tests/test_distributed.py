@@ -222,3 +222,28 @@ def test_fsdp_ranks_log_one_checkpoint_and_one_model_to_one_run_and_resume(tmp_p
     ddp = ml.load_model(got["ddp"])  # DDP: the wrapped module, its replicated weights written once
     expected = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert type(ddp).__name__ == "Tiny" and all(raw(ddp.state_dict()[k]) == raw(v) for k, v in expected.items())
+
+
+# --------------------------------------------------------------------------- object storage
+
+
+def test_ranks_put_their_shards_to_s3_and_one_commit_makes_the_version(tmp_path, s3_server):
+    env = s3_server["env"]
+    opts = {
+        "aws_endpoint": s3_server["endpoint"],
+        "allow_http": "true",
+        "aws_access_key_id": env["AWS_ACCESS_KEY_ID"],
+        "aws_secret_access_key": env["AWS_SECRET_ACCESS_KEY"],
+        "aws_region": env["AWS_DEFAULT_REGION"],
+    }
+    uri = f"s3://{s3_server['bucket']}/distributed/{tmp_path.name}.lance"
+    W.run(W.on_s3, 2, str(tmp_path), uri, opts)
+    got = [_read(tmp_path, f"s3_{r}.json") for r in range(2)]
+    assert got[0] == got[1] and got[0]["versions"] == [1, 2] and got[0]["loaded"] == []
+    listed = s3_server["client"].list_objects_v2(
+        Bucket=s3_server["bucket"], Prefix=f"distributed/{tmp_path.name}.lance/data/"
+    )
+    assert len(listed["Contents"]) >= 2 * 2  # each rank PUT its own file(s), twice
+    reference = torch.load(tmp_path / "s3.pt", weights_only=True)
+    whole = store.load_state_dict(uri, storage_options=opts)  # one process: the whole tensors
+    assert all(raw(whole["model"][k]) == raw(v) for k, v in reference["model"].items())
