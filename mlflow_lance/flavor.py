@@ -1031,8 +1031,10 @@ def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: 
 
 class _LanceModelWrapper:
     """``mlflow.pyfunc`` view of the module, as mlflow.pytorch's: a DataFrame in (cast to
-    float32) gives a DataFrame out with the input's index; numpy arrays and dicts of arrays
-    (keyword inputs) give numpy; ``params`` are passed to ``forward`` as keyword arguments."""
+    float32 as mlflow.pytorch casts it) gives a DataFrame out with the input's index; numpy
+    arrays and dicts of arrays (keyword inputs, an extension) give numpy; lists and anything
+    else are refused with mlflow.pytorch's errors; ``params`` are passed to ``forward`` as
+    keyword arguments."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
         self.module = module
@@ -1043,7 +1045,9 @@ class _LanceModelWrapper:
 
     def _tensor(self, value: Any) -> torch.Tensor:
         array = value.to_numpy() if hasattr(value, "to_numpy") else np.asarray(value)
-        t = torch.from_numpy(np.ascontiguousarray(array))
+        if any(s < 0 for s in array.strides):  # torch takes any other layout as it is, as mlflow.pytorch does
+            array = np.ascontiguousarray(array)
+        t = torch.from_numpy(array)
         if t.is_floating_point():
             t = t.to(self._float_dtype())
         return t.to(self.device)
@@ -1068,10 +1072,17 @@ class _LanceModelWrapper:
                 out = self.module(self._tensor(_float32(data)), **kwargs)
                 if isinstance(out, torch.Tensor):
                     return pd.DataFrame(out.detach().cpu().numpy(), index=data.index)
-            elif isinstance(data, Mapping):
+            elif isinstance(data, Mapping):  # an extension: keyword inputs
                 out = self.module(**{k: self._tensor(v) for k, v in data.items()}, **kwargs)
-            else:
+            elif isinstance(data, np.ndarray):
                 out = self.module(self._tensor(data), **kwargs)
+            elif isinstance(data, list):  # mlflow.pytorch's errors, word for word
+                raise TypeError(
+                    "The PyTorch flavor does not support List or Dict input types. "
+                    "Please use a pandas.DataFrame or a numpy.ndarray"
+                )
+            else:
+                raise TypeError("Input data should be pandas.DataFrame or numpy.ndarray")
         return _to_numpy(out)
 
 

@@ -114,6 +114,41 @@ def test_3_and_4_dataframes_come_back_as_dataframes_with_their_index_and_ints_ar
         flavor._load_pyfunc(os.path.join(ours, "data")).predict(text)
 
 
+def test_3_frames_of_other_column_types_are_converted_as_mlflow_pytorch_converts_them(tmp_path):
+    theirs, ours = both(tmp_path, linear(4, n_in=2))
+    days = pd.to_datetime(["2024-01-01", "2024-03-02"])
+    frames = {
+        "datetime": pd.DataFrame({"a": days, "b": [1.0, 2.0]}),
+        "datetime with a time zone": pd.DataFrame({"a": days.tz_localize("UTC"), "b": [1.0, 2.0]}),
+        "timedelta": pd.DataFrame({"a": pd.to_timedelta([1, 2], unit="s"), "b": [3, 4]}),
+        "bool": pd.DataFrame({"a": [True, False], "b": [1, 2]}),
+        "category": pd.DataFrame({"a": pd.Categorical([1, 2]), "b": [3, 4]}),
+        "numbers as text": pd.DataFrame({"a": ["1", "2"], "b": [3, 4]}),
+        "nullable ints": pd.DataFrame({"a": pd.array([1, None], dtype="Int64"), "b": [3, 4]}),
+    }
+    compared = 0
+    for kind, frame in frames.items():
+        a = mlflow.pyfunc.load_model(theirs).predict(frame)
+        b = mlflow.pyfunc.load_model(ours).predict(frame)
+        pd.testing.assert_frame_equal(a, b, check_exact=True, obj=kind)  # bit for bit
+        compared += 1
+    assert compared == len(frames)
+
+
+def test_3_lists_and_scalars_are_refused_with_mlflow_pytorchs_errors(tmp_path):
+    theirs, ours = both(tmp_path, linear(5, n_in=2))
+    models = [mlflow.pyfunc.load_model(uri) for uri in (theirs, ours)]
+    for data in ([[1.0, 2.0]], 3.0, (1.0, 2.0), pd.Series([1.0, 2.0]), torch.zeros(1, 2), "text"):
+        for call in ("predict", "wrapper"):  # what a script calls, and the flavor's own wrapper
+            errors = []
+            for model in models:
+                with pytest.raises(TypeError) as err:
+                    (model if call == "predict" else model._model_impl).predict(data)
+                errors.append(str(err.value))
+            assert errors[0] == errors[1], (type(data).__name__, call, errors)
+    assert str(err.value) == "Input data should be pandas.DataFrame or numpy.ndarray"
+
+
 def test_5_params_are_passed_to_forward(tmp_path):
     model = WithParam()
     signature = infer_signature(X, model(torch.from_numpy(X)).detach().numpy(), params={"y": 1})
