@@ -278,6 +278,7 @@ class Written:
     removed: list[str]
     spec: dict | None
     flush: bool
+    container: str | None = None  # as Prepared's
 
     @property
     def metas(self) -> list[dict]:
@@ -321,6 +322,7 @@ def write_version(
         [n for n in previous if n not in prepared.tensors],
         prepared.spec,
         flush,
+        prepared.container,
     )
 
 
@@ -442,8 +444,8 @@ def load_state_dict(
             loaded = {s: materialize(reader, [entries[s]], verify=verify)[s].to(device) for s in sources}
     out = OrderedDict((name, loaded[entries[name].tie or name]) for name in selected)
     spec = tree_spec(reader) if names is None else None
-    if spec is None:
-        return out
+    if spec is None:  # a flat state dict: an OrderedDict, as state_dict() gives, or the dict saved
+        return dict(out) if names is None and reader.properties().get(PROP + "container") == "dict" else out
     try:
         return tree.unflatten(spec, out)
     except (ValueError, TypeError, RecursionError) as err:
@@ -782,6 +784,7 @@ class Prepared:
 
     tensors: Mapping[str, torch.Tensor]
     spec: dict | None
+    container: str | None = None  # "dict": a flat state dict given as a plain dict (loads back as one)
 
 
 def prepare(state_dict: Mapping[str, Any] | Prepared) -> Prepared:
@@ -792,10 +795,11 @@ def prepare(state_dict: Mapping[str, Any] | Prepared) -> Prepared:
     spec = None
     if isinstance(state_dict, Mapping) and not tree.is_flat(state_dict):  # a checkpoint dict
         state_dict, spec = tree.flatten(state_dict)
+    container = "dict" if spec is None and type(state_dict) is dict else None
     validate_state_dict(state_dict)
     if not state_dict:
         raise ValueError("the state dict holds no tensor; there is nothing to save")
-    return Prepared(state_dict, spec)
+    return Prepared(state_dict, spec, container)
 
 
 def reusable_base(
@@ -841,6 +845,8 @@ def _transaction_properties(message: str | None, props: dict[str, str], written:
     txn_props = {PROP + k: v for k, v in summary.items()}
     if written.spec is not None:
         txn_props[PROP + "tree"] = tree.encode(written.spec)
+    if written.container is not None:
+        txn_props[PROP + "container"] = written.container
     if message:
         txn_props["lance.commit.message"] = message
     return txn_props

@@ -189,7 +189,7 @@ def test_8_and_9_log_state_dict_takes_checkpoint_dicts_and_load_state_dict_reads
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.from_numpy(X)).sum().backward()
     opt.step()
-    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3}
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "shape": (3, 4)}
     with mlflow.start_run() as run:
         ml.log_state_dict(model.state_dict(), "model")
         ml.log_state_dict(ckpt, "ckpt")
@@ -202,10 +202,31 @@ def test_8_and_9_log_state_dict_takes_checkpoint_dicts_and_load_state_dict_reads
     assert ours["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
     for k in theirs["optimizer"]["state"][0]:
         assert torch.equal(ours["optimizer"]["state"][0][k], theirs["optimizer"]["state"][0][k])
+    assert _types(ours) == _types(theirs) == _types(ckpt)  # OrderedDict, dict, list, tuple at every level
+    assert type(plain) is type(model.state_dict())
     env = ml.get_default_conda_env()
     assert any(str(d).startswith("torch") for d in env["dependencies"][-1]["pip"])
     with pytest.raises(TypeError, match="optimizer"):
         ml.save_state_dict({"optimizer": opt}, str(Path(os.environ["MLFLOW_LANCE_ROOT"]) / "x.lance"))
+    flat = {"w": torch.ones(2)}  # a plain dict of tensors comes back a plain dict
+    ml.save_state_dict(flat, str(Path(os.environ["MLFLOW_LANCE_ROOT"]) / "flat.lance"))
+    assert type(ml.load_state_dict(str(Path(os.environ["MLFLOW_LANCE_ROOT"]) / "flat.lance"))) is dict
+    for bad in ([torch.ones(1)], torch.ones(1), "w"):  # mlflow.pytorch's words first, then ours
+        errors = []
+        for log in (mlflow.pytorch.log_state_dict, ml.log_state_dict):
+            with mlflow.start_run(), pytest.raises(TypeError) as err:
+                log(bad, "bad")
+            errors.append(str(err.value))
+        assert errors[1].startswith(errors[0]) and len(errors[1]) > len(errors[0]), errors
+
+
+def _types(tree) -> object:
+    """The container types of a tree, at every level."""
+    if isinstance(tree, dict):
+        return (type(tree).__name__, {k: _types(v) for k, v in tree.items()})
+    if isinstance(tree, (list, tuple)):
+        return (type(tree).__name__, [_types(v) for v in tree])
+    return type(tree).__name__
 
 
 def test_10_serialization_format_and_pickle_module_are_accepted_and_pt2_refused(tmp_path):
