@@ -42,6 +42,7 @@ from mlflow.entities import LoggedModelStatus, Metric
 
 from . import distributed, flavor, lifecycle, store, tree
 from .artifacts import lance_root, options
+from .dataset import Dataset
 from .skeleton import dump_skeleton
 
 CHECKPOINT_NAME = "checkpoint"
@@ -508,39 +509,57 @@ def _log_sharded(
     names the run and its dataset; each rank stages its own shards (``get_state_dict``) and
     writes them; rank 0 logs one logged model whose save commits one version; every rank gets
     the same Checkpoint (or error) back. The RNG states of all ranks are kept ("rng" is rank
-    0's, "rng_by_rank" every rank's); ``extra`` and the scheduler's state are rank 0's."""
+    0's, "rng_by_rank" every rank's). Numbers and strings in ``extra`` and the scheduler's
+    state are rank 0's; their plain tensors (like any tensor that is not a DTensor) are taken
+    to be the same on every rank and written by one of them."""
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
 
     group = distributed.checkpoint_group()
+    rank = dist.get_rank(group)
     where, error = None, None
-    if dist.get_rank(group) == 0:
+    if rank == 0:
         try:
             run = mlflow.active_run() or mlflow.start_run()
-            where = (run.info.run_id, _checkpoint_dataset(run, lance_uri))
+            location, _, _ = flavor._location_for(
+                name, None, _checkpoint_dataset(run, lance_uri), None, run.info.run_id
+            )
+            where = (run.info.run_id, location.uri, location.storage_options)
         except Exception as err:  # noqa: BLE001 (raised on every rank by share)
             error = err
-    run_id, dataset = distributed.share(where, error, group, "starting the checkpoint's run")
-    if optimizer is not None:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-    else:
-        model_state, optimizer_state = get_model_state_dict(model), None
+    run_id, uri, uri_options = distributed.share(where, error, group, "starting the checkpoint's run")
     rngs: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(rngs, _as_arrays(_rng_state()), group=group)  # tensors do not unpickle there
-    rngs = [_as_tensors(r) for r in rngs]
-    state: dict[str, Any] = {MODEL_KEY: dict(model_state), "step": step, "metrics": metrics, "extra": dict(extra or {})}
-    if optimizer_state is not None:
-        state["optimizer"] = optimizer_state
-    if scheduler is not None:
-        state["scheduler"] = scheduler.state_dict()
-    state.update(rng=rngs[0], rng_by_rank=rngs)
-    flat, spec = tree.flatten(state)
-    shards = distributed.stage(flat, clone=not blocking)
-    skeleton = dump_skeleton(distributed.unwrapped(model)) if dist.get_rank(group) == 0 else None
-    args = (shards, spec, skeleton, group, model, run_id, step, metrics, name, dataset, *retention)
+    shards, spec, skeleton, failed = {}, None, None, None
+    try:  # a failure here is every rank's, at the first step of the write
+        if optimizer is not None:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+        else:
+            model_state, optimizer_state = get_model_state_dict(model), None
+        state: dict[str, Any] = {
+            MODEL_KEY: dict(model_state),
+            "step": step,
+            "metrics": metrics,
+            "extra": dict(extra or {}),
+        }
+        if optimizer_state is not None:
+            state["optimizer"] = optimizer_state
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        rngs = [_as_tensors(r) for r in rngs]
+        state.update(rng=rngs[0], rng_by_rank=rngs)
+        flat, spec = tree.flatten(state)
+        shards = distributed.stage(flat, clone=not blocking)
+        skeleton = dump_skeleton(distributed.unwrapped(model)) if rank == 0 else None
+    except Exception as err:  # noqa: BLE001
+        failed = err
+    dataset = Dataset(uri, uri_options)
+    args = (shards, spec, skeleton, failed, group, model, run_id, step, metrics, name, dataset, *retention)
     if blocking:
         return _write_sharded(*args)
-    return CheckpointHandle(_writer.submit(_write_sharded, *args))
+    future = _writer.submit(_write_sharded, *args)
+    distributed.track(future)
+    return CheckpointHandle(future)
 
 
 def _as_arrays(value: Any) -> Any:
@@ -567,39 +586,31 @@ def _as_tensors(value: Any) -> Any:
 
 def _write_sharded(
     shards: Mapping[str, distributed.Shard],
-    spec: dict,
+    spec: dict | None,
     skeleton: bytes | None,
+    failed: BaseException | None,
     group: Any,
     model: torch.nn.Module,
     run_id: str,
     step: int,
     metrics: dict[str, float],
     name: str,
-    dataset: str,
+    dataset: Dataset,
     keep_last: int | None,
     keep_best: tuple | None,
 ) -> Checkpoint:
     """Every rank writes its shards; rank 0 logs the checkpoint (committing the version) and
-    applies retention; the Checkpoint, or the first error, on every rank."""
-    written = distributed.write(shards, dataset, spec=spec, group=group)
-    result, error = None, None
-    if written is not None:  # rank 0
+    applies retention; the Checkpoint, or the first error (``failed``: this rank's staging),
+    on every rank."""
+
+    def log(written: store.Written) -> Checkpoint:
         capture = flavor.Capture(None, skeleton, tree.subtree_prefix(MODEL_KEY), written=written)
-        try:
-            result = _write(
-                lambda: capture,
-                distributed.unwrapped(model),
-                run_id,
-                step,
-                metrics,
-                name,
-                dataset,
-                keep_last,
-                keep_best,
-            )
-        except Exception as err:  # noqa: BLE001 (raised on every rank by share)
-            error = err
-    return distributed.share(result, error, group, "logging the checkpoint")
+        plain = distributed.unwrapped(model)
+        return _write(lambda: capture, plain, run_id, step, metrics, name, dataset.uri, keep_last, keep_best)
+
+    return distributed.write_and_commit(
+        shards, dataset, log, group=group, what="logging the checkpoint", failed=failed, spec=spec
+    )
 
 
 def _load_sharded(
@@ -624,6 +635,7 @@ def _load_sharded(
         set_state_dict,
     )
 
+    distributed.settle()
     group = distributed.checkpoint_group()
     rank = dist.get_rank(group)
     where, error = None, None
@@ -637,22 +649,27 @@ def _load_sharded(
         except Exception as err:  # noqa: BLE001 (raised on every rank by share)
             error = err
     resolved, dataset, version = distributed.share(where, error, group, "resolving the checkpoint")
-    if optimizer is not None:
-        model_state, optimizer_state = get_state_dict(model, optimizer)
-        template = {MODEL_KEY: dict(model_state), "optimizer": optimizer_state}
-    else:
-        template = {MODEL_KEY: dict(get_model_state_dict(model))}
-    stored = distributed.load(
-        template,
-        dataset,
-        version,
-        storage_options=options(dataset),
-        strict=strict,
-        skip=() if optimizer is not None else (tree.subtree_prefix("optimizer"),),
-    )
-    if not isinstance(stored, Mapping) or MODEL_KEY not in stored or "step" not in stored:
-        raise store.WeightsError(f"{uri} is not a checkpoint logged by mlflow_lance.log_checkpoint")
-    _check_wanted(uri, stored, optimizer, scheduler, restore_rng)
+    stored, error = None, None
+    try:  # every rank reads its own shards; any rank's failure is every rank's, before anything changes
+        if optimizer is not None:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            template = {MODEL_KEY: dict(model_state), "optimizer": optimizer_state}
+        else:
+            template = {MODEL_KEY: dict(get_model_state_dict(model))}
+        stored = distributed.load(
+            template,
+            dataset,
+            version,
+            storage_options=options(dataset),
+            strict=strict,
+            skip=() if optimizer is not None else (tree.subtree_prefix("optimizer"),),
+        )
+        if not isinstance(stored, Mapping) or MODEL_KEY not in stored or "step" not in stored:
+            raise store.WeightsError(f"{uri} is not a checkpoint logged by mlflow_lance.log_checkpoint")
+        _check_wanted(uri, stored, optimizer, scheduler, restore_rng)
+    except Exception as err:  # noqa: BLE001 (raised on every rank by agree)
+        error = err
+    distributed.agree(error, group, "loading the checkpoint")
     opts = StateDictOptions(strict=strict)
     if optimizer is not None:
         set_state_dict(

@@ -42,7 +42,8 @@ from __future__ import annotations
 import json
 import os
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, wait
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -77,13 +78,31 @@ __all__ = [
     "load",
     "plan_chunks",
     "save",
+    "settle",
     "stage",
+    "track",
     "unwrapped",
     "write",
+    "write_and_commit",
 ]
 
 TIMEOUT_ENV = "MLFLOW_LANCE_DIST_TIMEOUT"  # seconds a rank waits for its peers in a save (default 1800)
 _GROUPS: dict[tuple, Any] = {}
+_IN_FLIGHT: list[Future] = []  # background saves whose collectives may still run
+
+
+def track(future: Future) -> None:
+    """Register a background save (checkpoint.py's ``blocking=False``): the next collective
+    entry point waits for it, so that two threads never run collectives on one group at once."""
+    _IN_FLIGHT[:] = [f for f in _IN_FLIGHT if not f.done()] + [future]
+
+
+def settle() -> None:
+    """Wait until every tracked background save is done (its error surfaces where it was
+    started, not here)."""
+    for future in list(_IN_FLIGHT):
+        wait([future])
+    _IN_FLIGHT[:] = [f for f in _IN_FLIGHT if not f.done()]
 
 
 # --------------------------------------------------------------------------- process groups
@@ -116,15 +135,17 @@ def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
 
 def checkpoint_group(group: Any = None) -> Any:
     """A gloo group over the ranks of ``group`` (default: all), created once per group, on
-    which saves exchange their plans and results. Collective: every rank of ``group`` calls
-    it, in the same order, the first time."""
+    which saves exchange their plans and results. Collective over the ranks of ``group`` (and
+    only them): each calls it, in the same order, the first time."""
     import torch.distributed as dist
 
     ranks = tuple(dist.get_process_group_ranks(group or dist.group.WORLD))
     if ranks not in _GROUPS:
         text = os.environ.get(TIMEOUT_ENV, "")
         seconds = int(text) if text.isdigit() and int(text) > 0 else 1800
-        _GROUPS[ranks] = dist.new_group(list(ranks), backend="gloo", timeout=timedelta(seconds=seconds))
+        _GROUPS[ranks] = dist.new_group(
+            list(ranks), backend="gloo", timeout=timedelta(seconds=seconds), use_local_synchronization=True
+        )
     return _GROUPS[ranks]
 
 
@@ -368,18 +389,21 @@ def write(
     chunk_bytes: int = DEFAULT_CHUNK_BYTES,
     compression: str | None = None,
     sync_files: bool | None = None,
+    failed: BaseException | None = None,
 ) -> Written | None:
     """Steps 2 to 5 of a save (see the module docstring), collectively on ``group`` (a
     ``checkpoint_group``): every rank writes its chunks; rank 0 gets the ``Written`` version to
-    commit (``store.commit_version``), the other ranks None. ``spec`` is rank 0's tree spec."""
+    commit (``store.commit_version``), the other ranks None. ``spec`` is rank 0's tree spec.
+    A rank whose staging ``failed`` passes its error: every rank then raises before writing."""
     import torch.distributed as dist
 
     rank, size = _rank(group), dist.get_world_size(group)
-    dataset = Dataset.of(uri, storage_options)
-    error: BaseException | None = None
-    mine = None
+    error: BaseException | None = failed
+    mine, dataset = None, None
     try:
-        mine = (layout_of(shards), _ties(shards) if rank == 0 else {})
+        dataset = Dataset.of(uri, storage_options)
+        if failed is None:
+            mine = (layout_of(shards), _ties(shards) if rank == 0 else {})
     except BaseException as err:  # noqa: BLE001 (raised on every rank by agree)
         error = err
     layouts: list = [None] * size
@@ -406,6 +430,30 @@ def write(
     if rank != 0:
         return None
     return _assemble(dataset, parent, new_schema, chunks, [s for got in gathered for s in got], spec, sync_files)
+
+
+def write_and_commit(
+    shards: Mapping[str, Shard],
+    uri: str | os.PathLike | Dataset,
+    commit: Callable[[Written], Any],
+    *,
+    group: Any,
+    what: str,
+    failed: BaseException | None = None,
+    **options: Any,
+) -> Any:
+    """``write``, then ``commit`` of the written version on rank 0 (``store.commit_version``, or
+    logging the MLflow model whose save commits it); its result on every rank, or the first
+    error (a rank-0-only failure too: every rank raises, none waits for a message that never
+    comes). ``options`` are ``write``'s."""
+    result, error = None, None
+    try:
+        written = write(shards, uri, group=group, failed=failed, **options)
+        if written is not None:
+            result = commit(written)
+    except Exception as err:  # noqa: BLE001 (raised on every rank by share)
+        error = err
+    return share(result, error, group, what)
 
 
 def _write_mine(
@@ -586,26 +634,27 @@ def save(
             compression=compression,
             sync_files=sync_files,
         )
-    flat, spec = _flatten(state)
-    shards = stage(flat, clone=False)
+    settle()
     cg = checkpoint_group(group)
-    written = write(
+    shards, spec, failed = OrderedDict(), None, None
+    try:
+        flat, spec = _flatten(state)
+        shards = stage(flat, clone=False)
+    except Exception as err:  # noqa: BLE001 (raised on every rank by write)
+        failed = err
+    return write_and_commit(
         shards,
         uri,
-        spec=spec,
+        lambda written: store.commit_version(written, message=message, properties=properties),
         group=cg,
+        what="committing the save",
+        failed=failed,
+        spec=spec,
         storage_options=storage_options,
         chunk_bytes=chunk_bytes,
         compression=compression,
         sync_files=sync_files,
     )
-    info, error = None, None
-    if written is not None:
-        try:
-            info = store.commit_version(written, message=message, properties=properties)
-        except BaseException as err:  # noqa: BLE001 (raised on every rank by share)
-            error = err
-    return share(info, error, cg, "committing the save")
 
 
 def _flatten(state: Mapping[str, Any]) -> tuple[OrderedDict[str, torch.Tensor], dict | None]:

@@ -665,6 +665,7 @@ def _log_sharded(
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    distributed.settle()
     group = distributed.checkpoint_group()
     rank = dist.get_rank(group)
     where, error = None, None
@@ -677,25 +678,29 @@ def _log_sharded(
         except Exception as err:  # noqa: BLE001 (raised on every rank by share)
             error = err
     uri, uri_options = distributed.share(where, error, group, "naming the model's dataset")
-    shards = distributed.stage(get_model_state_dict(module), clone=False)
-    written = distributed.write(shards, Dataset(uri, uri_options), group=group)
-    info, error = None, None
-    if written is not None:  # rank 0
-        try:
-            plain = distributed.unwrapped(module)
-            capture = Capture(None, dump_skeleton(plain), written=written)
-            info = _log(
-                plain,
-                name,
-                capture,
-                registered_model_name=registered_model_name,
-                lance_uri=lance_uri,
-                storage_options=storage_options,
-                **kwargs,
-            )
-        except Exception as err:  # noqa: BLE001 (raised on every rank by share)
-            error = err
-    return distributed.share(info, error, group, "logging the model")
+    plain = distributed.unwrapped(module)
+    shards, skeleton, failed = {}, None, None
+    try:  # a failure here is every rank's, at the first step of the write
+        shards = distributed.stage(get_model_state_dict(module), clone=False)
+        skeleton = dump_skeleton(plain) if rank == 0 else None
+    except Exception as err:  # noqa: BLE001
+        failed = err
+
+    def log(written: store.Written) -> mlflow.models.model.ModelInfo:
+        capture = Capture(None, skeleton, written=written)
+        return _log(
+            plain,
+            name,
+            capture,
+            registered_model_name=registered_model_name,
+            lance_uri=lance_uri,
+            storage_options=storage_options,
+            **kwargs,
+        )
+
+    return distributed.write_and_commit(
+        shards, Dataset(uri, uri_options), log, group=group, what="logging the model", failed=failed
+    )
 
 
 def _check_module(module: object) -> None:

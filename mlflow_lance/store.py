@@ -395,7 +395,7 @@ def write_units(
             job.result()
     written = iter(new_files)
     fragments = [reusable[u.reused] if u.reused is not None else next(written) for u in units]
-    if flush:  # the bytes are on the disk before any manifest names them, and so are their names
+    if flush and new_files:  # the bytes are on the disk before any manifest names them, and so are their names
         root = local_path(uri)
         fs.sync_dirs([data] + ([root, os.path.dirname(os.path.abspath(root))] if create else []))
     return fragments

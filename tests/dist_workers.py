@@ -242,6 +242,7 @@ def ddp_and_tp(rank: int, world: int, port: int, tmp: str, ddp_uri: str, tp_uri:
     for b in tp.blocks:
         parallelize_module(b, mesh, {"up": ColwiseParallel(), "down": RowwiseParallel()})
     tp_info = distributed.save(get_model_state_dict(tp), tp_uri)
+    lonely = distributed.save({"only": torch.ones(3)}, os.path.join(tmp, "one.lance"))  # rank 1 writes nothing
     torch.manual_seed(5)
     fresh = Tiny()
     for b in fresh.blocks:
@@ -259,6 +260,7 @@ def ddp_and_tp(rank: int, world: int, port: int, tmp: str, ddp_uri: str, tp_uri:
                 "second_changed": list(second.changed),
                 "tp_reloaded": same(get_model_state_dict(fresh), get_model_state_dict(tp)),
                 "tp_version": tp_info.version,
+                "lonely_version": lonely.version,
             },
         )
     else:
@@ -306,12 +308,20 @@ def mlflow_checkpoints(rank: int, world: int, port: int, tmp: str, tracking_uri:
         mlflow.set_experiment(experiment_id=mlflow.create_experiment("dist", artifact_location=f"{tmp}/artifacts"))
     model, opt = fsdp_model()
     train(model, opt, range(STEPS_BEFORE), rank, world)
-    first = ml.log_checkpoint(model, opt, step=STEPS_BEFORE, metrics={"loss": 2.0})
+    where = f"file://{tmp}/ckpt.lance"  # rank 0 resolves it (to a path) for every rank
+    first = ml.log_checkpoint(model, opt, step=STEPS_BEFORE, metrics={"loss": 2.0}, lance_uri=where)
     train(model, opt, range(STEPS_BEFORE, STEPS_BEFORE + 1), rank, world)
-    handle = ml.log_checkpoint(model, opt, step=STEPS_BEFORE + 1, metrics={"loss": 1.0}, blocking=False, keep_last=1)
+    handle = ml.log_checkpoint(
+        model, opt, step=STEPS_BEFORE + 1, metrics={"loss": 1.0}, blocking=False, keep_last=1, lance_uri=where
+    )
     reference = full_state(model, opt)  # staged already: training may go on while it writes
     second = handle.result()
     info = ml.log_model(model, name="final", registered_model_name="dist-model")
+    try:  # fails on rank 0 alone, after every rank wrote its shards: every rank raises, none hangs
+        ml.log_model(model, name="broken", code_paths=[f"{tmp}/no-such-code"])
+        broken = "logged"
+    except Exception as err:  # noqa: BLE001 (the test checks which)
+        broken = type(err).__name__ + (": rank 0" if "rank 0" in str(err) else "")
     ddp = torch.nn.parallel.DistributedDataParallel(Tiny())  # rank 0's initial weights on every rank
     ddp_info = ml.log_model(ddp, name="ddp")
     torch.manual_seed(123)
@@ -325,6 +335,7 @@ def mlflow_checkpoints(rank: int, world: int, port: int, tmp: str, tracking_uri:
         "second": [second.model_id, second.run_id, second.lance_version, list(second.deleted), second.model_uri],
         "model": [info.model_id, info.model_uri, info.registered_model_version],
         "ddp": ddp_info.model_uri,
+        "broken": broken,
         "restored_step": restored["step"],
         "loaded": loaded,
         "resumed": same(full_state(fresh, fresh_opt), full_state(model, opt)),

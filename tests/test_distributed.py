@@ -131,7 +131,7 @@ def test_ddp_writes_replicated_tensors_once_and_tp_shards_load_back(tmp_path):
     loaded = store.load_state_dict(ddp_uri)
     assert list(loaded) == list(expected) and all(raw(loaded[k]) == raw(v) for k, v in expected.items())
 
-    assert got["tp_reloaded"] == []
+    assert got["tp_reloaded"] == [] and got["lonely_version"] == 1
     expected_tp = torch.load(tmp_path / "tp.pt", weights_only=True)
     whole = store.load_state_dict(tp_uri, got["tp_version"])  # row- and column-wise shards, whole
     assert all(raw(whole[k]) == raw(v) for k, v in expected_tp.items())
@@ -186,6 +186,8 @@ def test_fsdp_ranks_log_one_checkpoint_and_one_model_to_one_run_and_resume(tmp_p
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
     W.run(W.mlflow_checkpoints, 2, str(tmp_path), tracking)
     ranks = [_read(tmp_path, f"mlflow{r}.json") for r in range(2)]
+    broken = [r.pop("broken") for r in ranks]
+    assert broken[0] != "logged" and broken[1] == "RuntimeError: rank 0", broken  # rank 0's error, named on rank 1
     assert ranks[0] == ranks[1]  # every rank got the same checkpoints and model back
     got = ranks[0]
     assert got["loaded"] == [] and got["resumed"] == [] and got["restored_step"] == W.STEPS_BEFORE + 1
@@ -199,8 +201,12 @@ def test_fsdp_ranks_log_one_checkpoint_and_one_model_to_one_run_and_resume(tmp_p
     assert [r.info.run_id for r in client.search_runs([experiment.experiment_id])] == [
         run_id
     ]  # one run, not one per rank
-    names = sorted(m.name for m in client.search_logged_models([experiment.experiment_id]))
-    assert names == ["checkpoint", "ddp", "final"]  # the first checkpoint fell to keep_last=1
+    models = client.search_logged_models([experiment.experiment_id])
+    status = {m.name: str(m.status) for m in models}
+    assert "FAILED" in status.pop("broken")  # as MLflow marks any log_model that raised
+    assert sorted(status) == ["checkpoint", "ddp", "final"]  # the first checkpoint fell to keep_last=1
+    assert client.get_logged_model(second_id).tags["mlflow_lance.checkpoint.step"] == str(W.STEPS_BEFORE + 1)
+    assert len(store.versions(tmp_path / "ckpt.lance")) == 2  # the checkpoints' own dataset, from file://
     reference = torch.load(tmp_path / "reference.pt", weights_only=True)
 
     plain = ml.load_model(second_uri)  # one process, no process group: the whole model
