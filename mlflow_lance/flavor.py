@@ -630,22 +630,42 @@ def _log(
 ) -> mlflow.models.model.ModelInfo:
     """``log_model`` of a state captured and checked already, to run ``run_id`` (default: the
     active one): the entry point of checkpoints, which write from a background thread."""
+    new = registered_model_name is not None and not lifecycle.registered(mlflow.MlflowClient(), registered_model_name)
     location, experiment_id, binding = _location_for(name, registered_model_name, lance_uri, storage_options, run_id)
-    info = Model.log(
-        artifact_path=None,
-        name=name,
-        flavor=_Saver(capture),
-        registered_model_name=registered_model_name,
-        run_id=run_id,
-        step=step,
-        pytorch_model=module,
-        lance_uri=location.uri,
-        storage_options=location.storage_options,
-        lance_properties=_logged_properties(step, experiment_id, registered_model_name, binding),
-        **kwargs,
-    )
+    with _new_model_announced(registered_model_name) if new else contextlib.nullcontext():
+        info = Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=_Saver(capture),
+            registered_model_name=registered_model_name,
+            run_id=run_id,
+            step=step,
+            pytorch_model=module,
+            lance_uri=location.uri,
+            storage_options=location.storage_options,
+            lance_properties=_logged_properties(step, experiment_id, registered_model_name, binding),
+            **kwargs,
+        )
     registry.after_log(info, registered_model_name, binding, location.storage_options)
     return info
+
+
+@contextlib.contextmanager
+def _new_model_announced(name: str) -> Iterator[None]:
+    """For a registered model this log creates (the binding creates it just before MLflow
+    registers the version): the line MLflow prints for a new model, not "already exists"."""
+    exists = f"Registered model {name!r} already exists. Creating a new version of this model..."
+    real = sys.stderr
+
+    class Announcing(io.TextIOBase):
+        def write(self, text: str) -> int:
+            return real.write(f"Successfully registered model '{name}'." if text == exists else text)
+
+        def flush(self) -> None:
+            real.flush()
+
+    with contextlib.redirect_stderr(Announcing()):
+        yield
 
 
 def _log_sharded(
@@ -958,7 +978,7 @@ def model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
             try:
                 conf = lifecycle.flavor_conf(uri)
             except (MlflowException, OSError):
-                pointer = _state_dict_pointer(uri)
+                pointer = state_dict_pointer(uri)
                 if pointer is None:
                     raise
                 yield pointer
@@ -977,7 +997,7 @@ def model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
     yield None
 
 
-def _state_dict_pointer(uri: str) -> tuple[str, int] | None:
+def state_dict_pointer(uri: str) -> tuple[str, int] | None:
     """The (Lance URI, version) a ``log_state_dict`` artifact points at, or None."""
     with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as tmp:
         try:

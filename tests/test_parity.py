@@ -22,6 +22,7 @@ import yaml
 from mlflow.models import Model, infer_signature
 
 import mlflow_lance as ml
+from conftest import raw
 from mlflow_lance import flavor
 
 HERE = Path(__file__).resolve().parent
@@ -218,6 +219,48 @@ def test_8_and_9_log_state_dict_takes_checkpoint_dicts_and_load_state_dict_reads
                 log(bad, "bad")
             errors.append(str(err.value))
         assert errors[1].startswith(errors[0]) and len(errors[1]) > len(errors[0]), errors
+
+
+def test_8_a_log_state_dict_artifact_loads_from_every_uri_mlflow_hands_out(tracking, s3_server, monkeypatch):
+    """load_state_dict(mlflow.get_artifact_uri("ckpt")) as mlflow.pytorch's: mlflow-artifacts:/,
+    runs:/, the plain path and file:// of the served artifact, and s3:// (an experiment whose
+    artifacts go straight to the object store)."""
+    for key, value in s3_server["env"].items():
+        monkeypatch.setenv(key, value)
+    model = linear(17)
+    bucket = f"s3://{s3_server['bucket']}/parity-{os.getpid()}-{id(model)}"
+    on_s3 = mlflow.create_experiment(f"parity-s3-{id(model)}", artifact_location=bucket)
+    forms = []
+    for experiment in (None, on_s3):
+        with mlflow.start_run(experiment_id=experiment) as run:
+            ml.log_state_dict(model.state_dict(), "ckpt")
+            mlflow.pytorch.log_state_dict(model.state_dict(), "theirs")
+            ours, theirs = mlflow.get_artifact_uri("ckpt"), mlflow.get_artifact_uri("theirs")
+        forms.append((ours, theirs))
+        forms.append((f"runs:/{run.info.run_id}/ckpt", f"runs:/{run.info.run_id}/theirs"))
+    served = forms[0][0]
+    assert served.startswith("mlflow-artifacts:/") and forms[2][0].startswith("s3://")
+    on_disk = tracking["root"] / "artifacts" / served.split(":/", 1)[1].lstrip("/")
+    forms.append((str(on_disk), str(on_disk.parent / "theirs")))
+    forms.append((on_disk.as_uri(), (on_disk.parent / "theirs").as_uri()))
+    for ours, theirs in forms:
+        a, b = mlflow.pytorch.load_state_dict(theirs), ml.load_state_dict(ours)
+        assert list(a) == list(b) and all(raw(a[k]) == raw(b[k]) for k in a), ours
+    assert len(forms) == 6
+
+
+def test_18_the_first_log_into_a_new_registered_model_says_so_as_mlflow_pytorch_does(tracking, capfd):
+    model, said = linear(18), {}
+    for flavor_, name in ((mlflow.pytorch, f"new-theirs-{id(model)}"), (ml, f"new-ours-{id(model)}")):
+        for _ in range(2):  # the first creates the model, the second adds a version
+            capfd.readouterr()
+            with mlflow.start_run():
+                extra = {"serialization_format": "pickle"} if flavor_ is mlflow.pytorch else {}
+                flavor_.log_model(model, name="m", registered_model_name=name, pip_requirements=[], **extra)
+            lines = capfd.readouterr().err.replace(name, "NAME").splitlines()
+            said.setdefault(flavor_.__name__, []).append([line for line in lines if "egistered model" in line])
+    assert said["mlflow_lance"] == said["mlflow.pytorch"], said
+    assert said["mlflow_lance"][0] == ["Successfully registered model 'NAME'."]
 
 
 def _types(tree) -> object:
