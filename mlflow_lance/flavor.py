@@ -531,6 +531,7 @@ def log_model(
     model_factory: str | None = None,
     factory_kwargs: Mapping[str, Any] | None = None,
     artifact_path: str | None = None,
+    self_contained: bool = False,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
     """Log ``pytorch_model`` to the active run (started if none): its weights as a new version
@@ -549,6 +550,9 @@ def log_model(
         lance_uri / storage_options: an explicit dataset for the weights.
         model_factory / factory_kwargs: ``"package.module:callable"`` and JSON keyword
             arguments that build the module without pickle at load time.
+        self_contained: log the weights inside the model's own artifacts, as a one-version
+            dataset (no shared dataset, no dedup, no pins): for targets that only see MLflow's
+            artifact store (see ``bundle_model``).
         signature, input_example, pip_requirements, extra_pip_requirements, conda_env,
             code_paths, extra_files, metadata, tags, params, step, await_registration_for:
             as in ``mlflow.pytorch.log_model``.
@@ -568,6 +572,10 @@ def log_model(
     _check_module(pytorch_model)
     if registered_model_name is not None:  # before anything is created: the registry's own rules
         _validate_model_name(registered_model_name)
+    if self_contained and (lance_uri or distributed.collective(pytorch_model)):
+        raise ValueError(
+            "self_contained=True keeps the weights in the model's artifacts: pass no lance_uri, one process"
+        )
     if distributed.collective(pytorch_model):
         return _log_sharded(
             pytorch_model,
@@ -595,6 +603,7 @@ def log_model(
         pytorch_model,
         name or artifact_path or "model",
         Capture(store.prepare(pytorch_model.state_dict())),
+        self_contained=self_contained,
         registered_model_name=registered_model_name,
         await_registration_for=await_registration_for,
         metadata=metadata,
@@ -626,10 +635,22 @@ def _log(
     lance_uri: str | None = None,
     storage_options: Mapping[str, str] | None = None,
     step: int = 0,
+    self_contained: bool = False,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
     """``log_model`` of a state captured and checked already, to run ``run_id`` (default: the
     active one): the entry point of checkpoints, which write from a background thread."""
+    if self_contained:  # the weights go with the artifacts: no shared dataset, nothing to pin
+        return Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=_Saver(capture),
+            registered_model_name=registered_model_name,
+            run_id=run_id,
+            step=step,
+            pytorch_model=module,
+            **kwargs,
+        )
     new = registered_model_name is not None and not lifecycle.registered(mlflow.MlflowClient(), registered_model_name)
     location, experiment_id, binding = _location_for(name, registered_model_name, lance_uri, storage_options, run_id)
     with _new_model_announced(registered_model_name) if new else contextlib.nullcontext():
@@ -806,6 +827,30 @@ def _load_from_local(
     """
     conf = modeldir.flavor_conf(local_path)
     uri, version = modeldir.pointer(local_path)
+    try:
+        return _build_and_fill(local_path, conf, uri, version, map_location, strict, verify, allow_pickle)
+    except (FileNotFoundError, ConnectionError) as err:
+        if os.path.exists(local_path) and str(uri).startswith(os.path.abspath(local_path) + os.sep):
+            raise  # a bundle's own weights: nothing elsewhere to reach
+        raise type(err)(
+            f"{err}\nThis model keeps its weights in version {version} of {uri}, which cannot be read from "
+            f"here. To take a model elsewhere, bundle it where that dataset is reachable: "
+            f"`mlflow-lance bundle MODEL_URI DIR` (mlflow_lance.bundle_model), or log it with "
+            f"log_model(..., self_contained=True); or give this machine access to {uri}."
+        ) from err
+
+
+def _build_and_fill(
+    local_path: str,
+    conf: Mapping,
+    uri: str,
+    version: int,
+    map_location: str | torch.device | None,
+    strict: bool,
+    verify: bool,
+    allow_pickle: bool | None,
+) -> torch.nn.Module:
+    """``_load_from_local`` once the pointer is read."""
     device = torch.device(map_location) if map_location is not None else torch.device("cpu")
     opts = options(uri)
     saved_with = str(conf.get("pytorch_version", ""))
