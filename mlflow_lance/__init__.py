@@ -45,6 +45,7 @@ _EXPORTS = {
         "save_model",
     ],
     "loading": ["load_state_dict"],
+    "bundle": ["bundle_model"],
     "registry": ["SyncReport", "register_model", "sync"],
     "lifecycle": ["GcResult", "gc"],
     "checkpoint": [
@@ -72,6 +73,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # for type checkers and IDEs (the names __all__ lists, imported on first use above)
+    from .bundle import bundle_model
     from .checkpoint import (
         Checkpoint,
         CheckpointHandle,

@@ -29,7 +29,7 @@ import random
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -40,8 +40,9 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Metric
 
-from . import flavor, lifecycle, store, tree
-from .artifacts import lance_root
+from . import distributed, flavor, lifecycle, store, tree
+from .artifacts import lance_root, options
+from .dataset import Dataset
 from .skeleton import dump_skeleton
 
 CHECKPOINT_NAME = "checkpoint"
@@ -365,7 +366,7 @@ def _checkpoint_dataset(run: Any, lance_uri: str | None) -> str:
 
 
 def _write(
-    staged: Staged,
+    capture: Callable[[], flavor.Capture],
     model: torch.nn.Module,
     run_id: str,
     step: int,
@@ -383,7 +384,7 @@ def _write(
     info = flavor._log(
         model,
         name,
-        staged.capture(),
+        capture(),
         step=step,
         run_id=run_id,
         lance_uri=lance_uri,
@@ -456,11 +457,24 @@ def log_checkpoint(
             "log the scripted program with mlflow_lance.log_model()"
         )
     _writer.wait()  # an earlier background failure surfaces here, before more work is queued
+    if distributed.collective(model):
+        return _log_sharded(
+            model,
+            optimizer,
+            scheduler,
+            step=int(step),
+            metrics=dict(metrics or {}),
+            extra=extra,
+            blocking=blocking,
+            retention=(keep_last, keep_best),
+            name=name,
+            lance_uri=lance_uri,
+        )
     run = mlflow.active_run() or mlflow.start_run()
     staged = _stage(model, optimizer, scheduler, step=step, metrics=metrics, extra=extra, clone=not blocking)
     dataset = _checkpoint_dataset(run, lance_uri)
     args = (
-        staged,
+        staged.capture,
         model,
         run.info.run_id,
         int(step),
@@ -473,6 +487,207 @@ def log_checkpoint(
     if blocking:
         return _write(*args)
     return CheckpointHandle(_writer.submit(_write, *args))
+
+
+# --------------------------------------------------------------------------- under torch.distributed
+
+
+def _log_sharded(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    *,
+    step: int,
+    metrics: dict[str, float],
+    extra: Mapping[str, Any] | None,
+    blocking: bool,
+    retention: tuple[int | None, tuple | None],
+    name: str,
+    lance_uri: str | None,
+) -> Checkpoint | CheckpointHandle:
+    """``log_checkpoint`` of a model sharded over the process group, every rank calling: rank 0
+    names the run and its dataset; each rank stages its own shards (``get_state_dict``) and
+    writes them; rank 0 logs one logged model whose save commits one version; every rank gets
+    the same Checkpoint (or error) back. The RNG states of all ranks are kept ("rng" is rank
+    0's, "rng_by_rank" every rank's). Numbers and strings in ``extra`` and the scheduler's
+    state are rank 0's; their plain tensors (like any tensor that is not a DTensor) are taken
+    to be the same on every rank and written by one of them."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_state_dict
+
+    group = distributed.checkpoint_group()
+    rank = dist.get_rank(group)
+    where, error = None, None
+    if rank == 0:
+        try:
+            run = mlflow.active_run() or mlflow.start_run()
+            location, _, _ = flavor._location_for(
+                name, None, _checkpoint_dataset(run, lance_uri), None, run.info.run_id
+            )
+            where = (run.info.run_id, location.uri, location.storage_options)
+        except Exception as err:  # noqa: BLE001 (raised on every rank by share)
+            error = err
+    run_id, uri, uri_options = distributed.share(where, error, group, "starting the checkpoint's run")
+    rngs: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(rngs, _as_arrays(_rng_state()), group=group)  # tensors do not unpickle there
+    shards, spec, skeleton, failed = {}, None, None, None
+    try:  # a failure here is every rank's, at the first step of the write
+        if optimizer is not None:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+        else:
+            model_state, optimizer_state = get_model_state_dict(model), None
+        state: dict[str, Any] = {
+            MODEL_KEY: dict(model_state),
+            "step": step,
+            "metrics": metrics,
+            "extra": dict(extra or {}),
+        }
+        if optimizer_state is not None:
+            state["optimizer"] = optimizer_state
+        if scheduler is not None:
+            state["scheduler"] = scheduler.state_dict()
+        rngs = [_as_tensors(r) for r in rngs]
+        state.update(rng=rngs[0], rng_by_rank=rngs)
+        flat, spec = tree.flatten(state)
+        shards = distributed.stage(flat, clone=not blocking)
+        skeleton = dump_skeleton(distributed.unwrapped(model)) if rank == 0 else None
+    except Exception as err:  # noqa: BLE001
+        failed = err
+    dataset = Dataset(uri, uri_options)
+    args = (shards, spec, skeleton, failed, group, model, run_id, step, metrics, name, dataset, *retention)
+    if blocking:
+        return _write_sharded(*args)
+    future = _writer.submit(_write_sharded, *args)
+    distributed.track(future)
+    return CheckpointHandle(future)
+
+
+def _as_arrays(value: Any) -> Any:
+    """``value`` with its tensors as numpy arrays (to send with an object collective)."""
+    if isinstance(value, torch.Tensor):
+        return value.numpy()
+    if isinstance(value, dict):
+        return {k: _as_arrays(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_arrays(v) for v in value)
+    return value
+
+
+def _as_tensors(value: Any) -> Any:
+    """``_as_arrays`` undone."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    if isinstance(value, dict):
+        return {k: _as_tensors(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_as_tensors(v) for v in value)
+    return value
+
+
+def _write_sharded(
+    shards: Mapping[str, distributed.Shard],
+    spec: dict | None,
+    skeleton: bytes | None,
+    failed: BaseException | None,
+    group: Any,
+    model: torch.nn.Module,
+    run_id: str,
+    step: int,
+    metrics: dict[str, float],
+    name: str,
+    dataset: Dataset,
+    keep_last: int | None,
+    keep_best: tuple | None,
+) -> Checkpoint:
+    """Every rank writes its shards; rank 0 logs the checkpoint (committing the version) and
+    applies retention; the Checkpoint, or the first error (``failed``: this rank's staging),
+    on every rank."""
+
+    def log(written: store.Written) -> Checkpoint:
+        capture = flavor.Capture(None, skeleton, tree.subtree_prefix(MODEL_KEY), written=written)
+        plain = distributed.unwrapped(model)
+        return _write(lambda: capture, plain, run_id, step, metrics, name, dataset.uri, keep_last, keep_best)
+
+    return distributed.write_and_commit(
+        shards, dataset, log, group=group, what="logging the checkpoint", failed=failed, spec=spec
+    )
+
+
+def _load_sharded(
+    uri: str,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    scheduler: Any,
+    *,
+    restore_rng: bool,
+    strict: bool,
+) -> dict[str, Any]:
+    """``load_checkpoint`` into a model sharded over the process group, every rank calling:
+    rank 0 resolves the URI to one version; each rank reads only the bytes of its own shards
+    (at any world size) and hands them to ``set_state_dict``; its own RNG state when the
+    checkpoint has one for its rank, else rank 0's."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
+
+    distributed.settle()
+    group = distributed.checkpoint_group()
+    rank = dist.get_rank(group)
+    where, error = None, None
+    if rank == 0:
+        try:
+            resolved = _resolve(uri)
+            with flavor.model_pointer(resolved) as pointer:
+                if pointer is None:
+                    raise store.WeightsError(f"{uri} is neither an MLflow model URI nor a model directory")
+            where = (resolved, *pointer)
+        except Exception as err:  # noqa: BLE001 (raised on every rank by share)
+            error = err
+    resolved, dataset, version = distributed.share(where, error, group, "resolving the checkpoint")
+    stored, error = None, None
+    try:  # every rank reads its own shards; any rank's failure is every rank's, before anything changes
+        if optimizer is not None:
+            model_state, optimizer_state = get_state_dict(model, optimizer)
+            template = {MODEL_KEY: dict(model_state), "optimizer": optimizer_state}
+        else:
+            template = {MODEL_KEY: dict(get_model_state_dict(model))}
+        stored = distributed.load(
+            template,
+            dataset,
+            version,
+            storage_options=options(dataset),
+            strict=strict,
+            skip=() if optimizer is not None else (tree.subtree_prefix("optimizer"),),
+        )
+        if not isinstance(stored, Mapping) or MODEL_KEY not in stored or "step" not in stored:
+            raise store.WeightsError(f"{uri} is not a checkpoint logged by mlflow_lance.log_checkpoint")
+        _check_wanted(uri, stored, optimizer, scheduler, restore_rng)
+    except Exception as err:  # noqa: BLE001 (raised on every rank by agree)
+        error = err
+    distributed.agree(error, group, "loading the checkpoint")
+    opts = StateDictOptions(strict=strict)
+    if optimizer is not None:
+        set_state_dict(
+            model, optimizer, model_state_dict=stored[MODEL_KEY], optim_state_dict=stored["optimizer"], options=opts
+        )
+    else:
+        set_model_state_dict(model, stored[MODEL_KEY], options=opts)
+    if scheduler is not None:
+        scheduler.load_state_dict(stored["scheduler"])
+    if restore_rng:
+        by_rank = stored.get("rng_by_rank") or []
+        set_rng_state(by_rank[rank] if rank < len(by_rank) else stored["rng"])
+    return {
+        "step": stored["step"],
+        "metrics": stored.get("metrics", {}),
+        "extra": stored.get("extra", {}),
+        "model_uri": resolved,
+    }
 
 
 # --------------------------------------------------------------------------- retention
@@ -584,14 +799,12 @@ def load_checkpoint(
         >>> state = load_checkpoint("runs:/<run id>/checkpoint", model, optimizer, scheduler)
         >>> start = state["step"] + 1
     """
-    state = read_checkpoint(uri)
     if optimizer is not None and model is None:
         raise ValueError("pass the model too: optimizer state is stored by parameter name")
-    for wanted, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (restore_rng or None, "rng")):
-        if wanted is not None and key not in state:
-            raise store.WeightsError(
-                f"{uri} holds no {key} state" + (" (pass restore_rng=False)" if key == "rng" else "")
-            )
+    if model is not None and distributed.collective(model):
+        return _load_sharded(uri, model, optimizer, scheduler, restore_rng=restore_rng, strict=strict)
+    state = read_checkpoint(uri)
+    _check_wanted(uri, state, optimizer, scheduler, restore_rng)
     if model is not None:
         model.load_state_dict(state["model"], strict=strict)
     if optimizer is not None:
@@ -606,6 +819,15 @@ def load_checkpoint(
         "extra": state.get("extra", {}),
         "model_uri": state["model_uri"],
     }
+
+
+def _check_wanted(uri: str, state: Mapping, optimizer: Any, scheduler: Any, restore_rng: bool) -> None:
+    """Refuse, before restoring anything, a checkpoint that lacks a state asked for."""
+    for wanted, key in ((optimizer, "optimizer"), (scheduler, "scheduler"), (restore_rng or None, "rng")):
+        if wanted is not None and key not in state:
+            raise store.WeightsError(
+                f"{uri} holds no {key} state" + (" (pass restore_rng=False)" if key == "rng" else "")
+            )
 
 
 def read_checkpoint(uri: str) -> dict[str, Any]:

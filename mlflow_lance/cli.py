@@ -45,6 +45,8 @@ EXAMPLES = {
     "export": "mlflow-lance export ./weights.lance model.safetensors --version 7",
     "import": "mlflow-lance import ./weights.lance pytorch_model.bin -m 'from the hub checkpoint'\n"
     "  mlflow-lance import ./weights.lance model.safetensors",
+    "bundle": "mlflow-lance bundle models:/churn@champion ./churn-bundle\n"
+    "  mlflow models serve -m ./churn-bundle --env-manager local",
     "sync": "mlflow-lance sync churn-model\n  mlflow-lance sync s3://bucket/lance/models/churn-3f9a1c0b2e4d.lance\n"
     "  mlflow-lance sync --all",
 }
@@ -317,6 +319,24 @@ def cmd_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_bundle(args: argparse.Namespace) -> int:
+    from mlflow.exceptions import MlflowException
+
+    from .bundle import bundle_model
+    from .lifecycle import not_found
+
+    try:
+        out = bundle_model(args.model_uri, args.output)
+    except MlflowException as err:  # the registry or the artifact store refused the URI
+        raise (LookupError if not_found(err) else ValueError)(str(err)) from None
+    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(out) for f in files)
+    text = (
+        f"bundled {printable(args.model_uri)} into {printable(out)} ({size:,} bytes; it loads with no tracking server)"
+    )
+    _emit(args, {"model_uri": args.model_uri, "output": out, "bytes": size}, text)
+    return EXIT_OK
+
+
 def _read_checkpoint(path: str) -> dict:
     """The state dict in the safetensors or torch file ``path``; FileNotFoundError if there is
     none, ValueError naming the file and what is wrong with it for anything else."""
@@ -485,6 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", **target)
     p.add_argument("input")
     p.add_argument("-m", "--message")
+    p = add("bundle", cmd_bundle, "write a model directory that holds its own weights (deploy it anywhere)")
+    p.add_argument("model_uri", help="models:/..., runs:/... or a local model directory")
+    p.add_argument("output", help="a new directory")
     p = add("sync", cmd_sync, "reconcile pins, UI tags, history and sidecars with what MLflow references")
     p.add_argument("target", nargs="?", **target)
     p.add_argument("--all", action="store_true", help="every registered model and every dataset under the Lance roots")

@@ -57,7 +57,7 @@ from mlflow.utils.model_utils import (
 )
 from mlflow.utils.validation import _validate_model_name
 
-from . import __version__, lifecycle, modeldir, registry, store, tree
+from . import __version__, distributed, lifecycle, modeldir, registry, store, tree
 from .artifacts import dataset_location, options
 from .dataset import Dataset
 from .errors import after_commit
@@ -138,11 +138,14 @@ class Capture:
     """What a save writes, captured (and checked) once: the prepared state (a model's state
     dict, or a checkpoint's whole tree), the architecture when it was captured earlier (a
     skeleton pickled at staging time; None: taken from the module at save time), and where the
-    model's own tensors sit in the tree (``state_prefix``, for checkpoints)."""
+    model's own tensors sit in the tree (``state_prefix``, for checkpoints). A state whose data
+    files are written already (``written``: by every rank of a distributed save) is committed
+    as it is, to the dataset it was written to."""
 
-    prepared: store.Prepared
+    prepared: store.Prepared | None
     skeleton: bytes | None = None
     state_prefix: str | None = None
+    written: store.Written | None = None
 
 
 class _Saver:
@@ -271,7 +274,7 @@ def _save(
         if capture.state_prefix:  # a checkpoint: the model's tensors live under this prefix
             conf["state_prefix"] = capture.state_prefix
         env = _environment(conda_env, pip_requirements, extra_pip_requirements)
-        info = _save_weights(capture.prepared, location, mlflow_model, message, lance_properties)
+        info = _save_weights(capture, location, mlflow_model, message, lance_properties)
     _describe_model(path, mlflow_model, location, info, conf, env, self_contained=not lance_uri)
 
 
@@ -296,7 +299,7 @@ def _weights_location(path: str, lance_uri: str | None, storage_options: Mapping
 
 
 def _save_weights(
-    prepared: store.Prepared,
+    capture: Capture,
     location: Dataset,
     mlflow_model: Model,
     message: str | None,
@@ -310,11 +313,20 @@ def _save_weights(
         "mlflow.artifact_path": mlflow_model.artifact_path,
         **dict(lance_properties or {}),
     }
+    message = message or (f"mlflow run {mlflow_model.run_id}" if mlflow_model.run_id else None)
+    properties = {k: v for k, v in properties.items() if v}
+    if capture.written is not None:  # written by every rank of a distributed save
+        if capture.written.dataset.uri != location.uri:
+            raise ValueError(
+                f"the shards were written to {capture.written.dataset.uri}, but this model's weights "
+                f"go to {location.uri}; nothing was committed"
+            )
+        return store.commit_version(capture.written, message=message, properties=properties)
     return store.save_state_dict(
-        prepared,
+        capture.prepared,
         location.uri,
-        message=message or (f"mlflow run {mlflow_model.run_id}" if mlflow_model.run_id else None),
-        properties={k: v for k, v in properties.items() if v},
+        message=message,
+        properties=properties,
         storage_options=location.storage_options,
     )
 
@@ -519,6 +531,7 @@ def log_model(
     model_factory: str | None = None,
     factory_kwargs: Mapping[str, Any] | None = None,
     artifact_path: str | None = None,
+    self_contained: bool = False,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
     """Log ``pytorch_model`` to the active run (started if none): its weights as a new version
@@ -537,6 +550,9 @@ def log_model(
         lance_uri / storage_options: an explicit dataset for the weights.
         model_factory / factory_kwargs: ``"package.module:callable"`` and JSON keyword
             arguments that build the module without pickle at load time.
+        self_contained: log the weights inside the model's own artifacts, as a one-version
+            dataset (no shared dataset, no dedup, no pins): for targets that only see MLflow's
+            artifact store (see ``bundle_model``).
         signature, input_example, pip_requirements, extra_pip_requirements, conda_env,
             code_paths, extra_files, metadata, tags, params, step, await_registration_for:
             as in ``mlflow.pytorch.log_model``.
@@ -556,10 +572,38 @@ def log_model(
     _check_module(pytorch_model)
     if registered_model_name is not None:  # before anything is created: the registry's own rules
         _validate_model_name(registered_model_name)
+    if self_contained and (lance_uri or distributed.collective(pytorch_model)):
+        raise ValueError(
+            "self_contained=True keeps the weights in the model's artifacts: pass no lance_uri, one process"
+        )
+    if distributed.collective(pytorch_model):
+        return _log_sharded(
+            pytorch_model,
+            name or artifact_path or "model",
+            registered_model_name=registered_model_name,
+            lance_uri=lance_uri,
+            storage_options=storage_options,
+            signature=False if signature is None and input_example is not None else signature,
+            input_example=input_example,
+            await_registration_for=await_registration_for,
+            metadata=metadata,
+            tags=tags,
+            params=params,
+            step=step,
+            conda_env=conda_env,
+            code_paths=code_paths,
+            pip_requirements=pip_requirements,
+            extra_pip_requirements=extra_pip_requirements,
+            extra_files=extra_files,
+            model_factory=model_factory,
+            factory_kwargs=factory_kwargs,
+            **kwargs,
+        )
     return _log(
         pytorch_model,
         name or artifact_path or "model",
         Capture(store.prepare(pytorch_model.state_dict())),
+        self_contained=self_contained,
         registered_model_name=registered_model_name,
         await_registration_for=await_registration_for,
         metadata=metadata,
@@ -591,26 +635,113 @@ def _log(
     lance_uri: str | None = None,
     storage_options: Mapping[str, str] | None = None,
     step: int = 0,
+    self_contained: bool = False,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
     """``log_model`` of a state captured and checked already, to run ``run_id`` (default: the
     active one): the entry point of checkpoints, which write from a background thread."""
+    if self_contained:  # the weights go with the artifacts: no shared dataset, nothing to pin
+        return Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=_Saver(capture),
+            registered_model_name=registered_model_name,
+            run_id=run_id,
+            step=step,
+            pytorch_model=module,
+            **kwargs,
+        )
+    new = registered_model_name is not None and not lifecycle.registered(mlflow.MlflowClient(), registered_model_name)
     location, experiment_id, binding = _location_for(name, registered_model_name, lance_uri, storage_options, run_id)
-    info = Model.log(
-        artifact_path=None,
-        name=name,
-        flavor=_Saver(capture),
-        registered_model_name=registered_model_name,
-        run_id=run_id,
-        step=step,
-        pytorch_model=module,
-        lance_uri=location.uri,
-        storage_options=location.storage_options,
-        lance_properties=_logged_properties(step, experiment_id, registered_model_name, binding),
-        **kwargs,
-    )
+    with _new_model_announced(registered_model_name) if new else contextlib.nullcontext():
+        info = Model.log(
+            artifact_path=None,
+            name=name,
+            flavor=_Saver(capture),
+            registered_model_name=registered_model_name,
+            run_id=run_id,
+            step=step,
+            pytorch_model=module,
+            lance_uri=location.uri,
+            storage_options=location.storage_options,
+            lance_properties=_logged_properties(step, experiment_id, registered_model_name, binding),
+            **kwargs,
+        )
     registry.after_log(info, registered_model_name, binding, location.storage_options)
     return info
+
+
+@contextlib.contextmanager
+def _new_model_announced(name: str) -> Iterator[None]:
+    """For a registered model this log creates (the binding creates it just before MLflow
+    registers the version): the line MLflow prints for a new model, not "already exists"."""
+    exists = f"Registered model {name!r} already exists. Creating a new version of this model..."
+    real = sys.stderr
+
+    class Announcing(io.TextIOBase):
+        def write(self, text: str) -> int:
+            return real.write(f"Successfully registered model '{name}'." if text == exists else text)
+
+        def flush(self) -> None:
+            real.flush()
+
+    with contextlib.redirect_stderr(Announcing()):
+        yield
+
+
+def _log_sharded(
+    module: torch.nn.Module,
+    name: str,
+    *,
+    registered_model_name: str | None,
+    lance_uri: str | None,
+    storage_options: Mapping[str, str] | None,
+    **kwargs: Any,
+) -> mlflow.models.model.ModelInfo:
+    """``log_model`` of a model sharded over the process group (FSDP2, tensor parallel, DDP),
+    every rank calling: rank 0 names the dataset; every rank writes its own shards
+    (``distributed.write``); rank 0 logs one model whose save commits them as one version; the
+    ModelInfo (or the first error) on every rank. No signature is inferred from an input
+    example: that would run the sharded model on rank 0 alone (pass ``signature=``)."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    distributed.settle()
+    group = distributed.checkpoint_group()
+    rank = dist.get_rank(group)
+    where, error = None, None
+    if rank == 0:
+        try:
+            if mlflow.active_run() is None:
+                mlflow.start_run()
+            location, _, _ = _location_for(name, registered_model_name, lance_uri, storage_options)
+            where = (location.uri, location.storage_options)
+        except Exception as err:  # noqa: BLE001 (raised on every rank by share)
+            error = err
+    uri, uri_options = distributed.share(where, error, group, "naming the model's dataset")
+    plain = distributed.unwrapped(module)
+    shards, skeleton, failed = {}, None, None
+    try:  # a failure here is every rank's, at the first step of the write
+        shards = distributed.stage(get_model_state_dict(module), clone=False)
+        skeleton = dump_skeleton(plain) if rank == 0 else None
+    except Exception as err:  # noqa: BLE001
+        failed = err
+
+    def log(written: store.Written) -> mlflow.models.model.ModelInfo:
+        capture = Capture(None, skeleton, written=written)
+        return _log(
+            plain,
+            name,
+            capture,
+            registered_model_name=registered_model_name,
+            lance_uri=lance_uri,
+            storage_options=storage_options,
+            **kwargs,
+        )
+
+    return distributed.write_and_commit(
+        shards, Dataset(uri, uri_options), log, group=group, what="logging the model", failed=failed
+    )
 
 
 def _check_module(module: object) -> None:
@@ -696,6 +827,30 @@ def _load_from_local(
     """
     conf = modeldir.flavor_conf(local_path)
     uri, version = modeldir.pointer(local_path)
+    try:
+        return _build_and_fill(local_path, conf, uri, version, map_location, strict, verify, allow_pickle)
+    except (FileNotFoundError, ConnectionError) as err:
+        if os.path.exists(local_path) and str(uri).startswith(os.path.abspath(local_path) + os.sep):
+            raise  # a bundle's own weights: nothing elsewhere to reach
+        raise type(err)(
+            f"{err}\nThis model keeps its weights in version {version} of {uri}, which cannot be read from "
+            f"here. To take a model elsewhere, bundle it where that dataset is reachable: "
+            f"`mlflow-lance bundle MODEL_URI DIR` (mlflow_lance.bundle_model), or log it with "
+            f"log_model(..., self_contained=True); or give this machine access to {uri}."
+        ) from err
+
+
+def _build_and_fill(
+    local_path: str,
+    conf: Mapping,
+    uri: str,
+    version: int,
+    map_location: str | torch.device | None,
+    strict: bool,
+    verify: bool,
+    allow_pickle: bool | None,
+) -> torch.nn.Module:
+    """``_load_from_local`` once the pointer is read."""
     device = torch.device(map_location) if map_location is not None else torch.device("cpu")
     opts = options(uri)
     saved_with = str(conf.get("pytorch_version", ""))
@@ -827,7 +982,7 @@ def model_state_dict(
     ``log_state_dict`` artifact points at; reads MLmodel or the pointer, nothing else
     (``mlflow_lance.load_state_dict`` calls this for MLflow URIs)."""
     uri = os.fspath(uri)
-    with _model_pointer(uri) as model:
+    with model_pointer(uri) as model:
         if model is None:
             raise ValueError(f"{uri} is neither an MLflow model URI nor a model directory")
         if version is not None:
@@ -858,7 +1013,7 @@ def _download_model(model_uri: str, dst_path: str) -> str:
 
 
 @contextlib.contextmanager
-def _model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
+def model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
     """(Lance URI, version) of an MLflow model URI, a model directory or a state dict that
     ``log_state_dict`` logged; None for anything else (a dataset URI). A self-contained model
     directory's dataset is downloaded for the duration (maps of it stay valid after)."""
@@ -868,7 +1023,7 @@ def _model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
             try:
                 conf = lifecycle.flavor_conf(uri)
             except (MlflowException, OSError):
-                pointer = _state_dict_pointer(uri)
+                pointer = state_dict_pointer(uri)
                 if pointer is None:
                     raise
                 yield pointer
@@ -887,7 +1042,7 @@ def _model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
     yield None
 
 
-def _state_dict_pointer(uri: str) -> tuple[str, int] | None:
+def state_dict_pointer(uri: str) -> tuple[str, int] | None:
     """The (Lance URI, version) a ``log_state_dict`` artifact points at, or None."""
     with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as tmp:
         try:
@@ -946,8 +1101,10 @@ def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: 
 
 class _LanceModelWrapper:
     """``mlflow.pyfunc`` view of the module, as mlflow.pytorch's: a DataFrame in (cast to
-    float32) gives a DataFrame out with the input's index; numpy arrays and dicts of arrays
-    (keyword inputs) give numpy; ``params`` are passed to ``forward`` as keyword arguments."""
+    float32 as mlflow.pytorch casts it) gives a DataFrame out with the input's index; numpy
+    arrays and dicts of arrays (keyword inputs, an extension) give numpy; lists and anything
+    else are refused with mlflow.pytorch's errors; ``params`` are passed to ``forward`` as
+    keyword arguments."""
 
     def __init__(self, module: torch.nn.Module, device: torch.device):
         self.module = module
@@ -958,7 +1115,9 @@ class _LanceModelWrapper:
 
     def _tensor(self, value: Any) -> torch.Tensor:
         array = value.to_numpy() if hasattr(value, "to_numpy") else np.asarray(value)
-        t = torch.from_numpy(np.ascontiguousarray(array))
+        if any(s < 0 for s in array.strides):  # torch takes any other layout as it is, as mlflow.pytorch does
+            array = np.ascontiguousarray(array)
+        t = torch.from_numpy(array)
         if t.is_floating_point():
             t = t.to(self._float_dtype())
         return t.to(self.device)
@@ -983,10 +1142,17 @@ class _LanceModelWrapper:
                 out = self.module(self._tensor(_float32(data)), **kwargs)
                 if isinstance(out, torch.Tensor):
                     return pd.DataFrame(out.detach().cpu().numpy(), index=data.index)
-            elif isinstance(data, Mapping):
+            elif isinstance(data, Mapping):  # an extension: keyword inputs
                 out = self.module(**{k: self._tensor(v) for k, v in data.items()}, **kwargs)
-            else:
+            elif isinstance(data, np.ndarray):
                 out = self.module(self._tensor(data), **kwargs)
+            elif isinstance(data, list):  # mlflow.pytorch's errors, word for word
+                raise TypeError(
+                    "The PyTorch flavor does not support List or Dict input types. "
+                    "Please use a pandas.DataFrame or a numpy.ndarray"
+                )
+            else:
+                raise TypeError("Input data should be pandas.DataFrame or numpy.ndarray")
         return _to_numpy(out)
 
 

@@ -39,7 +39,7 @@ from .tensors import META_COLUMNS, hash_bytes
 INDEX_DIR = ("_mlflow_lance", "index")
 INDEX_FORMAT = 2
 MAX_INDEX_BYTES = 16 << 20  # a version index larger than this is ignored (~80,000 rows)
-INDEXED_PROPERTIES = (PROP + "rows", PROP + "tree")  # what a load reads from a commit
+INDEXED_PROPERTIES = (PROP + "rows", PROP + "tree", PROP + "container")  # what a load reads from a commit
 _ROW_TYPES = [{str}, {int}, {int}, {int}, {str}, {list}, {str}, {str, type(None)}]  # per META_COLUMNS
 _SHAPE = META_COLUMNS.index("shape")
 

@@ -166,6 +166,17 @@ def _set_tag(client: MlflowClient, name: str, key: str, value: str) -> None:
     )
 
 
+def registered(client: MlflowClient, name: str) -> bool:
+    """Whether registered model ``name`` exists."""
+    try:
+        client.get_registered_model(name)
+    except MlflowException as err:
+        if not_found(err):
+            return False
+        raise
+    return True
+
+
 def bind(client: MlflowClient, name: str, *, create: bool = False) -> tuple[str, Any]:
     """(binding, registered model) of ``name``, creating either if missing.
 

@@ -48,7 +48,9 @@ def load_state_dict(
 
     Args:
         uri: a dataset URI (a path, ``s3://``, ...), an MLflow model URI (``runs:/``,
-            ``models:/``, ``mlflow-artifacts:``) or a local model directory.
+            ``models:/``, ``mlflow-artifacts:``), a local model directory, or the artifact URI
+            of a ``log_state_dict`` artifact in any form MLflow hands out
+            (``mlflow.get_artifact_uri("ckpt")``: a path, ``file://``, ``s3://``, ...).
         version: for a dataset: a version number or a tag (default: the latest).
         map_location: the device the tensors go to (default CPU: local datasets come back as
             copy-on-write memory maps, no copy).
@@ -84,6 +86,19 @@ def load_state_dict(
         from . import sidecar  # YAML: only a run's version needs the sidecar
 
         version = sidecar.version_for_run(uri, run_id, opts, step=step, model_id=model_id)
+    try:
+        return store.load_state_dict(
+            uri, version, map_location=map_location, names=names, storage_options=opts, verify=verify
+        )
+    except FileNotFoundError:
+        if version is not None:
+            raise
+        from .flavor import state_dict_pointer  # not a dataset: perhaps a log_state_dict artifact
+
+        pointer = state_dict_pointer(uri)
+        if pointer is None:
+            raise
+    dataset, version = pointer
     return store.load_state_dict(
-        uri, version, map_location=map_location, names=names, storage_options=opts, verify=verify
+        dataset, version, map_location=map_location, names=names, storage_options=options(dataset), verify=verify
     )

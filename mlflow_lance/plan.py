@@ -24,6 +24,7 @@ PACK_TENSOR_BYTES = 256 << 10
 PACK_RUN_BYTES = 1 << 20
 
 RowData = tuple[dict, memoryview]  # one row's metadata and payload
+NO_PAYLOAD = memoryview(b"")
 
 
 @dataclass
@@ -33,6 +34,10 @@ class Unit:
     rows: list[RowData]
     reused: int | None = None  # the parent's fragment id, when reused
     old: list[Row] = field(default_factory=list)  # where the reused rows lie in it
+
+    def written(self) -> Unit:
+        """This unit once its rows are written: their metadata, without the payloads."""
+        return Unit([(meta, NO_PAYLOAD) for meta, _ in self.rows], self.reused, self.old)
 
 
 def plan_version(

@@ -50,11 +50,56 @@ class _SkeletonPickler(cloudpickle.Pickler):
         self._weights = weights
 
     def reducer_override(self, obj):
-        if isinstance(obj, torch.Tensor) and id(obj) in self._weights:
+        if isinstance(obj, torch.Tensor) and id(obj) in self._weights:  # a DTensor's shape is the global one
             if isinstance(obj, torch.nn.Parameter):
                 return _meta_parameter, (tuple(obj.shape), obj.dtype, obj.requires_grad)
             return _meta_tensor, (tuple(obj.shape), obj.dtype)
+        if isinstance(obj, torch.nn.Module):
+            plain, state = _unsharded_class(type(obj)), _without_distributed_hooks(obj.__dict__)
+            if plain is not None or state is not None:
+                return _new_module, (plain or type(obj),), obj.__dict__ if state is None else state
         return super().reducer_override(obj)
+
+
+def _unsharded_class(cls: type) -> type | None:
+    """The model's own class of a module ``fully_shard`` (FSDP2) made an ``FSDP<Class>``, else
+    None: the skeleton is the plain architecture, which loads without a process group."""
+    fsdp = sys.modules.get("torch.distributed.fsdp")
+    base = getattr(fsdp, "FSDPModule", None)
+    if base is None or not issubclass(cls, base):
+        return None
+    return next((b for b in cls.__bases__ if not issubclass(b, base)), None)
+
+
+def _without_distributed_hooks(state: dict) -> dict | None:
+    """A module's attributes without the hooks and state torch.distributed registered (bound to
+    process groups, which neither pickle nor mean anything in the process that loads the
+    model); None when it has none."""
+    out = {k: v for k, v in state.items() if not k.startswith("__composable_api")}  # fully_shard's state
+    dropped: set = set()
+    for key, hooks in out.items():
+        if key.endswith("hooks") and isinstance(hooks, dict):
+            kept = type(hooks)()
+            for k, hook in hooks.items():
+                owner = getattr(hook, "__self__", hook)
+                if (getattr(type(owner), "__module__", "") or "").startswith("torch.distributed") or (
+                    getattr(hook, "__module__", "") or ""
+                ).startswith("torch.distributed"):
+                    dropped.add(k)
+                else:
+                    kept[k] = hook
+            out[key] = kept
+    for key, value in out.items():  # the sets and dicts that record options of those hooks
+        if "hooks_" in key and isinstance(value, (dict, set)):
+            out[key] = type(value)(
+                {k: value[k] for k in value if k not in dropped} if isinstance(value, dict) else value - dropped
+            )
+    return out if dropped or len(out) != len(state) else None
+
+
+def _new_module(cls: type) -> torch.nn.Module:
+    """An empty module of ``cls``; unpickling then gives it its attributes (``__setstate__``)."""
+    return cls.__new__(cls)
 
 
 def dump_skeleton(module: torch.nn.Module) -> bytes:

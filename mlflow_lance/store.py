@@ -1,7 +1,7 @@
 """The Lance weight store's verbs: save a version, load one (as a state dict or into a module),
-list, diff, tag, verify and garbage-collect versions. How a dataset is laid out and read
-is layout.py. Each verb takes a dataset URI, or a ``Dataset`` handle (layout.py) so that
-several verbs on one dataset open it once.
+list, diff, tag, verify and garbage-collect versions. How a dataset is laid out is format.py,
+how a version is read readers.py. Each verb takes a dataset URI, or a ``Dataset`` handle
+(dataset.py) so that several verbs on one dataset open it once.
 
 A new version is a Lance ``Overwrite`` commit whose fragment list reuses every fragment
 whose rows are all unchanged since the latest version (same name, dtype, shape and content
@@ -81,7 +81,6 @@ from .readers import (
 from .tensors import (
     DEFAULT_CHUNK_BYTES,
     META_COLUMNS,  # noqa: F401 (tests use store.META_COLUMNS)
-    TensorRows,
     dtype_from_name,
     find_ties,
     to_rows,
@@ -107,6 +106,8 @@ __all__ = [
     "VersionInfo",
     "VersionNotFoundError",
     "WeightsError",
+    "Written",
+    "commit_version",
     "diff",
     "gc",
     "latest_version",
@@ -122,6 +123,7 @@ __all__ = [
     "verify",
     "version_properties",
     "versions",
+    "write_version",
 ]
 
 _PARALLEL_WRITE_BYTES = 64 << 20
@@ -242,19 +244,135 @@ def save_state_dict(
         >>> info = save_state_dict(model.state_dict(), "weights.lance", message="epoch 3")
         >>> info.version, info.bytes_written
     """
-    prepared = prepare(state_dict)
-    state_dict, spec = prepared.tensors, prepared.spec
     props = _check_properties(properties)
-    dataset = Dataset.of(uri, storage_options)
-    uri, storage_options = dataset.uri, dataset.storage_options
-    flush = (durable() if sync_files is None else sync_files) and local_path(uri) is not None
-    parent = dataset.existing()
-    new_schema, previous = _reusable_base(dataset, parent, compression)
+    written = write_version(
+        state_dict,
+        uri,
+        storage_options=storage_options,
+        chunk_bytes=chunk_bytes,
+        compression=compression,
+        sync_files=sync_files,
+    )
+    return commit_version(written, message=message, properties=props)
 
-    ties = find_ties(state_dict)
-    tensors = [to_rows(name, t, tie=ties.get(name), chunk_bytes=chunk_bytes) for name, t in state_dict.items()]
-    reusable = {f.fragment_id: f.metadata for f in parent.get_fragments()} if parent else {}
+
+@dataclass(frozen=True)
+class Written:
+    """A new version's data files, written (and flushed) but not committed yet: a version is
+    saved in two steps, ``write_version`` then ``commit_version``, so that a writer can name
+    the version in MLflow after its bytes are down, or commit data files that several
+    processes wrote (distributed.py). Until committed, the files are orphans that
+    ``gc`` reclaims once they are older than its grace period.
+
+    ``units`` are the new version's fragments in order (rows' metadata only: the payloads are
+    dropped once written) and ``fragments`` their Lance metadata: reused from ``parent`` or
+    written.
+    """
+
+    dataset: Dataset
+    parent: int | None
+    schema: pa.Schema
+    units: list[Unit]
+    fragments: list[FragmentMetadata]
+    changed: list[str]
+    removed: list[str]
+    spec: dict | None
+    flush: bool
+    container: str | None = None  # as Prepared's
+
+    @property
+    def metas(self) -> list[dict]:
+        """Every row's metadata, in the version's order."""
+        return [meta for unit in self.units for meta, _ in unit.rows]
+
+    @property
+    def bytes_written(self) -> int:
+        return sum(f.files[0].file_size_bytes or 0 for f, u in zip(self.fragments, self.units) if u.reused is None)
+
+
+def write_version(
+    state_dict: Mapping[str, Any] | Prepared,
+    uri: str | os.PathLike | Dataset,
+    *,
+    storage_options: StorageOptions = None,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    compression: str | None = None,
+    sync_files: bool | None = None,
+) -> Written:
+    """The first step of ``save_state_dict``: plan the new version against the latest one and
+    write (and flush) the data files of what changed; nothing is committed (see ``Written``).
+    Arguments as ``save_state_dict``'s."""
+    prepared = prepare(state_dict)
+    dataset = Dataset.of(uri, storage_options)
+    parent = dataset.existing()
+    new_schema, previous = reusable_base(dataset, parent, compression)
+    ties = find_ties(prepared.tensors)
+    tensors = [to_rows(name, t, tie=ties.get(name), chunk_bytes=chunk_bytes) for name, t in prepared.tensors.items()]
+    reusable = reusable_fragments(parent)
     units, changed = plan_version(tensors, previous, {fid: f.physical_rows for fid, f in reusable.items()})
+    flush = flushes(dataset, sync_files)
+    fragments = write_units(units, dataset, new_schema, reusable, create=parent is None, flush=flush)
+    return Written(
+        dataset,
+        parent.version if parent else None,
+        new_schema,
+        [u.written() for u in units],
+        fragments,
+        changed,
+        [n for n in previous if n not in prepared.tensors],
+        prepared.spec,
+        flush,
+        prepared.container,
+    )
+
+
+def commit_version(
+    written: Written, *, message: str | None = None, properties: Mapping[str, str] | None = None
+) -> VersionInfo:
+    """The second step of ``save_state_dict``: commit written data files as one new version
+    (retried on top of versions other writers committed meanwhile), flush the commit when the
+    files were flushed, and write the version's index. Arguments as ``save_state_dict``'s."""
+    import lance
+
+    props = _check_properties(properties)
+    dataset = written.dataset
+    txn_props = _transaction_properties(message, props, written)
+    ds, txn_file = _commit(
+        dataset.uri,
+        lance.LanceOperation.Overwrite(written.schema, written.fragments),
+        txn_props,
+        written.parent or 0,
+        dataset.storage_options,
+    )
+    if written.flush:
+        _flush_commit(local_path(dataset.uri), ds.version, txn_file)
+    _index_new_version(dataset, ds, written.units, sync=written.flush)
+    return _version_info(dataset.uri, ds.version, _now(ds), txn_props, ())
+
+
+def flushes(dataset: Dataset, sync_files: bool | None) -> bool:
+    """Whether a save to ``dataset`` flushes what it writes (``sync_files``; object storage
+    needs no flush)."""
+    return (durable() if sync_files is None else sync_files) and local_path(dataset.uri) is not None
+
+
+def reusable_fragments(parent: lance.LanceDataset | None) -> dict[int, FragmentMetadata]:
+    """The parent version's fragments a new version may take over, by id."""
+    return {f.fragment_id: f.metadata for f in parent.get_fragments()} if parent else {}
+
+
+def write_units(
+    units: list[Unit],
+    dataset: Dataset,
+    schema: pa.Schema,
+    reusable: Mapping[int, FragmentMetadata],
+    *,
+    create: bool,
+    flush: bool,
+) -> list[FragmentMetadata]:
+    """Write the units that reuse nothing, one data file each (flushed while the next ones are
+    written, when ``flush``); every unit's fragment, in order."""
+    uri, storage_options = dataset.uri, dataset.storage_options
     fresh = [u.rows for u in units if u.reused is None]
     with ThreadPoolExecutor(1) as flusher:  # data files are flushed while the next ones are written
         flushing: list = []
@@ -262,9 +380,9 @@ def save_state_dict(
         new_files = _write_rows(
             fresh,
             uri,
-            new_schema,
+            schema,
             storage_options,
-            create=parent is None,
+            create=create,
             written=(
                 lambda frags: flushing.append(
                     flusher.submit(fs.sync_files, [os.path.join(data, f.files[0].path) for f in frags])
@@ -277,34 +395,10 @@ def save_state_dict(
             job.result()
     written = iter(new_files)
     fragments = [reusable[u.reused] if u.reused is not None else next(written) for u in units]
-    bytes_written = sum(f.files[0].file_size_bytes or 0 for f in new_files)
-    if flush:  # the bytes are on the disk before any manifest names them, and so are their names
+    if flush and new_files:  # the bytes are on the disk before any manifest names them, and so are their names
         root = local_path(uri)
-        fs.sync_dirs([data] + ([root, os.path.dirname(os.path.abspath(root))] if parent is None else []))
-
-    txn_props = _transaction_properties(
-        message,
-        props,
-        spec,
-        parent,
-        tensors,
-        changed,
-        [n for n in previous if n not in state_dict],
-        bytes_written,
-    )
-    import lance
-
-    ds, txn_file = _commit(
-        uri,
-        lance.LanceOperation.Overwrite(new_schema, fragments),
-        txn_props,
-        parent.version if parent else 0,
-        storage_options,
-    )
-    if flush:
-        _flush_commit(local_path(uri), ds.version, txn_file)
-    _index_new_version(dataset, ds, units, sync=flush)
-    return _version_info(uri, ds.version, _now(ds), txn_props, ())
+        fs.sync_dirs([data] + ([root, os.path.dirname(os.path.abspath(root))] if create else []))
+    return fragments
 
 
 def _flush_commit(root: str, version: int, txn_file: str) -> None:
@@ -349,9 +443,9 @@ def load_state_dict(
         else:  # one at a time: host memory holds one tensor on its way to the device
             loaded = {s: materialize(reader, [entries[s]], verify=verify)[s].to(device) for s in sources}
     out = OrderedDict((name, loaded[entries[name].tie or name]) for name in selected)
-    spec = _tree_spec(reader) if names is None else None
-    if spec is None:
-        return out
+    spec = tree_spec(reader) if names is None else None
+    if spec is None:  # a flat state dict: an OrderedDict, as state_dict() gives, or the dict saved
+        return dict(out) if names is None and reader.properties().get(PROP + "container") == "dict" else out
     try:
         return tree.unflatten(spec, out)
     except (ValueError, TypeError, RecursionError) as err:
@@ -690,6 +784,7 @@ class Prepared:
 
     tensors: Mapping[str, torch.Tensor]
     spec: dict | None
+    container: str | None = None  # "dict": a flat state dict given as a plain dict (loads back as one)
 
 
 def prepare(state_dict: Mapping[str, Any] | Prepared) -> Prepared:
@@ -700,13 +795,14 @@ def prepare(state_dict: Mapping[str, Any] | Prepared) -> Prepared:
     spec = None
     if isinstance(state_dict, Mapping) and not tree.is_flat(state_dict):  # a checkpoint dict
         state_dict, spec = tree.flatten(state_dict)
+    container = "dict" if spec is None and type(state_dict) is dict else None
     validate_state_dict(state_dict)
     if not state_dict:
         raise ValueError("the state dict holds no tensor; there is nothing to save")
-    return Prepared(state_dict, spec)
+    return Prepared(state_dict, spec, container)
 
 
-def _reusable_base(
+def reusable_base(
     dataset: Dataset, parent: lance.LanceDataset | None, compression: str | None
 ) -> tuple[pa.Schema, Mapping[str, Entry]]:
     """The new version's schema, and the parent's tensors whose rows it may reuse: all whose
@@ -730,33 +826,27 @@ def _reusable_base(
     return schema(existing), {n: e for n, e in previous.items() if n not in bad}  # never reuse those rows
 
 
-def _transaction_properties(
-    message: str | None,
-    props: dict[str, str],
-    spec: dict | None,
-    parent: lance.LanceDataset | None,
-    tensors: list[TensorRows],
-    changed: list[str],
-    removed: list[str],
-    bytes_written: int,
-) -> dict[str, str]:
+def _transaction_properties(message: str | None, props: dict[str, str], written: Written) -> dict[str, str]:
     """What the new version's commit records: the summary ``VersionInfo`` is read back from,
     the digest its rows are checked against, the checkpoint spec and the message."""
+    metas = written.metas
     summary = {
         "format": str(FORMAT_VERSION),
         "message": message or "",
         "properties": json.dumps(props, sort_keys=True),
-        "parent": "" if parent is None else str(parent.version),
-        "tensors": str(len(tensors)),
-        "bytes": str(sum(t.nbytes for t in tensors)),
-        "bytes_written": str(bytes_written),
-        "changed": json.dumps(changed),
-        "removed": json.dumps(removed),
-        "rows": rows_digest(m for t in tensors for m in t.meta),
+        "parent": "" if written.parent is None else str(written.parent),
+        "tensors": str(len(dict.fromkeys(m["name"] for m in metas))),
+        "bytes": str(sum(m["nbytes"] for m in metas if m["chunk"] == 0 and m["alias"] is None)),
+        "bytes_written": str(written.bytes_written),
+        "changed": json.dumps(written.changed),
+        "removed": json.dumps(written.removed),
+        "rows": rows_digest(metas),
     }
     txn_props = {PROP + k: v for k, v in summary.items()}
-    if spec is not None:
-        txn_props[PROP + "tree"] = tree.encode(spec)
+    if written.spec is not None:
+        txn_props[PROP + "tree"] = tree.encode(written.spec)
+    if written.container is not None:
+        txn_props[PROP + "container"] = written.container
     if message:
         txn_props["lance.commit.message"] = message
     return txn_props
@@ -1061,7 +1151,7 @@ def _summary(uri: str, version: int, props: Mapping[str, str]) -> dict:
 # --------------------------------------------------------------------------- loading
 
 
-def _tree_spec(reader: VersionReader) -> dict | None:
+def tree_spec(reader: VersionReader) -> dict | None:
     """The checkpoint-dict spec saved with the checked-out version, if it holds one."""
     props = reader.properties()
     if props is None:

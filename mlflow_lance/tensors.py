@@ -101,9 +101,9 @@ def hash_bytes(data: memoryview | bytes) -> str:
 def validate_state_dict(state_dict: Mapping[str, object]) -> None:
     """Raise a TypeError/ValueError naming the first bad entry; never writes anything."""
     if not isinstance(state_dict, Mapping):
-        raise TypeError(
-            f"expected a state dict (a mapping of str to torch.Tensor), got "
-            f"{type(state_dict).__name__}; pass model.state_dict()."
+        raise TypeError(  # begins as mlflow.pytorch's message does
+            f"Invalid object type for `state_dict`: {type(state_dict)}. Must be an instance of `dict`: "
+            f"a state dict (str to torch.Tensor) or a checkpoint dict; pass model.state_dict()."
         )
     for key, value in state_dict.items():
         check_key(key)

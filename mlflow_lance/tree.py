@@ -5,7 +5,9 @@ A training checkpoint is a tree: ``{"model": state_dict, "optimizer": opt.state_
 are deduplicated, typed exactly and never pickled), named by their path in the tree; the rest
 (numbers, strings, None, lists, tuples, dicts with str or int keys) becomes a small JSON
 *spec* stored with the version. Loading rebuilds the tree with the same types: int keys of
-``optimizer.state_dict()["state"]`` stay ints, tuples stay tuples, NaN stays NaN.
+``optimizer.state_dict()["state"]`` stay ints, tuples stay tuples, an ``OrderedDict`` (a
+module's ``state_dict()``) stays one and a ``dict`` a dict (other mapping types come back as
+dicts), NaN stays NaN.
 
 Anything else is refused with the key path and what to do: nothing is ever pickled.
 Nothing here knows about Lance or MLflow.
@@ -81,6 +83,8 @@ def flatten(state: Mapping[Any, Any]) -> tuple[OrderedDict[str, torch.Tensor], d
                         f"checkpoint key {k!r} at {_where(path)} is a {type(k).__name__}; keys must be str or int"
                     )
                 entries.append([k, walk(v, (*path, k))])
+            if isinstance(value, OrderedDict):  # readers before this key ignore it: a dict
+                return {"t": "dict", "v": entries, "c": "OrderedDict"}
             return {"t": "dict", "v": entries}
         hint = ""
         if hasattr(value, "item") and callable(value.item):
@@ -139,7 +143,7 @@ def unflatten(spec: dict, tensors: Mapping[str, torch.Tensor]) -> Any:
             items = [build(v, depth + 1) for v in value]
             return items if kind == "list" else tuple(items)
         if kind == "dict" and isinstance(value, list):
-            out = {}
+            out = OrderedDict() if node.get("c") == "OrderedDict" else {}
             for entry in value:
                 if not (isinstance(entry, list) and len(entry) == 2 and isinstance(entry[0], (str, int))):
                     raise ValueError("checkpoint spec is malformed (a dict entry)")

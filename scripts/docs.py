@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "docs" / "reports"
 TEST_REPORTS = ("run.json", "reliability.json", "lifecycle.json", "untrusted.json")
-BENCH_REPORTS = ("checkpoint.json", "store.json", "mlflow.json")
+BENCH_REPORTS = ("checkpoint.json", "store.json", "mlflow.json", "distributed.json")
 
 
 def load(name: str) -> dict | None:
@@ -285,6 +285,9 @@ def performance() -> str:
             "## Through MLflow, against mlflow.pytorch",
             "",
             *tables_section(load("mlflow.json"), "python benchmarks/bench_mlflow.py"),
+            "## Sharded checkpoints, against torch.distributed.checkpoint",
+            "",
+            *tables_section(load("distributed.json"), "python benchmarks/bench_distributed.py"),
         ]
     )
 

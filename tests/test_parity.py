@@ -22,6 +22,7 @@ import yaml
 from mlflow.models import Model, infer_signature
 
 import mlflow_lance as ml
+from conftest import raw
 from mlflow_lance import flavor
 
 HERE = Path(__file__).resolve().parent
@@ -114,6 +115,41 @@ def test_3_and_4_dataframes_come_back_as_dataframes_with_their_index_and_ints_ar
         flavor._load_pyfunc(os.path.join(ours, "data")).predict(text)
 
 
+def test_3_frames_of_other_column_types_are_converted_as_mlflow_pytorch_converts_them(tmp_path):
+    theirs, ours = both(tmp_path, linear(4, n_in=2))
+    days = pd.to_datetime(["2024-01-01", "2024-03-02"])
+    frames = {
+        "datetime": pd.DataFrame({"a": days, "b": [1.0, 2.0]}),
+        "datetime with a time zone": pd.DataFrame({"a": days.tz_localize("UTC"), "b": [1.0, 2.0]}),
+        "timedelta": pd.DataFrame({"a": pd.to_timedelta([1, 2], unit="s"), "b": [3, 4]}),
+        "bool": pd.DataFrame({"a": [True, False], "b": [1, 2]}),
+        "category": pd.DataFrame({"a": pd.Categorical([1, 2]), "b": [3, 4]}),
+        "numbers as text": pd.DataFrame({"a": ["1", "2"], "b": [3, 4]}),
+        "nullable ints": pd.DataFrame({"a": pd.array([1, None], dtype="Int64"), "b": [3, 4]}),
+    }
+    compared = 0
+    for kind, frame in frames.items():
+        a = mlflow.pyfunc.load_model(theirs).predict(frame)
+        b = mlflow.pyfunc.load_model(ours).predict(frame)
+        pd.testing.assert_frame_equal(a, b, check_exact=True, obj=kind)  # bit for bit
+        compared += 1
+    assert compared == len(frames)
+
+
+def test_3_lists_and_scalars_are_refused_with_mlflow_pytorchs_errors(tmp_path):
+    theirs, ours = both(tmp_path, linear(5, n_in=2))
+    models = [mlflow.pyfunc.load_model(uri) for uri in (theirs, ours)]
+    for data in ([[1.0, 2.0]], 3.0, (1.0, 2.0), pd.Series([1.0, 2.0]), torch.zeros(1, 2), "text"):
+        for call in ("predict", "wrapper"):  # what a script calls, and the flavor's own wrapper
+            errors = []
+            for model in models:
+                with pytest.raises(TypeError) as err:
+                    (model if call == "predict" else model._model_impl).predict(data)
+                errors.append(str(err.value))
+            assert errors[0] == errors[1], (type(data).__name__, call, errors)
+    assert str(err.value) == "Input data should be pandas.DataFrame or numpy.ndarray"
+
+
 def test_5_params_are_passed_to_forward(tmp_path):
     model = WithParam()
     signature = infer_signature(X, model(torch.from_numpy(X)).detach().numpy(), params={"y": 1})
@@ -154,7 +190,7 @@ def test_8_and_9_log_state_dict_takes_checkpoint_dicts_and_load_state_dict_reads
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model(torch.from_numpy(X)).sum().backward()
     opt.step()
-    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3}
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": 3, "shape": (3, 4)}
     with mlflow.start_run() as run:
         ml.log_state_dict(model.state_dict(), "model")
         ml.log_state_dict(ckpt, "ckpt")
@@ -167,10 +203,73 @@ def test_8_and_9_log_state_dict_takes_checkpoint_dicts_and_load_state_dict_reads
     assert ours["optimizer"]["param_groups"] == theirs["optimizer"]["param_groups"]
     for k in theirs["optimizer"]["state"][0]:
         assert torch.equal(ours["optimizer"]["state"][0][k], theirs["optimizer"]["state"][0][k])
+    assert _types(ours) == _types(theirs) == _types(ckpt)  # OrderedDict, dict, list, tuple at every level
+    assert type(plain) is type(model.state_dict())
     env = ml.get_default_conda_env()
     assert any(str(d).startswith("torch") for d in env["dependencies"][-1]["pip"])
     with pytest.raises(TypeError, match="optimizer"):
         ml.save_state_dict({"optimizer": opt}, str(Path(os.environ["MLFLOW_LANCE_ROOT"]) / "x.lance"))
+    flat = {"w": torch.ones(2)}  # a plain dict of tensors comes back a plain dict
+    ml.save_state_dict(flat, str(Path(os.environ["MLFLOW_LANCE_ROOT"]) / "flat.lance"))
+    assert type(ml.load_state_dict(str(Path(os.environ["MLFLOW_LANCE_ROOT"]) / "flat.lance"))) is dict
+    for bad in ([torch.ones(1)], torch.ones(1), "w"):  # mlflow.pytorch's words first, then ours
+        errors = []
+        for log in (mlflow.pytorch.log_state_dict, ml.log_state_dict):
+            with mlflow.start_run(), pytest.raises(TypeError) as err:
+                log(bad, "bad")
+            errors.append(str(err.value))
+        assert errors[1].startswith(errors[0]) and len(errors[1]) > len(errors[0]), errors
+
+
+def test_8_a_log_state_dict_artifact_loads_from_every_uri_mlflow_hands_out(tracking, s3_server, monkeypatch):
+    """load_state_dict(mlflow.get_artifact_uri("ckpt")) as mlflow.pytorch's: mlflow-artifacts:/,
+    runs:/, the plain path and file:// of the served artifact, and s3:// (an experiment whose
+    artifacts go straight to the object store)."""
+    for key, value in s3_server["env"].items():
+        monkeypatch.setenv(key, value)
+    model = linear(17)
+    bucket = f"s3://{s3_server['bucket']}/parity-{os.getpid()}-{id(model)}"
+    on_s3 = mlflow.create_experiment(f"parity-s3-{id(model)}", artifact_location=bucket)
+    forms = []
+    for experiment in (None, on_s3):
+        with mlflow.start_run(experiment_id=experiment) as run:
+            ml.log_state_dict(model.state_dict(), "ckpt")
+            mlflow.pytorch.log_state_dict(model.state_dict(), "theirs")
+            ours, theirs = mlflow.get_artifact_uri("ckpt"), mlflow.get_artifact_uri("theirs")
+        forms.append((ours, theirs))
+        forms.append((f"runs:/{run.info.run_id}/ckpt", f"runs:/{run.info.run_id}/theirs"))
+    served = forms[0][0]
+    assert served.startswith("mlflow-artifacts:/") and forms[2][0].startswith("s3://")
+    on_disk = tracking["root"] / "artifacts" / served.split(":/", 1)[1].lstrip("/")
+    forms.append((str(on_disk), str(on_disk.parent / "theirs")))
+    forms.append((on_disk.as_uri(), (on_disk.parent / "theirs").as_uri()))
+    for ours, theirs in forms:
+        a, b = mlflow.pytorch.load_state_dict(theirs), ml.load_state_dict(ours)
+        assert list(a) == list(b) and all(raw(a[k]) == raw(b[k]) for k in a), ours
+    assert len(forms) == 6
+
+
+def test_18_the_first_log_into_a_new_registered_model_says_so_as_mlflow_pytorch_does(tracking, capfd):
+    model, said = linear(18), {}
+    for flavor_, name in ((mlflow.pytorch, f"new-theirs-{id(model)}"), (ml, f"new-ours-{id(model)}")):
+        for _ in range(2):  # the first creates the model, the second adds a version
+            capfd.readouterr()
+            with mlflow.start_run():
+                extra = {"serialization_format": "pickle"} if flavor_ is mlflow.pytorch else {}
+                flavor_.log_model(model, name="m", registered_model_name=name, pip_requirements=[], **extra)
+            lines = capfd.readouterr().err.replace(name, "NAME").splitlines()
+            said.setdefault(flavor_.__name__, []).append([line for line in lines if "egistered model" in line])
+    assert said["mlflow_lance"] == said["mlflow.pytorch"], said
+    assert said["mlflow_lance"][0] == ["Successfully registered model 'NAME'."]
+
+
+def _types(tree) -> object:
+    """The container types of a tree, at every level."""
+    if isinstance(tree, dict):
+        return (type(tree).__name__, {k: _types(v) for k, v in tree.items()})
+    if isinstance(tree, (list, tuple)):
+        return (type(tree).__name__, [_types(v) for v in tree])
+    return type(tree).__name__
 
 
 def test_10_serialization_format_and_pickle_module_are_accepted_and_pt2_refused(tmp_path):

@@ -557,7 +557,7 @@ def _bad_inputs():
         ({"a\nb": torch.ones(1)}, ValueError, "control characters"),
         ({"x" * 2000: torch.ones(1)}, ValueError, "longer than 1024"),
         ({}, ValueError, "holds no tensor"),
-        ([torch.ones(1)], TypeError, "expected a state dict"),
+        ([torch.ones(1)], TypeError, "Invalid object type for `state_dict`"),
     ]
 
 

@@ -58,6 +58,16 @@ class MLflowLanceTrainerCallback(TrainerCallback):
         self._after_evaluation: dict[str, Any] | None = None  # a save waiting for this step's evaluation
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
+        model = kwargs.get("model")
+        sharded = isinstance(model, torch.nn.Module) and any(
+            type(t).__name__ == "DTensor" for t in model.state_dict().values()
+        )
+        if getattr(args, "fsdp", None) or getattr(args, "deepspeed", None) or sharded:
+            raise ValueError(
+                "MLflowLanceTrainerCallback logs from the main process alone, and this model is sharded over every "
+                "process (FSDP, DeepSpeed or tensor parallel); call mlflow_lance.log_checkpoint on every rank from a "
+                "loop of your own (docs/checkpoints.md, distributed training), or train with DDP"
+            )
         if args.save_strategy == "best":
             raise ValueError(
                 "save_strategy='best' is decided after the callbacks have run, so MLflowLanceTrainerCallback cannot "
