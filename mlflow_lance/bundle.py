@@ -30,6 +30,7 @@ from .errors import CorruptionError
 __all__ = ["bundle_model"]
 
 _WEIGHTS = "weights.lance"
+_MAX_DEPTH = 64
 
 
 def bundle_model(model_uri: str, dst: str | os.PathLike) -> str:
@@ -58,30 +59,42 @@ def bundle_model(model_uri: str, dst: str | os.PathLike) -> str:
     from .flavor import model_pointer
 
     dst = os.path.abspath(os.fspath(dst))
-    if os.path.lexists(dst) and (not os.path.isdir(dst) or os.listdir(dst)):
+    if os.path.islink(dst) or (os.path.lexists(dst) and (not os.path.isdir(dst) or os.listdir(dst))):
         raise FileExistsError(f"{dst} exists and is not an empty directory; bundle into a new one")
-    with tempfile.TemporaryDirectory(prefix="mlflow_lance_bundle_") as tmp:
+    local = os.path.isdir(model_uri)
+    if os.path.lexists(model_uri) and not local:
+        raise store.WeightsError(f"{model_uri} is a file, not a model directory or an MLflow model URI")
+    if local:  # checked where it lies, so that errors name the source's own files
+        modeldir.flavor_conf(model_uri)
+        modeldir.pointer(model_uri)
+    parent = os.path.dirname(dst)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".mlflow_lance_bundle_", dir=parent)  # beside dst: one rename at the end
+    try:
         staged = os.path.join(tmp, "model")
         _copy_model_dir(model_uri, staged)
+        _refuse_foreign_loader(staged)
         with model_pointer(staged) as pointer:  # the source's pointer, checked as a load checks it
             dataset, version = pointer
-            weights = store.load_state_dict(dataset, version, storage_options=options(dataset))
-            info = store.save_state_dict(
+            # verify: a bundle never launders damaged bytes into a version whose hashes match them
+            weights = store.load_state_dict(dataset, version, storage_options=options(dataset), verify=True)
+            info = store.save_state_dict(  # outside the copy: nothing of the source can be built upon
                 weights,
-                os.path.join(staged, modeldir.DATA, _WEIGHTS + ".new"),
+                os.path.join(tmp, _WEIGHTS),
                 message=f"bundled from version {version} of {dataset}",
                 properties={"mlflow_lance.bundled_from": f"{dataset}#{version}"},
             )
-            del weights  # maps of the source: released before anything is replaced
+            del weights
+        if info.parent is not None or info.version != 1:
+            raise CorruptionError(f"the bundle's dataset was not new (version {info.version}); nothing was written")
         inside = os.path.join(staged, modeldir.DATA, _WEIGHTS)
         if os.path.lexists(inside):
             shutil.rmtree(inside)
-        os.rename(inside + ".new", inside)
+        os.rename(os.path.join(tmp, _WEIGHTS), inside)
         _point_inside(staged, info.version, model_uri, dataset, version)
-        os.makedirs(os.path.dirname(dst), exist_ok=True)
-        if os.path.isdir(dst):
-            os.rmdir(dst)
-        shutil.move(staged, dst)
+        os.rename(staged, dst)  # replaces an empty dst; atomic on one file system
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dst
 
 
@@ -108,18 +121,36 @@ def _copy_model_dir(model_uri: str, target: str) -> None:
 
 
 def _copy_tree(src: str, dst: str) -> None:
-    """Copy regular files and directories; a link or a special file is refused, naming it."""
-    os.makedirs(dst)
-    for name in sorted(os.listdir(src)):
-        path, out = os.path.join(src, name), os.path.join(dst, name)
-        mode = os.lstat(path).st_mode
-        if stat.S_ISDIR(mode):
-            _copy_tree(path, out)
-        elif stat.S_ISREG(mode):
-            shutil.copyfile(path, out, follow_symlinks=False)
-        else:
-            kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
-            raise CorruptionError(f"{path} is {kind}; a model directory is bundled only from regular files in it")
+    """Copy regular files and directories (at most ``_MAX_DEPTH`` deep); a link or a special
+    file is refused, naming it."""
+    todo = [(src, dst, 0)]
+    while todo:
+        here, out, depth = todo.pop()
+        if depth > _MAX_DEPTH:
+            raise CorruptionError(f"{here} is nested more than {_MAX_DEPTH} directories deep in the model directory")
+        os.makedirs(out)
+        for name in sorted(os.listdir(here)):
+            path = os.path.join(here, name)
+            mode = os.lstat(path).st_mode
+            if stat.S_ISDIR(mode):
+                todo.append((path, os.path.join(out, name), depth + 1))
+            elif stat.S_ISREG(mode):
+                shutil.copyfile(path, os.path.join(out, name), follow_symlinks=False)
+            else:
+                kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+                raise CorruptionError(f"{path} is {kind}; a model directory is bundled only from regular files in it")
+
+
+def _refuse_foreign_loader(model_dir: str) -> None:
+    """A bundle carries MLmodel as it is: its pyfunc loader must be this flavor's."""
+    flavors = modeldir.mlmodel(model_dir).flavors
+    pyfunc = flavors.get("python_function") if isinstance(flavors, dict) else None
+    loader = pyfunc.get("loader_module") if isinstance(pyfunc, dict) else None
+    if pyfunc is not None and loader != "mlflow_lance.flavor":
+        raise CorruptionError(
+            "the model's MLmodel names another pyfunc loader module (not mlflow_lance.flavor); "
+            "it is not bundled (its content is not shown)"
+        )
 
 
 def _point_inside(model_dir: str, version: int, model_uri: str, dataset: str, source_version: int) -> None:

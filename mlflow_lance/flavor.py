@@ -352,7 +352,7 @@ def _describe_model(
         _write_pointer(path, "weights.lance" if self_contained else location.uri, info.version)
         mlflow_model.add_flavor(
             FLAVOR_NAME,
-            lance_uri=location.uri,
+            lance_uri="weights.lance" if self_contained else location.uri,  # inside: no path of this machine
             lance_version=info.version,
             tensors=info.num_tensors,
             bytes=info.total_bytes,
@@ -827,30 +827,6 @@ def _load_from_local(
     """
     conf = modeldir.flavor_conf(local_path)
     uri, version = modeldir.pointer(local_path)
-    try:
-        return _build_and_fill(local_path, conf, uri, version, map_location, strict, verify, allow_pickle)
-    except (FileNotFoundError, ConnectionError) as err:
-        if os.path.exists(local_path) and str(uri).startswith(os.path.abspath(local_path) + os.sep):
-            raise  # a bundle's own weights: nothing elsewhere to reach
-        raise type(err)(
-            f"{err}\nThis model keeps its weights in version {version} of {uri}, which cannot be read from "
-            f"here. To take a model elsewhere, bundle it where that dataset is reachable: "
-            f"`mlflow-lance bundle MODEL_URI DIR` (mlflow_lance.bundle_model), or log it with "
-            f"log_model(..., self_contained=True); or give this machine access to {uri}."
-        ) from err
-
-
-def _build_and_fill(
-    local_path: str,
-    conf: Mapping,
-    uri: str,
-    version: int,
-    map_location: str | torch.device | None,
-    strict: bool,
-    verify: bool,
-    allow_pickle: bool | None,
-) -> torch.nn.Module:
-    """``_load_from_local`` once the pointer is read."""
     device = torch.device(map_location) if map_location is not None else torch.device("cpu")
     opts = options(uri)
     saved_with = str(conf.get("pytorch_version", ""))
@@ -872,24 +848,45 @@ def _build_and_fill(
                 f"mlflow_lance.load_state_dict()."
             )
         program = modeldir.read(local_path, conf["torchscript"], limit=modeldir.MAX_ARCHITECTURE)
-        state_dict = store.load_state_dict(uri, version, storage_options=opts, verify=verify)
+        with _reaching(local_path, uri, version):
+            state_dict = store.load_state_dict(uri, version, storage_options=opts, verify=verify)
         return _load_program(program, state_dict, device).eval()
     if "model_factory" in conf:
-        module = _built_to_fit(conf, local_path, trusted_only, store.Dataset(uri, opts), version, strict)
-        store.load_into(module.to(device), uri, version, strict=strict, storage_options=opts, verify=verify)
+        with _reaching(local_path, uri, version):
+            module = _built_to_fit(conf, local_path, trusted_only, store.Dataset(uri, opts), version, strict)
+            store.load_into(module.to(device), uri, version, strict=strict, storage_options=opts, verify=verify)
         return module.eval()
     skeleton = modeldir.read(local_path, conf["skeleton"], limit=modeldir.MAX_ARCHITECTURE)
     module = load_skeleton(skeleton, os.path.join(local_path, conf["skeleton"]), allow_pickle=allow_pickle)
     ties = tie_groups(module)
     prefix = conf.get("state_prefix")  # a checkpoint: the model's tensors only
-    state_dict = store.load_state_dict(
-        uri, version, map_location=device, storage_options=opts, verify=verify, names=prefix
-    )
+    with _reaching(local_path, uri, version):
+        state_dict = store.load_state_dict(
+            uri, version, map_location=device, storage_options=opts, verify=verify, names=prefix
+        )
     if prefix:
         state_dict = tree.strip_prefix(state_dict, prefix)
     module.load_state_dict(state_dict, strict=strict, assign=True)
     retie(ties)
     return materialize(module, device).eval()  # what the weights did not cover (strict=False)
+
+
+@contextlib.contextmanager
+def _reaching(local_path: str, uri: str, version: int) -> Iterator[None]:
+    """Reads of a model's dataset: one that cannot be reached from here (a path of another
+    machine, a bucket without credentials) is named, with how to take a model elsewhere."""
+    try:
+        yield
+    except (FileNotFoundError, ConnectionError) as err:
+        if os.path.abspath(uri).startswith(os.path.abspath(local_path) + os.sep):
+            raise  # a bundle's own weights: nothing elsewhere to reach
+        kind = FileNotFoundError if isinstance(err, FileNotFoundError) else ConnectionError
+        raise kind(
+            f"{err}\nThis model keeps its weights in version {version} of {uri}, which cannot be read from "
+            f"here. To take a model elsewhere, bundle it where that dataset is reachable: "
+            f"`mlflow-lance bundle MODEL_URI DIR` (mlflow_lance.bundle_model), or log it with "
+            f"log_model(..., self_contained=True); or give this machine access to {uri}."
+        ) from err
 
 
 def _built_to_fit(
@@ -1031,7 +1028,8 @@ def model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
         if conf is None:
             raise ValueError(f"{uri} was not logged with mlflow_lance (no {FLAVOR_NAME} flavor)")
         if not conf.get("self_contained"):
-            yield conf["lance_uri"], int(conf["lance_version"])
+            where = f"the {FLAVOR_NAME} flavor of {uri}"
+            yield modeldir.checked_pointer(conf.get("lance_uri"), conf.get("lance_version"), where)
             return
         with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as tmp:
             yield modeldir.pointer(_download_model(uri, tmp))
@@ -1043,17 +1041,29 @@ def model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
 
 
 def state_dict_pointer(uri: str) -> tuple[str, int] | None:
-    """The (Lance URI, version) a ``log_state_dict`` artifact points at, or None."""
-    with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as tmp:
-        try:
-            path = _download_artifact_from_uri(f"{uri.rstrip('/')}/{_STATE_DICT_POINTER}", output_path=tmp)
-        except (MlflowException, OSError):
+    """The (Lance URI, version) a ``log_state_dict`` artifact points at, or None. The pointer
+    is untrusted: it must name an absolute path or a URI (never one relative to the cwd), and
+    a local one is read within its size limit where it lies, not copied first."""
+    where = f"{uri.rstrip('/')}/{_STATE_DICT_POINTER}"
+    local = uri[len("file://") :] if uri.startswith("file://") else None if "://" in uri or ":/" in uri else uri
+    if local is not None:
+        path = os.path.join(local, _STATE_DICT_POINTER)
+        if not os.path.lexists(path):
             return None
         data = read_bytes(path, limit=1 << 20, follow_links=False)
-        where = f"{uri.rstrip('/')}/{_STATE_DICT_POINTER}"
-        if data is None:
-            raise store.CorruptionError(f"{where} is not a regular file of at most 1 MiB")
-        return modeldir.parse_pointer(data, where)
+    else:
+        with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as tmp, _quiet_downloads():
+            try:
+                path = _download_artifact_from_uri(where, output_path=tmp)
+            except (MlflowException, OSError):
+                return None
+            data = read_bytes(path, limit=1 << 20, follow_links=False)
+    if data is None:
+        raise store.CorruptionError(f"{where} is not a regular file of at most 1 MiB")
+    dataset, version = modeldir.parse_pointer(data, where)
+    if "://" not in dataset and not os.path.isabs(dataset):
+        raise store.CorruptionError(f"{where} names a relative dataset path; a pointer names an absolute one or a URI")
+    return dataset, version
 
 
 def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: Any) -> None:

@@ -91,7 +91,9 @@ def load_state_dict(
             uri, version, map_location=map_location, names=names, storage_options=opts, verify=verify
         )
     except FileNotFoundError:
-        if version is not None:
+        from .modeldir import kind
+
+        if version is not None or kind(uri) == "dataset":  # a planted pointer never turns a dataset into one
             raise
         from .flavor import state_dict_pointer  # not a dataset: perhaps a log_state_dict artifact
 

@@ -105,8 +105,9 @@ def flavor_conf(model_dir: str) -> dict:
     """The mlflow_lance section of the directory's MLmodel, checked: exactly one architecture
     (``skeleton`` or ``torchscript``: a file of the directory; or ``model_factory``), and
     optional strings where strings belong."""
-    conf = (mlmodel(model_dir).flavors or {}).get(FLAVOR_NAME)
+    flavors = mlmodel(model_dir).flavors
     where = os.path.join(model_dir, MLMODEL)
+    conf = flavors.get(FLAVOR_NAME) if isinstance(flavors, dict) else None
     if not isinstance(conf, dict):
         raise CorruptionError(f"{where} has no {FLAVOR_NAME} flavor: the model was not logged with mlflow_lance")
     kinds = [k for k in ("skeleton", "torchscript", "model_factory") if k in conf]
@@ -134,6 +135,12 @@ def parse_pointer(data: bytes, where: str) -> tuple[str, int]:
         raise CorruptionError(f"{where} is not valid YAML (its content is not shown)") from None
     uri = doc.get("lance_uri") if isinstance(doc, dict) else None
     version = doc.get("lance_version") if isinstance(doc, dict) else None
+    return checked_pointer(uri, version, where)
+
+
+def checked_pointer(uri: object, version: object, where: str) -> tuple[str, int]:
+    """(Lance URI, version) if ``uri`` is a non-empty string and ``version`` a version number;
+    else CorruptionError naming ``where``, never quoting the values."""
     if (
         not isinstance(uri, str)
         or not uri

@@ -300,7 +300,7 @@ def _bookkeep_version(client: MlflowClient, name: str, version: str, binding: st
     """Pin one model version's Lance version and show it in the UI; False if it holds no
     mlflow_lance weights."""
     conf = flavor_conf(f"models:/{name}/{version}")
-    if conf is None:
+    if conf is None or conf.get("self_contained"):  # its weights travel with it: nothing to pin
         return False
     uri = conf["lance_uri"]
     _pin(
@@ -335,7 +335,7 @@ def register_model(model_uri: str, name: str, **kwargs: Any) -> ModelVersion:
             err.message,
         )
         return mv
-    if conf is not None:
+    if conf is not None and not conf.get("self_contained"):  # its weights travel with it: nothing to pin
         uri = conf["lance_uri"]
         opts = options(uri)
         _pin(uri, sidecar.model_version_pin(binding, version), int(conf["lance_version"]), opts)

@@ -175,3 +175,49 @@ def test_log_model_self_contained_keeps_the_weights_in_the_artifacts(alone, tmp_
     local = mlflow.artifacts.download_artifacts(info.model_uri, dst_path=str(tmp_path / "copy"))
     shutil.rmtree(alone)
     np.testing.assert_array_equal(mlflow.pyfunc.load_model(local).predict(X), expected)
+
+
+def test_damaged_weights_are_not_laundered_and_planted_files_are_not_built_upon(tmp_path):
+    src = tmp_path / "model"
+    ml.save_model(torch.nn.Linear(512, 512), str(src))  # a data file that is almost all payload
+    planted = src / "data" / "weights.lance.new"  # a dataset a bundle might have been tempted to extend
+    shutil.copytree(src / "data" / "weights.lance", planted)
+    out = bundle_model(str(src), tmp_path / "out")
+    assert [v.version for v in store.versions(os.path.join(out, "data", "weights.lance"))] == [1]
+    assert not any(name.startswith(".mlflow_lance_bundle_") for name in os.listdir(tmp_path))  # staging gone
+    data = max((src / "data" / "weights.lance" / "data").iterdir(), key=lambda f: f.stat().st_size)
+    with open(data, "r+b") as f:  # a damaged byte in the middle of the weights
+        f.seek(data.stat().st_size // 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with pytest.raises(CorruptionError):
+        bundle_model(str(src), tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def test_a_foreign_pyfunc_loader_and_a_missing_architecture_are_named(tmp_path):
+    src = tmp_path / "model"
+    ml.save_model(_net(8), str(src))
+    text = (src / "MLmodel").read_text()
+    (src / "MLmodel").write_text(text.replace("loader_module: mlflow_lance.flavor", "loader_module: evil_module"))
+    with pytest.raises(CorruptionError, match="pyfunc loader"):
+        bundle_model(str(src), tmp_path / "out")
+    (src / "MLmodel").write_text(text)
+    os.remove(src / "data" / "skeleton.pkl")
+    with pytest.raises(Exception) as err:  # the model's own file is missing: no advice to bundle
+        ml.load_model(str(src))
+    assert "bundle" not in str(err.value)
+
+
+def test_an_unreachable_object_store_is_named_with_the_way_to_bundle(tmp_path, monkeypatch):
+    src = tmp_path / "model"
+    ml.save_model(_net(9), str(src), lance_uri=str(tmp_path / "w.lance"))
+    (src / "data" / "lance.yaml").write_text("lance_uri: s3://nowhere/w.lance\nlance_version: 1\n")
+    monkeypatch.setenv("MLFLOW_S3_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "a")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "b")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    with pytest.raises(ConnectionError) as err:
+        ml.load_model(str(src))
+    assert "s3://nowhere/w.lance" in str(err.value) and "mlflow-lance bundle" in str(err.value)
