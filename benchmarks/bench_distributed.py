@@ -183,7 +183,7 @@ def main() -> int:
                 for k, label in (
                     ("mlflow_lance", "mlflow_lance.distributed.save (new version)"),
                     ("dcp", "dcp.save (FileSystemWriter, sync_files=True)"),
-                    ("floor", "floor: each rank's shard bytes + fsync"),
+                    ("floor", "floor: each rank's shard bytes to one file, then one fsync (no overlap)"),
                 )
             ],
         },
