@@ -314,8 +314,10 @@ def mlflow_checkpoints(rank: int, world: int, port: int, tmp: str, tracking_uri:
     handle = ml.log_checkpoint(
         model, opt, step=STEPS_BEFORE + 1, metrics={"loss": 1.0}, blocking=False, keep_last=1, lance_uri=where
     )
-    reference = full_state(model, opt)  # staged already: training may go on while it writes
+    reference = full_state(model, opt)  # staged already: training goes on while it writes
+    train(model, opt, range(STEPS_BEFORE + 1, STEPS_BEFORE + 2), rank, world)
     second = handle.result()
+    after = full_state(model, opt)
     info = ml.log_model(model, name="final", registered_model_name="dist-model")
     try:  # fails on rank 0 alone, after every rank wrote its shards: every rank raises, none hangs
         ml.log_model(model, name="broken", code_paths=[f"{tmp}/no-such-code"])
@@ -327,9 +329,11 @@ def mlflow_checkpoints(rank: int, world: int, port: int, tmp: str, tracking_uri:
     torch.manual_seed(123)
     fresh, fresh_opt = fsdp_model(seed=7)  # nothing trained: the optimizer has no state yet
     restored = ml.load_checkpoint(second.model_uri, fresh, fresh_opt)
-    loaded = same(full_state(fresh, fresh_opt), reference)
-    train(model, opt, range(STEPS_BEFORE + 1, STEPS_BEFORE + 3), rank, world)
-    train(fresh, fresh_opt, range(STEPS_BEFORE + 1, STEPS_BEFORE + 3), rank, world)
+    loaded = same(full_state(fresh, fresh_opt), reference)  # the state as staged, not as trained since
+    train(fresh, fresh_opt, range(STEPS_BEFORE + 1, STEPS_BEFORE + 2), rank, world)
+    caught_up = same(full_state(fresh, fresh_opt), after)
+    train(model, opt, range(STEPS_BEFORE + 2, STEPS_BEFORE + 4), rank, world)
+    train(fresh, fresh_opt, range(STEPS_BEFORE + 2, STEPS_BEFORE + 4), rank, world)
     result = {
         "first": [first.model_id, first.run_id, first.lance_version],
         "second": [second.model_id, second.run_id, second.lance_version, list(second.deleted), second.model_uri],
@@ -338,11 +342,13 @@ def mlflow_checkpoints(rank: int, world: int, port: int, tmp: str, tracking_uri:
         "broken": broken,
         "restored_step": restored["step"],
         "loaded": loaded,
+        "caught_up": caught_up,
         "resumed": same(full_state(fresh, fresh_opt), full_state(model, opt)),
     }
     dump(tmp, f"mlflow{rank}.json", result)
     if rank == 0:
         torch.save(reference, os.path.join(tmp, "reference.pt"))
+        torch.save(after, os.path.join(tmp, "after.pt"))
         torch.save(dict(ddp.module.state_dict()), os.path.join(tmp, "ddp.pt"))
     dist.destroy_process_group()
 

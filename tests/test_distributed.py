@@ -190,7 +190,8 @@ def test_fsdp_ranks_log_one_checkpoint_and_one_model_to_one_run_and_resume(tmp_p
     assert broken[0] != "logged" and broken[1] == "RuntimeError: rank 0", broken  # rank 0's error, named on rank 1
     assert ranks[0] == ranks[1]  # every rank got the same checkpoints and model back
     got = ranks[0]
-    assert got["loaded"] == [] and got["resumed"] == [] and got["restored_step"] == W.STEPS_BEFORE + 1
+    assert got["loaded"] == [] and got["caught_up"] == [] and got["resumed"] == []  # trained during the write
+    assert got["restored_step"] == W.STEPS_BEFORE + 1
     first_id, run_id, first_version = got["first"]
     second_id, second_run, second_version, deleted, second_uri = got["second"]
     assert second_run == run_id and second_version == first_version + 1 and deleted == [first_id]
@@ -224,7 +225,8 @@ def test_fsdp_ranks_log_one_checkpoint_and_one_model_to_one_run_and_resume(tmp_p
     final = ml.load_model(f"models:/dist-model/{registered_version}")
     assert client.get_model_version("dist-model", str(registered_version)).run_id == run_id
     assert client.get_logged_model(model_id).name == "final"
-    assert all(raw(final.state_dict()[k]) == raw(v) for k, v in reference["model"].items())  # logged untrained since
+    after = torch.load(tmp_path / "after.pt", weights_only=True)
+    assert all(raw(final.state_dict()[k]) == raw(v) for k, v in after["model"].items())  # logged after that step
     ddp = ml.load_model(got["ddp"])  # DDP: the wrapped module, its replicated weights written once
     expected = torch.load(tmp_path / "ddp.pt", weights_only=True)
     assert type(ddp).__name__ == "Tiny" and all(raw(ddp.state_dict()[k]) == raw(v) for k, v in expected.items())
