@@ -18,7 +18,9 @@ Then each loads the latest into the sharded model's state (``distributed.load`` 
 warm page cache: the files were just written). A call is timed on rank 0 from a barrier before it
 to a barrier after it, so the time is the slowest rank's. ``os.sync()`` and a pause of --settle
 seconds come before each timed call; between rounds the older checkpoints are removed, untimed
-(``store.gc`` for the dataset). Medians of --repeat rounds after one untimed warm-up round. This
+(``store.gc`` for the dataset). Medians of --repeat rounds after one untimed warm-up round. Then,
+in this process, rank 0's part alone: the commit of one version from the data files of N ranks
+(2 to 64), which is all that grows with the number of ranks. This
 2-core VM is shared and noisy: compare the ratios of one run with the floor beside them, not
 seconds across runs. No GPU here: the NCCL/CUDA path (device to pinned host memory) is not
 measured by this run.
@@ -146,6 +148,29 @@ def _rank_main(rank: int, world: int, port: int, work: str, args: dict) -> None:
     dist.destroy_process_group()
 
 
+def commit_scaling(work: str, ranks: tuple[int, ...] = (2, 4, 8, 16, 64), repeat: int = 3) -> dict:
+    """Seconds of rank 0's one commit of a version whose data files N ranks wrote (one per rank,
+    as a rank with one shard run writes): the fragments are written here, untimed, then
+    ``store.commit_version`` is timed (the Lance commit, its fsyncs, the version index), for
+    a first version and for the next one on top of it. Medians of ``repeat``."""
+    from mlflow_lance import store
+
+    out: dict[int, dict[str, float]] = {}
+    for n in ranks:
+        first, next_ = [], []
+        for r in range(repeat):
+            uri = os.path.join(work, f"commit-{n}-{r}.lance")
+            for times in (first, next_):
+                state = {f"rank{i}/w": torch.randn(80_000) for i in range(n)}  # 320 KB: a fragment each
+                written = store.write_version(state, uri)
+                start = time.perf_counter()
+                store.commit_version(written)
+                times.append(time.perf_counter() - start)
+            shutil.rmtree(uri, ignore_errors=True)
+        out[n] = {"first": statistics.median(first), "next": statistics.median(next_)}
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", type=int, default=2, help="ranks (processes)")
@@ -215,6 +240,19 @@ def main() -> int:
             "met": statistics.median(per_round["load"]) <= 1.1,
         },
     ]
+    work = tempfile.mkdtemp(prefix="bench-commit-")
+    try:
+        commits = commit_scaling(work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    tables.append(
+        {
+            "title": "rank 0's commit of one version from N ranks' data files (seconds, durable)",
+            "columns": ["ranks (one data file each)", "first version", "a later version"],
+            "units": ["", "s", "s"],
+            "rows": [[n, c["first"], c["next"]] for n, c in commits.items()],
+        }
+    )
     for t in tables:
         print(f"\n{t['title']}")
         for row in t["rows"]:
