@@ -295,15 +295,32 @@ def performance() -> str:
 PAGES = {"reliability.md": reliability, "performance.md": performance}
 
 
+def load_run(path: Path) -> dict | None:
+    """The run.json of a test run, if there is one."""
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _partial(selection: str) -> bool:
+    """Whether pytest's arguments picked some tests only (a path, a node id or -k / -m)."""
+    return any(a.startswith(("tests", "-k", "-m")) or "::" in a for a in selection.split())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--check", action="store_true", help="render from docs/reports/ and fail on a difference")
     args = ap.parse_args()
     if not args.check:
         REPORTS.mkdir(parents=True, exist_ok=True)
-        for name in TEST_REPORTS:
-            if (ROOT / "test-artifacts" / name).exists():
-                shutil.copy(ROOT / "test-artifacts" / name, REPORTS / name)
+        run = load_run(ROOT / "test-artifacts" / "run.json")
+        if run is not None and _partial(run.get("selection", "")):
+            print(
+                f"test-artifacts/ holds a partial run ({run.get('selection')}); its reports are not copied",
+                file=sys.stderr,
+            )
+        else:
+            for name in TEST_REPORTS:
+                if (ROOT / "test-artifacts" / name).exists():
+                    shutil.copy(ROOT / "test-artifacts" / name, REPORTS / name)
         for name in BENCH_REPORTS:
             if (ROOT / "benchmarks" / "results" / name).exists():
                 shutil.copy(ROOT / "benchmarks" / "results" / name, REPORTS / name)
