@@ -373,3 +373,32 @@ def on_s3(rank: int, world: int, port: int, tmp: str, uri: str, opts: dict) -> N
     if rank == 0:
         torch.save(whole, os.path.join(tmp, "s3.pt"))
     dist.destroy_process_group()
+
+
+def frozen(rank: int, world: int, port: int, tmp: str, uri: str) -> None:
+    """FSDP2 with the embedding and the first block frozen: the second checkpoint writes only
+    the trained shards and their optimizer state, on every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    from mlflow_lance import distributed
+
+    init(rank, world, port)
+    torch.manual_seed(0)
+    model = Tiny()
+    for p in [*model.emb.parameters(), *model.blocks[0].parameters()]:
+        p.requires_grad_(False)
+    for b in model.blocks:
+        fully_shard(b)
+    fully_shard(model)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    train(model, opt, range(1), rank, world)
+    first = distributed.save(sharded_state(model, opt), uri)
+    train(model, opt, range(1, 2), rank, world)
+    second = distributed.save(sharded_state(model, opt), uri)
+    if rank == 0:
+        dump(
+            tmp,
+            "frozen.json",
+            {"first": first.bytes_written, "second": second.bytes_written, "changed": list(second.changed)},
+        )
+    dist.destroy_process_group()

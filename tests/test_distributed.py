@@ -255,3 +255,12 @@ def test_ranks_put_their_shards_to_s3_and_one_commit_makes_the_version(tmp_path,
     reference = torch.load(tmp_path / "s3.pt", weights_only=True)
     whole = store.load_state_dict(uri, storage_options=opts)  # one process: the whole tensors
     assert all(raw(whole["model"][k]) == raw(v) for k, v in reference["model"].items())
+
+
+def test_frozen_shards_are_written_once_per_run(tmp_path):
+    W.run(W.frozen, 2, str(tmp_path), str(tmp_path / "frozen.lance"))
+    got = _read(tmp_path, "frozen.json")
+    frozen = ("model/emb.", "model/blocks.0.")
+    changed = [n for n in got["changed"] if n.startswith("model/")]
+    assert changed and not any(n.startswith(frozen) for n in changed), changed  # no frozen shard again
+    assert got["second"] < got["first"], got
