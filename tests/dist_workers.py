@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import socket
+import sys
 import warnings
 
 import torch
@@ -70,6 +71,16 @@ class Tiny(torch.nn.Module):
         for b in self.blocks:
             h = b(h)
         return self.head(h)
+
+
+def finish() -> None:
+    """Leave together, then exit at once: an interpreter's shutdown that destroys gloo and DDP
+    threads one by one can abort (SIGABRT, "terminate called without an active exception")."""
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def fsdp_model(seed: int = 0):
@@ -185,7 +196,7 @@ def fsdp_first(rank: int, world: int, port: int, tmp: str, uri: str) -> None:
         torch.save(reference, os.path.join(tmp, "reference.pt"))
         torch.save(final, os.path.join(tmp, "final.pt"))
         dump(tmp, "first.json", {"version": info.version, "bytes_written": info.bytes_written})
-    dist.destroy_process_group()
+    finish()
 
 
 def fsdp_reshard(rank: int, world: int, port: int, tmp: str, uri: str, version: int, resave: bool) -> None:
@@ -216,7 +227,7 @@ def fsdp_reshard(rank: int, world: int, port: int, tmp: str, uri: str, version: 
         result["resumed"] = same(full_state(model, opt), final)
     if rank == 0:
         dump(tmp, f"reshard{world}.json", result)
-    dist.destroy_process_group()
+    finish()
 
 
 def ddp_and_tp(rank: int, world: int, port: int, tmp: str, ddp_uri: str, tp_uri: str) -> None:
@@ -266,7 +277,7 @@ def ddp_and_tp(rank: int, world: int, port: int, tmp: str, ddp_uri: str, tp_uri:
     else:
         flat_tensors(get_model_state_dict(tp))  # full_tensor is collective
         same(get_model_state_dict(fresh), get_model_state_dict(tp))
-    dist.destroy_process_group()
+    finish()
 
 
 def killed(rank: int, world: int, port: int, tmp: str, uri: str, victim: int, point: str) -> None:
@@ -350,7 +361,7 @@ def mlflow_checkpoints(rank: int, world: int, port: int, tmp: str, tracking_uri:
         torch.save(reference, os.path.join(tmp, "reference.pt"))
         torch.save(after, os.path.join(tmp, "after.pt"))
         torch.save(dict(ddp.module.state_dict()), os.path.join(tmp, "ddp.pt"))
-    dist.destroy_process_group()
+    finish()
 
 
 def on_s3(rank: int, world: int, port: int, tmp: str, uri: str, opts: dict) -> None:
@@ -372,7 +383,7 @@ def on_s3(rank: int, world: int, port: int, tmp: str, uri: str, opts: dict) -> N
     dump(tmp, f"s3_{rank}.json", result)
     if rank == 0:
         torch.save(whole, os.path.join(tmp, "s3.pt"))
-    dist.destroy_process_group()
+    finish()
 
 
 def frozen(rank: int, world: int, port: int, tmp: str, uri: str) -> None:
@@ -401,4 +412,4 @@ def frozen(rank: int, world: int, port: int, tmp: str, uri: str) -> None:
             "frozen.json",
             {"first": first.bytes_written, "second": second.bytes_written, "changed": list(second.changed)},
         )
-    dist.destroy_process_group()
+    finish()
