@@ -75,15 +75,16 @@ def _copier(clone: bool = True) -> Any:
     return copy
 
 
-def _deep_copy(value: Any, copy) -> Any:
-    if isinstance(value, torch.Tensor):
+def _deep_copy(value: Any, copy, leaf: type = torch.Tensor) -> Any:
+    """``value`` with every ``leaf`` (a tensor) in its dicts, lists and tuples replaced by ``copy(leaf)``."""
+    if isinstance(value, leaf):
         return copy(value)
     if isinstance(value, Mapping):
-        return {k: _deep_copy(v, copy) for k, v in value.items()}
+        return {k: _deep_copy(v, copy, leaf) for k, v in value.items()}
     if isinstance(value, list):
-        return [_deep_copy(v, copy) for v in value]
+        return [_deep_copy(v, copy, leaf) for v in value]
     if isinstance(value, tuple):
-        return tuple(_deep_copy(v, copy) for v in value)
+        return tuple(_deep_copy(v, copy, leaf) for v in value)
     return value
 
 
@@ -517,19 +518,16 @@ def _log_sharded(
 
     group = distributed.checkpoint_group()
     rank = dist.get_rank(group)
-    where, error = None, None
-    if rank == 0:
-        try:
-            run = mlflow.active_run() or mlflow.start_run()
-            location, _, _ = flavor._location_for(
-                name, None, _checkpoint_dataset(run, lance_uri), None, run.info.run_id
-            )
-            where = (run.info.run_id, location.uri, location.storage_options)
-        except Exception as err:  # noqa: BLE001 (raised on every rank by share)
-            error = err
-    run_id, uri, uri_options = distributed.share(where, error, group, "starting the checkpoint's run")
+
+    def where() -> tuple[str, str, dict | None]:
+        run = mlflow.active_run() or mlflow.start_run()
+        location, _, _ = flavor._location_for(name, None, _checkpoint_dataset(run, lance_uri), None, run.info.run_id)
+        return run.info.run_id, location.uri, location.storage_options
+
+    run_id, uri, uri_options = distributed.from_rank0(where, group, "starting the checkpoint's run")
     rngs: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(rngs, _as_arrays(_rng_state()), group=group)  # tensors do not unpickle there
+    as_arrays = _deep_copy(_rng_state(), lambda t: t.numpy())  # tensors do not unpickle there
+    dist.all_gather_object(rngs, as_arrays, group=group)
     shards, spec, skeleton, failed = {}, None, None, None
     try:  # a failure here is every rank's, at the first step of the write
         if optimizer is not None:
@@ -546,7 +544,7 @@ def _log_sharded(
             state["optimizer"] = optimizer_state
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
-        rngs = [_as_tensors(r) for r in rngs]
+        rngs = [_deep_copy(r, torch.from_numpy, np.ndarray) for r in rngs]
         state.update(rng=rngs[0], rng_by_rank=rngs)
         flat, spec = tree.flatten(state)
         shards = distributed.stage(flat, clone=not blocking)
@@ -560,28 +558,6 @@ def _log_sharded(
     future = _writer.submit(_write_sharded, *args)
     distributed.track(future)
     return CheckpointHandle(future)
-
-
-def _as_arrays(value: Any) -> Any:
-    """``value`` with its tensors as numpy arrays (to send with an object collective)."""
-    if isinstance(value, torch.Tensor):
-        return value.numpy()
-    if isinstance(value, dict):
-        return {k: _as_arrays(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_as_arrays(v) for v in value)
-    return value
-
-
-def _as_tensors(value: Any) -> Any:
-    """``_as_arrays`` undone."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value)
-    if isinstance(value, dict):
-        return {k: _as_tensors(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_as_tensors(v) for v in value)
-    return value
 
 
 def _write_sharded(
@@ -638,17 +614,15 @@ def _load_sharded(
     distributed.settle()
     group = distributed.checkpoint_group()
     rank = dist.get_rank(group)
-    where, error = None, None
-    if rank == 0:
-        try:
-            resolved = _resolve(uri)
-            with flavor.model_pointer(resolved) as pointer:
-                if pointer is None:
-                    raise store.WeightsError(f"{uri} is neither an MLflow model URI nor a model directory")
-            where = (resolved, *pointer)
-        except Exception as err:  # noqa: BLE001 (raised on every rank by share)
-            error = err
-    resolved, dataset, version = distributed.share(where, error, group, "resolving the checkpoint")
+
+    def where() -> tuple[str, str, int]:
+        resolved = _resolve(uri)
+        with flavor.model_pointer(resolved) as pointer:
+            if pointer is None:
+                raise store.WeightsError(f"{uri} is neither an MLflow model URI nor a model directory")
+        return (resolved, *pointer)
+
+    resolved, dataset, version = distributed.from_rank0(where, group, "resolving the checkpoint")
     stored, error = None, None
     try:  # every rank reads its own shards; any rank's failure is every rank's, before anything changes
         if optimizer is not None:

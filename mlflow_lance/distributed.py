@@ -75,6 +75,7 @@ __all__ = [
     "active",
     "checkpoint_group",
     "collective",
+    "from_rank0",
     "load",
     "plan_chunks",
     "save",
@@ -182,6 +183,18 @@ def share(value: Any, error: BaseException | None, group: Any, what: str) -> Any
     if text is not None:
         raise RuntimeError(f"{what} failed on rank 0 ({text})")
     return got
+
+
+def from_rank0(compute: Callable[[], Any], group: Any, what: str) -> Any:
+    """``compute()`` run on rank 0 alone (the MLflow side of a save or load); its result on
+    every rank, or its error raised on every rank."""
+    value, error = None, None
+    if _rank(group) == 0:
+        try:
+            value = compute()
+        except Exception as err:  # noqa: BLE001 (raised on every rank by share)
+            error = err
+    return share(value, error, group, what)
 
 
 # --------------------------------------------------------------------------- staging

@@ -640,19 +640,19 @@ def _log(
 ) -> mlflow.models.model.ModelInfo:
     """``log_model`` of a state captured and checked already, to run ``run_id`` (default: the
     active one): the entry point of checkpoints, which write from a background thread."""
-    if self_contained:  # the weights go with the artifacts: no shared dataset, nothing to pin
-        return Model.log(
-            artifact_path=None,
-            name=name,
-            flavor=_Saver(capture),
-            registered_model_name=registered_model_name,
-            run_id=run_id,
-            step=step,
-            pytorch_model=module,
-            **kwargs,
+    weights: dict[str, Any] = {}  # self-contained: the weights go with the artifacts, nothing to pin
+    new = False
+    if not self_contained:
+        client = mlflow.MlflowClient()
+        new = registered_model_name is not None and not lifecycle.registered(client, registered_model_name)
+        location, experiment_id, binding = _location_for(
+            name, registered_model_name, lance_uri, storage_options, run_id
         )
-    new = registered_model_name is not None and not lifecycle.registered(mlflow.MlflowClient(), registered_model_name)
-    location, experiment_id, binding = _location_for(name, registered_model_name, lance_uri, storage_options, run_id)
+        weights = {
+            "lance_uri": location.uri,
+            "storage_options": location.storage_options,
+            "lance_properties": _logged_properties(step, experiment_id, registered_model_name, binding),
+        }
     with _new_model_announced(registered_model_name) if new else contextlib.nullcontext():
         info = Model.log(
             artifact_path=None,
@@ -662,12 +662,11 @@ def _log(
             run_id=run_id,
             step=step,
             pytorch_model=module,
-            lance_uri=location.uri,
-            storage_options=location.storage_options,
-            lance_properties=_logged_properties(step, experiment_id, registered_model_name, binding),
+            **weights,
             **kwargs,
         )
-    registry.after_log(info, registered_model_name, binding, location.storage_options)
+    if not self_contained:
+        registry.after_log(info, registered_model_name, binding, location.storage_options)
     return info
 
 
@@ -709,16 +708,14 @@ def _log_sharded(
     distributed.settle()
     group = distributed.checkpoint_group()
     rank = dist.get_rank(group)
-    where, error = None, None
-    if rank == 0:
-        try:
-            if mlflow.active_run() is None:
-                mlflow.start_run()
-            location, _, _ = _location_for(name, registered_model_name, lance_uri, storage_options)
-            where = (location.uri, location.storage_options)
-        except Exception as err:  # noqa: BLE001 (raised on every rank by share)
-            error = err
-    uri, uri_options = distributed.share(where, error, group, "naming the model's dataset")
+
+    def where() -> tuple[str, dict | None]:
+        if mlflow.active_run() is None:
+            mlflow.start_run()
+        location, _, _ = _location_for(name, registered_model_name, lance_uri, storage_options)
+        return location.uri, location.storage_options
+
+    uri, uri_options = distributed.from_rank0(where, group, "naming the model's dataset")
     plain = distributed.unwrapped(module)
     shards, skeleton, failed = {}, None, None
     try:  # a failure here is every rank's, at the first step of the write
