@@ -57,7 +57,7 @@ from mlflow.utils.model_utils import (
 )
 from mlflow.utils.validation import _validate_model_name
 
-from . import __version__, distributed, lifecycle, modeldir, registry, store, tree
+from . import __version__, distributed, fs, lifecycle, modeldir, registry, store, tree
 from .artifacts import dataset_location, options
 from .dataset import Dataset
 from .errors import after_commit
@@ -1042,7 +1042,7 @@ def state_dict_pointer(uri: str) -> tuple[str, int] | None:
     is untrusted: it must name an absolute path or a URI (never one relative to the cwd), and
     a local one is read within its size limit where it lies, not copied first."""
     where = f"{uri.rstrip('/')}/{_STATE_DICT_POINTER}"
-    local = uri[len("file://") :] if uri.startswith("file://") else None if "://" in uri or ":/" in uri else uri
+    local = fs.local_path(uri)
     if local is not None:
         path = os.path.join(local, _STATE_DICT_POINTER)
         if not os.path.lexists(path):
