@@ -118,13 +118,18 @@ def active(group: Any = None) -> bool:
 
 def collective(model: torch.nn.Module) -> bool:
     """Whether saving ``model`` takes every rank: a process group is initialised and the model
-    is wrapped by ``DistributedDataParallel`` or holds DTensors (FSDP2, tensor parallel). A
-    plain module (``ddp.module`` on rank 0 alone, as before) is saved by the rank that calls."""
-    if not active():
-        return False
+    holds DTensors (FSDP2, tensor parallel: even on a mesh of one rank, whose tensors only
+    ``get_state_dict`` / ``set_state_dict`` read and fill), or it is wrapped by
+    ``DistributedDataParallel`` over more than one rank. A plain module (``ddp.module`` on rank
+    0 alone, as before) is saved by the rank that calls."""
+    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
-    return isinstance(model, DistributedDataParallel) or any(_is_dtensor(t) for t in model.state_dict().values())
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if any(_is_dtensor(t) for t in model.state_dict().values()):
+        return True
+    return active() and isinstance(model, DistributedDataParallel)
 
 
 def unwrapped(model: torch.nn.Module) -> torch.nn.Module:

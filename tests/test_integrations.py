@@ -6,8 +6,11 @@ checkpoint. Resumes run in the test's process, with fresh Trainers and freshly b
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -15,6 +18,7 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_lance as ml
+from conftest import free_port
 from mlflow_lance import checkpoint, lifecycle
 
 
@@ -136,6 +140,57 @@ def test_lightning_save_top_k_keeps_exactly_the_k_best(tracking, tmp_path):
     assert live_steps(run.info.run_id) == [3, 6]
     with mlflow.start_run(), pytest.raises(KeyError, match="found no such metric.*self.log"):
         fit(tmp_path, 0, 1, [MLflowLanceCheckpoint(monitor="val_acc")])
+
+
+def torchrun(tmp_path, nproc: int | None, *args: str) -> None:
+    """tests/lightning_worker.py as users launch a job (``torchrun``; ``None``: plain python)."""
+    worker = str(Path(__file__).with_name("lightning_worker.py"))
+    launch = [sys.executable, worker]
+    if nproc is not None:
+        launch[1:1] = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
+    experiment = mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id()).name
+    env = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "MLFLOW_EXPERIMENT_NAME": experiment}
+    done = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+
+
+@pytest.mark.parametrize("strategy", ["model_parallel", "ddp"])
+def test_lightning_ranks_log_one_run_and_resume_bit_identically_under_torchrun(tracking, tmp_path, strategy):
+    """2 ranks (FSDP2 under ModelParallelStrategy, or DDP): a checkpoint an epoch in one run;
+    a fresh module resumed from the first ends bit for bit where the job did; the last loads
+    whole in this process. A sharded checkpoint also resumes at world size 1, under
+    ModelParallelStrategy and on a plain single-device Trainer (weights and AdamW state)."""
+    torchrun(tmp_path, 2, strategy, str(tmp_path))
+    got = json.loads((tmp_path / "result.json").read_text())
+    assert [step for _, step in got["checkpoints"]] == [4, 8, 12]  # 32 samples / 2 ranks / batch 4
+    assert got["b_started_at_first"] and got["b_equals_a"] and got["b_steps"] == 12
+    client = MlflowClient()
+    experiment = mlflow.tracking.fluent._get_experiment_id()
+    assert [r.info.run_id for r in client.search_runs([experiment])] == [got["run_id"]]  # one run, not one per rank
+    assert len(client.search_logged_models([experiment])) == 3  # one logged model per checkpoint
+    final = torch.load(tmp_path / "final.pt", weights_only=True)
+    whole = ml.load_model(f"models:/{got['checkpoints'][-1][0]}")  # one process, no process group
+    assert whole.state_dict().keys() == final.keys()
+    assert all(torch.equal(whole.state_dict()[k], v) for k, v in final.items())
+    if strategy != "model_parallel":
+        return
+    second = f"models:/{got['checkpoints'][1][0]}"
+    for nproc, at_one in ((1, "model_parallel"), (None, "single")):
+        torchrun(tmp_path, nproc, at_one, str(tmp_path), second)
+        resumed = json.loads((tmp_path / "resumed.json").read_text())
+        assert resumed == {"started_at_checkpoint": True, "optimizer_at_checkpoint": True, "steps": 24}, at_one
+
+
+def test_lightning_strategies_with_checkpoints_of_their_own_are_refused_by_name(tracking, tmp_path):
+    from lightning.pytorch.strategies import FSDPStrategy
+
+    class Own(FSDPStrategy):  # FSDP1 without a process group: the check comes before any setup
+        def setup_environment(self) -> None:
+            raise AssertionError("the callback should have refused this strategy first")
+
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=Own(), logger=False, callbacks=[MLflowLanceCheckpoint()])
+    with pytest.raises(ValueError, match="Own writes its own checkpoints.*ModelParallelStrategy"):
+        MLflowLanceCheckpoint().setup(trainer, TinyModule(), "fit")
 
 
 # --------------------------------------------------------------------------- Hugging Face Trainer

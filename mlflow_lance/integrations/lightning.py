@@ -16,10 +16,19 @@ global step, callback and scheduler states) under ``extra["lightning"]``. Loadin
 ``models:/`` or ``runs:/`` path rebuilds Lightning's checkpoint dict, so Lightning's own resume
 restores everything; the random number generators are restored as ``fit`` starts.
 Any other path goes to the strategy's own ``CheckpointIO`` unchanged.
+
+Under ``ModelParallelStrategy`` (FSDP2 or tensor parallel applied in ``configure_model``) the
+strategy reads and writes checkpoints without a ``CheckpointIO``: there the callback builds
+Lightning's checkpoint dict itself (the same hooks run, but the strategy's own copy of the
+weights is skipped) and every rank calls ``log_checkpoint`` with its shards; a resume from a
+``models:/`` or ``runs:/`` path has every rank read its own shards (``load_checkpoint``),
+at the world size of the resumed job, whatever the saving job's was.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +38,7 @@ try:
     import lightning.pytorch as pl
     from lightning.pytorch.callbacks import Checkpoint
     from lightning.pytorch.plugins.io import CheckpointIO
-    from lightning.pytorch.strategies import Strategy
+    from lightning.pytorch.strategies import ModelParallelStrategy, Strategy
     from lightning.pytorch.trainer.states import TrainerFn
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
@@ -77,23 +86,7 @@ class _MLflowLanceIO(CheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any = None) -> None:
         if not isinstance(storage_options, _LogRequest):
             return self.base.save_checkpoint(checkpoint, path, storage_options=storage_options)
-        req = storage_options
-        single = len(req.optimizers) == 1  # one optimizer: stored by parameter name with the weights
-        rest = {
-            k: v for k, v in checkpoint.items() if k not in _NOT_STORED and not (single and k == "optimizer_states")
-        }
-        ckpt.log_checkpoint(
-            req.model,
-            req.optimizers[0] if single else None,
-            step=req.step,
-            metrics=req.metrics,
-            extra={"lightning": rest},
-            blocking=req.blocking,
-            keep_last=req.keep_last,
-            keep_best=req.keep_best,
-            name=req.name,
-            lance_uri=req.lance_uri,
-        )
+        _log(checkpoint, storage_options)
 
     def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         if not str(path).startswith(_URI_PREFIXES):
@@ -117,6 +110,68 @@ class _MLflowLanceIO(CheckpointIO):
         self.base.teardown()
 
 
+def _log(checkpoint: dict[str, Any], req: _LogRequest) -> None:
+    """Log Lightning's checkpoint dict: the module and optimizer as tensors, the rest as extra."""
+    single = len(req.optimizers) == 1  # one optimizer: stored by parameter name with the weights
+    rest = {k: v for k, v in checkpoint.items() if k not in _NOT_STORED and not (single and k == "optimizer_states")}
+    ckpt.log_checkpoint(
+        req.model,
+        req.optimizers[0] if single else None,
+        step=req.step,
+        metrics=req.metrics,
+        extra={"lightning": rest},
+        blocking=req.blocking,
+        keep_last=req.keep_last,
+        keep_best=req.keep_best,
+        name=req.name,
+        lance_uri=req.lance_uri,
+    )
+
+
+@contextmanager
+def _weights_left_out(strategy: Strategy) -> Iterator[None]:
+    """Lightning's checkpoint dict without the model's and optimizers' state dicts: under
+    ``ModelParallelStrategy`` ``log_checkpoint`` takes them itself, from each rank's shards
+    (the strategy's own would copy them once more, to the CPU)."""
+    strategy.lightning_module_state_dict = dict  # instance attributes shadow the methods ...
+    strategy.optimizer_state = lambda optimizer: {}
+    try:
+        yield
+    finally:  # ... until they are deleted
+        del strategy.lightning_module_state_dict, strategy.optimizer_state
+
+
+def _install_sharded_resume(strategy: Strategy) -> None:
+    """Make ``ModelParallelStrategy`` (which reads checkpoints without a ``CheckpointIO``) resume
+    from ``models:/`` and ``runs:/`` paths: every rank reads its own shards of the checkpoint,
+    at whatever world size it was saved; other paths go to the strategy's own loader."""
+    if "load_checkpoint" in vars(strategy):  # installed by an earlier fit with this strategy
+        return
+    own = type(strategy).load_checkpoint
+
+    def load_checkpoint(path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        if not str(path).startswith(_URI_PREFIXES):
+            return own(strategy, path, weights_only=weights_only)
+        optimizers = list(strategy.optimizers)
+        if len(optimizers) > 1:
+            raise ValueError(
+                f"{path}: resuming a sharded module with {len(optimizers)} optimizers is not supported; "
+                f"use one optimizer (its state is stored by parameter name, shard by shard)"
+            )
+        state = ckpt.load_checkpoint(str(path), strategy.lightning_module, optimizers[0] if optimizers else None)
+        lightning = state["extra"].get("lightning")
+        if lightning is None:
+            raise ValueError(
+                f"{path} was not logged from Lightning (no extra['lightning']); restore it with "
+                f"mlflow_lance.load_checkpoint(uri, model, optimizer) instead of Trainer.fit(ckpt_path=...)"
+            )
+        # the strategy loads no state dict of its own; the generators, restored by load_checkpoint
+        # (each rank its own), are taken again where the fit loop starts
+        return {**lightning, _RNG_KEY: ckpt._rng_state()}
+
+    strategy.load_checkpoint = load_checkpoint
+
+
 class MLflowLanceCheckpoint(Checkpoint):
     """Log Lightning checkpoints to the active MLflow run (started if none) as mlflow-lance
     checkpoints, when and which ``ModelCheckpoint`` would keep, and resume ``Trainer.fit``
@@ -127,8 +182,11 @@ class MLflowLanceCheckpoint(Checkpoint):
     ``save_last=True`` also keeps the latest, so that ``runs:/<run id>/checkpoint`` resumes
     from where training stopped. ``every_n_train_steps`` or ``every_n_epochs`` (default 1)
     say when. Writes run in the background (``blocking=False``) and are flushed when
-    training ends. Single-device and DDP strategies (rank 0 holds the whole module). It takes
-    the place of Lightning's default ``ModelCheckpoint``: leave ``enable_checkpointing`` on.
+    training ends. Single-device and DDP strategies (rank 0 logs the whole module), and
+    ``ModelParallelStrategy`` (FSDP2 / tensor parallel: every rank logs its own shards into one
+    checkpoint, which resumes at any world size, or in one process). ``FSDPStrategy`` (FSDP1)
+    and DeepSpeed are refused. It takes the place of Lightning's default ``ModelCheckpoint``:
+    leave ``enable_checkpointing`` on.
     """
 
     def __init__(
@@ -157,18 +215,24 @@ class MLflowLanceCheckpoint(Checkpoint):
         self.blocking, self.name, self.lance_uri = blocking, name, lance_uri
         self._last_step_saved = -1
         self._rng: dict | None = None
+        self._sharded = False  # ModelParallelStrategy: every rank logs its shards
 
     # ------------------------------------------------------------------ set-up and resume
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         """Install the IO around the strategy's own (before Lightning loads ``ckpt_path``)."""
-        if type(trainer.strategy).save_checkpoint is not Strategy.save_checkpoint:
+        strategy = trainer.strategy
+        self._sharded = isinstance(strategy, ModelParallelStrategy)
+        if self._sharded:
+            _install_sharded_resume(strategy)
+        elif type(strategy).save_checkpoint is not Strategy.save_checkpoint:
             raise ValueError(
-                f"{type(trainer.strategy).__name__} writes its own (sharded) checkpoints, which MLflowLanceCheckpoint "
-                f"cannot log; use a single-device or DDP strategy, or Lightning's ModelCheckpoint"
+                f"{type(strategy).__name__} writes its own checkpoints (FSDP1's flat parameters or DeepSpeed's "
+                f"partitions), which MLflowLanceCheckpoint cannot log; shard with FSDP2 (fully_shard) or tensor "
+                f"parallelism under ModelParallelStrategy, train with DDP, or use Lightning's ModelCheckpoint"
             )
-        if not isinstance(trainer.strategy.checkpoint_io, _MLflowLanceIO):
-            trainer.strategy.checkpoint_io = _MLflowLanceIO(trainer.strategy.checkpoint_io)
+        elif not isinstance(strategy.checkpoint_io, _MLflowLanceIO):
+            strategy.checkpoint_io = _MLflowLanceIO(strategy.checkpoint_io)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self._rng = checkpoint.pop(_RNG_KEY, None)
@@ -247,4 +311,9 @@ class MLflowLanceCheckpoint(Checkpoint):
             self.lance_uri,
         )
         self._last_step_saved = trainer.global_step
-        trainer.save_checkpoint(f"{self.name}@step={trainer.global_step}", storage_options=request)
+        if not self._sharded:  # rank 0 logs, through the IO installed around the strategy's own
+            trainer.save_checkpoint(f"{self.name}@step={trainer.global_step}", storage_options=request)
+            return
+        with _weights_left_out(trainer.strategy):  # every rank logs its own shards, the same dict's rest
+            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+        _log(checkpoint, request)
