@@ -413,3 +413,39 @@ def frozen(rank: int, world: int, port: int, tmp: str, uri: str) -> None:
             {"first": first.bytes_written, "second": second.bytes_written, "changed": list(second.changed)},
         )
     finish()
+
+
+# --------------------------------------------------------------------------- standing ranks
+
+
+def lifecycle_ranks(rank: int, world: int, port: int, tmp: str, commands: list, results) -> None:
+    """Ranks that stay up for tests/test_lifecycle_model.py. Each command is ``(states,
+    keep_last, blocking)``: the ranks log one checkpoint per state (name -> numpy array, the
+    whole weights of ``torch.nn.Sequential(Linear(8, 6), ReLU(), Linear(6, 2))``) of an FSDP2
+    model to a new run, and each answers ``(rank, [(model id, run id, dataset, version,
+    deleted ids), ...])``, or ``(rank, error text)``. ``None`` stops them."""
+    import mlflow
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import fully_shard
+
+    from mlflow_lance import checkpoint
+
+    init(rank, world, port)
+    while (command := commands[rank].get()) is not None:
+        states, keep_last, blocking = command
+        try:
+            net = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+            fully_shard(net)
+            out = []
+            for step, state in enumerate(states):
+                whole = {k: torch.from_numpy(v) for k, v in state.items()}
+                set_model_state_dict(net, whole, options=StateDictOptions(full_state_dict=True))
+                got = checkpoint.log_checkpoint(net, step=step, keep_last=keep_last, blocking=blocking)
+                got = got if blocking else got.result()
+                out.append((got.model_id, got.run_id, got.lance_uri, got.lance_version, list(got.deleted)))
+            if rank == 0:
+                mlflow.end_run()
+            results.put((rank, out))
+        except Exception as err:  # noqa: BLE001 (the test raises it)
+            results.put((rank, f"{type(err).__name__}: {err}"))
+    finish()

@@ -142,9 +142,9 @@ def test_lightning_save_top_k_keeps_exactly_the_k_best(tracking, tmp_path):
         fit(tmp_path, 0, 1, [MLflowLanceCheckpoint(monitor="val_acc")])
 
 
-def torchrun(tmp_path, nproc: int | None, *args: str) -> None:
-    """tests/lightning_worker.py as users launch a job (``torchrun``; ``None``: plain python)."""
-    worker = str(Path(__file__).with_name("lightning_worker.py"))
+def torchrun(tmp_path, nproc: int | None, *args: str, worker: str = "lightning_worker.py") -> None:
+    """A worker script of tests/ as users launch a job (``torchrun``; ``None``: plain python)."""
+    worker = str(Path(__file__).with_name(worker))
     launch = [sys.executable, worker]
     if nproc is not None:
         launch[1:1] = ["-m", "torch.distributed.run", f"--nproc-per-node={nproc}", f"--master-port={free_port()}"]
@@ -277,6 +277,32 @@ def test_hf_metric_for_best_model_keeps_the_best_besides_the_last(tracking, tmp_
     ):
         with pytest.raises(ValueError, match="MLflowLanceTrainerCallback"):
             hf_trainer(gpt2(0), tmp_path, 0, max_steps=2, **{"save_steps": 2, **refused}).train()
+
+
+def test_hf_trainer_on_2_processes_logs_one_run_that_resumes_in_one(tracking, tmp_path):
+    """DDP over 2 CPU processes (torchrun): the main process logs, so one run holds the job's
+    checkpoints (mlflow#11782 logs one run per process); a single process resumes from one."""
+    torchrun(tmp_path, 2, str(tmp_path), worker="hf_worker.py")
+    assert json.loads((tmp_path / "hf.json").read_text()) == {"world": 2, "steps": 8}
+    (run,) = MlflowClient().search_runs([mlflow.tracking.fluent._get_experiment_id()])
+    assert live_steps(run.info.run_id) == [2, 4, 6, 8]
+    assert not list((tmp_path / "hf").glob("checkpoint-*"))
+    (at_4,) = [
+        m
+        for m in checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint")
+        if m.tags[checkpoint._STEP_TAG] == "4"
+    ]
+    steps_here = []
+
+    class Count(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_here.append(state.global_step)
+
+    with mlflow.start_run():
+        trainer = hf_trainer(gpt2(1), tmp_path, 1, max_steps=6, save_steps=2)
+        trainer.add_callback(Count())
+        resume_training(trainer, f"models:/{at_4.model_id}")
+    assert steps_here == [5, 6]  # 4 steps by the 2-process job, 2 here
 
 
 def lora(seed: int):

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+import dist_workers as W
 import lance
 import mlflow
 import pytest
@@ -58,13 +59,14 @@ class Logged:
     weights: dict[str, torch.Tensor]
     deleted: bool = False
     purged: bool = False
+    checkpoint: bool = False  # a distributed checkpoint: its weights are its "model" subtree
 
 
 class World:
     """The oracle: what MLflow holds, and so what must load."""
 
-    def __init__(self, rng: random.Random, server: dict):
-        self.rng, self.server, self.client = rng, server, MlflowClient()
+    def __init__(self, rng: random.Random, server: dict, ranks: "Ranks"):
+        self.rng, self.server, self.client, self.ranks = rng, server, MlflowClient(), ranks
         self.models: dict[str, Logged] = {}
         self.versions: dict[tuple[str, str], str] = {}  # (registered name, version) -> model id
         self.runs: dict[str, str] = {}  # run id -> active | deleted | purged
@@ -323,6 +325,20 @@ class World:
         self.versions_reclaimed += sum(len(r.removed_versions) for r in results)
         self.op_gc()
 
+    def op_distributed_checkpoints(self) -> None:
+        """Two ranks of an FSDP2 job log 1 to 3 checkpoints to a new run (blocking or not,
+        with or without retention): one logged model per checkpoint, one version each."""
+        states = [self._new_weights() for _ in range(self.rng.choice([1, 2, 3]))]
+        keep_last = self.rng.choice([None, 1, 2])
+        answers = self.ranks.ask(
+            ([{k: v.numpy() for k, v in sd.items()} for sd in states], keep_last, self.rng.random() < 0.5)
+        )
+        for model_id, run_id, uri, version, deleted in answers:
+            self.runs[run_id] = "active"
+            for gone in deleted:
+                self.models[gone].deleted = True
+            self.models[model_id] = Logged(model_id, run_id, uri, version, states.pop(0), checkpoint=True)
+
     # ------------------------------------------------------------------ the invariants
     def check_references(self) -> None:
         """Every logged model MLflow still lists and every model version loads its exact weights."""
@@ -334,7 +350,7 @@ class World:
     def _loads(self, m: Logged, what: str) -> None:
         self.checked += 1
         try:
-            assert_equal(store.load_state_dict(m.uri, m.version), m.weights, what)
+            assert_equal(model_part(store.load_state_dict(m.uri, m.version), m), m.weights, what)
         except (AssertionError, ml.WeightsError) as err:
             self.lost.append(f"{what}: {err}"[:300])
 
@@ -345,7 +361,8 @@ class World:
         for name, version in sample:  # and through MLflow, where MLflow still has the files
             m = self.models[self.versions[(name, version)]]
             if not m.purged:
-                assert_equal(ml.load_state_dict(f"models:/{name}/{version}"), m.weights, f"models:/{name}/{version}")
+                got = model_part(ml.load_state_dict(f"models:/{name}/{version}"), m)
+                assert_equal(got, m.weights, f"models:/{name}/{version}")
         referenced: dict[str, set[int]] = {}
         for m in self._live_models():
             referenced.setdefault(m.uri, set()).add(m.version)
@@ -379,6 +396,7 @@ class World:
         "op_gc": 8,
         "op_log_while_gc": 2,
         "op_gc_with_registry_races": 6,
+        "op_distributed_checkpoints": 6,
     }
 
     def run(self, steps: int) -> list[str]:
@@ -394,9 +412,48 @@ class World:
         return done
 
 
+def model_part(loaded: dict, m: Logged) -> dict:
+    return dict(loaded["model"]) if m.checkpoint else loaded
+
+
 def assert_equal(got: dict, want: dict, what: str) -> None:
     assert list(got) == list(want), what
     assert all(torch.equal(got[k], want[k]) for k in want), what
+
+
+class Ranks:
+    """Two torch.distributed ranks (gloo, spawned once per test) that log checkpoints of an
+    FSDP2 model on request (tests/dist_workers.py ``lifecycle_ranks``)."""
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+
+    def __enter__(self) -> "Ranks":
+        import torch.multiprocessing as mp
+
+        from conftest import free_port
+
+        ctx = mp.get_context("spawn")
+        self.commands, self.results = [ctx.Queue() for _ in range(2)], ctx.Queue()
+        args = (2, free_port(), str(self.tmp), self.commands, self.results)
+        self.procs = mp.start_processes(W.lifecycle_ranks, args=args, nprocs=2, join=False, start_method="spawn")
+        return self
+
+    def ask(self, command: tuple) -> list:
+        for q in self.commands:
+            q.put(command)
+        answers = dict(self.results.get(timeout=300) for _ in self.commands)
+        assert not any(isinstance(a, str) for a in answers.values()), answers
+        assert answers[0] == answers[1], answers  # every rank got the same checkpoints back
+        return answers[0]
+
+    def __exit__(self, *exc: object) -> None:
+        for q in self.commands:
+            q.put(None)
+        for p in self.procs.processes:
+            p.join(60)
+            if p.exitcode is None:
+                p.kill()
 
 
 @pytest.fixture(params=["sqlite", "postgresql"], scope="module")
@@ -420,11 +477,13 @@ def test_random_mlflow_lifecycles_lose_nothing_and_reclaim_the_rest(own_server, 
     mlflow.set_tracking_uri(own_server["url"])
     mlflow.set_experiment("lifecycle")
     seed = int(os.environ.get("MLFLOW_LANCE_MODEL_SEED", "20261130"))
-    world = World(random.Random(seed), own_server)
-    try:
-        world.run(STEPS)
-    finally:
-        mlflow.set_tracking_uri(None)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "lifecycle")
+    with Ranks(tmp_path) as ranks:
+        world = World(random.Random(seed), own_server, ranks)
+        try:
+            world.run(STEPS)
+        finally:
+            mlflow.set_tracking_uri(None)
     report(
         "lifecycle.json",
         own_server["kind"],
@@ -435,6 +494,7 @@ def test_random_mlflow_lifecycles_lose_nothing_and_reclaim_the_rest(own_server, 
             "references_checked": world.checked,
             "registry_operations_inside_gc": world.inside_gc,
             "logged_models": len(world.models),
+            "distributed_checkpoints": sum(m.checkpoint for m in world.models.values()),
             "versions_reclaimed": world.versions_reclaimed,
             "bytes_reclaimed": world.bytes_reclaimed,
             "lost": len(world.lost),
@@ -443,4 +503,5 @@ def test_random_mlflow_lifecycles_lose_nothing_and_reclaim_the_rest(own_server, 
     assert not world.lost, world.lost
     assert world.counts.get("op_gc", 0) + world.counts.get("op_log_while_gc", 0) >= STEPS // 40
     assert world.inside_gc >= STEPS // 50  # registry operations really ran inside gc's steps
+    assert world.counts.get("op_distributed_checkpoints", 0) >= STEPS // 50
     assert world.versions_reclaimed > 0 and world.bytes_reclaimed > 0
