@@ -253,17 +253,31 @@ def _is_dtensor(t: object) -> bool:
     return isinstance(t, DTensor)
 
 
-def _row_shard(name: str, t: Any) -> tuple[torch.Tensor, int]:
-    """A DTensor's local part as a contiguous range of its global bytes: (local tensor, start)."""
+def _rows_of(t: Any) -> tuple:
+    """``t``'s placements with every sharding turned into a shard of dim 0 (of whole rows)."""
     from torch.distributed.tensor import Replicate
     from torch.distributed.tensor import Shard as DShard
+
+    if t.ndim == 0:
+        return tuple(Replicate() for _ in t.placements)
+    rows = [p if isinstance(p, Replicate) or (type(p) is DShard and p.dim == 0) else DShard(0) for p in t.placements]
+    return tuple(rows)
+
+
+def _boxed(t: Any) -> bool:
+    """Whether each rank's part of DTensor ``t`` is one box of the global tensor (Shard and
+    Replicate placements); FSDP over tensor parallelism (``_StridedShard``) is not."""
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor import Shard as DShard
+
+    return all(type(p) in (DShard, Replicate) for p in t.placements)
+
+
+def _row_shard(name: str, t: Any) -> tuple[torch.Tensor, int]:
+    """A DTensor's local part as a contiguous range of its global bytes: (local tensor, start)."""
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    rows = tuple(
-        p if isinstance(p, Replicate) or (type(p) is DShard and p.dim == 0) else DShard(0) for p in t.placements
-    )
-    if t.ndim == 0:
-        rows = tuple(Replicate() for _ in t.placements)
+    rows = _rows_of(t)
     if rows != tuple(t.placements):
         t = t.redistribute(t.device_mesh, rows)
     local = t.to_local()
@@ -700,8 +714,10 @@ def load(
     """Fill ``state``'s tensors in place from a version, resharding: each rank reads only the
     bytes its own shards cover, whatever the world size the version was saved at (or none).
 
-    Not collective: each rank reads on its own (pass the same ``version`` on every rank). A
-    DTensor's local shard is read as the rows it spans (a dim-0 shard: exactly its bytes; a
+    Each rank reads on its own (pass the same ``version`` on every rank): not collective,
+    except for a state with FSDP over tensor parallelism (``_StridedShard`` placements), whose
+    tensors are read as whole-row shards and redistributed into place; then every rank calls.
+    A DTensor's local shard is read as the rows it spans (a dim-0 shard: exactly its bytes; a
     shard of other dims: the rows it crosses, then sliced). Then hand the state to
     ``set_state_dict`` (checkpoint.py does).
 
@@ -744,12 +760,26 @@ def load(
                 f"tensor {name!r} is stored with shape {entries[name].shape}, but this state's is {list(t.shape)}"
             )
     filled: dict[str, torch.Tensor] = {}
+    # FSDP over tensor parallelism: such a DTensor is read as the same tensor in whole-row
+    # shards, then redistributed into place (collectives over its mesh, the same on every rank)
+    strided = [n for n, t in flat.items() if n in entries and _is_dtensor(t) and not _boxed(t)]
+    stand_in = {n: flat[n].redistribute(flat[n].device_mesh, _rows_of(flat[n])) for n in strided}
     with reader, torch.no_grad():
-        for name, t in flat.items():
-            if name in entries:
-                e = entries[entries[name].tie or name]
-                _read_local(reader, e, t, verify)
-                filled[name] = t
+        error = None
+        try:
+            for name, t in flat.items():
+                if name in entries:
+                    e = entries[entries[name].tie or name]
+                    _read_local(reader, e, stand_in.get(name, t), verify)
+                    filled[name] = t
+        except Exception as err:  # noqa: BLE001 (raised below; with stand-ins, on every rank)
+            error = err
+        if strided:  # no rank goes on to the collectives below while another has failed
+            agree(error, checkpoint_group(), "loading the sharded state")
+        elif error is not None:
+            raise error
+        for n in strided:
+            flat[n].to_local().copy_(stand_in[n].redistribute(flat[n].device_mesh, flat[n].placements).to_local())
         skipped = [n for n in entries if n not in filled and n.startswith(skip)]
         filled.update(dict.fromkeys(skipped))
         rest = [n for n in entries if n not in filled]
@@ -781,14 +811,10 @@ def _read_local(reader: VersionReader, e: Entry, t: torch.Tensor, verify: bool) 
 
 
 def _box(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    from torch.distributed.tensor import Replicate
-    from torch.distributed.tensor import Shard as DShard
     from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-    if not all(type(p) in (DShard, Replicate) for p in t.placements):
-        raise ValueError(
-            f"a DTensor with placements {t.placements} cannot be loaded into; use Shard or Replicate placements"
-        )
+    if not _boxed(t):  # load() gives such a tensor a stand-in first
+        raise ValueError(f"a DTensor with placements {t.placements} is not one box of the global tensor")
     return compute_local_shape_and_global_offset(t.shape, t.device_mesh, t.placements)
 
 

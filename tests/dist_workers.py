@@ -449,3 +449,43 @@ def lifecycle_ranks(rank: int, world: int, port: int, tmp: str, commands: list, 
         except Exception as err:  # noqa: BLE001 (the test raises it)
             results.put((rank, f"{type(err).__name__}: {err}"))
     finish()
+
+
+def two_d(rank: int, world: int, port: int, tmp: str, uri: str) -> None:
+    """FSDP2 over tensor parallelism on a 2 x 2 mesh (``_StridedShard`` placements): the model
+    and AdamW state saved, then loaded into a fresh 2-D model and a fresh FSDP-only one."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from mlflow_lance import distributed
+
+    init(rank, world, port)
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+
+    def model(seed: int, tp: bool):
+        torch.manual_seed(seed)
+        net = Tiny()
+        for b in net.blocks:
+            if tp:
+                parallelize_module(b, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+            fully_shard(b, mesh=mesh["dp"] if tp else None)
+        fully_shard(net, mesh=mesh["dp"] if tp else None)
+        return net, torch.optim.AdamW(net.parameters(), lr=1e-2)
+
+    net, opt = model(0, tp=True)
+    train(net, opt, range(STEPS_BEFORE), mesh["dp"].get_local_rank(), 2)
+    placements = sorted({str(t.placements) for t in sharded_state(net, opt)["model"].values()})
+    info = distributed.save(sharded_state(net, opt), uri)
+    expected = full_state(net, opt)
+    results = {"placements": placements, "version": info.version}
+    for label, tp in (("2d", True), ("fsdp", False)):
+        fresh, fresh_opt = model(7, tp=tp)
+        train(fresh, fresh_opt, range(1), mesh["dp"].get_local_rank(), 2)  # optimizer state to fill
+        state = sharded_state(fresh, fresh_opt)
+        restore(fresh, fresh_opt, distributed.load(state, uri, info.version))
+        results[label] = same(full_state(fresh, fresh_opt), expected)
+    if rank == 0:
+        torch.save(flat_tensors(expected), os.path.join(tmp, "two_d.pt"))
+        dump(tmp, "two_d.json", results)
+    finish()
