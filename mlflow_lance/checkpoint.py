@@ -643,7 +643,7 @@ def _load_sharded(
         _check_wanted(uri, stored, optimizer, scheduler, restore_rng)
     except Exception as err:  # noqa: BLE001 (raised on every rank by agree)
         error = err
-    distributed.agree(error, group, "loading the checkpoint")
+    distributed.agree(error, group, "loading the checkpoint", outcome="")
     opts = StateDictOptions(strict=strict)
     if optimizer is not None:
         set_state_dict(

@@ -161,9 +161,10 @@ def _rank(group: Any) -> int:
     return dist.get_rank(group)
 
 
-def agree(error: BaseException | None, group: Any, what: str) -> None:
+def agree(error: BaseException | None, group: Any, what: str, outcome: str = "; nothing was committed") -> None:
     """Every rank learns whether any rank failed at ``what``; each then raises (the failing
-    rank its own error, the others a RuntimeError naming that rank and its error)."""
+    rank its own error, the others a RuntimeError naming that rank and its error, then
+    ``outcome``)."""
     import torch.distributed as dist
 
     texts: list = [None] * dist.get_world_size(group)
@@ -173,7 +174,7 @@ def agree(error: BaseException | None, group: Any, what: str) -> None:
     failed = [(r, t) for r, t in enumerate(texts) if t is not None]
     if failed:
         r, text = failed[0]
-        raise RuntimeError(f"{what} failed on rank {r} ({text}); nothing was committed")
+        raise RuntimeError(f"{what} failed on rank {r} ({text}){outcome}")
 
 
 def share(value: Any, error: BaseException | None, group: Any, what: str) -> Any:
@@ -745,9 +746,53 @@ def load(
         >>> set_state_dict(model, optimizer, model_state_dict=stored["model"], optim_state_dict=stored["optimizer"])
     """
     flat, _ = _flatten(state)
-    reader = open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
-    entries = reader.entries
-    raise_problems(reader.uri, reader.version, reader.problems())
+    # FSDP over tensor parallelism (known from the state alone, so the same on every rank):
+    # such a DTensor's part is read as whole-row shards into host memory, then redistributed
+    # into place (collectives over its mesh) once every rank has read without error
+    strided = [n for n, t in flat.items() if _is_dtensor(t) and not _boxed(t)]
+    error, reader, rows = None, None, {}
+    try:
+        reader = open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
+        entries = reader.entries
+        raise_problems(reader.uri, reader.version, reader.problems())
+        _check_state(reader, entries, flat, strict)
+        with reader, torch.no_grad():
+            for name, t in flat.items():
+                if name in entries:
+                    e = entries[entries[name].tie or name]
+                    if name in strided:
+                        rows[name] = _read_rows(reader, e, t, verify)
+                    else:
+                        _read_local(reader, e, t, verify)
+    except Exception as err:  # noqa: BLE001 (raised below; with strided tensors, on every rank)
+        error = err
+    if strided:  # no rank goes on to the collectives below while another has failed
+        agree(error, checkpoint_group(), "loading the sharded state", outcome="")
+    elif error is not None:
+        raise error
+    if rows:
+        from torch.distributed.tensor import DTensor
+    with torch.no_grad():
+        for name in list(rows):
+            t, part = flat[name], rows.pop(name)  # one stand-in at a time
+            stand_in = DTensor.from_local(
+                part.to(t.device), t.device_mesh, _rows_of(t), run_check=False, shape=t.shape, stride=t.stride()
+            )
+            t.to_local().copy_(stand_in.redistribute(t.device_mesh, t.placements).to_local())
+            del stand_in, part
+    filled: dict[str, Any] = {n: t for n, t in flat.items() if n in entries}
+    filled.update(dict.fromkeys(n for n in entries if n not in filled and n.startswith(skip)))
+    rest = [n for n in entries if n not in filled]
+    if rest:
+        filled.update(store.load_state_dict(reader.uri, reader.version, names=rest, storage_options=storage_options))
+    spec = store.tree_spec(reader)
+    return (
+        tree.unflatten(spec, filled) if spec is not None else OrderedDict((n, filled[n]) for n in select(entries, None))
+    )
+
+
+def _check_state(reader: VersionReader, entries: Mapping[str, Entry], flat: Mapping[str, Any], strict: bool) -> None:
+    """Refuse a state the version cannot fill: a tensor it lacks (``strict``), or another shape."""
     missing = [n for n in flat if n not in entries]
     if missing and strict:
         raise WeightsError(
@@ -759,44 +804,30 @@ def load(
             raise WeightsError(
                 f"tensor {name!r} is stored with shape {entries[name].shape}, but this state's is {list(t.shape)}"
             )
-    filled: dict[str, torch.Tensor] = {}
-    # FSDP over tensor parallelism: such a DTensor is read as the same tensor in whole-row
-    # shards, then redistributed into place (collectives over its mesh, the same on every rank)
-    strided = [n for n, t in flat.items() if n in entries and _is_dtensor(t) and not _boxed(t)]
-    stand_in = {n: flat[n].redistribute(flat[n].device_mesh, _rows_of(flat[n])) for n in strided}
-    with reader, torch.no_grad():
-        error = None
-        try:
-            for name, t in flat.items():
-                if name in entries:
-                    e = entries[entries[name].tie or name]
-                    _read_local(reader, e, stand_in.get(name, t), verify)
-                    filled[name] = t
-        except Exception as err:  # noqa: BLE001 (raised below; with stand-ins, on every rank)
-            error = err
-        if strided:  # no rank goes on to the collectives below while another has failed
-            agree(error, checkpoint_group(), "loading the sharded state")
-        elif error is not None:
-            raise error
-        for n in strided:
-            flat[n].to_local().copy_(stand_in[n].redistribute(flat[n].device_mesh, flat[n].placements).to_local())
-        skipped = [n for n in entries if n not in filled and n.startswith(skip)]
-        filled.update(dict.fromkeys(skipped))
-        rest = [n for n in entries if n not in filled]
-        if rest:
-            filled.update(
-                store.load_state_dict(reader.uri, reader.version, names=rest, storage_options=storage_options)
-            )
-    spec = store.tree_spec(reader)
-    return (
-        tree.unflatten(spec, filled) if spec is not None else OrderedDict((n, filled[n]) for n in select(entries, None))
-    )
+
+
+def _read_rows(reader: VersionReader, e: Entry, t: Any, verify: bool) -> torch.Tensor:
+    """This rank's part of stored tensor ``e`` as ``t`` would hold it in whole-row shards
+    (``_rows_of(t)``), in host memory: the local tensor of a stand-in for ``t``."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, _rows_of(t))
+    part = torch.empty(shape, dtype=t.dtype)
+    _read_box(reader, e, part, (tuple(shape), tuple(offset)), verify)
+    return part
 
 
 def _read_local(reader: VersionReader, e: Entry, t: torch.Tensor, verify: bool) -> None:
     """Copy what ``t`` (a tensor, or this rank's shard of a DTensor) holds of stored tensor ``e``."""
+    if _is_dtensor(t):
+        _read_box(reader, e, t.to_local(), _box(t), verify)
+    else:
+        _read_box(reader, e, t, (tuple(t.shape), (0,) * t.ndim), verify)
+
+
+def _read_box(reader: VersionReader, e: Entry, local: torch.Tensor, box: tuple, verify: bool) -> None:
+    """Copy into ``local`` the box (shape, offset) of stored tensor ``e`` it holds."""
     dtype = dtype_from_name(e.dtype, key=e.name)
-    local, box = (t.to_local(), _box(t)) if _is_dtensor(t) else (t, (tuple(t.shape), (0,) * t.ndim))
     shape, offset = box
     if local.numel() == 0:
         return

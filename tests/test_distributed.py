@@ -139,12 +139,14 @@ def test_ddp_writes_replicated_tensors_once_and_tp_shards_load_back(tmp_path):
 
 def test_fsdp_over_tensor_parallel_loads_back_in_2d_in_fsdp_alone_and_whole(tmp_path):
     """A 2 x 2 mesh (FSDP2 over TP: strided shards) saved with AdamW state loads bit-exactly
-    into a fresh 2-D model, into an FSDP-only model over all 4 ranks, and in one process."""
+    into a fresh 2-D model, into an FSDP-only model over all 4 ranks, and in one process; a
+    read that fails on one rank raises on every rank instead of leaving them in a collective."""
     uri = str(tmp_path / "2d.lance")
     W.run(W.two_d, 4, str(tmp_path), uri)
     got = _read(tmp_path, "two_d.json")
     assert any("_StridedShard" in p for p in got["placements"]), got["placements"]
     assert got["2d"] == [] and got["fsdp"] == [], got
+    assert got["one_failed"].startswith("RuntimeError: loading the sharded state failed on rank 1 (VersionNotFound")
     expected = torch.load(tmp_path / "two_d.pt", weights_only=True)
     whole = W.flat_tensors(store.load_state_dict(uri, got["version"]))
     assert sorted(whole) == sorted(expected) and all(raw(whole[k]) == raw(v) for k, v in expected.items())
