@@ -180,6 +180,17 @@ def _rng_state() -> dict:
     return state
 
 
+def gathered_rng_states(group: Any) -> list[dict]:
+    """Every rank's random number generators (``rng_state``'s form), in rank order, on every
+    rank of ``group`` (a gloo group: an object collective)."""
+    import torch.distributed as dist
+
+    rngs: list = [None] * dist.get_world_size(group)
+    as_arrays = _deep_copy(_rng_state(), lambda t: t.numpy())  # tensors do not unpickle there
+    dist.all_gather_object(rngs, as_arrays, group=group)
+    return [_deep_copy(r, torch.from_numpy, np.ndarray) for r in rngs]
+
+
 def set_rng_state(state: Mapping) -> None:
     """Restore the random number generators from a checkpoint's ``rng`` entry; every part is
     checked before any generator changes (CorruptionError names what is malformed)."""
@@ -525,9 +536,7 @@ def _log_sharded(
         return run.info.run_id, location.uri, location.storage_options
 
     run_id, uri, uri_options = distributed.from_rank0(where, group, "starting the checkpoint's run")
-    rngs: list = [None] * dist.get_world_size(group)
-    as_arrays = _deep_copy(_rng_state(), lambda t: t.numpy())  # tensors do not unpickle there
-    dist.all_gather_object(rngs, as_arrays, group=group)
+    rngs = gathered_rng_states(group)
     shards, spec, skeleton, failed = {}, None, None, None
     try:  # a failure here is every rank's, at the first step of the write
         if optimizer is not None:
@@ -544,7 +553,6 @@ def _log_sharded(
             state["optimizer"] = optimizer_state
         if scheduler is not None:
             state["scheduler"] = scheduler.state_dict()
-        rngs = [_deep_copy(r, torch.from_numpy, np.ndarray) for r in rngs]
         state.update(rng=rngs[0], rng_by_rank=rngs)
         flat, spec = tree.flatten(state)
         shards = distributed.stage(flat, clone=not blocking)

@@ -34,7 +34,7 @@ CKPT = sys.argv[3] if len(sys.argv) > 3 else None
 
 
 class Net(L.LightningModule):
-    """Dropout (each rank's own generator), a scheduler, and a shuffled loader."""
+    """Dropout (each rank seeds its own generator), a scheduler, and a shuffled loader."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -48,6 +48,7 @@ class Net(L.LightningModule):
         self.started_optimizer: dict[str, dict[str, torch.Tensor]] | None = None
 
     def configure_model(self) -> None:
+        torch.manual_seed(1000 + self.global_rank)  # each rank its own dropout masks from here on
         if STRATEGY == "model_parallel":
             from torch.distributed.fsdp import fully_shard
 
@@ -151,10 +152,17 @@ def main() -> None:
             "run_id": box[0],
             "checkpoints": [(m.model_id, int(m.tags["mlflow_lance.checkpoint.step"])) for m in models],
             "b_started_at_first": same(b.started, dict(checkpoint.read_checkpoint(first)["model"])),
+            "ranks_rng_differ": ranks_rng_differ(checkpoint.read_checkpoint(first)),
             "b_equals_a": same(resumed, final),
             "b_steps": b.global_step,
         }
         (OUT / "result.json").write_text(json.dumps(result))
+
+
+def ranks_rng_differ(stored: dict) -> bool:
+    """Whether the checkpoint kept each rank's own generators, and they differ."""
+    by_rank = stored.get("rng_by_rank") or stored["extra"].get("rng_by_rank") or []
+    return len(by_rank) == 2 and not torch.equal(by_rank[0]["torch"], by_rank[1]["torch"])
 
 
 if __name__ == "__main__":

@@ -163,6 +163,7 @@ def test_lightning_ranks_log_one_run_and_resume_bit_identically_under_torchrun(t
     torchrun(tmp_path, 2, strategy, str(tmp_path))
     got = json.loads((tmp_path / "result.json").read_text())
     assert [step for _, step in got["checkpoints"]] == [4, 8, 12]  # 32 samples / 2 ranks / batch 4
+    assert got["ranks_rng_differ"]  # so that only each rank's own generators resume it exactly
     assert got["b_started_at_first"] and got["b_equals_a"] and got["b_steps"] == 12
     client = MlflowClient()
     experiment = mlflow.tracking.fluent._get_experiment_id()

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -42,15 +42,17 @@ try:
     from lightning.pytorch.trainer.states import TrainerFn
 except ImportError as err:  # pragma: no cover - depends on the environment
     raise ImportError(
-        "mlflow_lance.integrations.lightning needs Lightning 2.2 or later: pip install 'mlflow-lance[lightning]'"
+        "mlflow_lance.integrations.lightning needs Lightning 2.3 or later: pip install 'mlflow-lance[lightning]'"
     ) from err
 
 from .. import checkpoint as ckpt
+from .. import distributed
 
 __all__ = ["MLflowLanceCheckpoint"]
 
 _URI_PREFIXES = ("models:/", "runs:/")
 _RNG_KEY = "mlflow_lance_rng"  # rides in the rebuilt Lightning dict from the IO to the callback
+_RNG_BY_RANK = "rng_by_rank"  # extra[...]: every rank's generators, when rank 0 logs for all
 # Not needed to resume fit (the module already exists) and often not storable without pickling.
 _NOT_STORED = (
     "state_dict",
@@ -74,6 +76,7 @@ class _LogRequest:
     blocking: bool
     name: str
     lance_uri: str | None
+    rng_by_rank: list[dict] | None = None  # every rank's generators (DDP: rank 0 logs for all)
 
 
 class _MLflowLanceIO(CheckpointIO):
@@ -98,7 +101,7 @@ class _MLflowLanceIO(CheckpointIO):
                 f"{path} was not logged from Lightning (no extra['lightning']); restore it with "
                 f"mlflow_lance.load_checkpoint(uri, model, optimizer) instead of Trainer.fit(ckpt_path=...)"
             )
-        out = {**lightning, "state_dict": state["model"], _RNG_KEY: state["rng"]}
+        out = {**lightning, "state_dict": state["model"], _RNG_KEY: _own_rng(state["rng"], state["extra"])}
         if "optimizer" in state:
             out["optimizer_states"] = [ckpt.optimizer_state_in_saved_order(state["optimizer"])]
         return out
@@ -114,18 +117,30 @@ def _log(checkpoint: dict[str, Any], req: _LogRequest) -> None:
     """Log Lightning's checkpoint dict: the module and optimizer as tensors, the rest as extra."""
     single = len(req.optimizers) == 1  # one optimizer: stored by parameter name with the weights
     rest = {k: v for k, v in checkpoint.items() if k not in _NOT_STORED and not (single and k == "optimizer_states")}
+    extra: dict[str, Any] = {"lightning": rest}
+    if req.rng_by_rank is not None:
+        extra[_RNG_BY_RANK] = req.rng_by_rank
     ckpt.log_checkpoint(
         req.model,
         req.optimizers[0] if single else None,
         step=req.step,
         metrics=req.metrics,
-        extra={"lightning": rest},
+        extra=extra,
         blocking=req.blocking,
         keep_last=req.keep_last,
         keep_best=req.keep_best,
         name=req.name,
         lance_uri=req.lance_uri,
     )
+
+
+def _own_rng(rank0: dict, extra: dict) -> dict:
+    """This rank's generators from a checkpoint rank 0 logged for every rank (else rank 0's)."""
+    import torch.distributed as dist
+
+    by_rank = extra.get(_RNG_BY_RANK) or []
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    return by_rank[rank] if rank < len(by_rank) else rank0
 
 
 @contextmanager
@@ -158,16 +173,22 @@ def _install_sharded_resume(strategy: Strategy) -> None:
                 f"{path}: resuming a sharded module with {len(optimizers)} optimizers is not supported; "
                 f"use one optimizer (its state is stored by parameter name, shard by shard)"
             )
-        state = ckpt.load_checkpoint(str(path), strategy.lightning_module, optimizers[0] if optimizers else None)
+        module = strategy.lightning_module
+        before = ckpt._rng_state()
+        try:  # load_checkpoint restores each rank's own generators: taken, then put back as they were
+            state = ckpt.load_checkpoint(
+                str(path), module, optimizers[0] if optimizers else None, strict=module.strict_loading
+            )
+            restored = ckpt._rng_state()
+        finally:
+            ckpt.set_rng_state(before)
         lightning = state["extra"].get("lightning")
         if lightning is None:
             raise ValueError(
                 f"{path} was not logged from Lightning (no extra['lightning']); restore it with "
                 f"mlflow_lance.load_checkpoint(uri, model, optimizer) instead of Trainer.fit(ckpt_path=...)"
             )
-        # the strategy loads no state dict of its own; the generators, restored by load_checkpoint
-        # (each rank its own), are taken again where the fit loop starts
-        return {**lightning, _RNG_KEY: ckpt._rng_state()}
+        return {**lightning, _RNG_KEY: _own_rng(restored, state["extra"])}  # set where the fit loop starts
 
     strategy.load_checkpoint = load_checkpoint
 
@@ -236,10 +257,21 @@ class MLflowLanceCheckpoint(Checkpoint):
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
         self._rng = checkpoint.pop(_RNG_KEY, None)
+        if trainer.strategy.restore_checkpoint_after_setup and trainer.state.fn == TrainerFn.FITTING:
+            self._restore_rng()  # a strategy that restores after on_fit_start (ModelParallelStrategy)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """The generators as they were when the checkpoint was taken: restored before the fit
         loop draws from them (it makes the first epoch's data iterator before ``on_train_start``)."""
+        if self._sharded and len(trainer.optimizers) > 1:
+            raise ValueError(
+                f"MLflowLanceCheckpoint under {type(trainer.strategy).__name__} stores one optimizer's state, shard by "
+                f"shard (by parameter name); this module has {len(trainer.optimizers)}: use one optimizer "
+                f"(parameter groups for different settings)"
+            )
+        self._restore_rng()
+
+    def _restore_rng(self) -> None:
         if self._rng is not None:
             ckpt.set_rng_state(self._rng)
             self._rng = None
@@ -311,9 +343,15 @@ class MLflowLanceCheckpoint(Checkpoint):
             self.lance_uri,
         )
         self._last_step_saved = trainer.global_step
-        if not self._sharded:  # rank 0 logs, through the IO installed around the strategy's own
+        if self._sharded:  # no CheckpointIO: the callback builds Lightning's dict on every rank, as
+            with _weights_left_out(trainer.strategy):  # save_checkpoint would (log_checkpoint takes the weights)
+                checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
+            if distributed.collective(pl_module):  # every rank logs its own shards
+                _log(checkpoint, request)
+                return
+        if distributed.active():  # rank 0 logs the whole module, with every rank's generators
+            request = replace(request, rng_by_rank=ckpt.gathered_rng_states(distributed.checkpoint_group()))
+        if not self._sharded:  # through the IO installed around the strategy's own
             trainer.save_checkpoint(f"{self.name}@step={trainer.global_step}", storage_options=request)
-            return
-        with _weights_left_out(trainer.strategy):  # every rank logs its own shards, the same dict's rest
-            checkpoint = trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        _log(checkpoint, request)
+        elif trainer.is_global_zero:  # a module configure_model left unsharded
+            _log(checkpoint, request)
