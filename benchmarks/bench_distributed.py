@@ -1,12 +1,14 @@
 """Sharded checkpoints against torch.distributed.checkpoint (DCP), like with like, in one run.
 
-Run:  python benchmarks/bench_distributed.py [--worlds 2 4] [--layers 2] [--repeat 5] [--settle 2]
+Run:  python benchmarks/bench_distributed.py [--worlds 2 4] [--layers 2] [--repeat 6] [--settle 2]
                                               [--json benchmarks/results/distributed.json]
 
 At each world size of ``--worlds``, that many ranks (spawned processes, gloo on the CPU) train
 GPT-2 (from a config, ``--layers`` blocks) sharded with FSDP2 ``fully_shard`` and AdamW. Each
-round: one training step (every tensor changes), then, in an order that rotates from round to
-round, each contender saves the same sharded state (``get_state_dict``) to a new place, durably:
+round: one training step (every tensor changes), then, in an order that changes from round to
+round, each contender saves the same sharded state (``get_state_dict``) to a new place, durably
+(the order cycles through all 6, so each goes first, second and last, before and after each
+other, equally often):
 
 - ``mlflow_lance.distributed.save``: every rank writes its shards as Lance data files and fsyncs
   them, rank 0 commits one version (fsync'ed), as a new version of one dataset per run;
@@ -14,10 +16,12 @@ round, each contender saves the same sharded state (``get_state_dict``) to a new
   and metadata files);
 - the floor: each rank writes the bytes of its shards to a new file and fsyncs it and its directory.
 
-Then each saves it again without blocking, and the time the caller is blocked is timed (and,
-apart, the time until the save is durable): ours stages the shards (a CPU copy, as
-``log_checkpoint(blocking=False)``) and writes and commits on a background thread;
-``dcp.async_save`` stages and saves on its thread, with a gloo group of its own, as DCP advises.
+Then, after one more training step (so that every tensor changed again), each saves without
+blocking, and the time the caller is blocked is timed (and, apart, the time until the save is
+durable): ours stages the shards (a CPU copy, as ``log_checkpoint(blocking=False)`` does; (*)
+that call also makes its MLflow calls first, which this does not time) and writes and commits
+on a background thread; ``dcp.async_save`` stages and saves on its thread, with a gloo group of
+its own, as DCP advises.
 Then each loads the latest into the sharded model's state (``distributed.load`` / ``dcp.load``;
 warm page cache: the files were just written). A call is timed on rank 0 from a barrier before it
 to a barrier after it, so the time is the slowest rank's. ``os.sync()`` and a pause of --settle
@@ -39,6 +43,7 @@ not measured by this run.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -62,6 +67,7 @@ DEFAULT_JSON = REPO / "benchmarks" / "results" / "distributed.json"
 SAVES = ("mlflow_lance", "dcp", "floor")
 LOADS = ("mlflow_lance", "dcp")
 ASYNC = ("mlflow_lance", "dcp")
+ORDERS = list(itertools.permutations(SAVES))  # every order once in 6 rounds: each goes first and after each
 
 
 def _fsync(path: str) -> None:
@@ -131,6 +137,8 @@ def _rounds(rank, model, opt, work, args, dcp, get_state_dict, distributed, stor
     """Blocking saves, async saves (the time the caller is blocked) and loads, interleaved."""
     from concurrent.futures import ThreadPoolExecutor
 
+    from mlflow_lance import tree
+
     uri = os.path.join(work, "run.lance")
     timings: dict[str, list[float]] = {f"save/{k}": [] for k in SAVES} | {f"load/{k}": [] for k in LOADS}
     timings |= {f"async/{k}": [] for k in ASYNC} | {f"async-done/{k}": [] for k in ASYNC}
@@ -141,7 +149,7 @@ def _rounds(rank, model, opt, work, args, dcp, get_state_dict, distributed, stor
     settle = args["settle"]
 
     def ours_async(state: dict):
-        flat, spec = distributed._flatten(state)
+        flat, spec = tree.flatten(state)
         shards = distributed.stage(flat, clone=True)  # the copy training may run on from
         return pool.submit(
             distributed.write_and_commit, shards, uri, store.commit_version, group=group, what="save", spec=spec
@@ -151,7 +159,7 @@ def _rounds(rank, model, opt, work, args, dcp, get_state_dict, distributed, stor
         train_step(model, None, opt)
         msd, osd = get_state_dict(model, opt)
         state = {"model": msd, "optimizer": osd}
-        order = SAVES[round_ % len(SAVES) :] + SAVES[: round_ % len(SAVES)]
+        order = ORDERS[round_ % len(ORDERS)]
         took = {}
         for name in order:
             if name == "mlflow_lance":
@@ -162,6 +170,9 @@ def _rounds(rank, model, opt, work, args, dcp, get_state_dict, distributed, stor
                 took[name] = _timed(lambda path=path: dcp.save(state, checkpoint_id=path), settle)
             else:
                 took[name] = _timed(lambda: _floor(state, os.path.join(work, f"floor{round_}"), rank), settle)
+        train_step(model, None, opt)  # every tensor changes again: each async save writes it all
+        msd, osd = get_state_dict(model, opt)
+        state = {"model": msd, "optimizer": osd}
         for name in ASYNC if round_ % 2 == 0 else ASYNC[::-1]:
             future = []
             if name == "mlflow_lance":
@@ -323,7 +334,7 @@ def _world_tables(world: int, timings: dict[str, list[float]]) -> list[dict]:
             "rows": [
                 [label, med[f"async/{k}"], med[f"async/{k}"] / med["async/dcp"], med[f"async-done/{k}"]]
                 for k, label in (
-                    ("mlflow_lance", "stage (CPU copy) + write_and_commit on a background thread"),
+                    ("mlflow_lance", "stage (CPU copy) + write_and_commit on a background thread (*)"),
                     ("dcp", "dcp.async_save (thread, its own gloo group)"),
                 )
             ],
@@ -344,7 +355,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4], help="world sizes (processes)")
     parser.add_argument("--layers", type=int, default=2, help="GPT-2 blocks")
-    parser.add_argument("--repeat", type=int, default=5, help="timed rounds (after one warm-up round)")
+    parser.add_argument("--repeat", type=int, default=6, help="timed rounds after one warm-up (6: every order once)")
     parser.add_argument("--settle", type=float, default=2.0, help="seconds of pause before each timed call")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="where the run's figures go")
     args = parser.parse_args()
