@@ -631,13 +631,17 @@ def _load_sharded(
         return (resolved, *pointer)
 
     resolved, dataset, version = distributed.from_rank0(where, group, "resolving the checkpoint")
-    stored, error = None, None
-    try:  # every rank reads its own shards; any rank's failure is every rank's, before anything changes
+    stored, template, error = None, None, None
+    try:
         if optimizer is not None:
             model_state, optimizer_state = get_state_dict(model, optimizer)
             template = {MODEL_KEY: dict(model_state), "optimizer": optimizer_state}
         else:
             template = {MODEL_KEY: dict(get_model_state_dict(model))}
+    except Exception as err:  # noqa: BLE001 (raised on every rank by agree)
+        error = err
+    distributed.agree(error, group, "preparing the load", outcome="")  # before load's own collectives
+    try:  # every rank reads its own shards; any rank's failure is every rank's, before anything changes
         stored = distributed.load(
             template,
             dataset,

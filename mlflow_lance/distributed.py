@@ -717,7 +717,9 @@ def load(
 
     Each rank reads on its own (pass the same ``version`` on every rank): not collective,
     except for a state with FSDP over tensor parallelism (``_StridedShard`` placements), whose
-    tensors are read as whole-row shards and redistributed into place; then every rank calls.
+    tensors are read as whole-row shards and redistributed into place; then every rank of the
+    default group calls (read errors are agreed first; a device error while redistributing,
+    such as running out of memory, is not).
     A DTensor's local shard is read as the rows it spans (a dim-0 shard: exactly its bytes; a
     shard of other dims: the rows it crosses, then sliced). Then hand the state to
     ``set_state_dict`` (checkpoint.py does).
@@ -767,6 +769,7 @@ def load(
     except Exception as err:  # noqa: BLE001 (raised below; with strided tensors, on every rank)
         error = err
     if strided:  # no rank goes on to the collectives below while another has failed
+        settle()  # a background save's collectives run on the same group
         agree(error, checkpoint_group(), "loading the sharded state", outcome="")
     elif error is not None:
         raise error

@@ -456,6 +456,7 @@ def two_d(rank: int, world: int, port: int, tmp: str, uri: str) -> None:
     and AdamW state saved, then loaded into a fresh 2-D model and a fresh FSDP-only one."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Replicate
     from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 
     from mlflow_lance import distributed
@@ -470,15 +471,19 @@ def two_d(rank: int, world: int, port: int, tmp: str, uri: str) -> None:
             if tp:
                 parallelize_module(b, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
             fully_shard(b, mesh=mesh["dp"] if tp else None)
+        if tp:  # VOCAB (odd) rows: uneven strided shards
+            parallelize_module(net, mesh["tp"], {"head": ColwiseParallel(output_layouts=Replicate())})
         fully_shard(net, mesh=mesh["dp"] if tp else None)
         return net, torch.optim.AdamW(net.parameters(), lr=1e-2)
 
     net, opt = model(0, tp=True)
     train(net, opt, range(STEPS_BEFORE), mesh["dp"].get_local_rank(), 2)
     placements = sorted({str(t.placements) for t in sharded_state(net, opt)["model"].values()})
+    head = sharded_state(net, opt)["model"]["head.weight"]
+    uneven = "_StridedShard" in str(head.placements) and head.shape[0] % world != 0
     info = distributed.save(sharded_state(net, opt), uri)
     expected = full_state(net, opt)
-    results = {"placements": placements, "version": info.version}
+    results = {"placements": placements, "version": info.version, "uneven": uneven}
     for label, tp in (("2d", True), ("fsdp", False)):
         fresh, fresh_opt = model(7, tp=tp)
         train(fresh, fresh_opt, range(1), mesh["dp"].get_local_rank(), 2)  # optimizer state to fill

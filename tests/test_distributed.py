@@ -145,6 +145,7 @@ def test_fsdp_over_tensor_parallel_loads_back_in_2d_in_fsdp_alone_and_whole(tmp_
     W.run(W.two_d, 4, str(tmp_path), uri)
     got = _read(tmp_path, "two_d.json")
     assert any("_StridedShard" in p for p in got["placements"]), got["placements"]
+    assert got["uneven"], got  # the head's 11 rows: 6 and 5 over TP, then 3 / 3 and 3 / 2 over FSDP
     assert got["2d"] == [] and got["fsdp"] == [], got
     assert got["one_failed"].startswith("RuntimeError: loading the sharded state failed on rank 1 (VersionNotFound")
     expected = torch.load(tmp_path / "two_d.pt", weights_only=True)

@@ -101,7 +101,7 @@ class _MLflowLanceIO(CheckpointIO):
                 f"{path} was not logged from Lightning (no extra['lightning']); restore it with "
                 f"mlflow_lance.load_checkpoint(uri, model, optimizer) instead of Trainer.fit(ckpt_path=...)"
             )
-        out = {**lightning, "state_dict": state["model"], _RNG_KEY: _own_rng(state["rng"], state["extra"])}
+        out = {**lightning, "state_dict": state["model"], _RNG_KEY: _own_rng(state["rng"], state)}
         if "optimizer" in state:
             out["optimizer_states"] = [ckpt.optimizer_state_in_saved_order(state["optimizer"])]
         return out
@@ -134,11 +134,12 @@ def _log(checkpoint: dict[str, Any], req: _LogRequest) -> None:
     )
 
 
-def _own_rng(rank0: dict, extra: dict) -> dict:
-    """This rank's generators from a checkpoint rank 0 logged for every rank (else rank 0's)."""
+def _own_rng(rank0: dict, state: dict) -> dict:
+    """This rank's generators from a checkpoint that kept every rank's (a sharded one at its top
+    level, one rank 0 logged in ``extra``); rank 0's for a rank it did not have."""
     import torch.distributed as dist
 
-    by_rank = extra.get(_RNG_BY_RANK) or []
+    by_rank = state.get(_RNG_BY_RANK) or state["extra"].get(_RNG_BY_RANK) or []
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return by_rank[rank] if rank < len(by_rank) else rank0
 
@@ -188,7 +189,7 @@ def _install_sharded_resume(strategy: Strategy) -> None:
                 f"{path} was not logged from Lightning (no extra['lightning']); restore it with "
                 f"mlflow_lance.load_checkpoint(uri, model, optimizer) instead of Trainer.fit(ckpt_path=...)"
             )
-        return {**lightning, _RNG_KEY: _own_rng(restored, state["extra"])}  # set where the fit loop starts
+        return {**lightning, _RNG_KEY: _own_rng(restored, state)}  # set where the fit loop starts
 
     strategy.load_checkpoint = load_checkpoint
 
@@ -256,8 +257,9 @@ class MLflowLanceCheckpoint(Checkpoint):
             strategy.checkpoint_io = _MLflowLanceIO(strategy.checkpoint_io)
 
     def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
-        self._rng = checkpoint.pop(_RNG_KEY, None)
-        if trainer.strategy.restore_checkpoint_after_setup and trainer.state.fn == TrainerFn.FITTING:
+        rng = checkpoint.pop(_RNG_KEY, None)
+        self._rng = rng if trainer.state.fn == TrainerFn.FITTING else None  # validate/test: left as they are
+        if trainer.strategy.restore_checkpoint_after_setup:
             self._restore_rng()  # a strategy that restores after on_fit_start (ModelParallelStrategy)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -349,7 +351,7 @@ class MLflowLanceCheckpoint(Checkpoint):
             if distributed.collective(pl_module):  # every rank logs its own shards
                 _log(checkpoint, request)
                 return
-        if distributed.active():  # rank 0 logs the whole module, with every rank's generators
+        if trainer.world_size > 1:  # rank 0 logs the whole module, with every rank's generators
             request = replace(request, rng_by_rank=ckpt.gathered_rng_states(distributed.checkpoint_group()))
         if not self._sharded:  # through the IO installed around the strategy's own
             trainer.save_checkpoint(f"{self.name}@step={trainer.global_step}", storage_options=request)
