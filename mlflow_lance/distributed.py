@@ -838,6 +838,10 @@ def _read_box(reader: VersionReader, e: Entry, local: torch.Tensor, box: tuple, 
     for s in e.shape[1:]:
         row *= s
     first, rows = (offset[0], shape[0]) if e.shape else (0, 1)
+    whole_rows = list(shape[1:]) == e.shape[1:]  # a dim-0 shard (FSDP2, a strided stand-in): one byte range
+    if whole_rows and local.dtype == dtype and local.is_contiguous() and local.device.type == "cpu":
+        read_span(reader, e, first * row, uint8_view(local), verify)  # straight into place
+        return
     band = torch.empty([rows, *e.shape[1:]] if e.shape else [], dtype=dtype)
     read_span(reader, e, first * row, uint8_view(band), verify)
     part = band[(slice(None), *(slice(o, o + s) for o, s in zip(offset[1:], shape[1:])))] if e.shape else band
