@@ -168,12 +168,7 @@ def _install_sharded_resume(strategy: Strategy) -> None:
     def load_checkpoint(path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         if not str(path).startswith(_URI_PREFIXES):
             return own(strategy, path, weights_only=weights_only)
-        optimizers = list(strategy.optimizers)
-        if len(optimizers) > 1:
-            raise ValueError(
-                f"{path}: resuming a sharded module with {len(optimizers)} optimizers is not supported; "
-                f"use one optimizer (its state is stored by parameter name, shard by shard)"
-            )
+        optimizers = list(strategy.optimizers)  # more than one: refused at on_fit_start, which runs first
         module = strategy.lightning_module
         before = ckpt._rng_state()
         try:  # load_checkpoint restores each rank's own generators: taken, then put back as they were
