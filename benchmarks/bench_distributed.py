@@ -339,16 +339,21 @@ def _world_tables(world: int, timings: dict[str, list[float]]) -> list[dict]:
                 )
             ],
         },
-        {
-            "title": f"sharded load at {world} ranks, warm page cache (seconds, slowest rank)",
-            "columns": ["contender", "median", "vs dcp.load"],
-            "units": ["", "s", "x"],
-            "rows": [
-                [label, med[f"load/{k}"], med[f"load/{k}"] / med["load/dcp"]]
-                for k, label in (("mlflow_lance", "mlflow_lance.distributed.load"), ("dcp", "dcp.load"))
-            ],
-        },
+        _load_table(f"sharded load at {world} ranks, warm page cache (seconds, slowest rank)", med, "load"),
     ]
+
+
+def _load_table(title: str, med: dict[str, float], kind: str) -> dict:
+    """Our load against ``dcp.load``: medians of ``<kind>/<contender>``."""
+    return {
+        "title": title,
+        "columns": ["contender", "median", "vs dcp.load"],
+        "units": ["", "s", "x"],
+        "rows": [
+            [label, med[f"{kind}/{k}"], med[f"{kind}/{k}"] / med[f"{kind}/dcp"]]
+            for k, label in (("mlflow_lance", "mlflow_lance.distributed.load"), ("dcp", "dcp.load"))
+        ],
+    }
 
 
 def main() -> int:
@@ -397,17 +402,8 @@ def main() -> int:
         t = _spawn(small, work, {**conf, "phase": "reshard", "saved_at": big})["timings"]
         samples[f"{big}->{small}"] = t
         med = {k: statistics.median(v) for k, v in t.items()}
-        tables.append(
-            {
-                "title": f"resharded load: saved at {big} ranks, loaded at {small} (seconds, slowest rank)",
-                "columns": ["contender", "median", "vs dcp.load"],
-                "units": ["", "s", "x"],
-                "rows": [
-                    [label, med[f"reshard/{k}"], med[f"reshard/{k}"] / med["reshard/dcp"]]
-                    for k, label in (("mlflow_lance", "mlflow_lance.distributed.load"), ("dcp", "dcp.load"))
-                ],
-            }
-        )
+        title = f"resharded load: saved at {big} ranks, loaded at {small} (seconds, slowest rank)"
+        tables.append(_load_table(title, med, "reshard"))
         goals.append(
             _ratio_goal(
                 f"resharded load ({big} -> {small} ranks) <= 1.1x dcp.load",
