@@ -12,9 +12,12 @@ reuses a name gets a dataset of its own.
 
 The Lance root is, in order: ``log_model(lance_uri=...)`` (a dataset URI, used as is), the
 ``MLFLOW_LANCE_ROOT`` environment variable, or ``<artifact root>/lance`` where the artifact
-root is the experiment's artifact location without its trailing experiment id. A proxied
-artifact store (``mlflow-artifacts:``) hides where files land, so it needs one of the first
-two. Credentials and endpoints come from the environment, as MLflow reads them
+root is the experiment's artifact location without its trailing experiment id. Where that
+location is a store Lance opens itself (a path, ``s3://``, ``gs://``, ``az://``) the dataset is
+written there directly; where MLflow proxies it (``mlflow-artifacts:/``, the default of
+``mlflow server``) or only MLflow has a repository for it (``dbfs:/``, ...), the dataset lives
+at ``mlflow-artifacts:/lance/...`` and is reached through ``transport``, with no credentials on
+the client. Credentials and endpoints come from the environment, as MLflow reads them
 (``MLFLOW_S3_ENDPOINT_URL``, ``AWS_*``, ``AZURE_STORAGE_*``, ...); they are passed to Lance as
 storage options and never written anywhere.
 """
@@ -28,6 +31,7 @@ from collections.abc import Mapping
 from urllib.parse import urlparse
 
 from .dataset import Dataset
+from .fs import local_path, proxied
 
 ROOT_ENV = "MLFLOW_LANCE_ROOT"
 
@@ -50,7 +54,7 @@ def safe_name(name: str, suffix: str | None = None) -> str:
 def is_dataset_target(target: str) -> bool:
     """Whether a command's TARGET names a dataset (a URI, an existing path, or a path ending
     in ``.lance``) rather than a registered model: the one rule for gc, sync and the CLI."""
-    return "://" in target or os.path.exists(target) or target.endswith(".lance")
+    return "://" in target or os.path.exists(target) or target.endswith(".lance") or proxied(target)
 
 
 def options(uri: str, explicit: Mapping[str, str] | None = None) -> dict[str, str] | None:
@@ -116,20 +120,11 @@ def lance_root(artifact_location: str | None, experiment_id: str | None = None) 
     root = os.environ.get(ROOT_ENV)
     if root:
         return to_lance_uri(root.rstrip("/"))
-    if not artifact_location or urlparse(artifact_location).scheme in (
-        "mlflow-artifacts",
-        "http",
-        "https",
-        "dbfs",
-        "runs",
-        "models",
-    ):
+    if not artifact_location or urlparse(artifact_location).scheme in ("runs", "models"):
         raise ValueError(
-            f"cannot place the Lance dataset: the experiment's artifact location "
-            f"{artifact_location!r} is served through the tracking server (proxied), which hides "
-            f"where files land. Set {ROOT_ENV} to a URI every trainer and reader can open "
-            f"(e.g. s3://bucket/mlflow-lance or /shared/mlflow-lance), or pass "
-            f"log_model(lance_uri=...)."
+            f"cannot place the Lance dataset: the experiment's artifact location is "
+            f"{artifact_location!r}. Set {ROOT_ENV} to a URI every trainer and reader can open "
+            f"(e.g. s3://bucket/mlflow-lance or /shared/mlflow-lance), or pass log_model(lance_uri=...)."
         )
     base = artifact_location.rstrip("/")
     if experiment_id and base.rsplit("/", 1)[-1] == str(experiment_id):
@@ -150,7 +145,7 @@ def dataset_location(
     """Where the weights of ``model_name`` go (see the module docstring for the rules)."""
     if lance_uri:
         uri = to_lance_uri(os.fspath(lance_uri))
-        if "://" not in uri:  # recorded in MLmodel and the registry: must not depend on the cwd
+        if local_path(uri) is not None:  # recorded in MLmodel and the registry: must not depend on the cwd
             uri = os.path.abspath(uri)
     else:
         root = lance_root(artifact_location, experiment_id)

@@ -25,7 +25,7 @@ from datetime import datetime, timedelta, timezone
 
 from .dataset import Dataset, lance_call, open_lance
 from .format import plain_name
-from .fs import Tree
+from .fs import Tree, proxied
 from .index import INDEX_DIR, manifests
 
 # Where Lance keeps the files a version names, and which of them gc may delete (index files
@@ -75,6 +75,10 @@ def _leftover(folder: str, name: str, versions: Collection[int]) -> bool:
 def sweep(dataset: Dataset, doomed: Collection[int], *, grace: timedelta, dry_run: bool = False) -> Swept:
     """Remove the versions ``doomed`` (none of them the latest), the files only they used, and
     the files no version names that are older than ``grace``; what was (or would be) freed."""
+    if not dry_run and proxied(dataset.uri):  # finish dead writers' claimed commits first
+        from . import transport
+
+        transport.settle(dataset.uri, grace.total_seconds())
     with Tree(dataset.uri, dataset.storage_options) as tree:
         tree.check()
         tracked = _tracked(dataset)

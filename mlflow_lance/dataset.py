@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from .errors import CorruptionError, VersionNotFoundError, WeightsError
 from .format import FORMAT_KEY, PROP, Version, check_tag_name, plain_name
-from .fs import StorageOptions, check_tree, lance_options, local_path, unreachable
+from .fs import StorageOptions, check_tree, lance_target, local_path, unreachable
 from .index import Fragment
 
 if TYPE_CHECKING:
@@ -115,7 +115,8 @@ def open_lance(uri: str, storage_options: StorageOptions = None) -> lance.LanceD
 
     def call() -> lance.LanceDataset:
         try:
-            return lance.dataset(uri, storage_options=lance_options(uri, storage_options))
+            target, opts = lance_target(uri, storage_options)
+            return lance.dataset(target, storage_options=opts)
         except (ValueError, OSError, RuntimeError) as e:
             if ("was not found" in str(e) or "Not found" in str(e)) and unreachable(uri, e) is None:
                 raise FileNotFoundError(

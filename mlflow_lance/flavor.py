@@ -293,7 +293,7 @@ def _weights_location(path: str, lance_uri: str | None, storage_options: Mapping
     not depend on the cwd), else a dataset inside the model directory."""
     if not lance_uri:
         return Dataset(os.path.join(path, _DATA_SUBPATH, "weights.lance"))
-    if "://" not in os.fspath(lance_uri):
+    if fs.local_path(os.fspath(lance_uri)) is not None:
         lance_uri = os.path.abspath(lance_uri)
     return Dataset(os.fspath(lance_uri), options(os.fspath(lance_uri), storage_options))
 
@@ -1058,7 +1058,7 @@ def state_dict_pointer(uri: str) -> tuple[str, int] | None:
     if data is None:
         raise store.CorruptionError(f"{where} is not a regular file of at most 1 MiB")
     dataset, version = modeldir.parse_pointer(data, where)
-    if "://" not in dataset and not os.path.isabs(dataset):
+    if fs.local_path(dataset) is not None and not os.path.isabs(dataset):
         raise store.CorruptionError(f"{where} names a relative dataset path; a pointer names an absolute one or a URI")
     return dataset, version
 

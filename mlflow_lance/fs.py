@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import stat
 import time
@@ -38,6 +39,7 @@ from urllib.parse import unquote, urlparse
 from .errors import CorruptionError
 
 StorageOptions = Mapping[str, str] | None
+SEEN_FILE = "_mlflow_lance/seen.json"  # when gc first saw each file, where listings carry no times
 
 # Object stores: a request with no complete answer within 10 s fails (reads go in 16 MiB
 # requests, so that is a stall, not a slow link), and a silent endpoint fails the call within
@@ -86,6 +88,26 @@ def lance_options(uri: str, storage_options: StorageOptions) -> dict[str, str] |
     return opts or None
 
 
+def proxied(uri: str) -> bool:
+    """Whether ``uri`` lies behind MLflow's artifact store (``mlflow-artifacts:/``, ``dbfs:/``,
+    ...), reached through ``transport`` rather than by Lance or pyarrow themselves."""
+    if local_path(uri) is not None:
+        return False
+    from . import transport
+
+    return transport.handles(uri)
+
+
+def lance_target(uri: str, storage_options: StorageOptions) -> tuple[str, dict[str, str] | None]:
+    """The URI and storage options Lance opens dataset ``uri`` with: the dataset itself, or for
+    one behind MLflow's artifact store, this process's loopback gateway to it (``transport``)."""
+    if proxied(uri):
+        from . import transport
+
+        return transport.lance_target(uri)
+    return uri, lance_options(uri, storage_options)
+
+
 _UNREACHABLE = (
     "error sending request",
     "timed out",
@@ -105,10 +127,14 @@ class Unreachable(ConnectionError):
     def __init__(self, uri: str, text: str, elapsed: float):
         silent = "timed out" in text or "Timeout" in text or elapsed > 5
         reason = f"timed out after {elapsed:.0f}s" if silent else "the connection failed"
+        check = (
+            "the MLflow tracking server (MLFLOW_TRACKING_URI), which serves its artifacts"
+            if "MLflow server" in text
+            else "the endpoint (MLFLOW_S3_ENDPOINT_URL or storage_options['aws_endpoint']), the credentials"
+        )
         super().__init__(
-            f"cannot reach the storage of {uri!r}: {reason} ({text.split(',')[0][:200]}). Check the "
-            f"endpoint (MLFLOW_S3_ENDPOINT_URL or storage_options['aws_endpoint']), the credentials "
-            f"and the network; nothing was written."
+            f"cannot reach the storage of {uri!r}: {reason} ({text.split(', check')[0][:300]}). Check "
+            f"{check} and the network; nothing was written."
         )
         self.text, self.elapsed = text, elapsed
 
@@ -122,6 +148,14 @@ def unreachable(uri: str, err: BaseException, elapsed: float = 0.0) -> Unreachab
     if isinstance(err, Unreachable):
         return err.about(uri)
     text = str(err)
+    if proxied(uri):
+        from . import transport
+
+        if isinstance(err, transport.Unanswered):
+            return Unreachable(uri, text, elapsed)
+        if "ServerUnreachable" in text or "status 400" in text:
+            seen = transport.failure(uri)
+            return Unreachable(uri, seen, elapsed) if seen else None
     return Unreachable(uri, text, elapsed) if any(m in text for m in _UNREACHABLE) else None
 
 
@@ -318,11 +352,16 @@ class Tree:
         self.storage_options = storage_options
         self._fds: dict[str, int | None] = {}
         self._made: list[str] = []  # directories a directory was created in
+        self._seen: dict[str, str] | None = None  # path -> first seen (stores that list no times)
+        self._listed: set[str] = set()
 
     def __enter__(self) -> Tree:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._seen is not None and exc[0] is None:
+            kept = {p: t for p, t in self._seen.items() if p.rpartition("/")[0] not in self._listed or p in self._now}
+            write_text(join(self.uri, SEEN_FILE), json.dumps(kept), self.storage_options)
         for fd in self._fds.values():
             if fd is not None:
                 os.close(fd)
@@ -390,11 +429,37 @@ class Tree:
             if _missing(err):
                 return []
             raise
-        return [
-            Entry(i.base_name, i.size or 0, (i.mtime or datetime.now(timezone.utc)).astimezone(timezone.utc))
-            for i in infos
-            if i.type == fs.FileType.File
-        ]
+        files = [i for i in infos if i.type == fs.FileType.File]
+        self._listed.add(sub)
+        return [Entry(i.base_name, i.size or 0, self._modified(sub, i)) for i in files]
+
+    def _modified(self, sub: str, info: Any) -> datetime:
+        """A listed file's modification time; where the store lists none (MLflow's artifact
+        service), when a gc first saw it, kept in ``_mlflow_lance/seen.json``: an age that
+        only grows across gc runs, so that a file no version names goes once it has been
+        unnamed for longer than the grace."""
+        if info.mtime is not None:
+            return info.mtime.astimezone(timezone.utc)
+        if self._seen is None:
+            text = read_text(join(self.uri, SEEN_FILE), self.storage_options, limit=64 << 20)
+            try:
+                loaded = json.loads(text) if text else {}
+            except ValueError:
+                loaded = {}
+            self._seen = (
+                {k: v for k, v in loaded.items() if isinstance(k, str) and isinstance(v, str)}
+                if isinstance(loaded, dict)
+                else {}
+            )
+            self._now: set[str] = set()
+        path = f"{sub}/{info.base_name}"
+        self._now.add(path)
+        now = datetime.now(timezone.utc)
+        try:
+            return min(now, datetime.fromisoformat(self._seen[path]))
+        except (KeyError, ValueError):
+            self._seen[path] = now.isoformat()
+            return now
 
     def remove(self, sub: str, name: str) -> bool:
         """Delete file ``name`` of directory ``sub``; False if it was already gone."""
@@ -500,12 +565,11 @@ def list_dirs(uri: str, storage_options: StorageOptions = None) -> list[str]:
     from pyarrow import fs
 
     filesystem, path = _filesystem(uri, storage_options)
-    scheme = uri.split("://", 1)[0]
     try:
         infos = filesystem.get_file_info(fs.FileSelector(path, allow_not_found=True))
     except OSError:
         return []
-    return sorted(f"{scheme}://{i.path}" for i in infos if i.type == fs.FileType.Directory)
+    return sorted(join(uri, i.base_name) for i in infos if i.type == fs.FileType.Directory)
 
 
 def list_names(uri: str, storage_options: StorageOptions = None) -> list[str] | None:
@@ -544,7 +608,13 @@ class RemoteFiles:
         return self._file(uri).size()
 
     def read_into(self, uri: str, position: int, dst: memoryview) -> int:
-        """Copy bytes from ``position`` into ``dst`` (16 MiB per request); the bytes copied."""
+        """Copy bytes from ``position`` into ``dst`` (16 MiB per request; behind MLflow's
+        artifact store one request, which its server answers from a whole-file fetch); the
+        bytes copied."""
+        if proxied(uri):
+            from . import transport
+
+            return transport.read_into(transport.locate(uri), position, dst)
         f, got = self._file(uri), 0
         while got < len(dst):
             piece = f.read_at(min(len(dst) - got, 16 << 20), position + got)
@@ -567,8 +637,9 @@ class RemoteFiles:
 
 
 def remote_supported(uri: str) -> bool:
-    """Whether pyarrow can read this object store itself (else reads go through Lance)."""
-    return urlparse(uri).scheme in ("s3", "s3a", "gs", "gcs")
+    """Whether pyarrow can read this object store (itself, or through ``transport``; else
+    reads go through Lance)."""
+    return urlparse(uri).scheme in ("s3", "s3a", "gs", "gcs") or proxied(uri)
 
 
 def _missing(err: OSError) -> bool:
@@ -580,6 +651,10 @@ def _filesystem(uri: str, storage_options: StorageOptions) -> tuple[Any, str]:
     """A pyarrow filesystem and path for ``uri`` (object storage), configured like Lance."""
     from pyarrow import fs
 
+    if proxied(uri):
+        from . import transport
+
+        return transport.filesystem(uri)
     opts = {**REMOTE_DEFAULTS, **dict(storage_options or {})}
     parsed = urlparse(uri)
     if parsed.scheme in ("s3", "s3a"):

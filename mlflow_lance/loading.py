@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
-from . import store
+from . import fs, store
 from .artifacts import options
 
-_MLFLOW_SCHEMES = ("runs", "models", "mlflow-artifacts")
+_MLFLOW_SCHEMES = ("runs", "models")
 
 
 def is_mlflow_uri(uri: str) -> bool:
@@ -28,7 +28,11 @@ def is_mlflow_uri(uri: str) -> bool:
     from .modeldir import kind
 
     scheme = uri.split(":", 1)[0] if ":" in uri else ""
-    return scheme in _MLFLOW_SCHEMES or kind(uri) == "model"
+    if scheme in _MLFLOW_SCHEMES:
+        return True
+    if fs.proxied(uri):  # an artifact URI: a dataset if it has versions, else a model directory
+        return not fs.list_names(fs.join(uri, "_versions"))
+    return kind(uri) == "model"
 
 
 def load_state_dict(

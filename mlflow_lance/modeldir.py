@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import CorruptionError
-from .fs import parse_yaml, read_bytes
+from .fs import local_path, parse_yaml, read_bytes
 
 FLAVOR_NAME = "mlflow_lance"
 MLMODEL = "MLmodel"
@@ -164,6 +164,6 @@ def pointer(model_dir: str) -> tuple[str, int]:
     the directory (a self-contained model), confined like every other file of it."""
     relative = f"{DATA}/{POINTER}"
     uri, version = parse_pointer(read(model_dir, relative), os.path.join(model_dir, relative))
-    if "://" not in uri and not os.path.isabs(uri):
+    if local_path(uri) is not None and not os.path.isabs(uri):
         uri = member(model_dir, f"{DATA}/{uri}")
     return uri, version

@@ -57,7 +57,16 @@ from .format import (
     problems,
     rows_digest,
 )
-from .fs import RemoteFiles, StorageOptions, Unreachable, join, lance_options, local_path, remote_supported
+from .fs import (
+    RemoteFiles,
+    StorageOptions,
+    Unreachable,
+    join,
+    lance_options,
+    lance_target,
+    local_path,
+    remote_supported,
+)
 from .tensors import META_COLUMNS, dtype_from_name, hash_bytes, readonly_bytes, stored_nbytes, uint8_view
 
 if TYPE_CHECKING:
@@ -224,13 +233,12 @@ class _SeedValues(_Bytes):
 
     def __init__(self, uri: str, version: int, storage_options: StorageOptions):
         super().__init__(uri, version)
-        self._opts = lance_options(uri, storage_options)
+        self._target = lance_target(uri, storage_options)
 
     def fill(self, row: Row, dst: torch.Tensor) -> int:
         count, data = decoder.request(
             "seed_values",
-            self.uri,
-            self._opts,
+            *self._target,
             what=f"row {row.index} of version {self.version}",
             memory=row.size,
             version=self.version,
@@ -486,8 +494,7 @@ def scan(dataset: Dataset, ds: lance.LanceDataset, table: list[index.Fragment]) 
     try:
         found, _ = decoder.request(
             "scan",
-            dataset.uri,
-            lance_options(dataset.uri, dataset.storage_options),
+            *lance_target(dataset.uri, dataset.storage_options),
             what=what,
             version=ds.version,
         )
@@ -515,8 +522,7 @@ def _seed(dataset: Dataset, ds: lance.LanceDataset) -> VersionReader:
     try:
         found, _ = decoder.request(
             "seed_rows",
-            dataset.uri,
-            lance_options(dataset.uri, dataset.storage_options),
+            *lance_target(dataset.uri, dataset.storage_options),
             what=what,
             version=ds.version,
         )

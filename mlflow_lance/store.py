@@ -66,7 +66,7 @@ from .format import (
     schema,
     select,
 )
-from .fs import StorageOptions, durable, lance_options, local_path, unreachable
+from .fs import StorageOptions, durable, lance_target, local_path, unreachable
 from .plan import RowData, Unit, plan_version
 from .readers import (
     THREADS,
@@ -865,7 +865,7 @@ def _commit(
     The version is a complete fragment list, so it stays valid on top of any newer version:
     a retry commits the same files against the new latest (jittered backoff, 64 tries).
     """
-    opts = lance_options(uri, storage_options)
+    target, opts = lance_target(uri, storage_options)
     import lance
     from lance.commit import CommitConflictError
 
@@ -873,7 +873,7 @@ def _commit(
 
     def commit() -> tuple[lance.LanceDataset, str]:
         txn = lance.Transaction(base[0], operation, uuid=str(uuid.uuid4()), transaction_properties=properties)
-        return lance.LanceDataset.commit(uri, txn, storage_options=opts), f"{base[0]}-{txn.uuid}.txn"
+        return lance.LanceDataset.commit(target, txn, storage_options=opts), f"{base[0]}-{txn.uuid}.txn"
 
     def conflict(err: Exception) -> bool:
         text = str(err).lower()
@@ -970,6 +970,7 @@ def _write_rows(
     from lance.fragment import write_fragments
 
     calls = _write_calls(units)
+    target, opts = lance_target(uri, storage_options)
 
     def write(call: list[int], mode: str = "create" if create else "append") -> list[FragmentMetadata]:
         # A compressor per call: one ZstdCompressor used by two threads at once fails.
@@ -979,12 +980,12 @@ def _write_rows(
         try:
             frags = write_fragments(
                 pa.RecordBatchReader.from_batches(schema, batches),
-                uri,
+                target,
                 schema=schema,
                 mode=mode,
                 max_rows_per_file=len(units[call[0]]),
                 data_storage_version=STORAGE_VERSION,
-                storage_options=lance_options(uri, storage_options),
+                storage_options=opts,
             )
         except OSError as err:  # another writer created the dataset since we looked
             if mode == "create" and "already exists" in str(err):
