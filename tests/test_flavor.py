@@ -267,10 +267,14 @@ def test_bad_input_to_log_model_writes_nothing(tracking):
     assert MlflowClient().list_artifacts(run.info.run_id) == []
 
 
-def test_proxied_artifacts_without_a_lance_root_say_what_to_set(tracking, monkeypatch):
+def test_proxied_artifacts_without_a_lance_root_keep_the_weights_behind_the_server(tracking, monkeypatch):
     monkeypatch.delenv("MLFLOW_LANCE_ROOT")
-    with mlflow.start_run(), pytest.raises(ValueError, match="Set MLFLOW_LANCE_ROOT"):
-        ml.log_model(SmallCNN(), name="model")
+    model = trained(SmallCNN(), 4)
+    with mlflow.start_run():
+        info = ml.log_model(model, name="model")
+    assert info.flavors["mlflow_lance"]["lance_uri"].startswith("mlflow-artifacts:/lance/experiments/")
+    loaded = ml.load_model(info.model_uri).state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in model.state_dict().items())
 
 
 def test_a_failure_after_the_commit_keeps_its_type_and_names_the_version(tmp_path, monkeypatch):

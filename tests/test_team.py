@@ -49,10 +49,12 @@ def test_lance_root_follows_the_artifact_location(monkeypatch):
         model_name="m", registered=False, artifact_location="file:///srv/mlruns/3", experiment_id="3"
     )
     assert loc.uri == f"/srv/mlruns/lance/experiments/3/{artifacts.safe_name('m')}.lance"
+    loc = artifacts.dataset_location(  # proxied: behind the tracking server's artifact store (transport)
+        model_name="m", registered=True, artifact_location="mlflow-artifacts:/1", experiment_id="1"
+    )
+    assert loc.uri == f"mlflow-artifacts:/lance/models/{artifacts.safe_name('m')}.lance"
     with pytest.raises(ValueError, match="Set MLFLOW_LANCE_ROOT"):
-        artifacts.dataset_location(
-            model_name="m", registered=True, artifact_location="mlflow-artifacts:/1", experiment_id="1"
-        )
+        artifacts.dataset_location(model_name="m", registered=True, artifact_location="runs:/x/y", experiment_id="1")
     monkeypatch.setenv("MLFLOW_LANCE_ROOT", "s3://other/root/")
     loc = artifacts.dataset_location(
         model_name="m", registered=True, artifact_location="mlflow-artifacts:/1", experiment_id="1"
