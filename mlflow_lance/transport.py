@@ -152,9 +152,28 @@ class Upstream:
         raise NotImplementedError
 
     def size(self, key: str) -> int | None:
-        """The size of file ``key``, None if there is none (from its directory's listing)."""
+        """The size of file ``key``, None if there is none (from its directory's listing; a
+        file that never changes once written is listed once per process)."""
+        sizes = self.__dict__.setdefault("_sizes", {})
+        if key in sizes:
+            return sizes[key]
         parent, _, name = key.rpartition("/")
-        return next((e.size or 0 for e in self.listdir(parent) if e.name == name and not e.is_dir), None)
+        found = None
+        for e in self.listdir(parent):
+            if not e.is_dir and e.name == name:
+                found = e.size or 0
+            if not e.is_dir and _fixed(f"{parent}/{e.name}"):
+                sizes[f"{parent}/{e.name}"] = e.size or 0
+        return found
+
+    def fetch(self, key: str, header: str) -> tuple[int, str | None, bytes]:
+        """A GET of ``key`` with HTTP Range ``header`` ("" for all): (status, Content-Range, bytes)."""
+        size = self.size(key)
+        if size is None:
+            raise FileNotFoundError(key)
+        start, end = _range(header, size)
+        data = b"".join(self.read(key, start, end)) if end > start else b""
+        return (206, f"bytes {start}-{start + len(data) - 1}/{size}", data) if header else (200, None, data)
 
 
 class ProxyUpstream(Upstream):
@@ -225,6 +244,7 @@ class ProxyUpstream(Upstream):
             response.close()
 
     def put(self, key: str, body: BinaryIO, length: int) -> None:
+        self.__dict__.setdefault("_sizes", {}).pop(key, None)
         response = self._request(
             "PUT",
             "/" + quote(key),
@@ -234,6 +254,19 @@ class ProxyUpstream(Upstream):
         self._check(response, key, "PUT")
         counters["uploaded"] += length
         counters["requests"] += 1
+
+    def fetch(self, key: str, header: str) -> tuple[int, str | None, bytes]:
+        response = self._request(
+            "GET", "/" + quote(key), stream=True, extra_headers={"Range": header} if header else None
+        )
+        counters["requests"] += 1
+        try:
+            self._check(response, key, "GET")
+            data = response.content
+        finally:
+            response.close()
+        counters["fetched"] += len(data)
+        return response.status_code, response.headers.get("Content-Range"), data
 
     def listdir(self, key: str) -> list[Listed]:
         response = self._request("GET", "", params={"path": key})
@@ -387,6 +420,11 @@ def locate(uri: str) -> Location:
 
 
 # --------------------------------------------------------------------------- the range cache
+
+
+def _fixed(key: str) -> bool:
+    """Files whose bytes never change once written: data files, manifests, transactions."""
+    return any(f"/{d}/" in f"/{key}" for d in ("data", "_versions", "_transactions")) and "/staged/" not in key
 
 
 def _immutable(key: str) -> bool:
@@ -980,7 +1018,7 @@ class _S3(BaseHTTPRequestHandler):
 
     def do_HEAD(self) -> None:  # noqa: N802
         def head(up: Upstream, bucket: str, key: str, query: dict) -> None:
-            size = up.size(key)
+            size = up.size(key) if _fixed(key) else _probe(up, key)
             if size is None:
                 raise FileNotFoundError(key)
             self.send_response(200)
@@ -997,6 +1035,10 @@ class _S3(BaseHTTPRequestHandler):
 
         def get(up: Upstream, bucket: str, key: str, query: dict) -> None:
             rng = self.headers.get("Range", "")
+            if not _immutable(key):  # one GET, passed through (a tag may change between two requests)
+                status, content_range, data = up.fetch(key, rng)
+                headers = {**_meta(key, len(data)), **({"Content-Range": content_range} if content_range else {})}
+                return self._reply(status, data, headers)
             size = up.size(key)
             if size is None:
                 raise FileNotFoundError(key)
@@ -1179,6 +1221,13 @@ def _walk(up: Upstream, folder: str, *, recursive: bool) -> tuple[list[tuple[str
             if len(files) + len(folders) > MAX_LISTING:
                 raise CorruptionError(f"{folder} at {up.label} lists more than {MAX_LISTING} entries")
     return files, folders
+
+
+def _probe(up: Upstream, key: str) -> int:
+    """The size of a file that may change, from a one-byte GET (no listing of its folder)."""
+    status, content_range, data = up.fetch(key, "bytes=0-0")
+    total = (content_range or "").rpartition("/")[2]
+    return int(total) if status == 206 and total.isdigit() else len(data)
 
 
 def _range(header: str, size: int) -> tuple[int, int]:
