@@ -300,3 +300,28 @@ def test_the_gateway_refuses_other_processes_and_keys_outside_the_datasets_it_op
         with pytest.raises(urllib.error.HTTPError) as err:
             urllib.request.urlopen(request, timeout=10)
         assert err.value.code in (400, 403), path
+
+
+def test_any_artifact_repository_mlflow_knows_carries_a_dataset(tracking, tmp_path, monkeypatch):
+    """A scheme only MLflow can open (as dbfs:/ or azureml:// are), through its ArtifactRepository
+    API: here a plugin scheme over a local folder, registered the way plugins are."""
+    from mlflow.store.artifact.artifact_repository_registry import _artifact_repository_registry
+    from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
+
+    folder = tmp_path / "plugin-store"
+    folder.mkdir()
+
+    def factory(uri: str, tracking_uri: str | None = None, registry_uri: str | None = None) -> LocalArtifactRepository:
+        return LocalArtifactRepository(str(folder), tracking_uri=tracking_uri)
+
+    monkeypatch.setitem(_artifact_repository_registry._registry, "plugin-store", factory)
+    uri = "plugin-store://team/lance/w.lance"
+    first = {"a": torch.arange(6.0), "b": torch.ones(2, 2)}
+    store.save_state_dict(first, uri)
+    second = {**first, "b": torch.zeros(2, 2)}
+    assert store.save_state_dict(second, uri).changed == ("b",)
+    assert [v.version for v in ml.versions(uri)] == [1, 2]
+    for version, want in ((1, first), (2, second)):
+        got = ml.load_state_dict(uri, version)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert list(folder.glob("lance/w.lance/_versions/*.manifest"))  # the weights are in that store
