@@ -18,6 +18,7 @@ file or directory inside it (a link or a special file is refused, as a load refu
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import stat
@@ -135,10 +136,54 @@ def _copy_tree(src: str, dst: str) -> None:
             if stat.S_ISDIR(mode):
                 todo.append((path, os.path.join(out, name), depth + 1))
             elif stat.S_ISREG(mode):
-                shutil.copyfile(path, os.path.join(out, name), follow_symlinks=False)
+                _copy_sparse(path, os.path.join(out, name))
             else:
                 kind = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
                 raise CorruptionError(f"{path} is {kind}; a model directory is bundled only from regular files in it")
+
+
+def _copy_sparse(src: str, dst: str) -> None:
+    """Copy a regular file (opened without following a link or waiting on a FIFO) keeping its
+    holes: only the ranges ``SEEK_DATA`` / ``SEEK_HOLE`` report as data are written, the rest
+    stays a hole of the new file, so the copy takes on disk what the source does (a file system
+    without holes reports one range: all data). Never more than the source's size at the start."""
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            for start, end in _data_ranges(fd, size):
+                while start < end:
+                    chunk = os.pread(fd, min(end - start, 1 << 20), start)
+                    if not chunk:  # the source shrank meanwhile
+                        break
+                    os.pwrite(out, chunk, start)
+                    start += len(chunk)
+            os.ftruncate(out, size)  # a trailing hole is a hole
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+
+
+def _data_ranges(fd: int, size: int) -> list[tuple[int, int]]:
+    """The [start, end) ranges of the file that hold data (all of it where the platform cannot tell)."""
+    if not hasattr(os, "SEEK_DATA"):  # Windows
+        return [(0, size)]
+    ranges, pos = [], 0
+    while pos < size:
+        try:
+            start = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as err:
+            if err.errno == errno.ENXIO:  # only a hole from pos to the end
+                break
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        if start >= end:
+            break
+        ranges.append((start, end))
+        pos = end
+    return ranges
 
 
 def _refuse_foreign_loader(model_dir: str) -> None:

@@ -191,48 +191,198 @@ def gathered_rng_states(group: Any) -> list[dict]:
     return [_deep_copy(r, torch.from_numpy, np.ndarray) for r in rngs]
 
 
-def set_rng_state(state: Mapping) -> None:
-    """Restore the random number generators from a checkpoint's ``rng`` entry; every part is
-    checked before any generator changes (CorruptionError names what is malformed)."""
+@dataclass(frozen=True)
+class Generators:
+    """Generator states checked by ``check_rng_state``, in the form each generator takes."""
+
+    torch: torch.Tensor
+    numpy: tuple
+    python: tuple
+    cuda: tuple[torch.Tensor, ...] | None  # None: the checkpoint kept none, or this machine has no CUDA
+
+
+_MT_WORDS = 624  # MT19937's state: 624 32-bit words and a position in 0..624
+
+
+def _malformed_rng(where: str, field: str, why: str) -> store.CorruptionError:
+    return store.CorruptionError(
+        f"{where}: the checkpoint's rng state is malformed: {field} {why}; load it with restore_rng=False "
+        f"(no generator was changed)"
+    )
+
+
+def _shown(value: Any) -> str:
+    """A stored value as an error shows it: a number itself (short), anything else its type."""
+    if value is None or isinstance(value, (bool, int, float)):
+        text = repr(value)
+        return text if len(text) <= 40 else f"{text[:37]}..."
+    return f"a {type(value).__name__}"
+
+
+def _integer(value: Any) -> bool:
+    return type(value) is int
+
+
+def _finite(value: Any) -> bool:
+    """A real number (not a bool) that converts to a finite float."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
     try:
-        n, p = state["numpy"], state["python"]
-        torch_state = state["torch"]
-        keys = n["keys"].numpy()
-        numpy_state = (str(n["kind"]), keys, int(n["pos"]), int(n["has_gauss"]), float(n["cached"]))
-        gauss = p["gauss_next"]
-        python_state = (
-            int(p["version"]),
-            tuple(int(x) for x in p["internal"]),
-            None if gauss is None else float(gauss),
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
+def _mt_words(words: Any) -> str | None:
+    """Why 624 MT19937 words (a sequence of ints or a uint32 array) cannot be a generator's
+    state, or None: a word outside 32 bits, or the all-zero state, which no seeding reaches
+    (the first word's top bit and every other word zero) and which draws only zeros."""
+    if isinstance(words, np.ndarray):
+        if words.dtype != np.uint32 or words.shape != (_MT_WORDS,):
+            return f"is {words.dtype} of shape {list(words.shape)}, not {_MT_WORDS} uint32 words"
+        first, rest_zero = int(words[0]), not words[1:].any()
+    else:
+        if len(words) != _MT_WORDS or not all(_integer(w) and 0 <= w < 1 << 32 for w in words):
+            return f"is not {_MT_WORDS} integers in 0..2**32-1"
+        first, rest_zero = words[0], not any(words[1:])
+    if first & 0x80000000 == 0 and rest_zero:
+        return "is the all-zero state, which no seeding reaches (the generator would draw only zeros)"
+    return None
+
+
+def _check_torch_state(where: str, field: str, value: Any, device: str = "cpu") -> torch.Tensor:
+    """A torch generator state: a 1-D uint8 CPU tensor that a scratch generator of ``device``
+    accepts (torch checks its size and its MT19937 / Philox fields there)."""
+    if not isinstance(value, torch.Tensor):
+        raise _malformed_rng(where, field, f"is {type(value).__name__}, not a uint8 tensor")
+    if value.dtype != torch.uint8 or value.dim() != 1 or value.device.type != "cpu":
+        raise _malformed_rng(where, field, f"is a {value.dtype} tensor of shape {list(value.shape)}, not 1-D uint8")
+    try:
+        torch.Generator(device=device).set_state(value)
+    except (RuntimeError, ValueError, TypeError) as err:
+        raise _malformed_rng(where, field, f"is not a state torch accepts ({str(err).splitlines()[0][:200]})") from None
+    return value
+
+
+def check_rng_state(state: Any, where: str = "the checkpoint", field: str = "rng") -> Generators:
+    """Check a checkpoint's ``rng`` entry without changing any generator: numpy's MT19937 (its
+    name, 624 uint32 words that are not the all-zero state, a position in 0..624, ``has_gauss``
+    0 or 1 and a finite cached gaussian), Python's ``random`` (version 3, 625 ints: 624 words
+    of 32 bits and a position in 0..624, ``gauss_next`` None or finite), torch's CPU state and
+    each CUDA state (uint8 tensors that a scratch generator accepts; CUDA states are checked
+    against this machine's devices only when it has them).
+
+    Args:
+        state: the stored entry (``{"torch", "numpy", "python"}`` and optionally ``"cuda"``).
+        where: the checkpoint, as errors name it.
+        field: the entry's path in the checkpoint, as errors name it.
+
+    Returns:
+        The states in the form each generator takes (``set_rng_state`` restores them).
+
+    Raises:
+        CorruptionError: names the checkpoint and the first malformed field.
+    """
+    if not isinstance(state, Mapping):
+        raise _malformed_rng(where, field, f"is {type(state).__name__}, not a mapping")
+    if "torch" not in state:
+        raise _malformed_rng(where, f"{field}.torch", "is missing")
+    for key in ("numpy", "python"):
+        if not isinstance(state.get(key), Mapping):
+            raise _malformed_rng(where, f"{field}.{key}", "is missing or not a mapping")
+    cpu = _check_torch_state(where, f"{field}.torch", state["torch"])
+    n, p = state["numpy"], state["python"]
+    missing = [f"numpy.{k}" for k in ("kind", "keys", "pos", "has_gauss", "cached") if k not in n]
+    missing += [f"python.{k}" for k in ("version", "internal", "gauss_next") if k not in p]
+    if missing:
+        raise _malformed_rng(where, f"{field}.{missing[0]}", "is missing")
+    if n["kind"] != "MT19937" or type(n["kind"]) is not str:
+        raise _malformed_rng(where, f"{field}.numpy.kind", "is not 'MT19937'")
+    keys = n["keys"]
+    if not isinstance(keys, torch.Tensor) or keys.dtype != torch.uint32:
+        kind = keys.dtype if isinstance(keys, torch.Tensor) else type(keys).__name__
+        raise _malformed_rng(where, f"{field}.numpy.keys", f"is {kind}, not a uint32 tensor (nothing is cast)")
+    words = keys.detach().cpu().numpy()
+    if (why := _mt_words(words)) is not None:
+        raise _malformed_rng(where, f"{field}.numpy.keys", why)
+    if not _integer(n["pos"]) or not 0 <= n["pos"] <= _MT_WORDS:
+        raise _malformed_rng(where, f"{field}.numpy.pos", f"is {_shown(n['pos'])}, not an integer in 0..{_MT_WORDS}")
+    if not _integer(n["has_gauss"]) or n["has_gauss"] not in (0, 1):
+        raise _malformed_rng(where, f"{field}.numpy.has_gauss", f"is {_shown(n['has_gauss'])}, not 0 or 1")
+    if not _finite(n["cached"]):
+        raise _malformed_rng(where, f"{field}.numpy.cached", f"is {_shown(n['cached'])}, not a finite number")
+    if not _integer(p["version"]) or p["version"] != 3:
+        raise _malformed_rng(
+            where, f"{field}.python.version", f"is {_shown(p['version'])}, not 3 (random.getstate()'s)"
         )
-        cuda = list(state["cuda"]) if "cuda" in state and torch.cuda.is_available() else None
-        if (
-            not isinstance(torch_state, torch.Tensor)
-            or torch_state.dtype != torch.uint8
-            or keys.shape != (624,)
-            or len(python_state[1]) != 625
-        ):
-            raise ValueError("unexpected shapes")
-        saved_torch, saved_numpy, saved_python = (
-            torch.get_rng_state(),
-            np.random.get_state(),
-            random.getstate(),
+    internal = p["internal"]
+    if not isinstance(internal, (list, tuple)) or len(internal) != _MT_WORDS + 1:
+        raise _malformed_rng(where, f"{field}.python.internal", f"is not a list of {_MT_WORDS + 1} integers")
+    if (why := _mt_words(internal[:_MT_WORDS])) is not None:
+        raise _malformed_rng(where, f"{field}.python.internal", why)
+    if not _integer(internal[-1]) or not 0 <= internal[-1] <= _MT_WORDS:
+        raise _malformed_rng(
+            where, f"{field}.python.internal[-1]", f"(the position) is {_shown(internal[-1])}, not in 0..{_MT_WORDS}"
         )
-        try:
-            torch.set_rng_state(torch_state)
-            np.random.set_state(numpy_state)
-            random.setstate(python_state)
-            if cuda is not None:
-                torch.cuda.set_rng_state_all(cuda)
-        except BaseException:
-            torch.set_rng_state(saved_torch)
-            np.random.set_state(saved_numpy)
-            random.setstate(saved_python)
-            raise
-    except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError, OverflowError) as err:
-        raise store.CorruptionError(
-            f"the checkpoint's rng state is malformed ({type(err).__name__}); load it with restore_rng=False"
-        ) from None
+    gauss = p["gauss_next"]
+    if gauss is not None and not _finite(gauss):
+        raise _malformed_rng(
+            where, f"{field}.python.gauss_next", f"is {_shown(gauss)}, neither None nor a finite number"
+        )
+    return Generators(
+        torch=cpu,
+        numpy=("MT19937", words.copy(), n["pos"], n["has_gauss"], float(n["cached"])),
+        python=(3, tuple(internal), None if gauss is None else float(gauss)),
+        cuda=_check_cuda_states(where, f"{field}.cuda", state.get("cuda")),
+    )
+
+
+def _check_cuda_states(where: str, field: str, states: Any) -> tuple[torch.Tensor, ...] | None:
+    """The CUDA states to restore: one per device this machine has, up to as many as were kept
+    (None without CUDA or without states). Each is checked as a uint8 tensor; on a machine
+    with CUDA, by a scratch generator of its device too."""
+    if states is None:
+        return None
+    if not isinstance(states, (list, tuple)):
+        raise _malformed_rng(where, field, f"is {type(states).__name__}, not a list of states")
+    devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    for i, s in enumerate(states):
+        if i < devices:
+            _check_torch_state(where, f"{field}[{i}]", s, device=f"cuda:{i}")
+        elif not isinstance(s, torch.Tensor) or s.dtype != torch.uint8 or s.dim() != 1:
+            raise _malformed_rng(where, f"{field}[{i}]", "is not a 1-D uint8 tensor")
+    return tuple(states[:devices]) if devices else None
+
+
+def _get_generators() -> Generators:
+    cuda = tuple(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else None
+    return Generators(torch.get_rng_state(), np.random.get_state(), random.getstate(), cuda)
+
+
+def _put_generators(g: Generators) -> None:
+    torch.set_rng_state(g.torch)
+    np.random.set_state(g.numpy)
+    random.setstate(g.python)
+    for i, s in enumerate(g.cuda or ()):
+        torch.cuda.set_rng_state(s, i)
+
+
+def set_rng_state(state: Mapping | Generators, where: str = "the checkpoint") -> None:
+    """Restore the random number generators from a checkpoint's ``rng`` entry, all of them or
+    none: the entry is checked first (``check_rng_state``; CorruptionError names the checkpoint
+    ``where`` and the malformed field), and a failure while setting puts back every generator.
+
+    Args:
+        state: a checkpoint's ``rng`` entry, or what ``check_rng_state`` returned for one.
+        where: the checkpoint, as errors name it.
+    """
+    checked = state if isinstance(state, Generators) else check_rng_state(state, where)
+    before = _get_generators()
+    try:
+        _put_generators(checked)
+    except BaseException:
+        _put_generators(before)
+        raise
 
 
 @dataclass(frozen=True)
@@ -632,6 +782,8 @@ def _load_sharded(
 
     resolved, dataset, version = distributed.from_rank0(where, group, "resolving the checkpoint")
     stored, template, error = None, None, None
+    generators: Generators | None = None
+    undo: list[Callable[[], None]] = []
     try:
         if optimizer is not None:
             model_state, optimizer_state = get_state_dict(model, optimizer)
@@ -653,21 +805,32 @@ def _load_sharded(
         if not isinstance(stored, Mapping) or MODEL_KEY not in stored or "step" not in stored:
             raise store.WeightsError(f"{uri} is not a checkpoint logged by mlflow_lance.log_checkpoint")
         _check_wanted(uri, stored, optimizer, scheduler, restore_rng)
+        if why := _malformed(stored):
+            raise store.CorruptionError(f"the checkpoint at {uri} is malformed: {why}")
+        if optimizer is not None:
+            _check_optimizer_state(uri, stored["optimizer"])
+        if restore_rng:  # this rank's own generators where the checkpoint kept them, else rank 0's
+            checked = check_rng_states(stored, uri)
+            generators = checked.get(f"rng_by_rank[{rank}]", checked["rng"])
+        if scheduler is not None:  # loaded here, so that any rank's refusal puts it back on all
+            undo.append(_load_scheduler(uri, scheduler, stored["scheduler"]))
     except Exception as err:  # noqa: BLE001 (raised on every rank by agree)
         error = err
-    distributed.agree(error, group, "loading the checkpoint", outcome="")
-    opts = StateDictOptions(strict=strict)
-    if optimizer is not None:
-        set_state_dict(
-            model, optimizer, model_state_dict=stored[MODEL_KEY], optim_state_dict=stored["optimizer"], options=opts
-        )
-    else:
-        set_model_state_dict(model, stored[MODEL_KEY], options=opts)
-    if scheduler is not None:
-        scheduler.load_state_dict(stored["scheduler"])
-    if restore_rng:
-        by_rank = stored.get("rng_by_rank") or []
-        set_rng_state(by_rank[rank] if rank < len(by_rank) else stored["rng"])
+    try:
+        distributed.agree(error, group, "loading the checkpoint", outcome="")
+        opts = StateDictOptions(strict=strict)
+        if optimizer is not None:
+            set_state_dict(
+                model, optimizer, model_state_dict=stored[MODEL_KEY], optim_state_dict=stored["optimizer"], options=opts
+            )
+        else:
+            set_model_state_dict(model, stored[MODEL_KEY], options=opts)
+    except BaseException:
+        for put_back in undo:
+            put_back()
+        raise
+    if generators is not None:
+        set_rng_state(generators)
     return {
         "step": stored["step"],
         "metrics": stored.get("metrics", {}),
@@ -766,6 +929,12 @@ def load_checkpoint(
     """Restore a checkpoint in place: the model's weights, the optimizer's and scheduler's
     state and the RNGs, so that training goes on as if it had never stopped.
 
+    All or nothing: every part asked for is checked before any is restored (the model's keys
+    and shapes, the optimizer's state and groups against the live optimizer, the scheduler's
+    keys and kinds against its own, every generator state), and a part that torch still
+    refuses puts back the parts restored before it. A refusal leaves the model, optimizer,
+    scheduler and generators as they were.
+
     Args:
         uri: ``models:/<model id>``, ``runs:/<run id>/checkpoint`` (the run's latest), or a
             model directory.
@@ -778,8 +947,10 @@ def load_checkpoint(
         ``{"step", "metrics", "extra", "model_uri"}`` of the checkpoint restored.
 
     Raises:
-        WeightsError: not a checkpoint, or it lacks the optimizer / scheduler / RNG state asked for.
-        CorruptionError: its stored state is malformed (nothing is restored).
+        WeightsError: not a checkpoint, it lacks the optimizer / scheduler / RNG state asked for,
+            or its model state does not fit the model (nothing is restored).
+        CorruptionError: its stored state is malformed, naming the checkpoint and the field
+            (nothing is restored).
 
     Example:
         >>> state = load_checkpoint("runs:/<run id>/checkpoint", model, optimizer, scheduler)
@@ -792,13 +963,27 @@ def load_checkpoint(
     state = read_checkpoint(uri)
     _check_wanted(uri, state, optimizer, scheduler, restore_rng)
     if model is not None:
-        model.load_state_dict(state["model"], strict=strict)
+        _check_model_state(uri, model, state["model"], strict)
+    indexed = None
     if optimizer is not None:
-        optimizer.load_state_dict(_indexed_optimizer_state(model, optimizer, state["optimizer"]))
-    if scheduler is not None:
-        scheduler.load_state_dict(state["scheduler"])
-    if restore_rng:
-        set_rng_state(state["rng"])
+        _check_optimizer_state(uri, state["optimizer"])
+        indexed = _indexed_optimizer_state(model, optimizer, state["optimizer"])
+    generators = check_rng_states(state, uri)["rng"] if restore_rng else None
+    undo: list[Callable[[], None]] = []  # puts back each part restored, should a later one fail
+    try:
+        if scheduler is not None:
+            undo.append(_load_scheduler(uri, scheduler, state["scheduler"]))
+        if optimizer is not None:
+            undo.append(_load_optimizer(uri, optimizer, indexed))
+        if generators is not None:
+            undo.append(lambda before=_get_generators(): _put_generators(before))
+            set_rng_state(generators)
+        if model is not None:
+            model.load_state_dict(state["model"], strict=strict)
+    except BaseException:
+        for put_back in reversed(undo):
+            put_back()
+        raise
     return {
         "step": state["step"],
         "metrics": state.get("metrics", {}),
@@ -814,6 +999,169 @@ def _check_wanted(uri: str, state: Mapping, optimizer: Any, scheduler: Any, rest
             raise store.WeightsError(
                 f"{uri} holds no {key} state" + (" (pass restore_rng=False)" if key == "rng" else "")
             )
+
+
+def check_rng_states(state: Mapping, where: str) -> dict[str, Generators]:
+    """Every generator state a stored checkpoint keeps, checked (``check_rng_state``): ``rng``,
+    and each rank's under ``rng_by_rank``, at the top level (a sharded checkpoint) or in
+    ``extra`` (where the Lightning integration keeps them when rank 0 logs for all).
+
+    Args:
+        state: the stored checkpoint (``read_checkpoint``'s form).
+        where: the checkpoint, as errors name it.
+
+    Returns:
+        The checked states by field: ``"rng"``, ``"rng_by_rank[1]"``, ``"extra.rng_by_rank[1]"``.
+
+    Raises:
+        CorruptionError: names the checkpoint and the first malformed field.
+    """
+    out = {"rng": check_rng_state(state.get("rng"), where)}
+    extra = state.get("extra")
+    for field, by_rank in (
+        ("rng_by_rank", state.get("rng_by_rank")),
+        ("extra.rng_by_rank", extra.get("rng_by_rank") if isinstance(extra, Mapping) else None),
+    ):
+        if by_rank is None:
+            continue
+        if not isinstance(by_rank, (list, tuple)):
+            raise _malformed_rng(where, field, f"is {type(by_rank).__name__}, not a list (one entry per rank)")
+        for rank, entry in enumerate(by_rank):
+            out[f"{field}[{rank}]"] = check_rng_state(entry, where, f"{field}[{rank}]")
+    return out
+
+
+def _check_model_state(where: str, model: torch.nn.Module, stored: Mapping, strict: bool) -> None:
+    """Refuse, before the model changes, a stored state dict that ``load_state_dict`` would
+    load only in part: missing or unexpected keys (with ``strict``), or a shape that differs
+    from the model's (torch copies the tensors that fit before it raises for the rest)."""
+    live = model.state_dict()
+    missing = [k for k in live if k not in stored]
+    unexpected = [k for k in stored if k not in live]
+    if strict and (missing or unexpected):
+        raise store.WeightsError(
+            f"{where} does not fit the model: missing keys {missing[:5]}, unexpected keys {unexpected[:5]} "
+            f"(strict=False loads the keys both have); nothing was restored"
+        )
+    for key, value in stored.items():
+        mine = live.get(key)
+        if mine is not None and not torch.nn.parameter.is_lazy(mine) and value.shape != mine.shape:
+            raise store.WeightsError(
+                f"{where} does not fit the model: {key!r} is {list(value.shape)} in the checkpoint and "
+                f"{list(mine.shape)} in the model; nothing was restored"
+            )
+
+
+def _malformed_optimizer(where: str, field: str, why: str) -> store.CorruptionError:
+    return store.CorruptionError(
+        f"{where}: the checkpoint's optimizer state is malformed: {field} {why}; nothing was restored"
+    )
+
+
+def _state_value(value: Any) -> bool:
+    """Whether ``value`` can be an optimizer's per-parameter state: tensors, numbers, None, and
+    lists, tuples or str-keyed mappings of those (torch's load casts every tensor in them and
+    rebuilds every other iterable: a string would come back as another string)."""
+    if value is None or isinstance(value, (torch.Tensor, bool, int, float)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_state_value(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _state_value(v) for k, v in value.items())
+    return False
+
+
+def _check_optimizer_state(where: str, named: Mapping) -> None:
+    """Refuse what torch's ``Optimizer.load_state_dict`` (and the optimizers' ``__setstate__``,
+    which turn a ``step`` into a tensor) would fail on or garble: every ``step`` a finite
+    number or a one-element real tensor, every other state value tensors or numbers."""
+    for name, entry in named["state"].items():
+        for key, value in entry.items():
+            field = f"optimizer.state[{name!r}][{key!r}]"
+            if key == "step":
+                if not (
+                    _finite(value)
+                    or (
+                        isinstance(value, torch.Tensor)
+                        and value.numel() == 1
+                        and not value.dtype.is_complex
+                        and value.dtype != torch.bool
+                        and bool(torch.isfinite(value).all())
+                    )
+                ):
+                    shown = "a tensor" if isinstance(value, torch.Tensor) else _shown(value)
+                    raise _malformed_optimizer(where, field, f"is {shown}, not a finite number or a one-element tensor")
+            elif not _state_value(value):
+                raise _malformed_optimizer(where, field, f"holds a {type(value).__name__}, not tensors or numbers")
+
+
+def _load_optimizer(where: str, optimizer: torch.optim.Optimizer, indexed: dict) -> Callable[[], None]:
+    """Load the checked state with torch's own ``load_state_dict``; if torch still refuses it,
+    put the optimizer back as it was and raise CorruptionError naming the checkpoint. Returns
+    what puts it back (should a later part of the checkpoint fail)."""
+    before = optimizer.state_dict()  # references the live state: a load replaces, never mutates, it
+
+    def put_back() -> None:
+        optimizer.load_state_dict(before)
+
+    try:
+        optimizer.load_state_dict(indexed)
+    except Exception as err:  # noqa: BLE001 - anything torch raises here is about the stored state
+        put_back()
+        raise store.CorruptionError(
+            f"{where}: the optimizer refused the checkpoint's optimizer state ({type(err).__name__}: "
+            f"{str(err)[:300]}); nothing was restored"
+        ) from err
+    return put_back
+
+
+def _scheduler_value_fits(saved: Any, live: Any) -> bool:
+    """Whether a stored scheduler attribute can stand where the scheduler has ``live``."""
+    if live is None:
+        return True
+    if isinstance(live, bool) or isinstance(saved, bool):
+        return type(saved) is type(live)
+    if isinstance(live, (int, float, torch.Tensor)):
+        return isinstance(saved, (int, float, torch.Tensor))
+    if isinstance(live, Mapping):
+        return isinstance(saved, Mapping)
+    if isinstance(live, (list, tuple)):
+        return isinstance(saved, (list, tuple))
+    return type(saved) is type(live)
+
+
+def _load_scheduler(where: str, scheduler: Any, saved: Any) -> Callable[[], None]:
+    """Load a stored scheduler state whose keys are the scheduler's own (a scheduler loads by
+    updating its attributes: another key would shadow a method) and whose values are of the
+    kinds its own are; if the scheduler still refuses it (a mode it does not know, a nested
+    scheduler's state), put it back as it was and raise CorruptionError naming the checkpoint.
+    Returns what puts it back (should a later part of the checkpoint fail)."""
+    live = scheduler.state_dict()  # its values are replaced by a load, not mutated
+    if not isinstance(saved, Mapping):
+        raise store.CorruptionError(f"{where}: the checkpoint's scheduler state is not a mapping; nothing was restored")
+    unknown = [k for k in saved if k not in live]
+    wrong = [k for k in saved if k in live and not _scheduler_value_fits(saved[k], live[k])]
+    if unknown or wrong:
+        raise store.CorruptionError(
+            f"{where}: the checkpoint's scheduler state does not fit {type(scheduler).__name__}: "
+            + (f"keys it does not have {[str(k)[:60] for k in unknown[:5]]}" if unknown else "")
+            + ("; " if unknown and wrong else "")
+            + (f"values of another kind for {wrong[:5]}" if wrong else "")
+            + "; nothing was restored"
+        )
+
+    def put_back() -> None:
+        scheduler.load_state_dict(live)
+
+    try:
+        scheduler.load_state_dict(dict(saved))
+    except Exception as err:  # noqa: BLE001 - anything the scheduler raises here is about the stored state
+        put_back()
+        raise store.CorruptionError(
+            f"{where}: {type(scheduler).__name__} refused the checkpoint's scheduler state "
+            f"({type(err).__name__}: {str(err)[:300]}); nothing was restored"
+        ) from err
+    return put_back
 
 
 def read_checkpoint(uri: str) -> dict[str, Any]:

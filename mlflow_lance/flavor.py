@@ -1025,7 +1025,7 @@ def model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
         if conf is None:
             raise ValueError(f"{uri} was not logged with mlflow_lance (no {FLAVOR_NAME} flavor)")
         if not conf.get("self_contained"):
-            where = f"the {FLAVOR_NAME} flavor of {uri}"
+            where = f"MLmodel of {uri} (its {FLAVOR_NAME} flavor)"
             yield modeldir.checked_pointer(conf.get("lance_uri"), conf.get("lance_version"), where)
             return
         with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as tmp:

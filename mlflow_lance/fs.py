@@ -28,11 +28,12 @@ import errno
 import json
 import os
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from urllib.parse import unquote, urlparse
 
@@ -118,6 +119,7 @@ _UNREACHABLE = (
     "tcp connect",
     "Couldn't connect",
     "NETWORK_CONNECTION",
+    "Could not resolve",
 )
 
 
@@ -157,6 +159,43 @@ def unreachable(uri: str, err: BaseException, elapsed: float = 0.0) -> Unreachab
             seen = transport.failure(uri)
             return Unreachable(uri, seen, elapsed) if seen else None
     return Unreachable(uri, text, elapsed) if any(m in text for m in _UNREACHABLE) else None
+
+
+OBJECT_STORES = ("s3", "s3a", "gs", "gcs")  # read by Lance and pyarrow, with the time limits above
+
+
+LANCE_ONLY = ("az", "abfs", "abfss")  # opened by Lance (loads through its blob API), not pyarrow
+
+
+def _mlflow_schemes() -> frozenset[str]:
+    """The schemes MLflow has an artifact repository for (reached through ``transport``)."""
+    from .transport import mlflow_schemes
+
+    return mlflow_schemes()
+
+
+def check_scheme(uri: str, where: str) -> None:
+    """Refuse, before any I/O, a dataset URI that a file (``where``: a pointer, MLmodel) names
+    with a scheme nothing here reaches. Supported: local paths (``file://`` too), the object
+    stores of ``OBJECT_STORES``, and every scheme MLflow has an artifact repository for
+    (``mlflow-artifacts``, ``http(s)``, ``dbfs``, ...). An object-store URI with a query or a
+    fragment is refused as well: the request it makes must go to the store it names.
+
+    Raises:
+        CorruptionError: names ``where``, the scheme (never the rest of the URI) and the
+            supported schemes.
+    """
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if scheme in OBJECT_STORES + LANCE_ONLY and ("?" in uri or "#" in uri):
+        raise CorruptionError(f"{where} names a {scheme}:// dataset URI with a query or fragment, which is refused")
+    if local_path(uri) is not None or scheme in OBJECT_STORES + LANCE_ONLY or scheme in _mlflow_schemes():
+        return
+    mlflow = ", ".join(sorted(s for s in _mlflow_schemes() if s))
+    raise CorruptionError(
+        f"{where} names a dataset with the scheme {scheme[:40]!r}, which mlflow-lance does not read; supported: "
+        f"local paths, {', '.join(OBJECT_STORES + LANCE_ONLY)}, and what MLflow reaches ({mlflow})"
+    )
 
 
 def join(uri: str, *parts: str) -> str:
@@ -673,8 +712,75 @@ def _filesystem(uri: str, storage_options: StorageOptions) -> tuple[Any, str]:
             kwargs["endpoint_override"] = ep.netloc or endpoint
             kwargs["scheme"] = ep.scheme or "https"
         return fs.S3FileSystem(**{k: v for k, v in kwargs.items() if v}), f"{parsed.netloc}{parsed.path}"
-    filesystem, path = fs.FileSystem.from_uri(uri)
+    if parsed.scheme in ("gs", "gcs"):
+        limit = _call_limit(opts)
+        gcs = fs.GcsFileSystem(retry_time_limit=timedelta(seconds=_seconds(opts.get("client_retry_timeout")) or 0))
+        return _Bounded(gcs, uri, limit), f"{parsed.netloc}{parsed.path}"
+    try:
+        filesystem, path = fs.FileSystem.from_uri(uri)
+    except ValueError:  # pyarrow's ArrowInvalid: a scheme it has no filesystem for
+        raise ValueError(
+            f"cannot open {uri}: pyarrow has no filesystem for {parsed.scheme!r}; object storage is read "
+            f"from {', '.join(OBJECT_STORES)}"
+        ) from None
     return filesystem, path
+
+
+def _call_limit(opts: Mapping[str, str]) -> float:
+    """How long one call to a store without its own request timeouts (GCS) may take: every
+    attempt its connect and request time, (1 + client_max_retries) x (connect_timeout +
+    timeout), 30 s by default."""
+    per_try = (_seconds(opts.get("connect_timeout")) or 0) + (_seconds(opts.get("timeout")) or 0)
+    return (1 + _count(opts.get("client_max_retries"))) * (per_try or 15)
+
+
+class _Bounded:
+    """A pyarrow filesystem, or a file it opened, whose every call is given up after ``limit``
+    seconds with ``Unreachable`` (a ConnectionError naming the URI). pyarrow's GCS filesystem
+    has no request timeout: one request to an endpoint that accepts and never answers stalls
+    for 120 s inside google-cloud-cpp, whatever its retry limit. The call given up ends in a
+    daemon thread of its own (never joined at exit)."""
+
+    def __init__(self, target: Any, uri: str, limit: float):
+        self._target, self._uri, self._limit = target, uri, limit
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._target, name)
+        if not callable(attr):
+            return attr
+
+        def bounded(*args: Any, **kwargs: Any) -> Any:
+            out = _within(self._limit, self._uri, lambda: attr(*args, **kwargs))
+            return _Bounded(out, self._uri, self._limit) if hasattr(out, "read") or hasattr(out, "write") else out
+
+        return bounded
+
+    def __enter__(self) -> _Bounded:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _within(limit: float, uri: str, call: Any) -> Any:
+    """``call()``'s result, or Unreachable if it has none after ``limit`` seconds."""
+    box: dict[str, Any] = {}
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            box["out"] = call()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+            box["err"] = err
+        done.set()
+
+    started = time.monotonic()
+    threading.Thread(target=run, daemon=True, name="mlflow-lance-store-call").start()
+    if not done.wait(limit):
+        raise Unreachable(uri, f"no answer within {limit:.0f}s (timed out)", time.monotonic() - started)
+    if "err" in box:
+        raise box["err"]
+    return box["out"]
 
 
 def _count(text: str | None) -> int:

@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from .errors import CorruptionError
-from .fs import local_path, parse_yaml, read_bytes
+from .fs import check_scheme, local_path, parse_yaml, read_bytes
 
 FLAVOR_NAME = "mlflow_lance"
 MLMODEL = "MLmodel"
@@ -45,9 +45,10 @@ def kind(path: str) -> str | None:
         return None
 
 
-def member(model_dir: str, relative: object) -> str:
+def member(model_dir: str, relative: object, named_by: str | None = None) -> str:
     """The path of file ``relative`` of the model directory, checked: a relative path with no
-    '..' and no link on the way. CorruptionError names what is wrong."""
+    '..' and no link on the way. CorruptionError names what is wrong, and the file that names
+    ``relative`` (``named_by``; by default the directory's MLmodel)."""
     if (
         not isinstance(relative, str)
         or not relative
@@ -56,7 +57,8 @@ def member(model_dir: str, relative: object) -> str:
         or any(part in ("", ".", "..") for part in relative.split("/"))
     ):
         raise CorruptionError(
-            f"MLmodel of {model_dir} names {str(relative)[:200]!r}, which is not a file inside the model directory"
+            f"{named_by or f'MLmodel of {model_dir}'} names {str(relative)[:200]!r}, which is not a file inside "
+            f"the model directory"
         )
     path = model_dir
     for part in relative.split("/"):
@@ -139,8 +141,9 @@ def parse_pointer(data: bytes, where: str) -> tuple[str, int]:
 
 
 def checked_pointer(uri: object, version: object, where: str) -> tuple[str, int]:
-    """(Lance URI, version) if ``uri`` is a non-empty string and ``version`` a version number;
-    else CorruptionError naming ``where``, never quoting the values."""
+    """(Lance URI, version) if ``uri`` is a non-empty string with a scheme mlflow-lance reads
+    (``fs.check_scheme``) and ``version`` a version number; else CorruptionError naming
+    ``where``, never quoting the values."""
     if (
         not isinstance(uri, str)
         or not uri
@@ -149,6 +152,7 @@ def checked_pointer(uri: object, version: object, where: str) -> tuple[str, int]
         or not 0 <= version < 1 << 63
     ):
         raise CorruptionError(f"{where} must map lance_uri to a URI and lance_version to a version number")
+    check_scheme(uri, where)
     return uri, version
 
 
@@ -163,7 +167,8 @@ def pointer(model_dir: str) -> tuple[str, int]:
     """(Lance URI, version) the directory's weights are; a relative URI is a dataset inside
     the directory (a self-contained model), confined like every other file of it."""
     relative = f"{DATA}/{POINTER}"
-    uri, version = parse_pointer(read(model_dir, relative), os.path.join(model_dir, relative))
+    where = os.path.join(model_dir, relative)
+    uri, version = parse_pointer(read(model_dir, relative), where)
     if local_path(uri) is not None and not os.path.isabs(uri):
-        uri = member(model_dir, f"{DATA}/{uri}")
+        uri = member(os.path.join(model_dir, DATA), uri, named_by=where)  # data/ itself was checked by read()
     return uri, version

@@ -1,6 +1,6 @@
 """The tally of the untrusted-input corpus (tests/test_untrusted.py, test_attacks.py,
-test_byteflip.py): each case records how it ended, refused (a clear error) or correct (the
-right data). conftest.py counts the corpus tests that failed in the same run and writes both
+test_untrusted_state.py, test_byteflip.py): each case records how it ended, refused (a clear
+error) or correct (the right data). conftest.py counts the corpus tests that failed in the same run and writes both
 to test-artifacts/untrusted.json at the end of the session, for the README's table."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 from collections import Counter
 
 OUTCOMES: Counter = Counter()  # (input class, outcome) -> cases
-CORPUS_FILES = ("test_untrusted.py", "test_attacks.py", "test_byteflip.py")
+CORPUS_FILES = ("test_untrusted.py", "test_attacks.py", "test_untrusted_state.py", "test_byteflip.py")
 
 
 def record(kind: str, outcome: str, n: int = 1) -> None:

@@ -95,7 +95,8 @@ class _MLflowLanceIO(CheckpointIO):
         if not str(path).startswith(_URI_PREFIXES):
             return self.base.load_checkpoint(path, map_location=map_location, weights_only=weights_only)
         state = ckpt.read_checkpoint(str(path))
-        lightning = state["extra"].get("lightning")
+        ckpt.check_rng_states(state, str(path))  # every rank's, before Lightning restores anything
+        lightning = state.get("extra", {}).get("lightning")
         if lightning is None:
             raise ValueError(
                 f"{path} was not logged from Lightning (no extra['lightning']); restore it with "
@@ -136,10 +137,12 @@ def _log(checkpoint: dict[str, Any], req: _LogRequest) -> None:
 
 def _own_rng(rank0: dict, state: dict) -> dict:
     """This rank's generators from a checkpoint that kept every rank's (a sharded one at its top
-    level, one rank 0 logged in ``extra``); rank 0's for a rank it did not have."""
+    level, one rank 0 logged in ``extra``); rank 0's for a rank it did not have. Every entry was
+    checked by ``check_rng_states`` (``load_checkpoint`` checks them too) before anything was
+    restored."""
     import torch.distributed as dist
 
-    by_rank = state.get(_RNG_BY_RANK) or state["extra"].get(_RNG_BY_RANK) or []
+    by_rank = state.get(_RNG_BY_RANK) or state.get("extra", {}).get(_RNG_BY_RANK) or []
     rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
     return by_rank[rank] if rank < len(by_rank) else rank0
 

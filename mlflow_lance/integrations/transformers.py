@@ -177,15 +177,15 @@ def resume_training(trainer: Trainer, uri: str, **train_kwargs: Any) -> Any:
         torch.save(state["model"], os.path.join(folder, "pytorch_model.bin"))
         torch.save(ckpt.optimizer_state_in_saved_order(state["optimizer"]), os.path.join(folder, "optimizer.pt"))
         torch.save(state["scheduler"], os.path.join(folder, "scheduler.pt"))
-        torch.save(_trainer_rng_state(state["rng"]), os.path.join(folder, "rng_state.pth"))
+        torch.save(_trainer_rng_state(state["rng"], uri), os.path.join(folder, "rng_state.pth"))
         with open(os.path.join(folder, "trainer_state.json"), "w") as f:
             f.write(trainer_state)
         return trainer.train(resume_from_checkpoint=folder, **train_kwargs)
 
 
-def _trainer_rng_state(stored: dict) -> dict:
+def _trainer_rng_state(stored: dict, uri: str) -> dict:
     """The generators in the form the Trainer's ``rng_state.pth`` has (one process)."""
-    ckpt.set_rng_state(stored)
+    ckpt.set_rng_state(stored, uri)
     rng = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.random.get_rng_state()
