@@ -207,9 +207,9 @@ class ProxyUpstream(Upstream):
 
     def _check(self, response: Any, key: str, method: str) -> None:
         if response.status_code >= 400:
-            text = response.text[:300] if not response.raw or response.status_code != 404 else ""
             if response.status_code == 404:
                 raise FileNotFoundError(f"{key} not found at {self.label}")
+            text = response.text[:300]
             if response.status_code >= 500:
                 raise Unanswered(f"the MLflow server at {self.label} failed a {method} of {key}: {text}")
             raise PermissionError(f"the MLflow server at {self.label} refused a {method} of {key}: {text}")
@@ -1013,6 +1013,9 @@ class _S3(BaseHTTPRequestHandler):
             self._error(400, "ServerUnreachable", str(err))  # not retried: the gateway retried already
         except (CorruptionError, PermissionError, ValueError) as err:
             self._error(403, "AccessDenied", str(err))
+        except Exception as err:  # the tracking store refused a claim, ...: Lance gets an answer, not a hang-up
+            self.server.failures[bucket] = f"{type(err).__name__}: {err}"
+            self._error(500, "InternalError", f"{type(err).__name__}: {err}"[:1000])
 
     # -- verbs
 
