@@ -132,6 +132,8 @@ def test_log_register_load_checkpoint_and_gc_through_the_proxy(client, tmp_path,
     assert [v["version"] for v in json.loads(capsys.readouterr().out)] == [1]
     assert cli(["verify", "proxied"]) == 0
     assert cli(["sync", "proxied"]) == 0
+    assert cli(["diff", "proxied", "1", "1"]) == 0
+    assert cli(["gc", "proxied", "--dry-run"]) == 0
     assert cli(["export", "proxied", str(tmp_path / "w.safetensors")]) == 0
     assert (tmp_path / "w.safetensors").stat().st_size > 0
     assert cli(["bundle", "models:/proxied/1", str(tmp_path / "bundle")]) == 0
