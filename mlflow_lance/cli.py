@@ -274,14 +274,35 @@ def cmd_gc(args: argparse.Namespace) -> int:
         freed = "" if args.dry_run else f" ({r.bytes_removed:,} bytes freed)"
         lines.append(
             f"{printable(r.dataset)}: {verb} versions {r.removed_versions or 'none'}{freed}; "
-            f"{len(r.kept_referenced)} versions referenced by MLflow; "
-            f"unpinned {len(r.unpinned)}, pinned {len(r.pinned)}"
+            f"{_kept(r.kept)}; unpinned {len(r.unpinned)}, pinned {len(r.pinned)}"
         )
     total = sum(r.bytes_removed for r in results)
     if not args.dry_run:
         lines.append(f"{sum(len(r.removed_versions) for r in results)} versions, {total:,} bytes freed")
     _emit(args, [asdict(r) for r in results], "\n".join(lines) or "no datasets found")
     return EXIT_OK
+
+
+_KEPT_BECAUSE = {  # gc's reasons, in the order the summary names them
+    "mlflow_reference": "referenced by MLflow",
+    "tag": "tagged",
+    "latest": "latest",
+    "keep_last": "within keep_last",
+    "older_than": "newer than older_than",
+    "grace": "within the grace period",
+    "not_logged_by_mlflow": "not logged by MLflow",
+}
+
+
+def _kept(kept: dict[int, list[str]]) -> str:
+    """'kept 3 versions: 2 referenced by MLflow, 1 tagged, ...': a version kept for several
+    reasons counts under each."""
+    counts = dict.fromkeys(_KEPT_BECAUSE, 0)
+    for why in kept.values():
+        for reason in {r.split(":", 1)[0] for r in why}:
+            counts[reason] = counts.get(reason, 0) + 1
+    because = ", ".join(f"{n} {_KEPT_BECAUSE.get(r, r)}" for r, n in counts.items() if n)
+    return f"kept {len(kept)} version{'' if len(kept) == 1 else 's'}" + (f": {because}" if because else "")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

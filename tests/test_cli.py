@@ -61,6 +61,11 @@ def test_diff_tag_and_gc(capsys, dataset):
     assert ml.tags(dataset) == {"keep": 1}
     code, out, _ = run(capsys, "gc", str(dataset), "--keep-last", "1", "--grace-minutes", "0", "--dry-run", "--json")
     assert json.loads(out)[0]["removed_versions"] == []  # the only old version is tagged
+    assert json.loads(out)[0]["kept"] == {"1": ["tag:keep"], "2": ["latest"]}
+    assert json.loads(out)[0]["kept_referenced"] == []  # MLflow never saw this dataset
+    code, out, _ = run(capsys, "gc", str(dataset), "--keep-last", "1", "--dry-run")  # 30 min grace
+    assert code == 0 and "kept 2 versions: 1 tagged, 1 latest, 1 within the grace period;" in out
+    assert "MLflow" not in out
     assert run(capsys, "tag", str(dataset), "keep", "--delete")[0] == 0
     code, out, _ = run(capsys, "gc", str(dataset), "--keep-last", "1", "--grace-minutes", "0", "--json")
     assert code == 0 and json.loads(out)[0]["removed_versions"] == [1]
