@@ -390,7 +390,7 @@ def _read_checkpoint(path: str) -> dict:
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise TypeError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
 
 
@@ -406,7 +406,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     from . import store
 
     uri = _resolve(args.target)
-    sd = _read_checkpoint(args.input)
+    try:
+        sd = store.prepare(_read_checkpoint(args.input))
+    except TypeError as err:  # the file holds what cannot be stored: bad input (exit 2), not a bug
+        raise ValueError(f"{args.input}: {err}") from None
     with _bar(args, 1, "version", "import") as bar:
         info = store.save_state_dict(
             sd,
@@ -550,9 +553,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _internal(args)
         except LookupError as err:  # the registry has no such model
             return _fail(args, err, EXIT_NOT_FOUND)
-        except (ValueError, TypeError, OSError) as err:
+        except (ValueError, OSError) as err:
             # bad arguments or input: WeightsError and CorruptionError (a corrupt or crafted
-            # dataset) are ValueErrors; OSError: storage that refused or cannot be reached
+            # dataset) are ValueErrors; OSError: storage that refused or cannot be reached.
+            # A TypeError is a bug (exit 4 below): input checks that raise one are turned
+            # into ValueErrors where the command reads its input (cmd_import)
             return _fail(args, err, EXIT_USAGE)
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
