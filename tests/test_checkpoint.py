@@ -85,10 +85,13 @@ def test_async_checkpoints_stage_copies_and_surface_background_errors(tracking, 
     monkeypatch.setattr(checkpoint.flavor, "_log", broken)
     with mlflow.start_run():
         ml.log_checkpoint(model, opt, step=2, blocking=False)
-        with pytest.raises(RuntimeError, match="disk on fire"):
+        with pytest.raises(OSError, match="disk on fire") as raised:  # its own type, not a RuntimeError
             ml.log_checkpoint(model, opt, step=3, blocking=False)  # raised by the next call
+        assert type(raised.value) is OSError
+        if sys.version_info >= (3, 11):
+            assert "earlier log_checkpoint(blocking=False)" in raised.value.__notes__[0]
         ml.log_checkpoint(model, opt, step=4, blocking=False)
-        with pytest.raises(RuntimeError, match="disk on fire"):
+        with pytest.raises(OSError, match="disk on fire"):
             ml.wait_for_checkpoints()  # ... or at flush
         ml.wait_for_checkpoints()  # each error surfaces once
 
