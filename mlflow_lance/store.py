@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import struct
@@ -125,6 +126,8 @@ __all__ = [
     "versions",
     "write_version",
 ]
+
+_logger = logging.getLogger(__name__)
 
 _PARALLEL_WRITE_BYTES = 64 << 20
 _CALL_BYTES = 64 << 20
@@ -558,11 +561,21 @@ def versions(uri: str | os.PathLike | Dataset, *, storage_options: StorageOption
     out = []
     for v in version_list(ds):
         n = v["version"]
-        txn = lance_call(lambda n=n: ds.read_transaction(n), ds.uri, f"the commit of version {n}")
+        try:
+            txn = lance_call(lambda n=n: ds.read_transaction(n), ds.uri, f"the commit of version {n}")
+        except CorruptionError:
+            if _removed_since_listed(ds, n):
+                continue
+            raise
         props = dict(txn.transaction_properties or {}) if txn is not None else {}
         tags = tuple(sorted(by_version.get(n, ())))
         if PROP + "tensors" not in props:  # written by something else: derive the figures
-            entries = describe(dataset, checkout(ds, n)).entries
+            try:
+                entries = describe(dataset, checkout(ds, n)).entries
+            except (CorruptionError, VersionNotFoundError):
+                if _removed_since_listed(ds, n):
+                    continue
+                raise
             total = sum(e.nbytes for e in entries.values() if e.tie is None)
             props = {
                 PROP + "tensors": str(len(entries)),
@@ -572,6 +585,17 @@ def versions(uri: str | os.PathLike | Dataset, *, storage_options: StorageOption
             }
         out.append(_version_info(ds.uri, n, _aware(v["timestamp"]), props, tags))
     return out
+
+
+def _removed_since_listed(ds: lance.LanceDataset, version: int) -> bool:
+    """Whether ``version``, listed a moment ago and unreadable now, is no longer listed: a gc
+    beside this read removed it. It is gone, not damaged: left out of the listing, and logged."""
+    if any(v["version"] == version for v in version_list(ds)):
+        return False  # still there and cannot be read: that is damage
+    _logger.info(
+        "version %d of %s was removed (by a gc beside this read) after it was listed; left out", version, ds.uri
+    )
+    return True
 
 
 def diff(
