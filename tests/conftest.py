@@ -94,7 +94,15 @@ def report(name: str, key: str, value: object) -> None:
     path = ARTIFACTS / name
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc[key] = value
-    path.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    _write_json(path, doc, sort_keys=True)
+
+
+def _write_json(path: Path, doc: object, **kwargs) -> None:
+    """Write ``path`` whole or not at all (a temp file renamed over it), so that another test
+    run beside this one, writing to the same test-artifacts/, never reads half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, **kwargs))
+    os.replace(tmp, path)
 
 
 def pytest_sessionfinish(session) -> None:
@@ -104,7 +112,7 @@ def pytest_sessionfinish(session) -> None:
     included, slowest first; which are marked slow)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     if corpus.OUTCOMES:
-        (ARTIFACTS / "untrusted.json").write_text(json.dumps(corpus.report(_CORPUS_FAILED), indent=2))
+        _write_json(ARTIFACTS / "untrusted.json", corpus.report(_CORPUS_FAILED))
     import importlib.metadata
     import platform
 
@@ -120,7 +128,7 @@ def pytest_sessionfinish(session) -> None:
         "tests": dict(sorted(_OUTCOMES.items())),
         "selection": " ".join(session.config.invocation_params.args),
     }
-    (ARTIFACTS / "run.json").write_text(json.dumps(run, indent=2))
+    _write_json(ARTIFACTS / "run.json", run)
     durations = {
         "date": run["date"],
         "selection": run["selection"],
@@ -129,7 +137,7 @@ def pytest_sessionfinish(session) -> None:
         "not_slow_total_seconds": round(sum(v for k, v in _SECONDS.items() if k not in _SLOW)),
         "slow_total_seconds": round(sum(v for k, v in _SECONDS.items() if k in _SLOW)),
     }
-    (ARTIFACTS / "durations.json").write_text(json.dumps(durations, indent=1))
+    _write_json(ARTIFACTS / "durations.json", durations)
 
 
 def free_port() -> int:
