@@ -652,7 +652,9 @@ def gc(
 
     Returns:
         A GcResult per dataset: versions removed, bytes freed (orphans included), pins set and
-        removed, and, with ``all``, why a dataset was left alone (``skipped``).
+        removed, why each version kept stays (``kept``: an MLflow reference, a person's tag,
+        latest, keep_last, older_than, grace, or never logged by MLflow), and, with ``all``,
+        why a dataset was left alone (``skipped``).
 
     Example:
         >>> gc(all=True, dry_run=True)

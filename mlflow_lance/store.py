@@ -791,7 +791,8 @@ def gc(
     latest when it started, so that version must outlive any save in flight. The latest
     version is always kept. Files no version names (a killed save's) go once they are older
     than ``grace``. Deletes stay inside the dataset (see cleanup.py). ``dry_run`` reports
-    what would go and deletes nothing.
+    what would go and deletes nothing. The report says why each version kept stays
+    (``GcReport.kept``).
 
     This is the store's gc, which knows nothing of MLflow; ``mlflow_lance.gc`` asks MLflow
     what it still references before calling it.
