@@ -488,8 +488,10 @@ class _Writer:
                 self._inflight = None  # nothing keeps the staged copy alive any more
             seen = id(future) in self._surfaced
             self._surfaced.discard(id(future))
-        if error is not None and not seen:
-            raise RuntimeError(f"an earlier checkpoint failed to write: {error}") from error
+        if error is not None and not seen:  # its own type, so callers can catch what failed
+            if hasattr(error, "add_note"):  # Python 3.11+
+                error.add_note("(raised by an earlier log_checkpoint(blocking=False): that checkpoint was not written)")
+            raise error
 
     def submit(self, fn, *args) -> Future:
         self.wait()
@@ -512,10 +514,10 @@ def wait_for_checkpoints() -> None:
 def _flush_at_exit() -> None:
     try:
         _writer.wait()
-    except RuntimeError as err:  # nothing to raise to at exit: say it
+    except Exception as err:  # any background failure (its own type): nothing to raise to at exit, say it
         import sys
 
-        print(f"mlflow-lance: {err}", file=sys.stderr)
+        print(f"mlflow-lance: an earlier checkpoint failed to write: {type(err).__name__}: {err}", file=sys.stderr)
 
 
 def _checkpoint_dataset(run: Any, lance_uri: str | None) -> str:

@@ -274,14 +274,35 @@ def cmd_gc(args: argparse.Namespace) -> int:
         freed = "" if args.dry_run else f" ({r.bytes_removed:,} bytes freed)"
         lines.append(
             f"{printable(r.dataset)}: {verb} versions {r.removed_versions or 'none'}{freed}; "
-            f"{len(r.kept_referenced)} versions referenced by MLflow; "
-            f"unpinned {len(r.unpinned)}, pinned {len(r.pinned)}"
+            f"{_kept(r.kept)}; unpinned {len(r.unpinned)}, pinned {len(r.pinned)}"
         )
     total = sum(r.bytes_removed for r in results)
     if not args.dry_run:
         lines.append(f"{sum(len(r.removed_versions) for r in results)} versions, {total:,} bytes freed")
     _emit(args, [asdict(r) for r in results], "\n".join(lines) or "no datasets found")
     return EXIT_OK
+
+
+_KEPT_BECAUSE = {  # gc's reasons, in the order the summary names them
+    "mlflow_reference": "referenced by MLflow",
+    "tag": "tagged",
+    "latest": "latest",
+    "keep_last": "within keep_last",
+    "older_than": "newer than older_than",
+    "grace": "within the grace period",
+    "not_logged_by_mlflow": "not logged by MLflow",
+}
+
+
+def _kept(kept: dict[int, list[str]]) -> str:
+    """'kept 3 versions: 2 referenced by MLflow, 1 tagged, ...': a version kept for several
+    reasons counts under each."""
+    counts = dict.fromkeys(_KEPT_BECAUSE, 0)
+    for why in kept.values():
+        for reason in {r.split(":", 1)[0] for r in why}:
+            counts[reason] = counts.get(reason, 0) + 1
+    because = ", ".join(f"{n} {_KEPT_BECAUSE.get(r, r)}" for r, n in counts.items() if n)
+    return f"kept {len(kept)} version{'' if len(kept) == 1 else 's'}" + (f": {because}" if because else "")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -369,7 +390,7 @@ def _read_checkpoint(path: str) -> dict:
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict):
-        raise TypeError(f"{path} holds a {type(obj).__name__}, not a state dict")
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict")
     return obj
 
 
@@ -385,7 +406,10 @@ def cmd_import(args: argparse.Namespace) -> int:
     from . import store
 
     uri = _resolve(args.target)
-    sd = _read_checkpoint(args.input)
+    try:
+        sd = store.prepare(_read_checkpoint(args.input))
+    except TypeError as err:  # the file holds what cannot be stored: bad input (exit 2), not a bug
+        raise ValueError(f"{args.input}: {err}") from None
     with _bar(args, 1, "version", "import") as bar:
         info = store.save_state_dict(
             sd,
@@ -529,9 +553,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _internal(args)
         except LookupError as err:  # the registry has no such model
             return _fail(args, err, EXIT_NOT_FOUND)
-        except (ValueError, TypeError, OSError) as err:
+        except (ValueError, OSError) as err:
             # bad arguments or input: WeightsError and CorruptionError (a corrupt or crafted
-            # dataset) are ValueErrors; OSError: storage that refused or cannot be reached
+            # dataset) are ValueErrors; OSError: storage that refused or cannot be reached.
+            # A TypeError is a bug (exit 4 below): input checks that raise one are turned
+            # into ValueErrors where the command reads its input (cmd_import)
             return _fail(args, err, EXIT_USAGE)
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise

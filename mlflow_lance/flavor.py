@@ -23,6 +23,7 @@ import re
 import shutil
 import sys
 import tempfile
+import threading
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -670,22 +671,52 @@ def _log(
     return info
 
 
+_announcing = threading.local()  # the registered model this thread's log just created, if any
+_announcer_lock = threading.Lock()
+_announcer_installed = False
+
+
+def _install_announcer() -> None:
+    """Once per process: MLflow's event stream (what its ``eprint`` writes to) rewrites "already
+    exists" into "Successfully registered model" for the thread inside ``_new_model_announced``
+    and that model only; every other line, and every other thread's, passes unchanged. Nothing
+    is swapped per call (``sys.stderr`` never), so concurrent logs cannot see each other's
+    rewrite or restore a stream under each other. Without that stream (another MLflow),
+    MLflow's own line stays."""
+    global _announcer_installed
+    with _announcer_lock:
+        if _announcer_installed:
+            return
+        _announcer_installed = True
+        try:
+            from mlflow.utils.logging_utils import MLFLOW_LOGGING_STREAM as stream
+        except ImportError:
+            return
+        original = stream.write
+
+        def write(text: str) -> Any:
+            name = getattr(_announcing, "name", None)
+            if (
+                name is not None
+                and text == f"Registered model {name!r} already exists. Creating a new version of this model..."
+            ):
+                text = f"Successfully registered model '{name}'."
+            return original(text)
+
+        stream.write = write
+
+
 @contextlib.contextmanager
 def _new_model_announced(name: str) -> Iterator[None]:
     """For a registered model this log creates (the binding creates it just before MLflow
     registers the version): the line MLflow prints for a new model, not "already exists"."""
-    exists = f"Registered model {name!r} already exists. Creating a new version of this model..."
-    real = sys.stderr
-
-    class Announcing(io.TextIOBase):
-        def write(self, text: str) -> int:
-            return real.write(f"Successfully registered model '{name}'." if text == exists else text)
-
-        def flush(self) -> None:
-            real.flush()
-
-    with contextlib.redirect_stderr(Announcing()):
+    _install_announcer()
+    outer = getattr(_announcing, "name", None)
+    _announcing.name = name
+    try:
         yield
+    finally:
+        _announcing.name = outer
 
 
 def _log_sharded(

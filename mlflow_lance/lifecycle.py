@@ -535,11 +535,16 @@ class GcResult:
     bytes_removed: int  # everything freed, orphans included
     pinned: list[str]
     unpinned: list[str]
-    kept_referenced: list[int]
+    kept_referenced: list[int]  # versions a live logged model or model version references
     dry_run: bool = False
     skipped: str | None = None  # why this dataset was left alone (``all=True`` only)
     orphan_files: int = 0  # files no version named (what killed saves left)
     orphan_bytes: int = 0
+    # why each version that stays stays, every reason that holds: "mlflow_reference",
+    # "tag:<name>", "latest", "keep_last", "older_than" (newer than the cutoff), "grace"
+    # (superseded less than grace ago), "not_logged_by_mlflow" (no keep_last/older_than given,
+    # and MLflow never logged it)
+    kept: dict[int, list[str]] = field(default_factory=dict)
 
 
 def is_managed(uri: str, opts: Mapping[str, str] | None = None) -> bool:
@@ -586,6 +591,20 @@ def gc_dataset(
     )
     if not dry_run and (report.removed_versions or pinned or unpinned):
         sidecar.refresh(uri, opts, model_names=refs.bindings())
+    kept = {}
+    for version, why in report.kept.items():
+        # a pin is a tag MLflow's references put there, not a person's; outside the candidates
+        # means referenced, or (no keep_last / older_than) never logged by MLflow
+        outside = "mlflow_reference" if version in p.referenced else "not_logged_by_mlflow"
+        named = [
+            "mlflow_reference"
+            if r.startswith("tag:") and sidecar.is_pin(r[4:])
+            else outside
+            if r == "not_a_candidate"
+            else r
+            for r in why
+        ]
+        kept[version] = list(dict.fromkeys(named))
     return GcResult(
         uri,
         report.removed_versions,
@@ -596,6 +615,7 @@ def gc_dataset(
         dry_run=dry_run,
         orphan_files=report.orphan_files,
         orphan_bytes=report.orphan_bytes,
+        kept=kept,
     )
 
 
@@ -632,7 +652,9 @@ def gc(
 
     Returns:
         A GcResult per dataset: versions removed, bytes freed (orphans included), pins set and
-        removed, and, with ``all``, why a dataset was left alone (``skipped``).
+        removed, why each version kept stays (``kept``: an MLflow reference, a person's tag,
+        latest, keep_last, older_than, grace, or never logged by MLflow), and, with ``all``,
+        why a dataset was left alone (``skipped``).
 
     Example:
         >>> gc(all=True, dry_run=True)
@@ -657,10 +679,11 @@ def gc(
                     r.bytes_removed,
                     [],
                     [],
-                    r.kept_tagged,
+                    [],  # MLflow references nothing here: tagged versions are in ``kept``
                     dry_run=dry_run,
                     orphan_files=r.orphan_files,
                     orphan_bytes=r.orphan_bytes,
+                    kept=r.kept,
                 )
             ]
     refs = References(assume_logged_here=assume_logged_here)

@@ -90,9 +90,12 @@ def parse_model_version_pin(tag: str) -> tuple[str, str] | None:
 
 
 def _int(value: object) -> int | None:
+    """``value`` as an int, or None where it is none: YAML's .inf and .nan, a fraction, a bool."""
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        return None
     try:
         return int(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 

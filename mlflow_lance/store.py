@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import re
 import struct
@@ -126,6 +127,8 @@ __all__ = [
     "write_version",
 ]
 
+_logger = logging.getLogger(__name__)
+
 _PARALLEL_WRITE_BYTES = 64 << 20
 _CALL_BYTES = 64 << 20
 _COMMIT_ATTEMPTS = 64
@@ -185,6 +188,10 @@ class GcReport:
     kept_tagged: list[int]
     orphan_files: int = 0  # files no version named (what killed saves left)
     orphan_bytes: int = 0
+    # why each version that stays stays, every reason that holds: "latest", "keep_last",
+    # "tag:<name>", "older_than" (newer than the cutoff), "grace" (superseded less than grace
+    # ago), "not_a_candidate" (outside ``candidates``: the caller decided to keep it)
+    kept: dict[int, list[str]] = field(default_factory=dict)
 
 
 class LoadResult(NamedTuple):
@@ -554,11 +561,21 @@ def versions(uri: str | os.PathLike | Dataset, *, storage_options: StorageOption
     out = []
     for v in version_list(ds):
         n = v["version"]
-        txn = lance_call(lambda n=n: ds.read_transaction(n), ds.uri, f"the commit of version {n}")
+        try:
+            txn = lance_call(lambda n=n: ds.read_transaction(n), ds.uri, f"the commit of version {n}")
+        except CorruptionError:
+            if _removed_since_listed(ds, n):
+                continue
+            raise
         props = dict(txn.transaction_properties or {}) if txn is not None else {}
         tags = tuple(sorted(by_version.get(n, ())))
         if PROP + "tensors" not in props:  # written by something else: derive the figures
-            entries = describe(dataset, checkout(ds, n)).entries
+            try:
+                entries = describe(dataset, checkout(ds, n)).entries
+            except (CorruptionError, VersionNotFoundError):
+                if _removed_since_listed(ds, n):
+                    continue
+                raise
             total = sum(e.nbytes for e in entries.values() if e.tie is None)
             props = {
                 PROP + "tensors": str(len(entries)),
@@ -568,6 +585,17 @@ def versions(uri: str | os.PathLike | Dataset, *, storage_options: StorageOption
             }
         out.append(_version_info(ds.uri, n, _aware(v["timestamp"]), props, tags))
     return out
+
+
+def _removed_since_listed(ds: lance.LanceDataset, version: int) -> bool:
+    """Whether ``version``, listed a moment ago and unreadable now, is no longer listed: a gc
+    beside this read removed it. It is gone, not damaged: left out of the listing, and logged."""
+    if any(v["version"] == version for v in version_list(ds)):
+        return False  # still there and cannot be read: that is damage
+    _logger.info(
+        "version %d of %s was removed (by a gc beside this read) after it was listed; left out", version, ds.uri
+    )
+    return True
 
 
 def diff(
@@ -763,15 +791,18 @@ def gc(
     latest when it started, so that version must outlive any save in flight. The latest
     version is always kept. Files no version names (a killed save's) go once they are older
     than ``grace``. Deletes stay inside the dataset (see cleanup.py). ``dry_run`` reports
-    what would go and deletes nothing.
+    what would go and deletes nothing. The report says why each version kept stays
+    (``GcReport.kept``).
 
     This is the store's gc, which knows nothing of MLflow; ``mlflow_lance.gc`` asks MLflow
     what it still references before calling it.
     """
     dataset = Dataset.of(uri, storage_options)
-    doomed, kept_tagged = _gc_select(dataset.lance, keep_last, older_than, grace, candidates, ignore_tags)
+    doomed, kept = _gc_select(dataset.lance, keep_last, older_than, grace, candidates, ignore_tags)
     swept = cleanup.sweep(dataset, doomed, grace=grace, dry_run=dry_run)
-    return GcReport(swept.versions, swept.bytes_removed, kept_tagged, swept.orphans, swept.orphan_bytes)
+    old = {v: why for v, why in kept.items() if "latest" not in why and "keep_last" not in why}
+    kept_tagged = sorted(v for v, why in old.items() if any(r.startswith("tag:") for r in why))
+    return GcReport(swept.versions, swept.bytes_removed, kept_tagged, swept.orphans, swept.orphan_bytes, kept)
 
 
 # --------------------------------------------------------------------------- saving
@@ -1286,29 +1317,39 @@ def _gc_select(
     grace: timedelta,
     candidates: Collection[int] | None = None,
     ignore_tags: Collection[str] = (),
-) -> tuple[list[int], list[int]]:
-    """(versions to remove, old versions kept only because they are tagged), as if the tags
-    in ``ignore_tags`` (about to be removed) were gone."""
+) -> tuple[list[int], dict[int, list[str]]]:
+    """(versions to remove, why each other version stays: see ``GcReport.kept``), as if the
+    tags in ``ignore_tags`` (about to be removed) were gone."""
     if keep_last is None and older_than is None and candidates is None:
         raise ValueError("gc needs keep_last=N and/or older_than=timedelta(...) to know what to remove")
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1, got {keep_last}")
     check_format(ds, FORMAT_VERSION)  # refuses a dataset that holds no weights
     all_versions = version_list(ds)
-    tagged = {t["version"] for name, t in tag_list(ds).items() if name not in ignore_tags}
+    tags: dict[int, list[str]] = {}
+    for name, t in sorted(tag_list(ds).items()):
+        if name not in ignore_tags:
+            tags.setdefault(t["version"], []).append(name)
+    latest = all_versions[-1]["version"] if all_versions else None
     newest = {v["version"] for v in all_versions[-(keep_last or 1) :]}
     now = datetime.now(timezone.utc)
     cutoff = now - older_than if older_than is not None else None
     superseded = {  # when each version stopped being the latest
         v["version"]: _aware(nxt["timestamp"]) for v, nxt in zip(all_versions, all_versions[1:])
     }
-    old = [v for v in all_versions if v["version"] not in newest]
-    doomed = [
-        v["version"]
-        for v in old
-        if v["version"] not in tagged
-        and (candidates is None or v["version"] in candidates)
-        and (cutoff is None or _aware(v["timestamp"]) < cutoff)
-        and superseded.get(v["version"], now) <= now - grace
-    ]
-    return doomed, sorted(v["version"] for v in old if v["version"] in tagged)
+    doomed, kept = [], {}
+    for v in all_versions:
+        version = v["version"]
+        why = ["latest"] if version == latest else ["keep_last"] if version in newest else []
+        why += [f"tag:{name}" for name in tags.get(version, ())]
+        if candidates is not None and version not in candidates:
+            why.append("not_a_candidate")
+        if cutoff is not None and _aware(v["timestamp"]) >= cutoff:
+            why.append("older_than")
+        if version in superseded and superseded[version] > now - grace:
+            why.append("grace")
+        if why:
+            kept[version] = why
+        else:
+            doomed.append(version)
+    return doomed, kept

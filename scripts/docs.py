@@ -1,7 +1,8 @@
 """Render docs/reliability.md and docs/performance.md from reports, so that the figures the
 docs show are those of a run and cannot drift from it.
 
-    python scripts/docs.py           # copy the last test run's reports (test-artifacts/*.json)
+    python scripts/docs.py           # copy the last test run's reports (test-artifacts/*.json,
+                                     # durations.json: every test id with its seconds)
                                      # and the benchmarks' (benchmarks/results/*.json) into
                                      # docs/reports/, then render both pages from there
     python scripts/docs.py --check   # render from docs/reports/; exit 1 if a page differs
@@ -20,7 +21,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "docs" / "reports"
-TEST_REPORTS = ("run.json", "reliability.json", "lifecycle.json", "untrusted.json")
+TEST_REPORTS = ("run.json", "reliability.json", "lifecycle.json", "untrusted.json", "durations.json")
 BENCH_REPORTS = ("checkpoint.json", "store.json", "mlflow.json", "distributed.json")
 
 
@@ -43,7 +44,7 @@ def n(value: object) -> str:
 
 
 def reliability() -> str:
-    run, rel, life, corpus = (load(name) or {} for name in TEST_REPORTS)
+    run, rel, life, corpus, durations = (load(name) or {} for name in TEST_REPORTS)
     out = [
         "# Reliability",
         "",
@@ -55,6 +56,16 @@ def reliability() -> str:
         f"tests {', '.join(f'{k} {v}' for k, v in run.get('tests', {}).items()) or 'not recorded'}, "
         f"{run.get('seconds', '?')} s. `bash scripts/test.sh` reproduces it; then `python scripts/docs.py`.",
         "",
+    ]
+    if durations:
+        out += [
+            f"Each test's seconds in that run: [reports/durations.json](reports/durations.json) "
+            f"({len(durations.get('seconds', {})):,} tests; those not marked slow took "
+            f"{durations.get('not_slow_total_seconds', 0):,} s together, the "
+            f"{len(durations.get('slow', [])):,} marked slow {durations.get('slow_total_seconds', 0):,} s).",
+            "",
+        ]
+    out += [
         "## Faults injected",
         "",
         "Each row is a test that injects the fault into real processes (a real `mlflow server` where "

@@ -24,6 +24,8 @@ import pytest
 
 BIN = Path(sys.executable).parent
 _OUTCOMES: dict[str, int] = {}
+_SECONDS: dict[str, float] = {}  # test id -> seconds (setup, call and teardown together)
+_SLOW: set[str] = set()  # the ids marked slow
 _STARTED = time.time()
 ARTIFACTS = Path(
     os.environ.get("MLFLOW_LANCE_TEST_ARTIFACTS") or Path(__file__).resolve().parent.parent / "test-artifacts"
@@ -78,6 +80,9 @@ def pytest_runtest_logreport(report) -> None:
     unsafe or wrong)."""
     if report.when == "call" or (report.when == "setup" and report.outcome != "passed"):
         _OUTCOMES[report.outcome] = _OUTCOMES.get(report.outcome, 0) + 1
+    _SECONDS[report.nodeid] = _SECONDS.get(report.nodeid, 0.0) + report.duration
+    if "slow" in report.keywords:
+        _SLOW.add(report.nodeid)
     if report.failed and report.nodeid.split("::")[0].endswith(corpus.CORPUS_FILES):
         _CORPUS_FAILED.append(report.nodeid)
 
@@ -89,15 +94,25 @@ def report(name: str, key: str, value: object) -> None:
     path = ARTIFACTS / name
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc[key] = value
-    path.write_text(json.dumps(doc, indent=2, sort_keys=True))
+    _write_json(path, doc, sort_keys=True)
+
+
+def _write_json(path: Path, doc: object, **kwargs) -> None:
+    """Write ``path`` whole or not at all (a temp file renamed over it), so that another test
+    run beside this one, writing to the same test-artifacts/, never reads half a file."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, **kwargs))
+    os.replace(tmp, path)
 
 
 def pytest_sessionfinish(session) -> None:
-    """Write the corpus tally (test-artifacts/untrusted.json) when corpus cases ran, and what
-    this run was (run.json: when, on what, with what, and how many tests ended how)."""
+    """Write the corpus tally (test-artifacts/untrusted.json) when corpus cases ran, what this
+    run was (run.json: when, on what, with what, and how many tests ended how) and how long
+    each test took (durations.json: every test id with its seconds, setup and teardown
+    included, slowest first; which are marked slow)."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     if corpus.OUTCOMES:
-        (ARTIFACTS / "untrusted.json").write_text(json.dumps(corpus.report(_CORPUS_FAILED), indent=2))
+        _write_json(ARTIFACTS / "untrusted.json", corpus.report(_CORPUS_FAILED))
     import importlib.metadata
     import platform
 
@@ -113,7 +128,16 @@ def pytest_sessionfinish(session) -> None:
         "tests": dict(sorted(_OUTCOMES.items())),
         "selection": " ".join(session.config.invocation_params.args),
     }
-    (ARTIFACTS / "run.json").write_text(json.dumps(run, indent=2))
+    _write_json(ARTIFACTS / "run.json", run)
+    durations = {
+        "date": run["date"],
+        "selection": run["selection"],
+        "seconds": {k: round(v, 2) for k, v in sorted(_SECONDS.items(), key=lambda kv: (-kv[1], kv[0]))},
+        "slow": sorted(_SLOW),
+        "not_slow_total_seconds": round(sum(v for k, v in _SECONDS.items() if k not in _SLOW)),
+        "slow_total_seconds": round(sum(v for k, v in _SECONDS.items() if k in _SLOW)),
+    }
+    _write_json(ARTIFACTS / "durations.json", durations)
 
 
 def free_port() -> int:

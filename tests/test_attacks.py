@@ -685,7 +685,7 @@ def test_4_a_sidecar_of_aliases_is_refused_at_once(tmp_path):
     )
     started = time.monotonic()
     assert torch.equal(ml.load_state_dict(uri, run_id="r1")["w"], torch.ones(4))
-    assert time.monotonic() - started < 10
+    assert time.monotonic() - started < 120  # expanded, it would take hours: a bound for that, not a pace
     record("r2-4 amplification", "correct")
 
 

@@ -61,6 +61,11 @@ def test_diff_tag_and_gc(capsys, dataset):
     assert ml.tags(dataset) == {"keep": 1}
     code, out, _ = run(capsys, "gc", str(dataset), "--keep-last", "1", "--grace-minutes", "0", "--dry-run", "--json")
     assert json.loads(out)[0]["removed_versions"] == []  # the only old version is tagged
+    assert json.loads(out)[0]["kept"] == {"1": ["tag:keep"], "2": ["latest"]}
+    assert json.loads(out)[0]["kept_referenced"] == []  # MLflow never saw this dataset
+    code, out, _ = run(capsys, "gc", str(dataset), "--keep-last", "1", "--dry-run")  # 30 min grace
+    assert code == 0 and "kept 2 versions: 1 tagged, 1 latest, 1 within the grace period;" in out
+    assert "MLflow" not in out
     assert run(capsys, "tag", str(dataset), "keep", "--delete")[0] == 0
     code, out, _ = run(capsys, "gc", str(dataset), "--keep-last", "1", "--grace-minutes", "0", "--json")
     assert code == 0 and json.loads(out)[0]["removed_versions"] == [1]
@@ -99,7 +104,22 @@ def test_export_and_import_round_trip(capsys, dataset, tmp_path):
     torch.save([torch.ones(1)], not_sd)
     code, _, err = run(capsys, "import", str(target), str(not_sd))
     assert code == 2 and "not a state dict" in err
+    sparse = tmp_path / "sparse.pt"  # a tensor save refuses with a TypeError: still bad input
+    torch.save({"w": torch.eye(3).to_sparse()}, sparse)
+    code, _, err = run(capsys, "import", str(target), str(sparse))
+    assert code == 2 and "only dense tensors" in err and str(sparse) in err and "Traceback" not in err
     assert [v.version for v in ml.versions(target)] == [1, 2]
+
+
+def test_a_type_error_from_a_bug_exits_4_with_its_traceback(capsys, dataset, monkeypatch):
+    from mlflow_lance import store
+
+    def broken(*args, **kwargs):
+        return len(None)  # a TypeError bug: not bad input
+
+    monkeypatch.setattr(store, "versions", broken)
+    code, _, err = run(capsys, "versions", str(dataset))
+    assert code == 4 and "Traceback" in err and "TypeError" in err and "internal error" in err
 
 
 def test_not_found_exit_code(capsys, tmp_path):

@@ -195,7 +195,7 @@ def test_every_command_escapes_what_a_hostile_dataset_holds(capsys, hostile, lis
 
     shown_listed = str(listed).replace(PATH_EVIL, "\\u009b31m\\u202e")
     code, out, _ = run(capsys, "gc", "--all", "--dry-run", "--keep-last", "1", "--grace-minutes", "0")
-    gc_line = "would remove versions [1]; 0 versions referenced by MLflow; unpinned 0, pinned 0"
+    gc_line = "would remove versions [1]; kept 1 version: 1 latest; unpinned 0, pinned 0"
     assert (code, out) == (0, f"{shown_listed}: {gc_line}\n")
     code, out, _ = run(capsys, "sync", "--all")
     assert (code, out) == (0, f"{shown_listed}: 0 runs; pinned nothing new; unpinned nothing\n")

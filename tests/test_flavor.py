@@ -292,3 +292,40 @@ def test_a_failure_after_the_commit_keeps_its_type_and_names_the_version(tmp_pat
     assert isinstance(info.value, OSError) and info.value.version == 1 and info.value.uri == str(lance_uri)
     assert "committed as version 1" in str(info.value) and not (tmp_path / "model").exists()
     assert [v.version for v in ml.versions(lance_uri)] == [1]
+
+
+def test_the_new_model_line_is_rewritten_for_its_own_thread_only(capfd):
+    """log_model into a model its binding just created prints MLflow's "Successfully
+    registered" line, not "already exists": rewritten in that thread alone, with sys.stderr
+    never swapped (another thread printing meanwhile keeps its own words)."""
+    import threading
+
+    from mlflow.utils.logging_utils import eprint
+
+    from mlflow_lance import flavor
+
+    exists = "Registered model {!r} already exists. Creating a new version of this model..."
+    stderr, inside, printed = sys.stderr, threading.Event(), threading.Event()
+
+    def other_log() -> None:
+        inside.wait(30)
+        eprint(exists.format("x"))  # the same model, from a thread not inside the context
+        printed.set()
+
+    thread = threading.Thread(target=other_log)
+    thread.start()
+    capfd.readouterr()
+    with flavor._new_model_announced("x"):
+        assert sys.stderr is stderr
+        inside.set()
+        assert printed.wait(30)
+        eprint(exists.format("y"))  # another model: not this log's
+        eprint(exists.format("x"))
+    eprint(exists.format("x"))  # after the log
+    thread.join()
+    assert capfd.readouterr().err.splitlines() == [
+        exists.format("x"),
+        exists.format("y"),
+        "Successfully registered model 'x'.",
+        exists.format("x"),
+    ]

@@ -195,3 +195,27 @@ def test_two_gc_at_once_both_finish(tracking):
         _, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
     assert uris and not any(t.startswith("mv.") for uri in uris for t in ml.tags(uri))
+
+
+def test_a_version_gc_removes_under_a_listing_is_gone_not_damaged(tmp_path, monkeypatch):
+    """A gc beside a read removes versions between the read's listing and its reading of each
+    commit (what `sync --all` met beside a gc): the listing leaves them out, and nothing says
+    "damaged or crafted". A version still listed whose commit cannot be read still is."""
+    uri = tmp_path / "w.lance"
+    for i in range(3):
+        ml.save_state_dict({"w": torch.full((4,), float(i))}, uri)
+    real = store.version_list
+
+    def listing_then_gc(ds):
+        listed = real(ds)
+        monkeypatch.setattr(store, "version_list", real)
+        assert store.gc(uri, keep_last=1, grace=NOW).removed_versions == [1, 2]  # the gc beside
+        return listed
+
+    monkeypatch.setattr(store, "version_list", listing_then_gc)
+    assert [v.version for v in store.versions(uri)] == [3]
+    monkeypatch.undo()
+    ml.save_state_dict({"w": torch.ones(4)}, uri)
+    (uri / "_versions" / "3.manifest").write_bytes(b"garbage")  # still there, unreadable: damage, said so
+    with pytest.raises(ml.WeightsError):
+        store.versions(uri)

@@ -34,22 +34,90 @@ def record(key: str, value) -> None:
     report("reliability.json", key, value)
 
 
-def start_worker(mode: str, target: str, env: dict | None = None) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, str(HERE / "crash_worker.py"), mode, target],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env={**os.environ, **(env or {})},
-    )
-    assert proc.stdout.readline().strip() == "READY"
-    return proc
+class Worker:
+    """A crash_worker.py process; a thread reads the lines it prints (READY, then WRITING k /
+    DONE k for each call) as they come, with the moment each arrived."""
+
+    def __init__(self, mode: str, target: str, env: dict | None = None):
+        self.mode = mode
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "crash_worker.py"), mode, target],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.events: list[tuple[float, str, int]] = []  # (monotonic time, word, k)
+        self._cond = threading.Condition()
+        self._eof = False
+        threading.Thread(target=self._read, daemon=True).start()
+        self.wait_for("READY")
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:  # MLflow prints lines of its own ("View run ...") between ours
+            if not (m := re.fullmatch(r"(READY|WRITING|DONE) ?(\d*)", line.strip())):
+                continue
+            with self._cond:
+                self.events.append((time.monotonic(), m[1], int(m[2] or 0)))
+                self._cond.notify_all()
+        with self._cond:
+            self._eof = True
+            self._cond.notify_all()
+
+    def seen(self, word: str) -> list[tuple[float, int]]:
+        """(time, k) of each ``word`` line so far."""
+        with self._cond:
+            return [(t, k) for t, w, k in self.events if w == word]
+
+    def wait_for(self, word: str, n: int = 1, timeout: float = 600) -> float:
+        """The moment the worker printed ``word`` the ``n``-th time, waiting for it; a worker
+        that exits or hangs first fails the test (the timeout stands for a hang, not a pace)."""
+        with self._cond:
+            self._cond.wait_for(lambda: len(self.seen(word)) >= n or self._eof, timeout)
+        got = self.seen(word)
+        if len(got) < n:
+            pytest.fail(f"the {self.mode} worker printed {word} {len(got)} of {n} times (exit {self.proc.poll()})")
+        return got[n - 1][0]
+
+    def done(self) -> set[int]:
+        """The k of each call that returned before now."""
+        return {k for _, k in self.seen("DONE")}
+
+    def kill(self) -> bool:
+        """SIGKILL, then read what it printed before; whether it was still running (not
+        exited by itself)."""
+        self.proc.send_signal(signal.SIGKILL)
+        running = self.proc.wait() == -signal.SIGKILL
+        with self._cond:
+            self._cond.wait_for(lambda: self._eof, 60)
+        return running
 
 
-def kill_at_random(proc: subprocess.Popen, low: float, high: float) -> None:
-    time.sleep(random.uniform(low, high))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+def kill_at_random(worker: Worker, spans: dict[str, float], rng: random.Random, measure: bool) -> bool:
+    """Kill ``worker`` at a random moment of its calls, timed from its own progress, never from
+    the process start: with ``measure``, it lets its first call finish (how long that took is
+    the mode's span) and is killed within 1.5 spans of its second call's start; otherwise
+    within 1.5 spans (the last measured) of its first call's start. So kills land in a first
+    call, a later one, or between them, on a slow machine as on a fast one; the spans come
+    from workers that always finish a call, so no kill's timing biases them. Whether a call
+    had returned before the kill."""
+    if measure or worker.mode not in spans:
+        spans[worker.mode] = worker.wait_for("DONE") - worker.wait_for("WRITING")
+        start = worker.wait_for("WRITING", 2)
+    else:
+        start = worker.wait_for("WRITING")
+    time.sleep(max(0.0, start + rng.uniform(0, 1.5 * spans[worker.mode]) - time.monotonic()))
+    assert worker.kill(), f"the {worker.mode} worker exited before its kill"
+    return bool(worker.done())
+
+
+def wait_until(done, what: str, timeout: float = 600, step: float = 0.1) -> None:
+    """Wait for ``done()``; the timeout stands for a hang and fails naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not done():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout:.0f}s")
+        time.sleep(step)
 
 
 def check_versions(uri: str, seen: set[int], bad: list[str]) -> int:
@@ -76,18 +144,24 @@ def test_save_killed_at_random_moments_leaves_every_version_intact_and_gc_reclai
     """50 saves killed at random moments: every committed version is whole, the next save
     works, and gc reclaims what the killed saves left (partial .tmp files, complete data
     files no version names) once they are older than the grace period."""
-    random.seed(1)
+    rng = random.Random(1)
     uri = str(tmp_path / "crash.lance")
     seen: set[int] = set()
     bad: list[str] = []
-    trials = 50
-    for _ in range(trials):
-        kill_at_random(start_worker("save", uri), 0.05, 1.5)
+    trials, spans, after_a_save, reported = 50, {}, 0, set()
+    for i in range(trials):
+        worker = Worker("save", uri)
+        after_a_save += kill_at_random(worker, spans, rng, measure=i % 2 == 0)
+        reported |= worker.done()
         if Path(uri).exists():
             check_versions(uri, seen, bad)
-    proc = start_worker("save", uri)  # and the dataset still takes new versions
-    kill_at_random(proc, 1.0, 1.0)
+    worker = Worker("save", uri)  # and the dataset still takes new versions
+    worker.wait_for("DONE")
+    assert worker.kill()
+    reported |= worker.done()
     check_versions(uri, seen, bad)
+    committed = {int(v.properties["k"]) for v in ml.versions(uri)}
+    assert reported <= committed, sorted(reported - committed)  # every save that returned is there
     data = Path(uri) / "data"
     before = {p.name: p.stat().st_size for p in data.iterdir()}
     old = time.time() - 3600
@@ -105,6 +179,7 @@ def test_save_killed_at_random_moments_leaves_every_version_intact_and_gc_reclai
         "save_state_dict_kills",
         {
             "trials": trials,
+            "killed_after_a_save_returned": after_a_save,
             "versions_checked": len(seen),
             "lost_or_corrupt": len(bad),
             "files_left_by_kills": len(set(before) - used),
@@ -113,7 +188,8 @@ def test_save_killed_at_random_moments_leaves_every_version_intact_and_gc_reclai
         },
     )
     assert not bad, bad
-    assert len(seen) >= trials // 2
+    assert trials // 2 <= after_a_save < trials, after_a_save  # kills landed in a process's first save, and later
+    assert len(seen) >= trials // 2  # each measuring worker committed one at least
     assert report[0].orphan_files > 0 and report[0].orphan_bytes > 0  # the kills left some, now gone
     assert {p.name for p in data.iterdir()} == used  # nothing left that no version uses
     check_versions(uri, set(), bad)
@@ -122,7 +198,7 @@ def test_save_killed_at_random_moments_leaves_every_version_intact_and_gc_reclai
 
 @pytest.mark.slow
 def test_log_model_and_sync_killed_at_random_moments(tracking):
-    random.seed(2)
+    rng = random.Random(2)
     name = "crash-model"
     env = {
         "MLFLOW_TRACKING_URI": tracking["url"],
@@ -130,15 +206,19 @@ def test_log_model_and_sync_killed_at_random_moments(tracking):
         "MLFLOW_EXPERIMENT_NAME": mlflow.get_experiment(mlflow.tracking.fluent._get_experiment_id()).name,
     }
     trials = {"log": 0, "sync": 0}
+    spans: dict[str, float] = {}
+    logged = 0
     for i in range(16):
         mode = "sync" if i % 4 == 3 else "log"
         if mode == "sync" and not MlflowClient().search_model_versions(f"name='{name}'"):
             mode = "log"
-        kill_at_random(start_worker(mode, name, env), 0.5, 4.0)
+        worker = Worker(mode, name, env)
+        kill_at_random(worker, spans, rng, measure=i % 2 == 0)
+        logged += len(worker.done()) if mode == "log" else 0
         trials[mode] += 1
     client = MlflowClient()
     versions = client.search_model_versions(f"name='{name}'")
-    assert versions, "no log_model finished in any trial"
+    assert len(versions) >= logged > 0, (len(versions), logged)  # each log_model that returned is there
     uri = None
     for mv in versions:  # no registry entry points at a missing, unpinned or broken Lance version
         model = ml.load_model(f"models:/{name}/{mv.version}")
@@ -168,42 +248,55 @@ def flavor_conf(name: str, version: str) -> dict:
     return conf_of(f"models:/{name}/{version}")
 
 
+@pytest.mark.slow
 def test_writers_racing_gc_and_sync_lose_nothing(tracking):
     """Two trainers log while gc (with a short grace period) and sync run in a loop."""
     name = "race-model"
     with mlflow.start_run():
         info = ml.log_model(torch.nn.Linear(64, 64), name="model", registered_model_name=name)
     uri = info.flavors["mlflow_lance"]["lance_uri"]
-    stop = time.time() + 25
+    stop = threading.Event()
+    rounds: list[int] = []
     errors: list[BaseException] = []
 
     def janitor() -> None:
         try:
-            while time.time() < stop:
+            while not stop.is_set():
                 ml.gc(uri, keep_last=1, grace=timedelta(seconds=3))
                 ml.sync(name)
-                time.sleep(0.2)
+                rounds.append(1)
         except BaseException as err:  # noqa: BLE001 - reported below
             errors.append(err)
 
     thread = threading.Thread(target=janitor)
     thread.start()
     env = {"MLFLOW_TRACKING_URI": tracking["url"], "MLFLOW_LANCE_ROOT": os.environ["MLFLOW_LANCE_ROOT"]}
-    writers = [start_worker("log", name, env) for _ in range(2)]
-    time.sleep(max(0.0, stop - time.time()))
-    for w in writers:
-        w.send_signal(signal.SIGKILL)
-        w.wait()
-    thread.join()
+    try:
+        writers = [Worker("log", name, env) for _ in range(2)]
+        for w in writers:  # both write while the janitor runs; then rounds and versions are counted
+            w.wait_for("DONE")
+        first = len(rounds)
+        wait_until(
+            lambda: errors or (sum(len(w.done()) for w in writers) >= 6 and len(rounds) >= first + 3),
+            "6 log_model calls and 3 more gc + sync rounds",
+        )
+        for w in writers:
+            assert w.kill()
+    finally:
+        stop.set()
+        thread.join()
     assert not errors, errors
+    logged = sum(len(w.done()) for w in writers)
     client = MlflowClient()
     versions = client.search_model_versions(f"name='{name}'")
-    assert len(versions) >= 3
+    assert len(versions) >= 1 + logged, (len(versions), logged)  # each log_model that returned is there
     for mv in versions:
         model = ml.load_model(f"models:/{name}/{mv.version}", verify=True)
         if mv.version != "1":
             assert torch.equal(model.weight, torch.full((256, 256), float(client.get_run(mv.run_id).data.tags["k"])))
-    record("writers_racing_gc_and_sync", {"model_versions_checked": len(versions)})  # every check asserts
+    record(
+        "writers_racing_gc_and_sync", {"model_versions_checked": len(versions), "gc_and_sync_rounds": len(rounds)}
+    )  # every check asserts
 
 
 # --------------------------------------------------------------------------- storage faults
@@ -297,21 +390,26 @@ def test_no_unsafe_deserialization_in_the_package():
     assert re.findall(r"(?:pickle|cloudpickle)\.loads?\(", source) == ["cloudpickle.loads("]
 
 
+@pytest.mark.slow
 def test_plain_writers_racing_gc_keep_every_surviving_version_whole(tmp_path):
     """Unpinned versions do get collected, and none that survives points at a deleted file."""
     uri = str(tmp_path / "race.lance")
     ml.save_state_dict({"seed": torch.ones(1)}, uri, properties={"k": "0"})
-    writers = [start_worker("save", uri) for _ in range(2)]
+    writers = [Worker("save", uri) for _ in range(2)]
     removed: list[int] = []
-    stop = time.time() + 15
-    while time.time() < stop:
-        removed += ml.gc(uri, keep_last=1, grace=timedelta(seconds=2))[0].removed_versions
-        time.sleep(0.3)
+    rounds = 0
+
+    def enough() -> bool:  # rounds bounded by what happened, not by the clock
+        nonlocal rounds
+        removed.extend(ml.gc(uri, keep_last=1, grace=timedelta(seconds=2))[0].removed_versions)
+        rounds += 1
+        return bool(removed) and sum(len(w.done()) for w in writers) >= 6 and rounds >= 5
+
+    wait_until(enough, "6 saves and a version collected", step=0.05)
     for w in writers:
-        w.send_signal(signal.SIGKILL)
-        w.wait()
+        assert w.kill()
     surviving = [v for v in ml.versions(uri) if v.version != 1]
-    assert removed and surviving
+    assert surviving
     bad: list[str] = []
     checked = check_versions(uri, {1}, bad)
     record(

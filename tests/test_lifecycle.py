@@ -80,6 +80,11 @@ def test_checkpoints_of_one_run_registered_later_all_survive_gc(tracking):
     MlflowClient().delete_logged_model(infos[0].model_id)
     assert ml.gc(uri, grace=NOW)[0].removed_versions == []  # best/1 still references version 1
     assert_loads("models:/best/1", expect(models[0]))
+    ml.tag(uri, "person", 3)
+    (result,) = ml.gc(uri, grace=NOW, dry_run=True)
+    why = {v: set(r) for v, r in result.kept.items()}
+    assert why == {1: {"mlflow_reference"}, 3: {"latest", "tag:person", "mlflow_reference"}}  # pins are not tags
+    assert result.kept_referenced == [1, 3]
     MlflowClient().delete_model_version("best", "1")
     assert ml.gc(uri, grace=NOW)[0].removed_versions == [1]
     assert_loads(f"models:/{infos[2].model_id}", expect(models[2]))

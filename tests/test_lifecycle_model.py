@@ -1,5 +1,5 @@
 """Model-based test of the lifecycle: seeded random sequences of real MLflow operations,
-interleaved with sync, gc (grace 0), `mlflow gc` and a log_model racing gc, against an oracle
+interleaved with sync, gc (grace 0), `mlflow gc`, a log_model racing gc and a gc inside a sync, against an oracle
 of the exact weights every live reference must load and of the versions gc must reclaim.
 
 Run against a real `mlflow server` on SQLite and on PostgreSQL (a throwaway cluster). The
@@ -325,6 +325,43 @@ class World:
         self.versions_reclaimed += sum(len(r.removed_versions) for r in results)
         self.op_gc()
 
+    def op_sync_while_gc(self) -> None:
+        """sync of every dataset with a gc (grace 0) of the dataset it is reading made inside
+        it, right after its listing of that dataset's versions and before it reads their
+        commits (hooked, so the interleaving is exact: what `sync --all` met beside a gc on
+        a real server). The versions the gc removed are gone, not "damaged or crafted": sync
+        finishes, and neither loses anything."""
+        self.op_delete_logged_model()  # most often leaves a version for the gc to remove
+        real, busy, collected = store.version_list, [False], set()
+
+        def listing(ds):
+            listed = real(ds)
+            if busy[0] or ds.uri in collected:
+                return listed
+            busy[0] = True
+            try:  # the gc beside, once per dataset (its own listings pass through)
+                collected.add(ds.uri)
+                for r in ml.gc(ds.uri, grace=timedelta(0)):
+                    self.bytes_reclaimed += r.bytes_removed
+                    self.versions_reclaimed += len(r.removed_versions)
+                    self.counts["versions gc removed inside sync"] = self.counts.get(
+                        "versions gc removed inside sync", 0
+                    ) + len(r.removed_versions)
+                    under = len(set(r.removed_versions) & {v["version"] for v in listed})  # sync reads these next
+                    self.counts["versions gc removed under sync's listing"] = (
+                        self.counts.get("versions gc removed under sync's listing", 0) + under
+                    )
+            finally:
+                busy[0] = False
+            return listed
+
+        store.version_list = listing
+        try:
+            ml.sync(all=True)
+        finally:
+            store.version_list = real
+        self.check_references()
+
     def op_distributed_checkpoints(self) -> None:
         """Two ranks of an FSDP2 job log 1 to 3 checkpoints to a new run (blocking or not,
         with or without retention): one logged model per checkpoint, one version each."""
@@ -395,6 +432,7 @@ class World:
         "op_sync": 6,
         "op_gc": 8,
         "op_log_while_gc": 2,
+        "op_sync_while_gc": 3,
         "op_gc_with_registry_races": 6,
         "op_distributed_checkpoints": 6,
     }

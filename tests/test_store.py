@@ -270,7 +270,16 @@ def test_gc_keeps_tagged_latest_and_recent_versions(uri):
     assert store.gc(uri, keep_last=2).removed_versions == []  # all superseded within the grace period
     report = store.gc(uri, keep_last=2, grace=timedelta(0))
     assert report.removed_versions == [1, 3] and report.kept_tagged == [2] and report.bytes_removed > 0
-    assert [v.version for v in ml.versions(uri)] == [2, 4, 5]
+    assert report.kept == {2: ["tag:keep"], 4: ["keep_last"], 5: ["latest"]}
+    ml.save_state_dict({"w": torch.zeros(3)}, uri)
+    why = store.gc(uri, keep_last=1, older_than=timedelta(hours=1), candidates=[2, 5], dry_run=True).kept
+    assert why == {  # every reason that holds, each version
+        2: ["tag:keep", "older_than", "grace"],  # superseded by 4 (3 is gone) a moment ago
+        4: ["not_a_candidate", "older_than", "grace"],
+        5: ["older_than", "grace"],
+        6: ["latest", "not_a_candidate", "older_than"],
+    }
+    assert [v.version for v in ml.versions(uri)] == [2, 4, 5, 6]
     for v, value in ((2, 1.0), (4, 3.0), (5, 4.0)):
         out = ml.load_state_dict(uri, v)
         assert torch.equal(out["w"], torch.full((1000,), value)) and torch.equal(out["same"], torch.ones(10))

@@ -184,11 +184,13 @@ def test_ui_tags_and_descriptions(tracking):
 # --------------------------------------------------------------------------- concurrency
 
 
-def _writers(name: str, seeds: list[int], env: dict) -> list[dict]:
-    start = time.time() + 8  # every process imports torch and mlflow first
+def _writers(name: str, seeds: list[int], env: dict, tmp: Path) -> list[dict]:
+    """Writers that start logging together: once every one is ready (imports done, run
+    started), whatever that took, not at a time guessed in advance."""
+    go = tmp / f"go-{name}-{seeds[0]}"
     procs = [
         subprocess.Popen(
-            [sys.executable, str(HERE / "writer.py"), name, str(seed), str(start)],
+            [sys.executable, str(HERE / "writer.py"), name, str(seed), str(go)],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -196,6 +198,13 @@ def _writers(name: str, seeds: list[int], env: dict) -> list[dict]:
         )
         for seed in seeds
     ]
+    deadline = time.monotonic() + 600  # stands for a hang, not a pace
+    while not all(Path(f"{go}.{seed}.ready").exists() for seed in seeds):
+        if any(p.poll() is not None for p in procs) or time.monotonic() > deadline:
+            go.touch()
+            break  # a writer that died or hung: its communicate() below says how
+        time.sleep(0.05)
+    go.touch()
     out = []
     for p in procs:
         stdout, stderr = p.communicate(timeout=300)
@@ -224,12 +233,12 @@ def _check_round(name: str, results: list[dict], expected_versions: int, opts: d
     assert len(MlflowClient().search_model_versions(f"name='{name}'")) == expected_versions
 
 
-def test_four_trainers_log_into_one_model_at_once_on_local_disk(any_backend):
+def test_four_trainers_log_into_one_model_at_once_on_local_disk(any_backend, tmp_path):
     """On SQLite and on PostgreSQL: every round 4 Lance versions, 4 model versions, no loss."""
     name = "concurrent-local"
     env = {"MLFLOW_TRACKING_URI": any_backend["url"], "MLFLOW_LANCE_ROOT": os.environ["MLFLOW_LANCE_ROOT"]}
     for round_ in range(3):
-        results = _writers(name, [10 * round_ + i for i in range(4)], env)
+        results = _writers(name, [10 * round_ + i for i in range(4)], env, tmp_path)
         _check_round(name, results, expected_versions=4 * (round_ + 1))
 
 
@@ -248,7 +257,7 @@ def test_s3_server_honours_conditional_writes(s3_server):
     assert s3.get_object(Bucket=bucket, Key="cond/x")["Body"].read() == b"first"
 
 
-def test_team_setup_on_s3(team_server, monkeypatch):
+def test_team_setup_on_s3(team_server, monkeypatch, tmp_path):
     """Tracking server with a SQL backend, artifacts and Lance datasets on S3-compatible storage."""
     for k, v in team_server["env"].items():
         monkeypatch.setenv(k, v)
@@ -281,6 +290,7 @@ def test_team_setup_on_s3(team_server, monkeypatch):
                 name,
                 [30 + 10 * round_ + i for i in range(4)],
                 {"MLFLOW_TRACKING_URI": team_server["url"], **team_server["env"]},
+                tmp_path,
             )
             _check_round(name, results, expected_versions=1 + 4 * (round_ + 1), opts=opts)
         _assert_no_credentials_written(team_server, name, conf["lance_uri"], run_id, opts)

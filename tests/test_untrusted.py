@@ -143,7 +143,11 @@ class Holder(torch.nn.Module):
 
 
 def outcome(uri: Path, expect: dict[str, bytes] | None, kind: str, tmp_path: Path) -> str:
-    """Load ``uri`` every way there is; each must refuse cleanly or return exactly ``expect``."""
+    """Load ``uri`` every way there is (load_state_dict and load_into, each with and without
+    verify; verify(); the CLI's export) and say how they ended: "refused" (a clear error, the
+    target untouched) or "correct" (exactly ``expect``) when every way ended the same, else
+    the list of each way's ending ("accepted" where a load returned data and ``expect`` is
+    None). Wrong bytes or a half-updated target fail here."""
     results = []
     for verify in (False, True):
         try:
@@ -152,8 +156,9 @@ def outcome(uri: Path, expect: dict[str, bytes] | None, kind: str, tmp_path: Pat
             assert str(uri) in str(err) or "data file" in str(err), err
             results.append("refused")
         else:
-            assert {k: raw(v) for k, v in sd.items()} == expect, f"{kind}: wrong bytes came back"
-            results.append("correct")
+            if expect is not None:
+                assert {k: raw(v) for k, v in sd.items()} == expect, f"{kind}: wrong bytes came back"
+            results.append("correct" if expect is not None else "accepted")
     holder = Holder(weights())
     before = {k: raw(v) for k, v in holder.state_dict().items()}
     for verify in (False, True):
@@ -164,21 +169,31 @@ def outcome(uri: Path, expect: dict[str, bytes] | None, kind: str, tmp_path: Pat
             assert str(uri) in str(err) or "data file" in str(err), err
             results.append("refused")
         else:
-            if expect is not None and set(expect) == set(before):
-                assert {k: raw(v) for k, v in holder.state_dict().items()} == expect
-            results.append("correct")
+            if expect is not None:
+                assert {k: raw(v) for k, v in holder.state_dict().items()} == expect, f"{kind}: wrong bytes loaded"
+            results.append("correct" if expect is not None else "accepted")
     report = ml.verify(uri)
-    results.append("correct" if report.ok else "refused")
-    out = tmp_path / f"export-{len(OUTCOMES)}.safetensors"
+    results.append(("correct" if expect is not None else "accepted") if report.ok else "refused")
+    out = tmp_path / f"export-{len(list(tmp_path.glob('export-*')))}.safetensors"
     code = cli(["export", str(uri), str(out)])
     assert code in (0, 2), f"{kind}: export exited {code}"
     assert (code == 0) == out.exists()
-    results.append("correct" if code == 0 else "refused")
-    want = "correct" if expect is not None else "refused"
-    assert results[:2] == [want, want], (kind, results)
-    assert results[-2] == want, (kind, report.problems)
-    record(kind, want)
-    return want
+    results.append(("correct" if expect is not None else "accepted") if code == 0 else "refused")
+    if len(set(results)) != 1 or results[0] == "accepted":  # the caller's comparison fails, naming each way
+        return f"{kind}: load_state_dict, verify=True, load_into, verify=True, verify(), export: {results}"
+    record(kind, results[0])
+    return results[0]
+
+
+def test_outcome_reports_what_happened_not_what_was_expected(uri, tmp_path):
+    """outcome() observes: an intact dataset comes back "correct" and a crafted one "refused",
+    whatever the caller expected; a caller expecting the wrong ending fails."""
+    assert outcome(uri, expected(), "check", tmp_path) == "correct"
+    assert outcome(uri, None, "check", tmp_path) != "refused"  # accepted, though refusal was expected
+    craft(uri, base_rows() + [row("x", b"", shape=[16, 4], nbytes=256, alias="x")])
+    assert outcome(uri, expected(), "check", tmp_path) == "refused"
+    OUTCOMES.pop(("check", "correct"))
+    OUTCOMES.pop(("check", "refused"))
 
 
 # --------------------------------------------------------------------------- 6: a silent object store
@@ -895,7 +910,8 @@ def test_5_a_sidecar_that_does_not_parse_is_ignored(tmp_path, garbage):
     before = path.read_bytes() if garbage != "fifo" else None
     started = time.monotonic()
     got = ml.load_state_dict(uri, run_id="run2")
-    assert torch.equal(got["w"], sds["run2"]["w"]) and time.monotonic() - started < 10
+    # the bound stands for a hang (a FIFO read blocks for ever), not a pace: a busy machine takes 20 s
+    assert torch.equal(got["w"], sds["run2"]["w"]) and time.monotonic() - started < 120
     if garbage != "fifo":
         assert path.read_bytes() == before  # used as rebuilt in memory; a read never writes
         sidecar.refresh(uri)  # a write (sync, gc, log_model) rebuilds it
@@ -919,3 +935,20 @@ def test_8_a_sidecar_that_maps_a_run_to_another_runs_version_is_not_believed(tmp
     with pytest.raises(ml.VersionNotFoundError, match="ghost"):
         ml.load_state_dict(uri, run_id="ghost")
     record("8 sidecar", "refused")
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan"), 2**80, 1.5, "2"])
+def test_8_a_sidecar_version_that_is_not_a_version_is_rebuilt(tmp_path, value):
+    """A run's lance_version in the sidecar that is .inf, .nan, a huge or fractional number or
+    a string: not believed, the mapping rebuilt, and the run's own version loads."""
+    from mlflow_lance import sidecar
+
+    uri, sds = _runs_dataset(tmp_path)
+    doc = sidecar.refresh(uri)
+    doc["runs"]["run2"][0]["lance_version"] = value
+    sidecar.write(uri, doc)
+    written = yaml.safe_load(Path(sidecar.sidecar_uri(uri)).read_text())["runs"]["run2"][0]["lance_version"]
+    assert written == value or written != written  # as crafted (NaN equals nothing)
+    got = ml.load_state_dict(uri, run_id="run2")
+    assert torch.equal(got["w"], sds["run2"]["w"])
+    record("8 sidecar", "correct")

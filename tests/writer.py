@@ -1,6 +1,8 @@
-"""One trainer process for the concurrency tests: waits for a common start time, then logs.
+"""One trainer process for the concurrency tests: once trained and in its run, it creates
+<go file>.<seed>.ready and waits for <go file> to exist (the test creates it when every
+writer is ready, however long their imports took), then logs.
 
-usage: python writer.py <registered model name> <seed> <start unix time>
+usage: python writer.py <registered model name> <seed> <go file>
 Prints one JSON line: run id, Lance URI and version, model version.
 """
 
@@ -8,6 +10,7 @@ import json
 import sys
 import time
 import warnings
+from pathlib import Path
 
 warnings.simplefilter("ignore")
 
@@ -16,11 +19,12 @@ from model_zoo import SmallCNN, trained  # noqa: E402
 
 import mlflow_lance  # noqa: E402
 
-name, seed, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+name, seed, go = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
 model = trained(SmallCNN(), seed)
 mlflow.set_experiment(f"writers-{name}")
 with mlflow.start_run() as run:
-    while time.time() < start:
+    Path(f"{go}.{seed}.ready").touch()
+    while not go.exists():
         time.sleep(0.001)
     info = mlflow_lance.log_model(model, name="model", registered_model_name=name)
 flavor = info.flavors["mlflow_lance"]
