@@ -11,7 +11,9 @@ The Lance docs example's format (``name`` / ``value list<float64>`` / ``shape``)
 the decoder too, rows and values alike.
 
 Bytes come from the data files at the positions the rows give: locally with ``preadv`` into
-memory the caller owns (4 threads, 16 MiB pieces) or mapped copy-on-write; on object storage
+memory the caller owns (4 threads, 16 MiB pieces) or mapped copy-on-write (each data file
+once, its tensors views of that mapping; a load holds at most ``MAX_OPEN`` descriptors,
+whatever the number of tensors or data files); on object storage
 with ranged GETs (pyarrow), or Lance's blob API for stores pyarrow cannot read. Each data file
 is opened relative to the dataset's own data/ directory without following links and without
 waiting on FIFOs, and must hold every byte its rows claim before anything is allocated for
@@ -20,15 +22,20 @@ them. Every row is checked against the rules of format.py first.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import mmap
 import os
 import stat
+import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import zstandard
 
@@ -64,6 +71,7 @@ if TYPE_CHECKING:
     import lance
 
 PIECE = 16 << 20
+MAX_OPEN = 16  # local data files a reader holds open at once (see _LocalFiles)
 THREADS = min(4, os.cpu_count() or 1)
 _ZSTD_HEADER = 18  # the longest zstd frame header: enough to read the frame's content size
 
@@ -106,15 +114,24 @@ class _Bytes:
 
 
 class _LocalFiles(_Bytes):
-    """Local data files, each opened once relative to data/ (no links, no FIFOs)."""
+    """Local data files, opened relative to data/ (no links, no FIFOs).
+
+    Descriptors are bounded whatever the number of tensors or data files: at most
+    ``MAX_OPEN`` files stay open (least recently used closed first; a file in use by a
+    reading thread is never closed under it), and a mapped file holds none (``_Mapped``).
+    Each data file is mapped once, and the tensors it holds are views of that one mapping.
+    """
 
     def __init__(self, uri: str, version: int, root: str):
         super().__init__(root, version)
         self.dataset_uri = uri
         self._dir: int | None = None
-        self._files: dict[str, tuple[int, int]] = {}  # data file -> (fd, size)
+        self._open_files: OrderedDict[str, list[int]] = OrderedDict()  # data file -> [fd, readers using it]
+        self._sizes: dict[str, int] = {}  # data file -> bytes, as first opened
+        self._maps: dict[str, np.ndarray] = {}  # data file -> its whole mapping
+        self._lock = threading.Lock()
 
-    def _open(self, file: str) -> tuple[int, int]:
+    def _open(self, file: str) -> int:
         path = self.path_of(file)
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         if self._dir is None:
@@ -129,6 +146,8 @@ class _LocalFiles(_Bytes):
         except OSError as err:
             if err.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise CorruptionError(not_regular(self.dataset_uri, self.version, path)) from None
+            if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # the process's trouble, not the file's
+                raise
             raise CorruptionError(
                 f"data file {path} of version {self.version} of {self.dataset_uri} cannot be "
                 f"opened ({err.strerror}); restore it or load another version"
@@ -137,39 +156,91 @@ class _LocalFiles(_Bytes):
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise CorruptionError(not_regular(self.dataset_uri, self.version, path))
-        return fd, st.st_size
+        self._sizes.setdefault(file, st.st_size)
+        return fd
 
-    def fd(self, row: Row) -> int:
-        if row.file not in self._files:
-            self._files[row.file] = self._open(row.file)
-        return self._files[row.file][0]
+    @contextlib.contextmanager
+    def _using(self, file: str) -> Iterator[int]:
+        """An open descriptor of ``file``, not closed before the block ends."""
+        with self._lock:
+            handle = self._open_files.get(file)
+            if handle is None:
+                handle = self._open_files[file] = [self._open(file), 0]
+            self._open_files.move_to_end(file)
+            handle[1] += 1
+        try:
+            yield handle[0]
+        finally:
+            with self._lock:
+                handle[1] -= 1
+                excess = len(self._open_files) - MAX_OPEN
+                idle = [name for name, (_, users) in self._open_files.items() if not users][: max(excess, 0)]
+                for name in idle:
+                    os.close(self._open_files.pop(name)[0])
 
     def size(self, row: Row) -> int:
-        self.fd(row)
-        return self._files[row.file][1]
+        if row.file not in self._sizes:
+            with self._using(row.file):  # opening it records its size
+                pass
+        return self._sizes[row.file]
 
     def fill(self, row: Row, dst: torch.Tensor) -> int:
-        _pread_exact(self.fd(row), self.path_of(row.file), row.position or 0, dst)
+        with self._using(row.file) as fd:
+            _pread_exact(fd, self.path_of(row.file), row.position or 0, dst)
         return dst.numel()
 
     def mapped(self, row: Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
         if row.size == 0 or row.position is None or row.position % dtype.itemsize or not mmap_enabled():
             return None
-        start = row.position - row.position % mmap.ALLOCATIONGRANULARITY
-        mapping = mmap.mmap(self.fd(row), row.position + row.size - start, access=mmap.ACCESS_COPY, offset=start)
-        flat = torch.frombuffer(mapping, dtype=torch.uint8, count=row.size, offset=row.position - start)
+        whole = self._maps.get(row.file)
+        if whole is None:
+            with self._using(row.file) as fd:
+                size = os.fstat(fd).st_size
+                whole = self._maps[row.file] = np.asarray(_Mapped(fd, size)) if size else np.empty(0, np.uint8)
+        if row.position + row.size > whole.size:
+            raise CorruptionError(
+                f"data file {self.path_of(row.file)} holds {whole.size} bytes, but chunk {row.chunk} of "
+                f"version {self.version} claims bytes {row.position}..{row.position + row.size}; "
+                f"the file was truncated. Run verify() on {self.dataset_uri}"
+            )
+        flat = torch.from_numpy(whole[row.position : row.position + row.size])
         return flat.view(dtype).reshape(shape)
 
     def parallel(self) -> bool:
         return True
 
     def close(self) -> None:
-        for fd, _ in self._files.values():
+        for fd, _ in self._open_files.values():
             os.close(fd)
-        self._files.clear()
+        self._open_files.clear()
+        self._maps.clear()  # each mapping lives on as long as a tensor refers to it
         if self._dir is not None:
             os.close(self._dir)
             self._dir = None
+
+
+class _Mapped:
+    """The first ``size`` (> 0) bytes of an open file, mapped copy-on-write, as a numpy array
+    interface (``np.asarray`` of it, and every view of that, keep it alive); unmapped once
+    nothing refers to it. It holds no descriptor: ``mmap.mmap`` keeps a duplicate of the
+    one it maps for as long as the mapping lives (Python < 3.13), which made a load of n
+    tensors hold n descriptors."""
+
+    def __init__(self, fd: int, size: int):
+        address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+        if address in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot map a data file: {os.strerror(err)}")
+        self.__array_interface__ = {"data": (address, False), "shape": (size,), "typestr": "|u1", "version": 3}
+        # Not at exit: tensors may outlive the finalizers run then, and the process unmaps everything anyway.
+        weakref.finalize(self, _libc.munmap, address, size).atexit = False
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 class _RemoteFiles(_Bytes):
