@@ -190,7 +190,7 @@ class _LocalFiles(_Bytes):
         return dst.numel()
 
     def mapped(self, row: Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
-        if row.size == 0 or row.position is None or row.position % dtype.itemsize or not mmap_enabled():
+        if row.size == 0 or row.position is None or row.position % dtype.itemsize:
             return None
         whole = self._maps.get(row.file)
         if whole is None:
@@ -203,8 +203,8 @@ class _LocalFiles(_Bytes):
                 f"version {self.version} claims bytes {row.position}..{row.position + row.size}; "
                 f"the file was truncated. Run verify() on {self.dataset_uri}"
             )
-        flat = torch.from_numpy(whole[row.position : row.position + row.size])
-        return flat.view(dtype).reshape(shape)
+        flat = torch.frombuffer(whole, dtype=dtype, count=row.size // dtype.itemsize, offset=row.position)
+        return flat if len(shape) == 1 else flat.view(shape)
 
     def parallel(self) -> bool:
         return True
@@ -343,6 +343,7 @@ class VersionReader:
         self.writable = writable  # whether new versions may be saved on top of this format
         self.hashed = hashed  # whether rows record content hashes (the docs example's do not)
         self._entries: OrderedDict[str, Entry] | None = None
+        self._problems: list[Problem] | None = None
 
     def __enter__(self) -> VersionReader:
         return self
@@ -359,19 +360,20 @@ class VersionReader:
 
     def problems(self) -> list[Problem]:
         """What is wrong with the version's metadata (format.problems), and whether its rows
-        are those its commit recorded."""
-        found = problems(self.entries, self.codec is not None)
-        if not self.agree:
-            found.append(
-                Problem(
-                    "",
-                    -1,
-                    "",
-                    f"the rows differ from what commit {self.version} recorded "
-                    f"({PROP}rows): they were rewritten after the commit",
+        are those its commit recorded (found once; a new list each call)."""
+        if self._problems is None:
+            self._problems = problems(self.entries, self.codec is not None)
+            if not self.agree:
+                self._problems.append(
+                    Problem(
+                        "",
+                        -1,
+                        "",
+                        f"the rows differ from what commit {self.version} recorded "
+                        f"({PROP}rows): they were rewritten after the commit",
+                    )
                 )
-            )
-        return found
+        return list(self._problems)
 
     def properties(self) -> dict[str, str] | None:
         """The version's commit properties (None if its commit cannot be read)."""
@@ -422,7 +424,8 @@ class VersionReader:
             )
 
     def mapped(self, row: Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
-        """The chunk as a copy-on-write memory map of its data file (lazy, no copy), or None."""
+        """The chunk as a view of a copy-on-write memory map of its data file (lazy, no
+        copy), or None (see ``mmap_enabled``)."""
         return None if self.codec else self.source.mapped(row, dtype, shape)
 
     def read_many(self, jobs: list[tuple[Row, torch.Tensor]]) -> None:
@@ -707,10 +710,11 @@ def materialize(reader: VersionReader, entries: list[Entry], *, verify: bool) ->
     """
     out: dict[str, torch.Tensor] = {}
     jobs: list[tuple[Entry, Row, torch.Tensor]] = []
+    maps = not verify and mmap_enabled()
     for e in entries:
         dtype = dtype_from_name(e.dtype, key=e.name)
         reader.check_stored(e.rows)
-        t = reader.mapped(e.rows[0], dtype, e.shape) if len(e.rows) == 1 and not verify else None
+        t = reader.mapped(e.rows[0], dtype, e.shape) if maps and len(e.rows) == 1 else None
         if t is None:
             t = torch.empty(e.shape, dtype=dtype)
             flat = uint8_view(t)
