@@ -102,6 +102,10 @@ class _Bytes:
     def fill(self, row: Row, dst: torch.Tensor) -> int:
         raise NotImplementedError
 
+    def fill_many(self, parts: list[tuple[Row, torch.Tensor]]) -> list[int]:
+        """``fill`` of each (row, dst), in order."""
+        return [self.fill(row, dst) for row, dst in parts]
+
     def mapped(self, row: Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
         return None
 
@@ -188,6 +192,19 @@ class _LocalFiles(_Bytes):
         with self._using(row.file) as fd:
             _pread_exact(fd, self.path_of(row.file), row.position or 0, dst)
         return dst.numel()
+
+    def fill_many(self, parts: list[tuple[Row, torch.Tensor]]) -> list[int]:
+        """As ``fill``, each run of parts in one data file through one descriptor."""
+        i = 0
+        while i < len(parts):
+            file = parts[i][0].file
+            with self._using(file) as fd:
+                path = self.path_of(file)
+                while i < len(parts) and parts[i][0].file == file:
+                    row, dst = parts[i]
+                    _pread_exact(fd, path, row.position or 0, dst)
+                    i += 1
+        return [dst.numel() for _, dst in parts]
 
     def mapped(self, row: Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
         if row.size == 0 or row.position is None or row.position % dtype.itemsize:
@@ -446,22 +463,43 @@ class VersionReader:
             for start in range(0, row.size, PIECE)
         ]
 
-        def piece(p: tuple[Row, int, torch.Tensor]) -> None:
-            row, start, dst = p
-            part = row._replace(position=(row.position or 0) + start, stored=dst.numel())
-            self._read_stored(part, dst)
+        def read(batch: list[tuple[Row, int, torch.Tensor]]) -> None:
+            parts = [
+                (
+                    row
+                    if start == 0 and dst.numel() == row.stored
+                    else row._replace(position=(row.position or 0) + start, stored=dst.numel()),
+                    dst,
+                )
+                for row, start, dst in batch
+            ]
+            for (part, dst), got in zip(parts, self.source.fill_many(parts)):
+                self._check_read(part, dst.numel(), got)
 
-        if len(pieces) > 1 and THREADS > 1:
+        # Consecutive pieces in batches of about PIECE bytes, a task each: thousands of small
+        # tensors as one task each spent more time in the thread pool than in their reads.
+        batches: list[list[tuple[Row, int, torch.Tensor]]] = []
+        size = PIECE
+        for p in pieces:
+            if size + p[2].numel() > PIECE:
+                batches.append([])
+                size = 0
+            batches[-1].append(p)
+            size += p[2].numel()
+        if len(batches) > 1 and THREADS > 1:
             with ThreadPoolExecutor(THREADS) as pool:
-                list(pool.map(piece, pieces))
+                list(pool.map(read, batches))
         else:
-            for p in pieces:
-                piece(p)
+            for batch in batches:
+                read(batch)
 
     def _read_stored(self, row: Row, dst: torch.Tensor, whole: bool = True) -> None:
         """The payload as stored (or its first ``dst.numel()`` bytes unless ``whole``)."""
-        want = dst.numel()
-        got = self.source.fill(row, dst) if row.stored else 0
+        self._check_read(row, dst.numel(), self.source.fill(row, dst) if row.stored else 0, whole)
+
+    def _check_read(self, row: Row, want: int, got: int, whole: bool = True) -> None:
+        """CorruptionError unless ``got`` bytes of the row's payload are the ``want`` asked for
+        (and, if ``whole``, all of it)."""
         if got != want or (whole and want != row.stored):
             raise CorruptionError(
                 f"chunk {row.chunk} at {self.file_of(row)} holds {got} bytes, expected "
