@@ -8,6 +8,7 @@ import os
 from collections import OrderedDict
 from pathlib import Path
 
+import pytest
 import torch
 
 import mlflow_lance as ml
@@ -82,3 +83,55 @@ def test_more_data_files_than_the_descriptor_limit_save_and_load(tmp_path: Path)
     assert got["files"] == 40
     assert got["maps"] and got["reads"] and got["verified"] and got["into"]
     assert got["fds"] < 24
+
+
+@pytest.mark.slow
+def test_a_model_of_100000_tensors_saves_loads_logs_and_checkpoints_under_ulimit_256(tracking, tmp_path: Path):
+    """Every way in and out of the store, under ``ulimit -n 256``: save_state_dict,
+    load_state_dict, load_into, log_model, load_model, pyfunc (load and predict),
+    log_checkpoint and load_checkpoint."""
+    got = in_subprocess(
+        f"""
+        import json, os, resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+        import mlflow, numpy as np, torch
+        import mlflow_lance as ml
+
+        class Many(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.w = torch.nn.ParameterList(torch.full((64,), float(i)) for i in range(100_000))
+
+            def forward(self, x):
+                return x + self.w[-1]
+
+        model = Many()
+        keys, want = list(model.state_dict()), torch.arange(100_000.0).repeat_interleave(64)
+        same = lambda sd: list(sd) == keys and torch.equal(torch.cat([v.detach() for v in sd.values()]), want)
+
+        def scrambled():
+            with torch.no_grad():
+                for p in model.parameters():
+                    p.zero_()
+            return model
+
+        uri = {str(tmp_path / "w.lance")!r}
+        ml.save_state_dict(model.state_dict(), uri)
+        out = {{"load_state_dict": same(ml.load_state_dict(uri))}}
+        ml.load_into(scrambled(), uri)
+        out["load_into"] = same(model.state_dict())
+        with mlflow.start_run():
+            info = ml.log_model(model, name="model")
+            out["load_model"] = same(ml.load_model(info.model_uri).state_dict())
+            pyfunc = mlflow.pyfunc.load_model(info.model_uri)
+            out["pyfunc"] = bool((pyfunc.predict(np.zeros((1, 64), "float32")) == 99_999).all())
+            ckpt = ml.log_checkpoint(model, step=1)
+            ml.load_checkpoint(ckpt.model_uri, scrambled())
+            out["checkpoint"] = same(model.state_dict())
+        out["fds"] = len(os.listdir("/proc/self/fd"))
+        print(json.dumps(out))
+        """,
+        timeout=300,
+    )
+    assert got.pop("fds") < 64
+    assert got == dict.fromkeys(["load_state_dict", "load_into", "load_model", "pyfunc", "checkpoint"], True)
