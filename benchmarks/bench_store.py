@@ -1,11 +1,15 @@
 """Store speed, size and memory against torch.save, safetensors and the Lance docs example, like with like.
 
 Run:  python benchmarks/bench_store.py [--repeat 5] [--models gpt2,resnet50,llama] [--settle 4]
-                                       [--skip-docs-example] [--json benchmarks/results/store.json]
+                                       [--skip-docs-example] [--small 5000,20000,100000]
+                                       [--json benchmarks/results/store.json]
 
 Three state dicts, random values, no download: GPT-2 small (124M parameters, 148 fp32
 tensors, from a config), a ResNet-50-shaped one (320 tensors, 102 MB fp32 with BatchNorm
-statistics; benchmarks/shapes.py) and a LLaMA-shaped bf16 one (146 tensors, 2.08 GB).
+statistics; benchmarks/shapes.py) and a LLaMA-shaped bf16 one (146 tensors, 2.08 GB). Then
+``--small``: state dicts of 5,000, 20,000 and 100,000 tensors of 64 float32 values, where the
+cost is per tensor, not per byte (durable saves and loads against safetensors, the raw-write
+floor beside).
 
 Saves, in two tables that each compare like with like:
 
@@ -55,7 +59,7 @@ from typing import Any
 
 import torch
 from docs_example import docs_load_state_dict, docs_save_model  # benchmarks/: the script's own folder
-from shapes import llama_state_dict, module_for, resnet50_state_dict
+from shapes import llama_state_dict, module_for, resnet50_state_dict, small_tensors_state_dict
 
 import mlflow_lance as ml
 
@@ -439,6 +443,26 @@ def workload(sd: OrderedDict[str, torch.Tensor], module: torch.nn.Module, key: s
     return r
 
 
+SMALL_KEYS = ("ml_durable", "st_durable", "raw_durable")  # the durable saves the small-tensor rows compare
+
+
+def small_workload(n: int, repeat: int, pause: float, tmp: Path) -> dict[str, Any]:
+    """``n`` tensors of 64 float32 values: durable saves (ours, safetensors + fsync, the
+    raw-write floor + fsync) and loads of what they wrote (``load_state_dict`` against
+    ``load_file``), interleaved as the other workloads' are."""
+    from safetensors.torch import load_file
+
+    sd = small_tensors_state_dict(n)
+    saves = [s for s in save_contenders(sd) if s.key in SMALL_KEYS]
+    latest = timed_saves(saves, repeat, pause, tmp)
+    r: dict[str, Any] = {"saves": saves, "tensors": n, "raw_bytes": sum(v.nbytes for v in sd.values())}
+    r |= interleaved({
+        "ml_load_state_dict": lambda: ml.load_state_dict(latest["ml_durable"]),
+        "st_load": lambda: load_file(latest["st_durable"]),
+    }, repeat)  # fmt: skip
+    return r
+
+
 def peak_rss_of_load_into(uri: str) -> dict[str, int]:
     """Peak RSS above baseline while load_into fills a model, measured in a fresh process."""
     code = f"""
@@ -593,6 +617,38 @@ def report_workload(report: Report, label: str, r: dict[str, Any], repeat: int) 
     )
 
 
+def report_small(report: Report, r: dict[str, Any], repeat: int) -> None:
+    """The table of one small-tensor workload, and its goals: for 5,000 and 20,000 tensors a
+    save and a load each <= 1.5x safetensors', for 100,000 each under 10 s."""
+    n = r["tensors"]
+    med = {s.key: s.median for s in r["saves"]}
+    ours, theirs = r["ml_load_state_dict"], r["st_load"]
+    label = f"{n:,} tensors of 64 float32 values"
+    report.table(
+        f"{label} ({r['raw_bytes']:,} bytes): durable first saves, and loads (warm page cache); "
+        f"median seconds of {repeat} interleaved rounds",
+        ["", "seconds", "vs safetensors", "vs raw write + fsync"],
+        ["", "s", "x", "x"],
+        [["mlflow_lance `save_state_dict` (default: durable)", med["ml_durable"],
+          med["ml_durable"] / med["st_durable"], med["ml_durable"] / med["raw_durable"]],
+         ["safetensors `save_file` + fsync (file and directory)", med["st_durable"], 1.0,
+          med["st_durable"] / med["raw_durable"]],
+         ["floor: the tensor bytes to a new file + fsync (file and directory)", med["raw_durable"],
+          med["raw_durable"] / med["st_durable"], 1.0],
+         ["mlflow_lance `load_state_dict` (lazy copy-on-write maps)", ours, ours / theirs, None],
+         ["safetensors `load_file`", theirs, 1.0, None]],
+    )  # fmt: skip
+    if n >= 100_000:
+        report.goal(f"{label}: first `save_state_dict` (durable) under 10 s", "seconds", med["ml_durable"], "s", 10.0)
+        report.goal(f"{label}: `load_state_dict` under 10 s", "seconds", ours, "s", 10.0)
+    else:
+        report.goal(f"{label}: first `save_state_dict` (durable) <= 1.5x safetensors `save_file` + fsync",
+                    "safetensors `save_file` + fsync of the file and its directory",
+                    med["ml_durable"] / med["st_durable"], "x", 1.5)  # fmt: skip
+        report.goal(f"{label}: `load_state_dict` <= 1.5x safetensors `load_file`", "safetensors `load_file`",
+                    ours / theirs, "x", 1.5)  # fmt: skip
+
+
 def report_gpt2_extras(report: Report, x: dict[str, Any], r: dict[str, Any]) -> None:
     """GPT-2's partial load, peak memory and docs-example rows, and the peak-memory goal."""
     raw, rss = r["raw_bytes"], x["rss"]
@@ -646,16 +702,24 @@ def main() -> None:
                     help="comma-separated: " + ", ".join(WORKLOADS))  # fmt: skip
     ap.add_argument("--settle", type=float, default=4.0, help="seconds of pause before each timed save")
     ap.add_argument("--skip-docs-example", action="store_true", help="skip the slow docs-example baseline")
+    ap.add_argument("--small", default="5000,20000,100000",
+                    help="comma-separated tensor counts of the small-tensor workloads (64 float32 values "
+                         "each); empty: none")  # fmt: skip
     ap.add_argument("--json", type=Path, default=HERE / "results" / "store.json",
                     help="where the run's figures go")  # fmt: skip
     args = ap.parse_args()
-    models = args.models.split(",")
+    models = [m for m in args.models.split(",") if m]
     if args.repeat < 1 or args.settle < 0 or not set(models) <= set(WORKLOADS):
         ap.error(f"--repeat must be >= 1, --settle >= 0, --models among {', '.join(WORKLOADS)}")
+    try:
+        small = [int(n) for n in args.small.split(",") if n]
+    except ValueError:
+        ap.error("--small takes comma-separated tensor counts")
     os.environ.pop(FSYNC_ENV, None)  # mlflow_lance's default: durable
     report = Report("benchmarks/bench_store.py", {"repeat": args.repeat, "models": models,
                                                   "settle": args.settle,
-                                                  "skip_docs_example": args.skip_docs_example})  # fmt: skip
+                                                  "skip_docs_example": args.skip_docs_example,
+                                                  "small": small})  # fmt: skip
     work = cleaned_up_at_exit("bench_store_")
     print(
         f"repeat={args.repeat}, settle={args.settle} s; torch threads {torch.get_num_threads()}; "
@@ -681,6 +745,16 @@ def main() -> None:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         del sd, module
+    for n in small:
+        tmp = work / f"small{n}"
+        tmp.mkdir()
+        print(f"\n{n:,} tensors of 64 values: saving and loading", file=sys.stderr, flush=True)
+        try:
+            r = small_workload(n, args.repeat, args.settle, tmp)
+            report_small(report, r, args.repeat)
+            report.samples |= {f"small{n}/{s.key}": s.samples for s in r["saves"]}
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     report.write(args.json)
 
 

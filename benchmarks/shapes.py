@@ -92,3 +92,12 @@ def module_for(state_dict: dict[str, torch.Tensor]) -> torch.nn.Module:
             module = module._modules[part]
         module.register_buffer(leaf, torch.zeros_like(value))
     return root
+
+
+def small_tensors_state_dict(n: int, values: int = 64, seed: int = 0) -> OrderedDict[str, torch.Tensor]:
+    """``n`` float32 tensors of ``values`` values each (256 bytes at the default), named as a
+    deep model's are: the shape of a model whose cost is per tensor, not per byte (MoE
+    experts, per-channel scales, many small norms)."""
+    gen = torch.Generator().manual_seed(seed)
+    flat = torch.randn(n, values, generator=gen)
+    return OrderedDict((f"model.layers.{i // 100}.block.{i % 100}.weight", flat[i].clone()) for i in range(n))

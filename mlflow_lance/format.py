@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import operator
 import os
 import re
 from collections import OrderedDict
@@ -127,21 +128,30 @@ def max_zstd_ratio() -> int:
 def build_entries(rows: Iterable[Located]) -> OrderedDict[str, Entry]:
     """The tensors of a version from its rows, in order (each chunk sized by the next one's
     offset); unchecked: see ``problems``."""
+    grouped: dict[str, list[tuple[int, Located]]] = {}
+    for index, located in enumerate(rows):
+        grouped.setdefault(located.meta["name"], []).append((index, located))
     out: OrderedDict[str, Entry] = OrderedDict()
-    for index, (meta, address, position, file, stored) in enumerate(rows):
-        e = out.get(meta["name"])
-        if e is None:
-            e = out[meta["name"]] = Entry(
-                meta["name"], meta["dtype"], meta["shape"], meta["nbytes"], meta["alias"], [], []
+    for name, group in grouped.items():
+        first = group[0][1].meta
+        e = out[name] = Entry(name, first["dtype"], first["shape"], first["nbytes"], first["alias"], [], [])
+        ends = [located.meta["offset"] for _, located in group[1:]] + [0 if e.tie else e.nbytes]
+        for (index, (meta, address, position, file, stored)), end in zip(group, ends):
+            size = end - meta["offset"]  # a chunk runs to the next chunk's offset
+            e.meta.append(meta)
+            e.rows.append(
+                Row(
+                    meta["chunk"],
+                    meta["offset"],
+                    size,
+                    meta["hash"],
+                    address,
+                    index,
+                    position,
+                    file,
+                    (stored or 0) if position is not None else size,
+                )
             )
-        e.meta.append(meta)
-        e.rows.append(Row(meta["chunk"], meta["offset"], 0, meta["hash"], address, index, position, file, stored or 0))
-    for e in out.values():  # a chunk's size runs to the next chunk's offset
-        ends = [r.offset for r in e.rows[1:]] + [0 if e.tie else e.nbytes]
-        e.rows = [
-            r._replace(size=end - r.offset, stored=r.stored if r.position is not None else end - r.offset)
-            for r, end in zip(e.rows, ends)
-        ]
     return out
 
 
@@ -177,7 +187,7 @@ def _chunk_problem(e: Entry, compressed: bool) -> str | None:
     smallest = 1 if len(e.rows) > 1 else 0  # only a one-row tensor may be empty
     if e.rows[0].offset != 0 or any(r.size < smallest for r in e.rows):
         return f"its chunk offsets {[r.offset for r in e.rows][:10]} do not tile its {e.nbytes} bytes"
-    ratio = max_zstd_ratio()
+    ratio = max_zstd_ratio() if compressed else 0
     for r in e.rows:
         if (r.position is not None and r.position < 0) or r.stored < 0:
             return f"chunk {r.chunk} has a negative position or size"
@@ -260,8 +270,10 @@ def raise_problems(uri: str, version: int, found: list[Problem]) -> None:
 
 def rows_digest(metas: Iterable[Mapping]) -> str:
     """Digest of a version's metadata rows, recorded in its commit to check the index against."""
-    rows = [[m[c] for c in META_COLUMNS] for m in metas]
-    return hash_bytes(json.dumps(rows, separators=(",", ":")).encode())
+    return hash_bytes(json.dumps(list(map(_META_VALUES, metas)), separators=(",", ":")).encode())
+
+
+_META_VALUES = operator.itemgetter(*META_COLUMNS)  # a row's metadata values, in column order
 
 
 def plain_name(path: str) -> bool:

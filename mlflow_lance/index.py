@@ -40,8 +40,6 @@ INDEX_DIR = ("_mlflow_lance", "index")
 INDEX_FORMAT = 2
 MAX_INDEX_BYTES = 16 << 20  # a version index larger than this is ignored (~80,000 rows)
 INDEXED_PROPERTIES = (PROP + "rows", PROP + "tree", PROP + "container")  # what a load reads from a commit
-_ROW_TYPES = [{str}, {int}, {int}, {int}, {str}, {list}, {str}, {str, type(None)}]  # per META_COLUMNS
-_SHAPE = META_COLUMNS.index("shape")
 
 Fragment = tuple[int, str, int]  # (fragment id, data file, rows)
 
@@ -94,17 +92,30 @@ def read(uri: str, storage_options: StorageOptions, version: int) -> dict | None
 
 def valid_row(row: object, n: int) -> bool:
     """Each value of an index row has its column's JSON type (ints are never bools) and
-    range (the chunk an int32, every other number a non-negative int64, as Lance stores them)."""
-    if type(row) is not list or len(row) != n + 2:
+    range (the chunk an int32, every other number a non-negative int64, as Lance stores them);
+    the row holds the ``n`` metadata columns, then the payload's position and stored size."""
+    if type(row) is not list or len(row) != n + 2 or n != len(META_COLUMNS):
         return False
-    if any(type(v) not in types for v, types in zip(row, _ROW_TYPES)):
-        return False
-    numbers = [row[1], row[2], row[3], *row[_SHAPE], *(v for v in row[n:] if v is not None)]
+    name, chunk, offset, nbytes, dtype, shape, digest, alias, position, stored = row  # META_COLUMNS' order
     return (
-        all(type(v) is int and 0 <= v < 1 << 63 for v in numbers)
-        and row[1] < 1 << 31
-        and all(v is None or type(v) is int for v in row[n:])
+        type(name) is str
+        and type(dtype) is str
+        and type(digest) is str
+        and (alias is None or type(alias) is str)
+        and type(chunk) is int
+        and 0 <= chunk < 1 << 31
+        and _count(offset)
+        and _count(nbytes)
+        and type(shape) is list
+        and all(map(_count, shape))
+        and (position is None or _count(position))
+        and (stored is None or _count(stored))
     )
+
+
+def _count(v: object) -> bool:
+    """A non-negative int64 (never a bool)."""
+    return type(v) is int and 0 <= v < 1 << 63
 
 
 def _valid_fragment(f: object) -> bool:

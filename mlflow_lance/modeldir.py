@@ -106,12 +106,30 @@ def mlmodel(model_dir: str) -> Any:
 def flavor_conf(model_dir: str) -> dict:
     """The mlflow_lance section of the directory's MLmodel, checked: exactly one architecture
     (``skeleton`` or ``torchscript``: a file of the directory; or ``model_factory``), and
-    optional strings where strings belong."""
+    optional strings where strings belong.
+
+    Raises:
+        MlflowException: the MLmodel has no mlflow_lance flavor (worded as mlflow.pytorch
+            words it for its own flavor, error code RESOURCE_DOES_NOT_EXIST).
+        CorruptionError: the MLmodel or its mlflow_lance section is malformed.
+    """
     flavors = mlmodel(model_dir).flavors
     where = os.path.join(model_dir, MLMODEL)
-    conf = flavors.get(FLAVOR_NAME) if isinstance(flavors, dict) else None
+    if not isinstance(flavors, dict):
+        raise CorruptionError(f"{where}: flavors must be a mapping")
+    if FLAVOR_NAME not in flavors:
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST
+
+        raise MlflowException(  # mlflow.pytorch's words (mlflow.utils.model_utils), then ours
+            f'Model does not have the "{FLAVOR_NAME}" flavor: {where} was not logged with mlflow_lance '
+            f"(its flavors: {', '.join(sorted(map(str, flavors))) or 'none'}); load it with "
+            f"mlflow.pyfunc.load_model() or with the load_model() of a flavor it has",
+            RESOURCE_DOES_NOT_EXIST,
+        )
+    conf = flavors[FLAVOR_NAME]
     if not isinstance(conf, dict):
-        raise CorruptionError(f"{where} has no {FLAVOR_NAME} flavor: the model was not logged with mlflow_lance")
+        raise CorruptionError(f"{where}: its {FLAVOR_NAME} flavor must be a mapping")
     kinds = [k for k in ("skeleton", "torchscript", "model_factory") if k in conf]
     if len(kinds) != 1:
         raise CorruptionError(

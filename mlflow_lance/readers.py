@@ -11,7 +11,9 @@ The Lance docs example's format (``name`` / ``value list<float64>`` / ``shape``)
 the decoder too, rows and values alike.
 
 Bytes come from the data files at the positions the rows give: locally with ``preadv`` into
-memory the caller owns (4 threads, 16 MiB pieces) or mapped copy-on-write; on object storage
+memory the caller owns (4 threads, 16 MiB pieces) or mapped copy-on-write (each data file
+once, its tensors views of that mapping; a load holds at most ``MAX_OPEN`` descriptors,
+whatever the number of tensors or data files); on object storage
 with ranged GETs (pyarrow), or Lance's blob API for stores pyarrow cannot read. Each data file
 is opened relative to the dataset's own data/ directory without following links and without
 waiting on FIFOs, and must hold every byte its rows claim before anything is allocated for
@@ -20,15 +22,20 @@ them. Every row is checked against the rules of format.py first.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import errno
 import mmap
 import os
 import stat
+import threading
+import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 import zstandard
 
@@ -73,6 +80,7 @@ if TYPE_CHECKING:
     import lance
 
 PIECE = 16 << 20
+MAX_OPEN = 16  # local data files a reader holds open at once (see _LocalFiles)
 THREADS = min(4, os.cpu_count() or 1)
 _ZSTD_HEADER = 18  # the longest zstd frame header: enough to read the frame's content size
 
@@ -103,6 +111,10 @@ class _Bytes:
     def fill(self, row: Row, dst: torch.Tensor) -> int:
         raise NotImplementedError
 
+    def fill_many(self, parts: list[tuple[Row, torch.Tensor]]) -> list[int]:
+        """``fill`` of each (row, dst), in order."""
+        return [self.fill(row, dst) for row, dst in parts]
+
     def mapped(self, row: Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
         return None
 
@@ -115,15 +127,24 @@ class _Bytes:
 
 
 class _LocalFiles(_Bytes):
-    """Local data files, each opened once relative to data/ (no links, no FIFOs)."""
+    """Local data files, opened relative to data/ (no links, no FIFOs).
+
+    Descriptors are bounded whatever the number of tensors or data files: at most
+    ``MAX_OPEN`` files stay open (least recently used closed first; a file in use by a
+    reading thread is never closed under it), and a mapped file holds none (``_Mapped``).
+    Each data file is mapped once, and the tensors it holds are views of that one mapping.
+    """
 
     def __init__(self, uri: str, version: int, root: str):
         super().__init__(root, version)
         self.dataset_uri = uri
         self._dir: int | None = None
-        self._files: dict[str, tuple[int, int]] = {}  # data file -> (fd, size)
+        self._open_files: OrderedDict[str, list[int]] = OrderedDict()  # data file -> [fd, readers using it]
+        self._sizes: dict[str, int] = {}  # data file -> bytes, as first opened
+        self._maps: dict[str, np.ndarray] = {}  # data file -> its whole mapping
+        self._lock = threading.Lock()
 
-    def _open(self, file: str) -> tuple[int, int]:
+    def _open(self, file: str) -> int:
         path = self.path_of(file)
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         if self._dir is None:
@@ -138,6 +159,8 @@ class _LocalFiles(_Bytes):
         except OSError as err:
             if err.errno in (errno.ELOOP, errno.ENOTDIR):
                 raise CorruptionError(not_regular(self.dataset_uri, self.version, path)) from None
+            if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOMEM):  # the process's trouble, not the file's
+                raise
             raise CorruptionError(
                 f"data file {path} of version {self.version} of {self.dataset_uri} cannot be "
                 f"opened ({err.strerror}); restore it or load another version"
@@ -146,39 +169,104 @@ class _LocalFiles(_Bytes):
         if not stat.S_ISREG(st.st_mode):
             os.close(fd)
             raise CorruptionError(not_regular(self.dataset_uri, self.version, path))
-        return fd, st.st_size
+        self._sizes.setdefault(file, st.st_size)
+        return fd
 
-    def fd(self, row: Row) -> int:
-        if row.file not in self._files:
-            self._files[row.file] = self._open(row.file)
-        return self._files[row.file][0]
+    @contextlib.contextmanager
+    def _using(self, file: str) -> Iterator[int]:
+        """An open descriptor of ``file``, not closed before the block ends."""
+        with self._lock:
+            handle = self._open_files.get(file)
+            if handle is None:
+                handle = self._open_files[file] = [self._open(file), 0]
+            self._open_files.move_to_end(file)
+            handle[1] += 1
+        try:
+            yield handle[0]
+        finally:
+            with self._lock:
+                handle[1] -= 1
+                excess = len(self._open_files) - MAX_OPEN
+                idle = [name for name, (_, users) in self._open_files.items() if not users][: max(excess, 0)]
+                for name in idle:
+                    os.close(self._open_files.pop(name)[0])
 
     def size(self, row: Row) -> int:
-        self.fd(row)
-        return self._files[row.file][1]
+        if row.file not in self._sizes:
+            with self._using(row.file):  # opening it records its size
+                pass
+        return self._sizes[row.file]
 
     def fill(self, row: Row, dst: torch.Tensor) -> int:
-        _pread_exact(self.fd(row), self.path_of(row.file), row.position or 0, dst)
+        with self._using(row.file) as fd:
+            _pread_exact(fd, self.path_of(row.file), row.position or 0, dst)
         return dst.numel()
 
+    def fill_many(self, parts: list[tuple[Row, torch.Tensor]]) -> list[int]:
+        """As ``fill``, each run of parts in one data file through one descriptor."""
+        i = 0
+        while i < len(parts):
+            file = parts[i][0].file
+            with self._using(file) as fd:
+                path = self.path_of(file)
+                while i < len(parts) and parts[i][0].file == file:
+                    row, dst = parts[i]
+                    _pread_exact(fd, path, row.position or 0, dst)
+                    i += 1
+        return [dst.numel() for _, dst in parts]
+
     def mapped(self, row: Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
-        if row.size == 0 or row.position is None or row.position % dtype.itemsize or not mmap_enabled():
+        if row.size == 0 or row.position is None or row.position % dtype.itemsize:
             return None
-        start = row.position - row.position % mmap.ALLOCATIONGRANULARITY
-        mapping = mmap.mmap(self.fd(row), row.position + row.size - start, access=mmap.ACCESS_COPY, offset=start)
-        flat = torch.frombuffer(mapping, dtype=torch.uint8, count=row.size, offset=row.position - start)
-        return flat.view(dtype).reshape(shape)
+        whole = self._maps.get(row.file)
+        if whole is None:
+            with self._using(row.file) as fd:
+                size = os.fstat(fd).st_size
+                whole = self._maps[row.file] = np.asarray(_Mapped(fd, size)) if size else np.empty(0, np.uint8)
+        if row.position + row.size > whole.size:
+            raise CorruptionError(
+                f"data file {self.path_of(row.file)} holds {whole.size} bytes, but chunk {row.chunk} of "
+                f"version {self.version} claims bytes {row.position}..{row.position + row.size}; "
+                f"the file was truncated. Run verify() on {self.dataset_uri}"
+            )
+        flat = torch.frombuffer(whole, dtype=dtype, count=row.size // dtype.itemsize, offset=row.position)
+        return flat if len(shape) == 1 else flat.view(shape)
 
     def parallel(self) -> bool:
         return True
 
     def close(self) -> None:
-        for fd, _ in self._files.values():
+        for fd, _ in self._open_files.values():
             os.close(fd)
-        self._files.clear()
+        self._open_files.clear()
+        self._maps.clear()  # each mapping lives on as long as a tensor refers to it
         if self._dir is not None:
             os.close(self._dir)
             self._dir = None
+
+
+class _Mapped:
+    """The first ``size`` (> 0) bytes of an open file, mapped copy-on-write, as a numpy array
+    interface (``np.asarray`` of it, and every view of that, keep it alive); unmapped once
+    nothing refers to it. It holds no descriptor: ``mmap.mmap`` keeps a duplicate of the
+    one it maps for as long as the mapping lives (Python < 3.13), which made a load of n
+    tensors hold n descriptors."""
+
+    def __init__(self, fd: int, size: int):
+        address = _libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE, fd, 0)
+        if address in (None, _MAP_FAILED):
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot map a data file: {os.strerror(err)}")
+        self.__array_interface__ = {"data": (address, False), "shape": (size,), "typestr": "|u1", "version": 3}
+        # Not at exit: tensors may outlive the finalizers run then, and the process unmaps everything anyway.
+        weakref.finalize(self, _libc.munmap, address, size).atexit = False
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
 
 
 class _RemoteFiles(_Bytes):
@@ -280,6 +368,7 @@ class VersionReader:
         self.writable = writable  # whether new versions may be saved on top of this format
         self.hashed = hashed  # whether rows record content hashes (the docs example's do not)
         self._entries: OrderedDict[str, Entry] | None = None
+        self._problems: list[Problem] | None = None
 
     def __enter__(self) -> VersionReader:
         return self
@@ -296,19 +385,20 @@ class VersionReader:
 
     def problems(self) -> list[Problem]:
         """What is wrong with the version's metadata (format.problems), and whether its rows
-        are those its commit recorded."""
-        found = problems(self.entries, self.codec is not None)
-        if not self.agree:
-            found.append(
-                Problem(
-                    "",
-                    -1,
-                    "",
-                    f"the rows differ from what commit {self.version} recorded "
-                    f"({PROP}rows): they were rewritten after the commit",
+        are those its commit recorded (found once; a new list each call)."""
+        if self._problems is None:
+            self._problems = problems(self.entries, self.codec is not None)
+            if not self.agree:
+                self._problems.append(
+                    Problem(
+                        "",
+                        -1,
+                        "",
+                        f"the rows differ from what commit {self.version} recorded "
+                        f"({PROP}rows): they were rewritten after the commit",
+                    )
                 )
-            )
-        return found
+        return list(self._problems)
 
     def properties(self) -> dict[str, str] | None:
         """The version's commit properties (None if its commit cannot be read)."""
@@ -359,7 +449,8 @@ class VersionReader:
             )
 
     def mapped(self, row: Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
-        """The chunk as a copy-on-write memory map of its data file (lazy, no copy), or None."""
+        """The chunk as a view of a copy-on-write memory map of its data file (lazy, no
+        copy), or None (see ``mmap_enabled``)."""
         return None if self.codec else self.source.mapped(row, dtype, shape)
 
     def read_many(self, jobs: list[tuple[Row, torch.Tensor]]) -> None:
@@ -380,22 +471,43 @@ class VersionReader:
             for start in range(0, row.size, PIECE)
         ]
 
-        def piece(p: tuple[Row, int, torch.Tensor]) -> None:
-            row, start, dst = p
-            part = row._replace(position=(row.position or 0) + start, stored=dst.numel())
-            self._read_stored(part, dst)
+        def read(batch: list[tuple[Row, int, torch.Tensor]]) -> None:
+            parts = [
+                (
+                    row
+                    if start == 0 and dst.numel() == row.stored
+                    else row._replace(position=(row.position or 0) + start, stored=dst.numel()),
+                    dst,
+                )
+                for row, start, dst in batch
+            ]
+            for (part, dst), got in zip(parts, self.source.fill_many(parts)):
+                self._check_read(part, dst.numel(), got)
 
-        if len(pieces) > 1 and THREADS > 1:
+        # Consecutive pieces in batches of about PIECE bytes, a task each: thousands of small
+        # tensors as one task each spent more time in the thread pool than in their reads.
+        batches: list[list[tuple[Row, int, torch.Tensor]]] = []
+        size = PIECE
+        for p in pieces:
+            if size + p[2].numel() > PIECE:
+                batches.append([])
+                size = 0
+            batches[-1].append(p)
+            size += p[2].numel()
+        if len(batches) > 1 and THREADS > 1:
             with ThreadPoolExecutor(THREADS) as pool:
-                list(pool.map(piece, pieces))
+                list(pool.map(read, batches))
         else:
-            for p in pieces:
-                piece(p)
+            for batch in batches:
+                read(batch)
 
     def _read_stored(self, row: Row, dst: torch.Tensor, whole: bool = True) -> None:
         """The payload as stored (or its first ``dst.numel()`` bytes unless ``whole``)."""
-        want = dst.numel()
-        got = self.source.fill(row, dst) if row.stored else 0
+        self._check_read(row, dst.numel(), self.source.fill(row, dst) if row.stored else 0, whole)
+
+    def _check_read(self, row: Row, want: int, got: int, whole: bool = True) -> None:
+        """CorruptionError unless ``got`` bytes of the row's payload are the ``want`` asked for
+        (and, if ``whole``, all of it)."""
         if got != want or (whole and want != row.stored):
             raise CorruptionError(
                 f"chunk {row.chunk} at {self.file_of(row)} holds {got} bytes, expected "
@@ -642,10 +754,11 @@ def materialize(reader: VersionReader, entries: list[Entry], *, verify: bool) ->
     """
     out: dict[str, torch.Tensor] = {}
     jobs: list[tuple[Entry, Row, torch.Tensor]] = []
+    maps = not verify and mmap_enabled()
     for e in entries:
         dtype = dtype_from_name(e.dtype, key=e.name)
         reader.check_stored(e.rows)
-        t = reader.mapped(e.rows[0], dtype, e.shape) if len(e.rows) == 1 and not verify else None
+        t = reader.mapped(e.rows[0], dtype, e.shape) if maps and len(e.rows) == 1 else None
         if t is None:
             t = torch.empty(e.shape, dtype=dtype)
             flat = uint8_view(t)

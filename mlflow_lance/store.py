@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc as python_gc  # store.gc is the verb
 import json
 import logging
 import os
 import re
 import struct
+import threading
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Collection, Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -130,6 +132,10 @@ __all__ = [
 _logger = logging.getLogger(__name__)
 
 _PARALLEL_WRITE_BYTES = 64 << 20
+# Data files are flushed (fsync) several at once: the file system commits concurrent flushes
+# together (ext4 here: ResNet-50's 42 largest tensors, a file each, take 0.23 s one after
+# another, 0.06 s from 8 threads).
+_FLUSH_THREADS = 8
 _CALL_BYTES = 64 << 20
 _COMMIT_ATTEMPTS = 64
 
@@ -202,6 +208,31 @@ class LoadResult(NamedTuple):
 
 
 # --------------------------------------------------------------------------- public API
+
+
+_paused = [0, False]  # saves and loads in progress, and whether the cyclic GC was enabled before them
+_pause_lock = threading.Lock()
+
+
+@contextlib.contextmanager
+def _no_cyclic_gc() -> Iterator[None]:
+    """Python's cyclic garbage collector paused while a save or load runs (nested and in
+    several threads alike; restored as it was when the last one ends). A version of many
+    small tensors creates a few objects per tensor, and each full collection walks every
+    object alive: with 20,000 tensors, half of a save went to collections that found
+    nothing. Memory freed by reference counting is freed as before."""
+    with _pause_lock:
+        if not _paused[0]:
+            _paused[1] = python_gc.isenabled()
+            python_gc.disable()
+        _paused[0] += 1
+    try:
+        yield
+    finally:
+        with _pause_lock:
+            _paused[0] -= 1
+            if not _paused[0] and _paused[1]:
+                python_gc.enable()
 
 
 def save_state_dict(
@@ -297,6 +328,7 @@ class Written:
         return sum(f.files[0].file_size_bytes or 0 for f, u in zip(self.fragments, self.units) if u.reused is None)
 
 
+@_no_cyclic_gc()
 def write_version(
     state_dict: Mapping[str, Any] | Prepared,
     uri: str | os.PathLike | Dataset,
@@ -333,6 +365,7 @@ def write_version(
     )
 
 
+@_no_cyclic_gc()
 def commit_version(
     written: Written, *, message: str | None = None, properties: Mapping[str, str] | None = None
 ) -> VersionInfo:
@@ -381,7 +414,7 @@ def write_units(
     written, when ``flush``); every unit's fragment, in order."""
     uri, storage_options = dataset.uri, dataset.storage_options
     fresh = [u.rows for u in units if u.reused is None]
-    with ThreadPoolExecutor(1) as flusher:  # data files are flushed while the next ones are written
+    with ThreadPoolExecutor(_FLUSH_THREADS) as flusher:  # data files are flushed while the next ones are written
         flushing: list = []
         data = os.path.join(local_path(uri) or "", "data")
         new_files = _write_rows(
@@ -391,8 +424,8 @@ def write_units(
             storage_options,
             create=create,
             written=(
-                lambda frags: flushing.append(
-                    flusher.submit(fs.sync_files, [os.path.join(data, f.files[0].path) for f in frags])
+                lambda frags: flushing.extend(
+                    flusher.submit(fs.sync_files, [os.path.join(data, f.files[0].path)]) for f in frags
                 )
             )
             if flush
@@ -419,6 +452,7 @@ def _flush_commit(root: str, version: int, txn_file: str) -> None:
     fs.sync_dirs([os.path.join(root, "_transactions"), os.path.join(root, "_versions"), root])
 
 
+@_no_cyclic_gc()
 def load_state_dict(
     uri: str | os.PathLike | Dataset,
     version: Version | None = None,
@@ -459,6 +493,7 @@ def load_state_dict(
         raise CorruptionError(f"version {reader.version} of {reader.uri}: its {PROP}tree property: {err}") from None
 
 
+@_no_cyclic_gc()
 def load_into(
     module: torch.nn.Module,
     uri: str | os.PathLike | Dataset,
@@ -941,12 +976,16 @@ def _index_new_version(dataset: Dataset, ds: lance.LanceDataset, units: list[Uni
             ]
     if fresh:  # their blob positions: a scan of the blob descriptors only (a third of a full scan)
         blobs = ds.scanner(columns=["data"], with_row_address=True, fragments=fresh).to_table()
-        descriptors = zip(blobs["_rowaddr"].to_pylist(), blobs["data"].to_pylist())
-        found = {address: (d["position"], d["size"]) for address, d in descriptors}
-        located = [
-            r._replace(position=found[r.address][0], stored=found[r.address][1]) if r.address in found else r
-            for r in located
-        ]
+        data = blobs["data"].combine_chunks()
+        found = dict(
+            zip(
+                blobs["_rowaddr"].to_pylist(),
+                zip(data.field("position").to_pylist(), data.field("size").to_pylist()),
+            )
+        )
+        for i, r in enumerate(located):
+            if (blob := found.get(r.address)) is not None:
+                located[i] = Located(r.meta, r.address, blob[0], r.file, blob[1])
     with contextlib.suppress(OSError, WeightsError):  # derived data: the next load decodes the rows instead
         write_index(dataset, ds, located, table, sync=sync)
 

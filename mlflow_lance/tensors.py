@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
@@ -154,13 +154,14 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     No copy for a contiguous CPU tensor; one copy for a strided view or a device tensor.
     """
     t = tensor.detach()
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         t = t.cpu()
-    t = t.contiguous().reshape(-1)
+    if t.dim() != 1 or not t.is_contiguous():  # (a few microseconds per tensor: thousands of small ones add up)
+        t = t.contiguous().reshape(-1)
     if t.numel() == 0:
         return memoryview(b"")
-    # numpy has no bfloat16/float8; viewing as uint8 keeps every dtype's exact bits.
-    return memoryview(t.view(torch.uint8).numpy()).cast("B")
+    # numpy has no bfloat16/float8; viewing as uint8 keeps every dtype's exact bits (a flat "B" view).
+    return memoryview(t.view(torch.uint8).numpy())
 
 
 def find_ties(state_dict: Mapping[str, torch.Tensor]) -> dict[str, str]:
@@ -196,10 +197,10 @@ class TensorRows:
     name: str
     meta: list[dict]
     payloads: list[memoryview]
+    nbytes: int = field(init=False)  # of the payloads
 
-    @property
-    def nbytes(self) -> int:
-        return sum(len(p) for p in self.payloads)
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "nbytes", sum(map(len, self.payloads)))
 
     @property
     def key(self) -> tuple:
@@ -222,16 +223,16 @@ def to_rows(
         raise ValueError(f"chunk_bytes must be positive, got {chunk_bytes}")
     dname = dtype_name(tensor.dtype, key=name)
     shape = list(tensor.shape)
-    total = tensor.numel() * tensor.element_size()
-    if tie is not None:
-        data = memoryview(b"")
-        spans = [(0, 0)]
-    else:
-        data = tensor_bytes(tensor)
-        spans = [(o, min(chunk_bytes, total - o)) for o in range(0, total, chunk_bytes)] or [(0, 0)]
+    total = tensor.nbytes
+    data = memoryview(b"") if tie is not None else tensor_bytes(tensor)
+    spans = (
+        [(0, len(data))]
+        if len(data) <= chunk_bytes
+        else [(o, min(chunk_bytes, total - o)) for o in range(0, total, chunk_bytes)]
+    )
     meta, payloads = [], []
     for i, (off, n) in enumerate(spans):
-        payload = data[off : off + n]
+        payload = data[off : off + n] if len(spans) > 1 else data
         meta.append(
             {
                 "name": name,

@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "docs" / "reports"
 TEST_REPORTS = ("run.json", "reliability.json", "lifecycle.json", "untrusted.json", "durations.json")
-BENCH_REPORTS = ("checkpoint.json", "store.json", "mlflow.json", "distributed.json")
+BENCH_REPORTS = ("checkpoint.json", "store.json", "store_small.json", "mlflow.json", "distributed.json")
 
 
 def load(name: str) -> dict | None:
@@ -293,6 +293,15 @@ def performance() -> str:
             "## The store against safetensors and torch.save",
             "",
             *tables_section(load("store.json"), "python benchmarks/bench_store.py"),
+            "## Many small tensors, and ResNet-50's first save",
+            "",
+            "A cost per tensor rather than per byte: thousands of tensors of 64 values (MoE experts, "
+            "per-channel scales, norms), and ResNet-50's 320 tensors, 278 of them under 256 KiB.",
+            "",
+            *tables_section(
+                load("store_small.json"),
+                "python benchmarks/bench_store.py --models resnet50 --json benchmarks/results/store_small.json",
+            ),
             "## Through MLflow, against mlflow.pytorch",
             "",
             *tables_section(load("mlflow.json"), "python benchmarks/bench_mlflow.py"),

@@ -535,9 +535,7 @@ def test_8_a_malformed_pointer_is_a_corruption_error_naming_it(tmp_path, text):
     record("r2-8 error", "refused")
 
 
-@pytest.mark.parametrize(
-    "edit", ["no architecture", "two architectures", "skeleton not a string", "no flavor", "not a mapping"]
-)
+@pytest.mark.parametrize("edit", ["no architecture", "two architectures", "skeleton not a string", "not a mapping"])
 def test_8_a_malformed_mlmodel_is_a_corruption_error_naming_it(tmp_path, edit):
     path = tmp_path / "model"
     ml.save_model(torch.nn.Linear(2, 2), str(path))
@@ -549,8 +547,6 @@ def test_8_a_malformed_mlmodel_is_a_corruption_error_naming_it(tmp_path, edit):
         conf["torchscript"] = "data/skeleton.pkl"
     elif edit == "skeleton not a string":
         conf["skeleton"] = ["data", "skeleton.pkl"]
-    elif edit == "no flavor":
-        del mlmodel["flavors"]["mlflow_lance"]
     else:
         mlmodel = ["a", "list"]
     (path / "MLmodel").write_text(yaml.safe_dump(mlmodel))

@@ -360,3 +360,21 @@ def test_16_small_fetches_print_no_progress_bars(tracking, capfd):
 
     assert cli(["versions", "quiet-model"]) == 0
     assert "Downloading artifacts" not in capfd.readouterr().err
+
+
+def test_17_a_model_without_the_flavor_raises_mlflow_pytorchs_error_with_the_flavor_name_changed(tmp_path):
+    """Each flavor's load_model of the other's directory: an MlflowException whose first words
+    are the same but for the flavor's name (RESOURCE_DOES_NOT_EXIST); ours then says why and
+    what to do."""
+    from mlflow.exceptions import MlflowException
+
+    theirs, ours = both(tmp_path, linear())
+    with pytest.raises(MlflowException) as pytorchs:
+        mlflow.pytorch.load_model(ours)
+    with pytest.raises(MlflowException) as lances:
+        ml.load_model(theirs)
+    assert pytorchs.value.message == 'Model does not have the "pytorch" flavor'
+    assert lances.value.message.startswith('Model does not have the "mlflow_lance" flavor: ')
+    assert lances.value.error_code == pytorchs.value.error_code == "RESOURCE_DOES_NOT_EXIST"
+    assert "python_function, pytorch" in lances.value.message and "mlflow.pyfunc.load_model()" in lances.value.message
+    assert mlflow.pyfunc.load_model(theirs).predict(X).shape == (3, 1)  # what the advice says works
