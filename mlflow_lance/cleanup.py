@@ -79,7 +79,7 @@ def sweep(dataset: Dataset, doomed: Collection[int], *, grace: timedelta, dry_ru
         from . import transport
 
         transport.settle(dataset.uri, grace.total_seconds())
-    with Tree(dataset.uri, dataset.storage_options) as tree:
+    with Tree(dataset.uri, dataset.storage_options, dry_run=dry_run) as tree:
         tree.check()
         tracked = _tracked(dataset)
         doomed = sorted(set(doomed) & set(tracked))

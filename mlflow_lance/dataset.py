@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from .errors import CorruptionError, VersionNotFoundError, WeightsError
 from .format import FORMAT_KEY, PROP, Version, check_tag_name, plain_name
-from .fs import StorageOptions, check_tree, lance_target, local_path, unreachable
+from .fs import StorageOptions, check_tree, lance_target, local_path, logical, unreachable
 from .index import Fragment
 
 if TYPE_CHECKING:
@@ -36,6 +36,7 @@ JITTER = random.Random()
 def lance_error(uri: str, err: BaseException, what: str, elapsed: float = 0.0) -> Exception:
     """What an error Lance raised while reading ``what`` of ``uri`` means: ConnectionError for
     storage that cannot be reached, else a CorruptionError naming the dataset and the part."""
+    uri = logical(uri)
     if (gone := unreachable(uri, err, elapsed)) is not None:
         return gone
     text = " ".join(str(err).split())[:300]

@@ -99,6 +99,16 @@ def proxied(uri: str) -> bool:
     return transport.handles(uri)
 
 
+def logical(uri: str) -> str:
+    """The dataset URI a user knows for a URI Lance reports (its gateway's ``s3://`` for a
+    dataset behind MLflow's artifact store), so that errors name the dataset, not the gateway."""
+    if uri.startswith("s3://mlflow-lance-"):
+        from . import transport
+
+        return transport.logical(uri) or uri
+    return uri
+
+
 def lance_target(uri: str, storage_options: StorageOptions) -> tuple[str, dict[str, str] | None]:
     """The URI and storage options Lance opens dataset ``uri`` with: the dataset itself, or for
     one behind MLflow's artifact store, this process's loopback gateway to it (``transport``)."""
@@ -385,8 +395,9 @@ class Tree:
     Use as a context manager.
     """
 
-    def __init__(self, uri: str, storage_options: StorageOptions = None):
+    def __init__(self, uri: str, storage_options: StorageOptions = None, *, dry_run: bool = False):
         self.uri = uri.rstrip("/")
+        self.dry_run = dry_run  # lists and reads only: not even seen.json is written
         self.root = local_path(uri)
         self.storage_options = storage_options
         self._fds: dict[str, int | None] = {}
@@ -398,7 +409,7 @@ class Tree:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._seen is not None and exc[0] is None:
+        if self._seen is not None and exc[0] is None and not self.dry_run:
             kept = {p: t for p, t in self._seen.items() if p.rpartition("/")[0] not in self._listed or p in self._now}
             write_text(join(self.uri, SEEN_FILE), json.dumps(kept), self.storage_options)
         for fd in self._fds.values():

@@ -45,6 +45,7 @@ connect and ``MLFLOW_LANCE_HTTP_TIMEOUT`` (default 60 s) without a byte, one ret
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import io
@@ -261,6 +262,8 @@ class ProxyUpstream(Upstream):
         )
         counters["requests"] += 1
         try:
+            if response.status_code == 416:  # an empty file, or a range past its end
+                return 416, None, b""
             self._check(response, key, "GET")
             data = response.content
         finally:
@@ -346,6 +349,21 @@ class _Sized(io.RawIOBase):
 
     def __init__(self, body: BinaryIO, length: int):
         self.body, self.left, self.len = body, length, length
+        self.start = body.tell() if body.seekable() else None
+
+    def seekable(self) -> bool:
+        return self.start is not None
+
+    def tell(self) -> int:
+        return self.len - self.left
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        """Rewind (for a retried request): only to an offset from the start."""
+        if self.start is None or whence != 0:
+            raise io.UnsupportedOperation("seek")
+        self.body.seek(self.start + offset)
+        self.left = self.len - offset
+        return offset
 
     def __len__(self) -> int:
         return self.left
@@ -398,14 +416,18 @@ def locate(uri: str) -> Location:
 
         base = MlflowArtifactsRepository.resolve_uri("mlflow-artifacts:/", tracking) if not parsed.netloc else None
         if base is None:
+            _same_server(uri, parsed.netloc, tracking)
             track = urlparse(tracking)
             base = f"{track.scheme}://{parsed.netloc}{track.path.rstrip('/')}{SERVICE_ROOT}"
         root, key, server = base, parsed.path, tracking
     elif parsed.scheme in ("http", "https") and SERVICE_ROOT in parsed.path:
+        _same_server(uri, parsed.netloc, tracking)
         prefix, _, key = parsed.path.partition(SERVICE_ROOT)
         root = f"{parsed.scheme}://{parsed.netloc}{prefix}{SERVICE_ROOT}"
         server = f"{parsed.scheme}://{parsed.netloc}{prefix}"
     else:
+        if parsed.scheme in ("http", "https"):
+            _same_server(uri, parsed.netloc, tracking)
         root, key, server = f"{parsed.scheme}://{parsed.netloc}/", parsed.path, tracking
     key = key.strip("/")
     if not key or len(key.encode()) > MAX_KEY or any(not _plain(p) for p in key.split("/")):
@@ -417,6 +439,16 @@ def locate(uri: str) -> Location:
             upstream = ProxyUpstream(root, server) if kind == "proxy" else RepositoryUpstream(root, server)
             _upstreams[(kind, root)] = upstream
     return Location(upstream, key)
+
+
+def _same_server(uri: str, netloc: str, tracking: str) -> None:
+    """An artifact URI that names a host gets MLflow's credentials only if it is the tracking
+    server's host: a planted URI cannot send them elsewhere."""
+    if netloc.rpartition("@")[2].lower() != urlparse(tracking).netloc.rpartition("@")[2].lower():
+        raise ValueError(
+            f"{uri!r} names another host than the tracking server ({urlparse(tracking).netloc or tracking!r}); "
+            f"MLflow's credentials go to the tracking server only: set MLFLOW_TRACKING_URI to that server"
+        )
 
 
 # --------------------------------------------------------------------------- the range cache
@@ -565,58 +597,171 @@ def read_into(loc: Location, position: int, dst: memoryview) -> int:
 
 
 def _claim_name(upstream: Upstream, key: str, generation: int) -> str:
-    digest = hashlib.sha256(f"{upstream.label}\0{key}".encode()).hexdigest()[:40]
+    """The claim's experiment name: from the key alone (the path below the artifact root), never
+    from how a client spells the server's URL, since the claims live in that server's own
+    tracking store; a repository scheme keeps its scheme."""
+    scope = "" if isinstance(upstream, ProxyUpstream) else urlparse(upstream.label).scheme
+    digest = hashlib.sha256(f"{scope}\0{key}".encode()).hexdigest()[:40]
     return f"{CLAIM_PREFIX}{digest}#{generation}"
 
 
 def _staged_key(dataset_key: str, key: str) -> str:
-    return f"{dataset_key}/{STAGED_DIR}/{uuid.uuid4().hex}-{key[len(dataset_key) + 1 :].encode().hex()}"
+    """Where the bytes of a conditional write wait for their claim: the writer's id, the time it
+    staged them (seconds, its own clock) and the path it writes, in one plain file name."""
+    rel = base64.urlsafe_b64encode(key[len(dataset_key) + 1 :].encode()).decode().rstrip("=")
+    return f"{dataset_key}/{STAGED_DIR}/{uuid.uuid4().hex}-{int(time.time())}-{rel}"
 
 
-def _client(upstream: Upstream) -> Any:
-    from mlflow import MlflowClient
+def _staged_parts(name: str) -> tuple[int, str] | None:
+    """(staged at, path in the dataset) of a staged file's name, or None for anything else."""
+    head, stamp, rel = (name.split("-", 2) + ["", ""])[:3]
+    if len(head) != 32 or not stamp.isdigit() or not rel:
+        return None
+    try:
+        path = base64.urlsafe_b64decode(rel + "=" * (-len(rel) % 4)).decode()
+    except ValueError:
+        return None
+    return (int(stamp), path) if path and all(_plain(p) for p in path.split("/")) else None
 
-    return MlflowClient(upstream.tracking_uri)
+
+class Claims:
+    """Commit points in the tracking store: experiments with unique names, created, read and
+    soft-deleted with bounded requests (5 s to connect, ``timeout()`` to answer, one retry)
+    where the store is a server, through MlflowClient otherwise."""
+
+    def __init__(self, tracking_uri: str | None):
+        self.uri = tracking_uri or ""
+        self.http = urlparse(self.uri).scheme in ("http", "https")
+
+    def _call(self, method: str, endpoint: str, **kwargs: Any) -> dict:
+        from mlflow.utils.credentials import get_default_host_creds
+        from mlflow.utils.rest_utils import http_request
+
+        try:
+            response = http_request(
+                get_default_host_creds(self.uri),
+                endpoint,
+                method,
+                max_retries=1,
+                backoff_factor=0.5,
+                timeout=(CONNECT_TIMEOUT, timeout()),
+                raise_on_status=False,
+                **kwargs,
+            )
+        except Exception as err:  # requests' and urllib3's connection errors, MLflow's retry errors
+            raise Unanswered(f"the MLflow server at {self.uri} did not answer ({type(err).__name__})") from None
+        body = response.json() if response.text.strip().startswith("{") else {}
+        if response.status_code == 200:
+            return body
+        code = body.get("error_code", str(response.status_code))
+        if code in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
+            raise KeyError(code)
+        if response.status_code >= 500:
+            raise Unanswered(f"the MLflow server at {self.uri} failed a claim: {response.text[:300]}")
+        raise PermissionError(f"the MLflow server at {self.uri} refused a claim: {response.text[:300]}")
+
+    def create(self, name: str, tags: dict[str, str]) -> str | None:
+        """The new experiment's id, or None if the name is taken."""
+        if self.http:
+            body = {"name": name, "tags": [{"key": k, "value": v} for k, v in tags.items()]}
+            try:
+                return str(self._call("POST", "/api/2.0/mlflow/experiments/create", json=body)["experiment_id"])
+            except KeyError:
+                return None
+        from mlflow import MlflowClient
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return MlflowClient(self.uri or None).create_experiment(name, tags=tags)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_ALREADY_EXISTS":
+                return None
+            raise
+
+    def get(self, name: str) -> tuple[str, bool, dict[str, str]] | None:
+        """(id, active, tags) of the claim named ``name``, None if there is none."""
+        if self.http:
+            try:
+                e = self._call("GET", "/api/2.0/mlflow/experiments/get-by-name", params={"experiment_name": name})
+            except KeyError:
+                return None
+            e = e.get("experiment", {})
+            tags = {t.get("key"): t.get("value") for t in e.get("tags", []) if isinstance(t, dict)}
+            return str(e.get("experiment_id")), e.get("lifecycle_stage") == "active", tags
+        from mlflow import MlflowClient
+
+        found = MlflowClient(self.uri or None).get_experiment_by_name(name)
+        return None if found is None else (found.experiment_id, found.lifecycle_stage == "active", found.tags)
+
+    def finish(self, experiment_id: str) -> None:
+        """Soft-delete a claim (already deleted, or not ours to delete: left as it is)."""
+        try:
+            if self.http:
+                self._call("POST", "/api/2.0/mlflow/experiments/delete", json={"experiment_id": experiment_id})
+            else:
+                from mlflow import MlflowClient
+
+                MlflowClient(self.uri or None).delete_experiment(experiment_id)
+        except (KeyError, PermissionError, Unanswered, OSError):
+            return  # the write is done; a claim left active is finished by the next writer or gc
+        except Exception:  # MlflowException of a local store for a claim already deleted
+            return
+
+
+_ONCE = ("_versions", "_transactions")  # written once: never claimed again after a delete
 
 
 def put_if_absent(upstream: Upstream, dataset_key: str, key: str, body: BinaryIO, length: int) -> bool:
     """Write ``key`` unless it exists, atomically among all writers (see the module docstring):
     True if this call wrote it, False if it existed or another writer's claim decided it."""
-    from mlflow.exceptions import MlflowException
-
     if upstream.size(key) is not None:
         return False
     staged = _staged_key(dataset_key, key)
     upstream.put(staged, body, length)
-    client = _client(upstream)
+    claims = Claims(upstream.tracking_uri)
+    once = key[len(dataset_key) + 1 :].split("/", 1)[0] in _ONCE
+    written = False
+    generation = 0
     try:
-        for generation in range(64):
+        while generation < 64:
             name = _claim_name(upstream, key, generation)
-            try:
-                experiment = client.create_experiment(
-                    name, tags={"mlflow_lance.claim": key[-250:], "mlflow_lance.staged": staged}
-                )
-            except MlflowException as err:
-                if err.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-                other = client.get_experiment_by_name(name)
-                if other is None:  # purged between the two calls: try the name again
+            tags = {"mlflow_lance.claim": key[-250:], "mlflow_lance.staged": staged}
+            experiment = claims.create(name, tags)
+            if experiment is None:
+                other = claims.get(name)
+                if other is None:  # purged between the two calls: the same name again
                     continue
-                if other.lifecycle_stage == "active":
-                    _roll_forward(upstream, key, other.tags.get("mlflow_lance.staged", ""), dataset_key)
+                other_id, active, other_tags = other
+                if other_tags.get("mlflow_lance.staged") == staged:  # our own claim (a retried create)
+                    experiment = other_id
+                elif active:
+                    _roll_forward(upstream, key, other_tags.get("mlflow_lance.staged", ""), dataset_key)
                     return False
-                if upstream.size(key) is not None:
-                    return False
-                continue  # finished long ago and deleted since: the next generation
+                elif once or upstream.size(key) is not None:
+                    return False  # a version or transaction is written once, even after gc deleted it
+                else:
+                    generation += 1  # a tag deleted since its last claim finished
+                    continue
             _fault("claimed")
             body.seek(0)
             upstream.put(key, body, length)
-            client.delete_experiment(experiment)
+            written = True
+            claims.finish(experiment)
             return True
         raise CorruptionError(f"{key} at {upstream.label} was created and deleted 64 times; refusing to go on")
     finally:
-        with contextlib.suppress(OSError):
-            upstream.delete(staged)
+        if written or not _claimed_by(claims, upstream, key, staged, generation):
+            with contextlib.suppress(OSError):
+                upstream.delete(staged)
+
+
+def _claimed_by(claims: Claims, upstream: Upstream, key: str, staged: str, generation: int) -> bool:
+    """Whether an active claim names ``staged`` (then its bytes must stay until ``key`` is written)."""
+    try:
+        found = claims.get(_claim_name(upstream, key, generation))
+    except OSError:
+        return True  # cannot tell: keep the staged bytes (gc removes them once no claim needs them)
+    return found is not None and found[1] and found[2].get("mlflow_lance.staged") == staged
 
 
 def _fault(point: str) -> None:
@@ -639,54 +784,44 @@ def _roll_forward(upstream: Upstream, key: str, staged: str, dataset_key: str) -
         upstream.put(key, io.BytesIO(data), len(data))
 
 
+UNCLAIMED_AFTER = 3600.0  # an unclaimed staged file older than this (by its writer's clock) is a dead writer's
+
+
 def settle(uri: str, grace_seconds: float) -> int:
     """Finish the claimed writes of dataset ``uri`` that their writers left (rolled forward
-    from their staged copies), and remove staged copies older than ``grace_seconds`` that no
-    claim needs; the number of staged files removed. gc calls this before it sweeps."""
+    from their staged copies), and remove staged copies that no active claim needs: claimed
+    ones once their write is finished, unclaimed ones once older than ``grace_seconds`` and
+    an hour (clocks of other machines may be off); the number of staged files removed. gc
+    calls this before it sweeps."""
     loc = locate(uri)
     up, removed = loc.upstream, 0
     staged_dir = f"{loc.key}/{STAGED_DIR}"
     entries = [e for e in up.listdir(staged_dir) if not e.is_dir]
     if not entries:
         return 0
-    client = _client(up)
+    claims = Claims(up.tracking_uri)
     for entry in entries:
-        head, _, tail = entry.name.partition("-")
-        try:
-            key = f"{loc.key}/{bytes.fromhex(tail).decode()}"
-        except ValueError:
+        parts = _staged_parts(entry.name)
+        if parts is None:
             continue
-        if len(head) != 32 or not tail or any(not _plain(p) for p in key.split("/")):
-            continue
-        staged = f"{staged_dir}/{entry.name}"
-        claimed = next(
-            (
-                e
-                for g in range(64)
-                if (e := client.get_experiment_by_name(_claim_name(up, key, g))) is not None
-                and e.tags.get("mlflow_lance.staged") == staged
-            ),
-            None,
-        )
-        if claimed is not None and claimed.lifecycle_stage == "active":
+        stamp, path = parts
+        key, staged = f"{loc.key}/{path}", f"{staged_dir}/{entry.name}"
+        claimed = None
+        for g in range(64):
+            found = claims.get(_claim_name(up, key, g))
+            if found is None:
+                break
+            if found[2].get("mlflow_lance.staged") == staged:
+                claimed = found
+                break
+        if claimed is not None and claimed[1]:
             _roll_forward(up, key, staged, loc.key)
-            client.delete_experiment(claimed.experiment_id)
-        elif claimed is None and not _older(entry, grace_seconds):
-            continue  # a writer that has not claimed yet
+            claims.finish(claimed[0])
+        elif claimed is None and time.time() - stamp < max(grace_seconds, UNCLAIMED_AFTER):
+            continue  # a writer that may still claim it
         up.delete(staged)
         removed += 1
     return removed
-
-
-_first_seen: dict[str, float] = {}
-
-
-def _older(entry: Listed, seconds: float) -> bool:
-    """Whether a staged file has been seen for longer than ``seconds`` by this process (the
-    artifact service lists no modification times; a writer stages and claims in well under a
-    second, so a file still unclaimed after the grace is a dead writer's)."""
-    seen = _first_seen.setdefault(entry.name, time.monotonic())
-    return seconds <= 0 or time.monotonic() - seen > seconds
 
 
 # --------------------------------------------------------------------------- pyarrow filesystem
@@ -917,6 +1052,19 @@ def lance_target(uri: str) -> tuple[str, dict[str, str]]:
     return f"s3://{bucket}/{loc.key}", options
 
 
+def logical(target: str) -> str | None:
+    """The dataset URI behind a gateway URI (``s3://<bucket>/<key>``), if this process opened it."""
+    if not _gateway:
+        return None
+    bucket, _, key = target[len("s3://") :].partition("/")
+    upstream = _gateway[0].buckets.get(bucket)
+    if upstream is None:
+        return None
+    if isinstance(upstream, ProxyUpstream):
+        return f"mlflow-artifacts:/{key}" if upstream.base.endswith(SERVICE_ROOT) else f"{upstream.base}/{key}"
+    return f"{upstream.label.rstrip('/')}/{key}"
+
+
 def failure(uri: str) -> str | None:
     """The last upstream failure the gateway met for ``uri``'s store (for an error that names it)."""
     if not _gateway:
@@ -952,6 +1100,8 @@ class _S3(BaseHTTPRequestHandler):
             self.wfile.write(body)
 
     def _error(self, status: int, code: str, message: str) -> None:
+        if self.command in ("PUT", "POST") and not getattr(self, "_consumed", False):
+            self.close_connection = True  # the body was not read: the connection cannot carry another request
         body = f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}</Code><Message>{escape(message)}</Message>"
         body += "</Error>"
         self._reply(status, body.encode(), {"Content-Type": "application/xml"})
@@ -978,6 +1128,7 @@ class _S3(BaseHTTPRequestHandler):
             _copy(self.rfile, spool, int(self.headers.get("Content-Length", 0)))
         length = spool.tell()
         spool.seek(0)
+        self._consumed = True
         return spool, length
 
     def _target(self) -> tuple[str, str, dict[str, list[str]]] | None:
@@ -1002,7 +1153,7 @@ class _S3(BaseHTTPRequestHandler):
         if target is None:
             return
         bucket, key, query = target
-        if key and self.server.dataset_of(bucket, key) is None:
+        if (key or self.command != "GET") and self.server.dataset_of(bucket, key) is None:
             return self._error(403, "AccessDenied", f"{key} lies outside every dataset this process opened")
         try:
             call(self.server.buckets[bucket], bucket, key, query)
@@ -1065,7 +1216,8 @@ class _S3(BaseHTTPRequestHandler):
         prefix = query.get("prefix", [""])[0]
         delimiter = query.get("delimiter", [""])[0]
         after = query.get("continuation-token", query.get("start-after", [""]))[0]
-        limit = max(1, min(1000, int(query.get("max-keys", ["1000"])[0] or 1000)))
+        wanted = query.get("max-keys", ["1000"])[0]
+        limit = max(1, min(1000, int(wanted))) if wanted.isdigit() else 1000
         up = self.server.buckets[bucket]
         folder = prefix if prefix.endswith("/") else prefix.rpartition("/")[0] + "/"
         folder = folder.strip("/")
@@ -1078,12 +1230,18 @@ class _S3(BaseHTTPRequestHandler):
         except Unanswered as err:
             self.server.failures[bucket] = str(err)
             return self._error(400, "ServerUnreachable", str(err))
-        except CorruptionError as err:
+        except (CorruptionError, PermissionError) as err:
             return self._error(403, "AccessDenied", str(err))
         items = sorted(
             [(k, s) for k, s in keys if k.startswith(prefix)] + [(p, None) for p in prefixes if p.startswith(prefix)]
         )
-        items = [it for it in items if it[0] > after]
+        mine = self.server.datasets.get(bucket, set())
+        items = [  # nothing of a sibling dataset: only what lies in, or leads to, a dataset opened here
+            it
+            for it in items
+            if it[0] > after
+            and (self.server.dataset_of(bucket, it[0].rstrip("/")) or any(d.startswith(it[0]) for d in mine))
+        ]
         page, more = items[:limit], len(items) > limit
         stamp = datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.000Z")
         parts = [f'<?xml version="1.0" encoding="UTF-8"?><ListBucketResult xmlns="{_S3_NS}">']
@@ -1114,8 +1272,12 @@ class _S3(BaseHTTPRequestHandler):
                     shutil.copyfileobj(body, f, _CHUNK)
                 return self._reply(200, b"", {"ETag": f'"{number}-{length}"'})
             if self.headers.get("x-amz-copy-source"):
-                source = unquote(self.headers["x-amz-copy-source"]).lstrip("/").partition("/")[2]
-                if self.server.dataset_of(bucket, source) is None:
+                source_bucket, _, source = unquote(self.headers["x-amz-copy-source"]).lstrip("/").partition("/")
+                if (
+                    source_bucket != bucket
+                    or any(not _plain(p) for p in source.split("/"))
+                    or self.server.dataset_of(bucket, source) is None
+                ):
                     return self._error(403, "AccessDenied", f"{source} lies outside the dataset")
                 data = b"".join(up.read(source, 0, None))
                 up.put(key, io.BytesIO(data), len(data))
@@ -1230,7 +1392,7 @@ def _probe(up: Upstream, key: str) -> int:
     """The size of a file that may change, from a one-byte GET (no listing of its folder)."""
     status, content_range, data = up.fetch(key, "bytes=0-0")
     total = (content_range or "").rpartition("/")[2]
-    return int(total) if status == 206 and total.isdigit() else len(data)
+    return int(total) if status in (206, 416) and total.isdigit() else len(data)
 
 
 def _range(header: str, size: int) -> tuple[int, int]:

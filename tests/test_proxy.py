@@ -327,3 +327,16 @@ def test_any_artifact_repository_mlflow_knows_carries_a_dataset(tracking, tmp_pa
         got = ml.load_state_dict(uri, version)
         assert all(torch.equal(got[k], want[k]) for k in want)
     assert list(folder.glob("lance/w.lance/_versions/*.manifest"))  # the weights are in that store
+
+
+def test_an_artifact_uri_naming_another_host_gets_no_credentials(client):
+    """A planted MLmodel or pointer naming https://elsewhere/... is refused before any request:
+    MLflow's token or password goes to the tracking server only."""
+    for planted in (
+        "http://203.0.113.9:80/api/2.0/mlflow-artifacts/artifacts/lance/x.lance",
+        "mlflow-artifacts://203.0.113.9:80/lance/x.lance",
+    ):
+        with pytest.raises(ValueError, match="another host than the tracking server"):
+            transport.locate(planted)
+    same = client["url"].split("://", 1)[1]
+    assert transport.locate(f"mlflow-artifacts://{same}/lance/x.lance").key == "lance/x.lance"
