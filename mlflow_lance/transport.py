@@ -21,18 +21,22 @@ cannot open such a URI, so a dataset there is reached in three layers:
 A conditional write of ``key`` (``put_if_absent``), in order:
 
 1. if ``key`` exists, refuse (412, Lance rebases onto the newer version);
-2. upload the bytes to ``_mlflow_lance/staged/<uuid>-<key>`` inside the dataset;
+2. upload the bytes to ``_mlflow_lance/staged/<writer>-<time>-<key>`` inside the dataset;
 3. create the experiment ``mlflow-lance.claims/<hash of key>#0`` tagged with that staged
    path: **the commit point**. If the name exists, the key is someone else's: if that claim is
    still active its writer may have died, so its staged bytes are copied to ``key``
    (rolling its commit forward: the claim decided it, and the same bytes may be written any
    number of times), then refuse. A claim that is finished (deleted) while ``key`` is
-   missing again (a tag deleted since) moves on to ``#1``, ``#2``, ...;
+   missing again (a tag deleted since) moves on to ``#1``, ``#2``, ...; a version or a
+   transaction is never written twice;
 4. ``PUT key``, then delete the claim (soft: it stays reserved until ``mlflow gc`` purges it,
-   by when ``key`` exists and step 1 answers first) and the staged copy.
+   by when ``key`` exists and step 1 answers first) and the staged copy. The staged copy
+   stays while an active claim names it.
 
-A writer killed before 3 leaves a staged file that gc removes; one killed after 3 leaves a
-claim that the next writer of that key, or gc (``settle``), finishes. Nothing blocks.
+A writer killed before 3 leaves a staged file that gc removes after the grace and an hour;
+one killed (or failing) after 3 leaves a claim that the next writer of that key, or gc
+(``settle``), finishes. Nothing blocks. Claims need a tracking store with unique experiment
+names under concurrency (MLflow's SQL stores, directly or behind a server).
 
 Reads of data files (immutable: Lance names them by UUID) are cached on local disk as the
 byte ranges fetched (``RangeCache``): bounded, safe to delete at any time, safe for several
