@@ -273,6 +273,11 @@ class ProxyUpstream(Upstream):
         finally:
             response.close()
         counters["fetched"] += len(data)
+        if header and response.status_code == 200:  # a server that sent the whole file (S3-backed MLflow does)
+            start, end = _range(header, len(data))
+            if start >= end:
+                return 416, f"bytes */{len(data)}", b""
+            return 206, f"bytes {start}-{end - 1}/{len(data)}", data[start:end]
         return response.status_code, response.headers.get("Content-Range"), data
 
     def listdir(self, key: str) -> list[Listed]:
