@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "docs" / "reports"
 TEST_REPORTS = ("run.json", "reliability.json", "lifecycle.json", "untrusted.json", "durations.json")
-BENCH_REPORTS = ("checkpoint.json", "store.json", "store_small.json", "mlflow.json", "distributed.json")
+BENCH_REPORTS = ("checkpoint.json", "store.json", "store_small.json", "mlflow.json", "distributed.json", "proxy.json")
 
 
 def load(name: str) -> dict | None:
@@ -274,6 +274,26 @@ def _cell(value: object, unit: str = "") -> str:
     return str(value)
 
 
+def proxy_section(report: dict | None) -> list[str]:
+    """bench_proxy.py's table: both contenders through the same proxying server, fresh processes."""
+    if report is None:
+        return ["Not run yet: `python benchmarks/bench_proxy.py --json benchmarks/results/proxy.json`.", ""]
+    return [
+        "An unmodified `mlflow server` (SQLite, `--artifacts-destination` a local folder) and clients with "
+        "nothing but `MLFLOW_TRACKING_URI`: every byte of both contenders goes through the server. Each step "
+        "runs in a fresh process (imports not timed; its peak RSS, imports and the model included).",
+        "",
+        report["table"][0],
+        "",
+        *report["table"][1:-2],
+        "",
+        *(f"- {line}" for line in report["table"][-2:]),
+        "",
+        "Run: `python benchmarks/bench_proxy.py --mb 1024 --rounds 2 --json benchmarks/results/proxy.json`.",
+        "",
+    ]
+
+
 def performance() -> str:
     return "\n".join(
         [
@@ -308,6 +328,9 @@ def performance() -> str:
             "## Sharded checkpoints, against torch.distributed.checkpoint",
             "",
             *tables_section(load("distributed.json"), "python benchmarks/bench_distributed.py"),
+            "## Through a proxying mlflow server, against mlflow.pytorch",
+            "",
+            *proxy_section(load("proxy.json")),
         ]
     )
 
