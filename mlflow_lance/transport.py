@@ -121,6 +121,31 @@ class Unanswered(ConnectionError):
     """The server behind an artifact store did not answer (refused, silent, unknown host)."""
 
 
+def http(base: str, label: str, method: str, endpoint: str, **kwargs: Any) -> Any:
+    """One request to the MLflow server at ``base`` with MLflow's credentials and TLS settings,
+    bounded (5 s to connect, ``timeout()`` without a byte, one retry); the response, whatever
+    its status. Unanswered names the server (``label``) if it does not answer."""
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
+    try:
+        return http_request(
+            get_default_host_creds(base),
+            endpoint,
+            method,
+            max_retries=1,
+            backoff_factor=0.5,
+            timeout=(CONNECT_TIMEOUT, timeout()),
+            raise_on_status=False,
+            **kwargs,
+        )
+    except Exception as err:  # requests' and urllib3's connection errors, MLflow's retry errors
+        raise Unanswered(
+            f"the MLflow server at {label} did not answer ({type(err).__name__}: "
+            f"{str(err)[:200]}); check MLFLOW_TRACKING_URI and that the server is up"
+        ) from None
+
+
 # --------------------------------------------------------------------------- upstreams
 
 
@@ -190,25 +215,7 @@ class ProxyUpstream(Upstream):
         self.tracking_uri = tracking_uri
 
     def _request(self, method: str, endpoint: str, **kwargs: Any) -> Any:
-        from mlflow.utils.credentials import get_default_host_creds
-        from mlflow.utils.rest_utils import http_request
-
-        try:
-            return http_request(
-                get_default_host_creds(self.base),
-                endpoint,
-                method,
-                max_retries=1,
-                backoff_factor=0.5,
-                timeout=(CONNECT_TIMEOUT, timeout()),
-                raise_on_status=False,
-                **kwargs,
-            )
-        except Exception as err:  # requests' and urllib3's connection errors, MLflow's retry errors
-            raise Unanswered(
-                f"the MLflow server at {self.label} did not answer ({type(err).__name__}: "
-                f"{str(err)[:200]}); check MLFLOW_TRACKING_URI and that the server is up"
-            ) from None
+        return http(self.base, self.label, method, endpoint, **kwargs)
 
     def _check(self, response: Any, key: str, method: str) -> None:
         if response.status_code >= 400:
@@ -643,22 +650,7 @@ class Claims:
         self.http = urlparse(self.uri).scheme in ("http", "https")
 
     def _call(self, method: str, endpoint: str, **kwargs: Any) -> dict:
-        from mlflow.utils.credentials import get_default_host_creds
-        from mlflow.utils.rest_utils import http_request
-
-        try:
-            response = http_request(
-                get_default_host_creds(self.uri),
-                endpoint,
-                method,
-                max_retries=1,
-                backoff_factor=0.5,
-                timeout=(CONNECT_TIMEOUT, timeout()),
-                raise_on_status=False,
-                **kwargs,
-            )
-        except Exception as err:  # requests' and urllib3's connection errors, MLflow's retry errors
-            raise Unanswered(f"the MLflow server at {self.uri} did not answer ({type(err).__name__})") from None
+        response = http(self.uri, self.uri, method, endpoint, **kwargs)
         body = response.json() if response.text.strip().startswith("{") else {}
         if response.status_code == 200:
             return body
