@@ -39,6 +39,19 @@ def raw(t) -> bytes:
     return t.view(__import__("torch").uint8).numpy().tobytes() if t.numel() else b""
 
 
+def run_fuzzer(cmd: list[str], timeout: float, **kwargs) -> dict:
+    """Run a fuzzer worker (under its prlimit) and return the JSON report it prints last; a hang
+    or a death fails the test naming the last case the worker started."""
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)
+    except subprocess.TimeoutExpired as err:
+        last = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
+        pytest.fail(f"the fuzzer hung; last case started: {last}")
+    last_case = [ln for ln in done.stderr.splitlines() if ln.startswith("case ")][-1:]
+    assert done.returncode == 0, f"the fuzzer died ({done.returncode}) in {last_case}: {done.stderr[-2000:]}"
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def in_subprocess(code: str, timeout: float = 90, env: dict | None = None) -> dict:
     """Run ``code`` in a fresh interpreter (a hang, an abort or a signal cannot take the test
     run with it); the JSON it prints last. A hang fails the test naming the timeout."""

@@ -6,10 +6,8 @@ taking the machine down. Counts come from what was run (tests/byteflip_worker.py
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,6 +16,7 @@ import torch
 from corpus import record
 
 import mlflow_lance as ml
+from conftest import run_fuzzer
 
 HERE = Path(__file__).resolve().parent
 SEED = int(os.environ.get("MLFLOW_LANCE_BYTEFLIP_SEED", "20261204"))
@@ -35,14 +34,7 @@ def test_flipped_bytes_end_in_data_or_a_clear_error_never_an_abort(tmp_path):
         str(CASES),
         str(tmp_path),
     ]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
-    except subprocess.TimeoutExpired as err:
-        last = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
-        pytest.fail(f"the fuzzer hung; last case started: {last}")
-    last_case = [ln for ln in done.stderr.splitlines() if ln.startswith("case ")][-1:]
-    assert done.returncode == 0, f"the fuzzer died ({done.returncode}) in {last_case}: {done.stderr[-2000:]}"
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_fuzzer(cmd, timeout=900)
     assert report["cases"] == CASES and report["reads"] == CASES * 9
     assert report["bad"] == [], report["bad"][:20]  # every read ended in data or the package's error
     assert report["wrong"] == [], report["wrong"][:20]  # and a verified read in the saved bytes

@@ -16,11 +16,9 @@ access to the model directory would write them.
 from __future__ import annotations
 
 import copy
-import json
 import os
 import random
 import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,6 +30,7 @@ import yaml
 from corpus import record
 
 import mlflow_lance as ml
+from conftest import run_fuzzer
 from mlflow_lance import checkpoint, flavor, fs
 
 HERE = Path(__file__).resolve().parent
@@ -496,14 +495,7 @@ def test_fuzz_crafted_checkpoint_specs_never_crash_or_half_restore(tmp_path):
     with every part as it was; a SIGSEGV or an abort fails the test naming the case."""
     cmd = ["prlimit", f"--as={CAP}", sys.executable, str(HERE / "state_fuzz_worker.py"), str(SEED), str(CASES)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path, env=env)
-    except subprocess.TimeoutExpired as err:
-        last = (err.stderr or b"").decode(errors="replace").strip().splitlines()[-1:]
-        pytest.fail(f"the fuzzer hung; last case started: {last}")
-    last_case = [ln for ln in done.stderr.splitlines() if ln.startswith("case ")][-1:]
-    assert done.returncode == 0, f"the fuzzer died ({done.returncode}) in {last_case}: {done.stderr[-2000:]}"
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_fuzzer(cmd, timeout=600, cwd=tmp_path, env=env)
     assert report["cases"] == CASES and report["bad"] == [], report["bad"][:10]
     assert report["outcomes"].get("refused", 0) > CASES // 2, report  # the mutations do reach the checks
     for outcome, n in report["outcomes"].items():  # "unsaved": save_state_dict refused the mutant
