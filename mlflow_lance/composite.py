@@ -15,11 +15,11 @@ Nothing here knows about Lance or MLflow.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 
-MAX_DIMS = 64
+MAX_DIMS = 64  # as format.MAX_DIMS: the most dims a stored shape may claim
 _INT64_MAX = (1 << 63) - 1
 
 #: Quantized dtype name -> the dtype of its integer values (``int_repr()``).
@@ -61,7 +61,8 @@ def decompose(tensor: torch.Tensor, where: str) -> tuple[dict, dict[str, torch.T
 
     Raises:
         TypeError: a layout or quantization this module does not store (mkldnn, jagged,
-            4- and 2-bit quantized dtypes, a sparse tensor with quantized values).
+            4- and 2-bit quantized dtypes).
+        ValueError: the tensor is on the meta device (it has no data).
     """
     if tensor.device.type == "meta":
         raise ValueError(f"tensor {where} is on the meta device and has no data to store")
@@ -154,7 +155,7 @@ def compose(info: Mapping, components: Mapping[str, torch.Tensor], where: str) -
 
 def _compose_quantized(info: Mapping, c: Mapping[str, torch.Tensor], where: str) -> torch.Tensor:
     dtype, qscheme = info.get("quantized"), info.get("qscheme")
-    if dtype not in _QUANTIZED or qscheme not in _QSCHEMES:
+    if not isinstance(dtype, str) or dtype not in _QUANTIZED or qscheme not in _QSCHEMES:
         raise ValueError(f"tensor {where} claims quantization {str(dtype)[:40]!r}/{str(qscheme)[:40]!r}, unknown here")
     values, scale, zero_point = c["int_repr"], c["scale"], c["zero_point"]
     if values.dtype != _QUANTIZED[dtype]:
@@ -171,7 +172,7 @@ def _compose_quantized(info: Mapping, c: Mapping[str, torch.Tensor], where: str)
         s, z = float(scale), int(zero_point)
         if not (math.isfinite(s) and s > 0) or not info_.min <= z <= info_.max:
             raise ValueError(f"tensor {where}: scale {s} or zero point {z} is out of range for {dtype}")
-        return torch._make_per_tensor_quantized_tensor(values, s, z)
+        return _built(where, torch._make_per_tensor_quantized_tensor, values, s, z)
     axis = info.get("axis")
     if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis < values.dim():
         raise ValueError(f"tensor {where}: channel axis {str(axis)[:40]} is out of range for {values.dim()} dims")
@@ -193,7 +194,7 @@ def _compose_quantized(info: Mapping, c: Mapping[str, torch.Tensor], where: str)
         raise ValueError(f"tensor {where}: a scale is not a positive finite number")
     if not float_zeros and not bool(((zero_point >= info_.min) & (zero_point <= info_.max)).all()):
         raise ValueError(f"tensor {where}: a zero point is out of range for {dtype}")
-    return torch._make_per_channel_quantized_tensor(values, scale, zero_point, axis)
+    return _built(where, torch._make_per_channel_quantized_tensor, values, scale, zero_point, axis)
 
 
 def _check_size(size: object, where: str) -> list[int]:
@@ -252,10 +253,13 @@ def _compose_sparse(info: Mapping, c: Mapping[str, torch.Tensor], where: str) ->
     )
 
 
-def _built(where: str, constructor, *args, **kwargs) -> torch.Tensor:
-    """``constructor(*args, **kwargs)`` with torch's sparse invariants checked; ValueError if not."""
+def _built(where: str, constructor: Callable[..., torch.Tensor], *args: object, **kwargs: object) -> torch.Tensor:
+    """``constructor(*args, **kwargs)`` with torch's sparse invariants checked; ValueError if
+    torch refuses what the checks above let through."""
     try:
         with torch.sparse.check_sparse_tensor_invariants(enable=True):
             return constructor(*args, **kwargs)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
-        raise ValueError(f"tensor {where} is not a valid sparse tensor: {str(err).splitlines()[0][:300]}") from None
+        raise ValueError(
+            f"tensor {where} is not a valid tensor of its kind: {str(err).splitlines()[0][:300]}"
+        ) from None

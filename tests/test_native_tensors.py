@@ -3,6 +3,8 @@ modules with parametrizations: bit-exact state dicts, equal outputs, dedup, craf
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections import OrderedDict
 from pathlib import Path
@@ -17,8 +19,11 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import orthogonal, spectral_norm, weight_norm
 
 import mlflow_lance as ml
+from conftest import run_fuzzer
 from mlflow_lance import store, tree
 from mlflow_lance.errors import CorruptionError
+
+HERE = Path(__file__).resolve().parent
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::UserWarning")
 
@@ -353,17 +358,17 @@ CRAFTED = {
     "csr rows not increasing": (
         {"layout": "sparse_csr", "size": [2, 2]},
         {"crow_indices": torch.tensor([0, 2, 1]), "col_indices": torch.tensor([0, 1]), **VALUES},
-        "not a valid sparse tensor",
+        "not a valid tensor of its kind",
     ),
     "csr column out of bounds": (
         {"layout": "sparse_csr", "size": [2, 2]},
         {"crow_indices": torch.tensor([0, 1, 2]), "col_indices": torch.tensor([0, 7]), **VALUES},
-        "not a valid sparse tensor",
+        "not a valid tensor of its kind",
     ),
     "csr claims more values than it holds": (
         {"layout": "sparse_csr", "size": [2, 2]},
         {"crow_indices": torch.tensor([0, 1, 1 << 40]), "col_indices": torch.tensor([0, 1]), **VALUES},
-        "not a valid sparse tensor",
+        "not a valid tensor of its kind",
     ),
 }
 
@@ -392,3 +397,16 @@ def test_unsupported_layouts_and_quantizations_are_refused_before_writing(tmp_pa
         with pytest.raises(TypeError, match=message):
             ml.save_state_dict({"w": bad}, tmp_path / "w.lance")
     assert not (tmp_path / "w.lance").exists()
+
+
+@pytest.mark.slow  # a child process: ~10 s here
+def test_fuzz_crafted_composites_are_refused_or_built_never_crash(tmp_path):
+    """Seeded mutations of real quantized and sparse tensors' components and descriptions,
+    rebuilt in a child under a memory cap: each is refused with ValueError or builds a usable
+    tensor; a SIGSEGV, an abort or another exception fails the test naming the case."""
+    cases = 1500
+    cmd = ["prlimit", "--as=4000000000", sys.executable, str(HERE / "composite_fuzz_worker.py"), "20271207", str(cases)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), str(HERE)])}
+    report = run_fuzzer(cmd, timeout=300, cwd=tmp_path, env=env)
+    assert report["cases"] == cases and report["bad"] == [], report["bad"][:10]
+    assert report["outcomes"].get("refused", 0) > cases // 2, report  # the mutations do reach the checks
