@@ -116,7 +116,7 @@ def flatten(state: Mapping[Any, Any]) -> tuple[OrderedDict[str, torch.Tensor], d
             node = {"t": "dict", "v": entries}
             if isinstance(value, OrderedDict):  # readers before this key ignore it: a dict
                 node["c"] = "OrderedDict"
-            if (metadata := _module_versions(value)) is not None:  # as "c"
+            if (metadata := _module_versions(getattr(value, "_metadata", None))) is not None:  # as "c"
                 node["m"] = metadata
             return node
         hint = ""
@@ -187,7 +187,7 @@ def unflatten(spec: dict, tensors: Mapping[str, torch.Tensor]) -> Any:
                     raise ValueError("checkpoint spec is malformed (a dict entry)")
                 out[entry[0]] = build(entry[1], depth + 1)
             if "m" in node and isinstance(out, OrderedDict):
-                if _module_versions(node) is None:
+                if _module_versions(node["m"]) is None:
                     raise ValueError("checkpoint spec is malformed (a state dict's module versions)")
                 out._metadata = OrderedDict((k, dict(v)) for k, v in node["m"].items())  # type: ignore[attr-defined]
             return out
@@ -196,12 +196,11 @@ def unflatten(spec: dict, tensors: Mapping[str, torch.Tensor]) -> Any:
     return build(spec["root"], 0)
 
 
-def _module_versions(holder: object) -> dict | None:
+def _module_versions(metadata: object) -> dict | None:
     """A state dict's ``_metadata`` (module prefix -> ``{"version": n}``, which
     ``Module.load_state_dict`` passes to each module's loader: torch.ao's quantized modules
-    read their state dicts by it) when it is one of plain str keys and int or str values;
-    given a spec node, its ``"m"`` entry checked the same way. Else None."""
-    metadata = holder.get("m") if isinstance(holder, dict) and "t" in holder else getattr(holder, "_metadata", None)
+    read their state dicts by it) as plain dicts, when it is a mapping of str keys to mappings
+    of str keys to int or str values (as saved, or a spec's ``"m"`` entry); else None."""
     if not isinstance(metadata, Mapping):
         return None
     for k, v in metadata.items():

@@ -391,6 +391,16 @@ def test_a_crafted_dtype_name_is_refused(tmp_path):
         ml.load_state_dict(tmp_path / "w.lance")
 
 
+def test_module_versions_are_kept_and_crafted_ones_refused(tmp_path):
+    sd = static().state_dict()
+    ml.save_state_dict(sd, tmp_path / "w.lance")
+    assert ml.load_state_dict(tmp_path / "w.lance")._metadata == sd._metadata
+    root = {"t": "dict", "v": [["w", {"t": "tensor", "n": "w"}]], "c": "OrderedDict", "m": {"": {"version": [1]}}}
+    store.save_state_dict(store.Prepared({"w": torch.ones(1)}, {"format": 2, "root": root}), tmp_path / "x.lance")
+    with pytest.raises(CorruptionError, match="module versions"):
+        ml.load_state_dict(tmp_path / "x.lance")
+
+
 def test_unsupported_layouts_and_quantizations_are_refused_before_writing(tmp_path):
     quint4 = quiet(torch.quantize_per_tensor, torch.ones(4), 0.1, 0, torch.quint4x2)
     for bad, message in ((torch.ones(2, 2).to_mkldnn(), "layout torch._mkldnn"), (quint4, "quint4x2")):
