@@ -301,7 +301,7 @@ def load_into(
     """
     targets = module.state_dict(keep_vars=True)
     if not tree.is_flat(targets):  # quantized modules: packed parameters, which their own loaders fill
-        state = load_state_dict(uri, version, storage_options=storage_options, verify=verify)
+        state = read_state_dict(uri, version, storage_options=storage_options, verify=verify)
         return LoadResult(*module.load_state_dict(state, strict=strict))
     reader = open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
     entries, found = reader.entries, reader.problems()
