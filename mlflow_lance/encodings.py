@@ -36,6 +36,7 @@ linear in that size. A delta chain is resolved by ``chain`` with a fixed bound o
 from __future__ import annotations
 
 import struct
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -64,6 +65,9 @@ MIN_GAIN = 0.03
 #: least this fraction of the raw bytes more: rotating back costs ~15% of the decode speed.
 PREFER = 0.01
 LEVEL = 1  # zstd level: on exponent streams level 1 both compresses better and decodes faster than 3
+#: Tensors smaller than this stay raw: they are a small share of any model's bytes, and
+#: decoding one costs ~50 us of fixed overhead against a plain copy.
+MIN_ENCODED_BYTES = 64 << 10
 SAMPLE_BLOCKS = 4  # blocks of a tensor ``choose`` encodes with every candidate
 NO_PARENT = bytes(16)
 _UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
@@ -216,19 +220,21 @@ def encode(
     return b"".join([head, struct.pack(f"<{len(words)}I", *words), *streams])
 
 
-def read_header(blob: memoryview | bytes, expected_size: int) -> Header:
+def read_header(blob: memoryview | bytes, expected_size: int, *, total: int | None = None) -> Header:
     """The header of ``blob``, checked against everything it must agree with.
 
     Args:
-        blob: an encoded blob (at least its header and stream table; the streams may follow).
+        blob: an encoded blob, or (with ``total``) a prefix of one of at least ``HEADER.size``
+            bytes: then only the fixed fields are checked, and ``streams`` is empty.
         expected_size: the decoded size the tensor's dtype and shape give.
+        total: the whole blob's length, when ``blob`` is a prefix of it.
 
     Returns:
         The checked header.
 
     Raises:
         CorruptionError: the header is malformed, of another format, declares another size than
-            ``expected_size``, or its stream table does not describe ``blob`` exactly.
+            ``expected_size``, or its stream table does not describe the blob exactly.
     """
     view = memoryview(blob).cast("B")
     if len(view) < HEADER.size:
@@ -246,11 +252,13 @@ def read_header(blob: memoryview | bytes, expected_size: int) -> Header:
         raise CorruptionError(f"block size {block} is not a multiple of 8 in [{MIN_BLOCK_BYTES}, {MAX_BLOCK_BYTES}]")
     if (encoding == XOR) != (parent != NO_PARENT):
         raise CorruptionError("a delta must name its parent, and only a delta may")
-    blocks = -(-n // block)
-    count = blocks * (1 if encoding == RAW else size)
+    count = -(-n // block) * (1 if encoding == RAW else size)
     offset = HEADER.size + 4 * count
-    if len(view) < offset:
-        raise CorruptionError(f"blob of {len(view)} bytes is shorter than its stream table ({count} streams)")
+    length = len(view) if total is None else total
+    if length < offset:
+        raise CorruptionError(f"blob of {length} bytes is shorter than its stream table ({count} streams)")
+    if total is not None:
+        return Header(encoding, size, flags, n, block, bytes(parent), (), offset)
     words = struct.unpack_from(f"<{count}I", view, HEADER.size)
     stored = sum(w & ~STREAM_RAW for w in words)
     if offset + stored != len(view):
@@ -295,7 +303,7 @@ def decode(
         raise CorruptionError(f"a {h.name} blob has no parent, but one was given")
     if base is not None and len(base) != h.size:
         raise CorruptionError(f"the parent holds {len(base)} bytes, the delta {h.size}")
-    dctx = zstandard.ZstdDecompressor()
+    dctx = _decompressor()
     pos, k = h.offset, (1 if h.encoding == RAW else h.element_size)
     scratch = np.empty(min(h.block, h.size) if h.encoding == XOR else 0, dtype=np.uint8)
     for b, start in enumerate(range(0, h.size, h.block)):
@@ -326,6 +334,16 @@ def decode(
             dst = out[start : start + length]
             np.bitwise_xor(target, base[start : start + length] if base is not None else dst, out=dst)
     return h
+
+
+_LOCAL = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (one may not be used by two threads at once)."""
+    if getattr(_LOCAL, "dctx", None) is None:
+        _LOCAL.dctx = zstandard.ZstdDecompressor()
+    return _LOCAL.dctx
 
 
 def _unzstd(dctx: zstandard.ZstdDecompressor, piece: memoryview, want: int, block: int, stream: int) -> bytes:
@@ -392,7 +410,8 @@ def choose(
     Encodes up to ``SAMPLE_BLOCKS`` evenly spread blocks with each candidate (grouped, grouped
     aligned where the dtype has it, and the same two as an XOR delta when ``parent`` is given)
     and keeps the smallest, preferring the faster to decode (in that order) unless a later one
-    saves ``PREFER`` of the bytes more; raw when none saves ``MIN_GAIN`` of the bytes.
+    saves ``PREFER`` of the bytes more; raw when none saves ``MIN_GAIN`` of the bytes, and for
+    tensors under ``MIN_ENCODED_BYTES``.
 
     Args:
         data: the tensor's bytes.
@@ -405,11 +424,11 @@ def choose(
         The choice and its estimated ratio.
     """
     src = _as_u8(data)
+    if len(src) < MIN_ENCODED_BYTES:
+        return Choice(RAW, 0, 1.0)
     base = _as_u8(parent) if parent is not None and len(_as_u8(parent)) == len(src) else None
     spans = _sample(src, BLOCK_BYTES, SAMPLE_BLOCKS)
     total = sum(n for _, n in spans)
-    if not total:
-        return Choice(RAW, 0, 1.0)
     flag_options = (0, ROTATED) if rotatable(dtype) and _ROTATABLE[dtype] == element_size else (0,)
     candidates = [(GROUPED, f) for f in flag_options] + ([(XOR, f) for f in flag_options] if base is not None else [])
     best = Choice(RAW, 0, 1.0)
