@@ -533,8 +533,17 @@ class VersionReader:
             )
 
     def _decompress(self, row: Row, dst: torch.Tensor) -> None:
-        packed = torch.empty(row.stored, dtype=torch.uint8)
-        self._read_stored(row, packed)
+        """Decode a compressed chunk into ``dst``. Its stored bytes are a view of the data
+        file's mapping where there is one (see ``mmap_enabled``), so that decoding allocates
+        little beside the tensor; else they are read into fresh memory first."""
+        packed = (
+            self.source.mapped(row._replace(size=row.stored), torch.uint8, [row.stored])
+            if row.stored and mmap_enabled()
+            else None
+        )
+        if packed is None:
+            packed = torch.empty(row.stored, dtype=torch.uint8)
+            self._read_stored(row, packed)
         if self.codec == "auto" and bytes(packed[:3].numpy()) == encodings.MAGIC:
             blob = memoryview(packed.numpy())
             self._check_encoded(row, blob, whole=True)
