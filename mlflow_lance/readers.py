@@ -474,9 +474,13 @@ class VersionReader:
     def read_many(self, jobs: list[tuple[Row, torch.Tensor]]) -> None:
         """Fill each flat, contiguous uint8 CPU tensor with its chunk's bytes (several threads
         where the source allows: page-cache copies and GETs both gain from them)."""
-        if self.codec:
-            for row, dst in jobs:
-                self._decompress(row, dst)
+        if self.codec:  # a chunk per task: zstd and numpy let go of the GIL while they decode
+            if len(jobs) > 1 and THREADS > 1 and self.source.parallel():
+                with ThreadPoolExecutor(THREADS) as pool:
+                    list(pool.map(lambda job: self._decompress(*job), jobs))
+            else:
+                for row, dst in jobs:
+                    self._decompress(row, dst)
             return
         if not self.source.parallel():
             for row, dst in jobs:
