@@ -103,13 +103,27 @@ class Choice:
 
 
 def rotatable(dtype: str) -> bool:
-    """Whether ``dtype`` (a tensors.DTYPES name) has the aligned variant (bfloat16, float32)."""
+    """Whether a dtype has the aligned variant (bfloat16 and float32 do).
+
+    Args:
+        dtype: a tensors.DTYPES name.
+
+    Returns:
+        True where a one-bit rotation makes the exponent fill the high byte.
+    """
     return dtype in _ROTATABLE
 
 
 def element_size_of(dtype_size: int) -> int:
-    """The element size grouping uses for a dtype of ``dtype_size`` bytes (complex types and odd
-    sizes fall back to their largest power-of-two part: their bytes still round-trip)."""
+    """The element size grouping uses for a dtype.
+
+    Args:
+        dtype_size: the dtype's size in bytes.
+
+    Returns:
+        The largest of ``ELEMENT_SIZES`` that divides it (complex128's 16 bytes group as 8:
+        every size round-trips, grouping only decides how well it compresses).
+    """
     for size in reversed(ELEMENT_SIZES):
         if dtype_size % size == 0:
             return size
@@ -290,7 +304,9 @@ def decode(
 
     Raises:
         CorruptionError: the blob is malformed or crafted (see ``read_header``), a stream does
-            not decode to exactly its length, or a delta has no parent bytes to apply to.
+            not decode to exactly its length, or ``parent`` is given for a blob that is not a
+            delta or is of another size.
+        ValueError: ``dest`` is read-only.
     """
     out = dest if isinstance(dest, np.ndarray) else np.frombuffer(dest, dtype=np.uint8)
     out = out.view(np.uint8).reshape(-1)
