@@ -186,8 +186,10 @@ def save_state_dict(
         properties: str -> str, stored with the version.
         storage_options: for object storage; merged over what the environment gives.
         chunk_bytes: tensors larger than this are split into rows of at most this size.
-        compression: ``"zstd"`` for a new dataset (fixed per dataset); the default stores raw
-            bytes, which load fastest (memory-mapped, no decode).
+        compression: for a new dataset (fixed per dataset): ``"zstd"`` (each payload one zstd
+            frame) or ``"auto"`` (each tensor byte-grouped and zstd-compressed where that saves
+            bytes: ~0.68x raw for bf16 weights, 0.85x for fp32; see docs/storage.md); the
+            default stores raw bytes, which load fastest (memory-mapped, no decode).
         sync_files: flush data files, manifest, commit, version index and their directories
             (fsync) before returning, as ``torch.distributed.checkpoint``'s ``FileSystemWriter``
             does. Default: True unless MLFLOW_LANCE_FSYNC=0 (scratch use). On object storage a
