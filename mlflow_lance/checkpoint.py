@@ -23,6 +23,7 @@ out of ``keep_last`` / ``keep_best`` (never one registered as a model version), 
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import math
 import random
@@ -43,6 +44,7 @@ from mlflow.entities import LoggedModelStatus, Metric
 from . import distributed, flavor, lifecycle, store, tree, writer
 from .artifacts import lance_root, options
 from .dataset import Dataset
+from .format import check_compression
 from .skeleton import dump_skeleton
 
 CHECKPOINT_NAME = "checkpoint"
@@ -395,10 +397,11 @@ class Staged:
     skeleton: bytes
     extra: Mapping[str, Any]
 
-    def capture(self) -> flavor.Capture:
-        """What the flavor saves: the whole tree, checked once, the model's tensors under "model/"."""
+    def capture(self, compression: str | None = None) -> flavor.Capture:
+        """What the flavor saves: the whole tree, checked once, the model's tensors under "model/"
+        (``compression``: log_checkpoint's; encoded where the data files are written)."""
         tree_ = writer.prepare({MODEL_KEY: self.state_dict, **self.extra})
-        return flavor.Capture(tree_, self.skeleton, tree.subtree_prefix(MODEL_KEY))
+        return flavor.Capture(tree_, self.skeleton, tree.subtree_prefix(MODEL_KEY), compression=compression)
 
 
 def _stage(
@@ -588,6 +591,7 @@ def log_checkpoint(
     keep_best: tuple[str, str, int] | None = None,
     name: str = CHECKPOINT_NAME,
     lance_uri: str | None = None,
+    compression: str | None = None,
 ) -> Checkpoint | CheckpointHandle:
     """Log a training checkpoint to the active run (started if none): the model's weights,
     the optimizer's and scheduler's state, the RNGs, ``step``, ``metrics`` and ``extra``, as
@@ -606,6 +610,13 @@ def log_checkpoint(
         keep_last / keep_best: delete the run's other checkpoints as logged models afterwards
             (never one registered as a model version); ``mlflow-lance gc`` reclaims their bytes.
         name / lance_uri: the logged model's name; an explicit dataset.
+        compression: how the run's dataset stores payloads, chosen by its first checkpoint and
+            fixed for the run: None (default) or ``"none"``: raw bytes, the fastest to load;
+            ``"auto"``: byte-grouped zstd per tensor (~0.68x the bytes of bf16 weights, ~0.85x
+            of fp32), worth it on object storage or through an MLflow artifact proxy;
+            ``"zstd"``: one zstd frame per payload. Encoding runs where the data files are
+            written: in the background thread when ``blocking=False``, never while training
+            waits. A value other than the run's dataset was created with raises ValueError.
 
     Returns:
         A Checkpoint (model id, URI, Lance version), or a CheckpointHandle when not blocking.
@@ -627,6 +638,7 @@ def log_checkpoint(
             "log_checkpoint takes the nn.Module being trained, not a TorchScript module; "
             "log the scripted program with mlflow_lance.log_model()"
         )
+    check_compression(compression)
     _writer.wait()  # an earlier background failure surfaces here, before more work is queued
     if distributed.collective(model):
         return _log_sharded(
@@ -640,12 +652,13 @@ def log_checkpoint(
             retention=(keep_last, keep_best),
             name=name,
             lance_uri=lance_uri,
+            compression=compression,
         )
     run = mlflow.active_run() or mlflow.start_run()
     staged = _stage(model, optimizer, scheduler, step=step, metrics=metrics, extra=extra, clone=not blocking)
     dataset = _checkpoint_dataset(run, lance_uri)
     args = (
-        staged.capture,
+        functools.partial(staged.capture, compression),
         model,
         run.info.run_id,
         int(step),
@@ -675,6 +688,7 @@ def _log_sharded(
     retention: tuple[int | None, tuple | None],
     name: str,
     lance_uri: str | None,
+    compression: str | None = None,
 ) -> Checkpoint | CheckpointHandle:
     """``log_checkpoint`` of a model sharded over the process group, every rank calling: rank 0
     names the run and its dataset; each rank stages its own shards (``get_state_dict``) and
@@ -719,7 +733,7 @@ def _log_sharded(
     except Exception as err:  # noqa: BLE001
         failed = err
     dataset = Dataset(uri, uri_options)
-    args = (shards, spec, skeleton, failed, group, model, run_id, step, metrics, name, dataset, *retention)
+    args = (shards, spec, skeleton, failed, group, model, run_id, step, metrics, name, dataset, *retention, compression)
     if blocking:
         return _write_sharded(*args)
     future = _writer.submit(_write_sharded, *args)
@@ -741,6 +755,7 @@ def _write_sharded(
     dataset: Dataset,
     keep_last: int | None,
     keep_best: tuple | None,
+    compression: str | None = None,
 ) -> Checkpoint:
     """Every rank writes its shards; rank 0 logs the checkpoint (committing the version) and
     applies retention; the Checkpoint, or the first error (``failed``: this rank's staging),
@@ -752,7 +767,14 @@ def _write_sharded(
         return _write(lambda: capture, plain, run_id, step, metrics, name, dataset.uri, keep_last, keep_best)
 
     return distributed.write_and_commit(
-        shards, dataset, log, group=group, what="logging the checkpoint", failed=failed, spec=spec
+        shards,
+        dataset,
+        log,
+        group=group,
+        what="logging the checkpoint",
+        failed=failed,
+        spec=spec,
+        compression=compression,
     )
 
 

@@ -416,6 +416,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             uri,
             message=args.message or f"imported from {os.path.basename(args.input)}",
             storage_options=_opts(uri),
+            compression=args.compression,
         )
         bar.update(1)
     _emit(
@@ -529,6 +530,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("target", **target)
     p.add_argument("input")
     p.add_argument("-m", "--message")
+    p.add_argument(
+        "--compression",
+        choices=("none", "zstd", "auto"),
+        help="for a new dataset (fixed per dataset): auto = byte-grouped zstd per tensor, smaller "
+        "for object storage or an MLflow proxy, slower to load locally (default: raw, or what the "
+        "dataset was created with)",
+    )
     p = add("bundle", cmd_bundle, "write a model directory that holds its own weights (deploy it anywhere)")
     p.add_argument("model_uri", help="models:/..., runs:/... or a local model directory")
     p.add_argument("output", help="a new directory")

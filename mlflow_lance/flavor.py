@@ -63,6 +63,7 @@ from . import __version__, distributed, fs, lifecycle, modeldir, registry, store
 from .artifacts import dataset_location, options
 from .dataset import Dataset
 from .errors import after_commit
+from .format import check_compression
 from .fs import read_bytes
 from .modeldir import FLAVOR_NAME
 from .sidecar import model_pin, run_pin
@@ -148,6 +149,7 @@ class Capture:
     skeleton: bytes | None = None
     state_prefix: str | None = None
     written: writer.Written | None = None
+    compression: str | None = None  # save_state_dict's compression= (checked by the caller)
 
 
 class _Saver:
@@ -170,6 +172,7 @@ def save_model(
     *,
     lance_uri: str | None = None,
     storage_options: Mapping[str, str] | None = None,
+    compression: str | None = None,
     mlflow_model: Model | None = None,
     conda_env: dict | str | None = None,
     code_paths: list[str] | None = None,
@@ -202,12 +205,21 @@ def save_model(
     ``serialization_format`` ``None`` or ``"pickle"`` (``"pt2"`` is refused, see the README),
     ``pickle_module`` and torch.save's options (no pickle file is written, so they change
     nothing).
+
+    Args:
+        compression: how the weights' payloads are stored, for a new dataset (fixed per
+            dataset): None (default) or ``"none"``: raw bytes, the fastest to load;
+            ``"auto"``: byte-grouped zstd per tensor (~0.68x the bytes of bf16 weights, ~0.85x
+            of fp32), for object storage or an MLflow proxy, where fewer bytes beat the decode;
+            ``"zstd"``: one zstd frame per payload. None keeps what an existing ``lance_uri``
+            was created with; another value than that raises ValueError (docs/storage.md).
     """
     _check_module(pytorch_model)
+    check_compression(compression)
     _save(
         pytorch_model,
         path,
-        Capture(writer.prepare(pytorch_model.state_dict())),
+        Capture(writer.prepare(pytorch_model.state_dict()), compression=compression),
         lance_uri=lance_uri,
         storage_options=storage_options,
         mlflow_model=mlflow_model,
@@ -336,6 +348,7 @@ def _save_weights(
         message=message,
         properties=properties,
         storage_options=location.storage_options,
+        compression=capture.compression,
     )
 
 
@@ -540,6 +553,7 @@ def log_model(
     factory_kwargs: Mapping[str, Any] | None = None,
     artifact_path: str | None = None,
     self_contained: bool = False,
+    compression: str | None = None,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
     """Log ``pytorch_model`` to the active run (started if none): its weights as a new version
@@ -561,6 +575,14 @@ def log_model(
         self_contained: log the weights inside the model's own artifacts, as a one-version
             dataset (no shared dataset, no dedup, no pins): for targets that only see MLflow's
             artifact store (see ``bundle_model``).
+        compression: how the weights' payloads are stored, chosen when the dataset is created
+            (a registered model's first version, or a new ``lance_uri``) and fixed for it:
+            None (default) or ``"none"``: raw bytes, the fastest to load (memory-mapped);
+            ``"auto"``: each tensor byte-grouped and zstd-compressed where that saves bytes
+            (~0.68x for bf16 weights, ~0.85x for fp32), worth it where bytes cost more than
+            the decode (~1 GB/s per core): object storage, an MLflow artifact proxy;
+            ``"zstd"``: one zstd frame per payload. None keeps what an existing dataset was
+            created with; another value than that raises ValueError before anything is logged.
         signature, input_example, pip_requirements, extra_pip_requirements, conda_env,
             code_paths, extra_files, metadata, tags, params, step, await_registration_for:
             as in ``mlflow.pytorch.log_model``.
@@ -578,6 +600,7 @@ def log_model(
         ...     info = log_model(model, name="model", registered_model_name="churn", input_example=x)
     """
     _check_module(pytorch_model)
+    check_compression(compression)
     if registered_model_name is not None:  # before anything is created: the registry's own rules
         _validate_model_name(registered_model_name)
     if self_contained and (lance_uri or distributed.collective(pytorch_model)):
@@ -605,12 +628,13 @@ def log_model(
             extra_files=extra_files,
             model_factory=model_factory,
             factory_kwargs=factory_kwargs,
+            compression=compression,
             **kwargs,
         )
     return _log(
         pytorch_model,
         name or artifact_path or "model",
-        Capture(writer.prepare(pytorch_model.state_dict())),
+        Capture(writer.prepare(pytorch_model.state_dict()), compression=compression),
         self_contained=self_contained,
         registered_model_name=registered_model_name,
         await_registration_for=await_registration_for,
@@ -656,6 +680,8 @@ def _log(
         location, experiment_id, binding = _location_for(
             name, registered_model_name, lance_uri, storage_options, run_id
         )
+        if capture.compression is not None and capture.written is None:  # before MLflow logs anything
+            writer.check_dataset_compression(location, capture.compression)
         weights = {
             "lance_uri": location.uri,
             "storage_options": location.storage_options,
@@ -733,6 +759,7 @@ def _log_sharded(
     registered_model_name: str | None,
     lance_uri: str | None,
     storage_options: Mapping[str, str] | None,
+    compression: str | None = None,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
     """``log_model`` of a model sharded over the process group (FSDP2, tensor parallel, DDP),
@@ -775,7 +802,13 @@ def _log_sharded(
         )
 
     return distributed.write_and_commit(
-        shards, Dataset(uri, uri_options), log, group=group, what="logging the model", failed=failed
+        shards,
+        Dataset(uri, uri_options),
+        log,
+        group=group,
+        what="logging the model",
+        failed=failed,
+        compression=compression,
     )
 
 
@@ -1101,15 +1134,25 @@ def state_dict_pointer(uri: str) -> tuple[str, int] | None:
     return dataset, version
 
 
-def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: Any) -> None:
+def log_state_dict(
+    state_dict: Mapping[str, Any], artifact_path: str, *, compression: str | None = None, **kwargs: Any
+) -> None:
     """Log a state dict, or any checkpoint dict (optimizer and scheduler states, counters),
     to the active run, as ``mlflow.pytorch.log_state_dict`` does: its tensors become a Lance
     version (deduplicated against the run's earlier ones), the rest JSON; the run's
     artifacts get a small pointer at ``artifact_path``, so that
     ``load_state_dict("runs:/<run id>/<artifact_path>")`` reads it back. torch.save's
     options are accepted and change nothing (nothing is pickled).
+
+    Args:
+        state_dict: a state dict or checkpoint dict.
+        artifact_path: where the pointer goes in the run's artifacts (and the dataset's name).
+        compression: as ``log_model``'s: None (default; raw for a new dataset, else what it
+            was created with), ``"none"``, ``"auto"`` or ``"zstd"``.
+        **kwargs: torch.save's options, accepted for compatibility.
     """
     _refuse_unknown("log_state_dict", kwargs, _TORCH_SAVE_OPTIONS | {"pickle_module"})
+    check_compression(compression)
     run = mlflow.active_run() or mlflow.start_run()
     experiment_id = run.info.experiment_id
     location = dataset_location(
@@ -1122,6 +1165,7 @@ def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: 
         state_dict,
         location.uri,
         message=f"mlflow run {run.info.run_id}: {artifact_path}",
+        compression=compression,
         properties={
             "mlflow.run_id": run.info.run_id,
             "mlflow.artifact_path": artifact_path,

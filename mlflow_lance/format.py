@@ -108,13 +108,30 @@ def schema(compression: str | None) -> pa.Schema:
     the schema: Lance's own encodings leave one-value pages uncompressed, and our layout has
     one value per data file.
     """
-    if compression is not None and compression not in COMPRESSIONS:
-        raise ValueError(f"compression must be None or one of {COMPRESSIONS}, got {compression!r}")
+    check_compression(compression)
     data = pa.field("data", pa.large_binary(), nullable=False, metadata={"lance-encoding:blob": "true"})
     return pa.schema(
         [*SCHEMA_FIELDS, data],
         metadata={FORMAT_KEY: str(FORMAT_VERSION), COMPRESSION_KEY: compression or "none"},
     )
+
+
+def check_compression(compression: object) -> str | None:
+    """A ``compression=`` argument, checked: None (a new dataset stores raw bytes, an existing
+    one keeps what it was created with), ``"none"`` (raw bytes), ``"zstd"`` or ``"auto"``.
+
+    Args:
+        compression: what the caller passed.
+
+    Returns:
+        The payload codec it asks for (None: raw bytes, or unspecified when None was given).
+
+    Raises:
+        ValueError: anything else.
+    """
+    if compression is not None and compression not in ("none", *COMPRESSIONS):
+        raise ValueError(f"compression must be None, 'none' or one of {COMPRESSIONS}, got {compression!r}")
+    return codec(compression) if compression is not None else None
 
 
 def codec(recorded: str) -> str | None:

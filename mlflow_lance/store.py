@@ -188,8 +188,11 @@ def save_state_dict(
         chunk_bytes: tensors larger than this are split into rows of at most this size.
         compression: for a new dataset (fixed per dataset): ``"zstd"`` (each payload one zstd
             frame) or ``"auto"`` (each tensor byte-grouped and zstd-compressed where that saves
-            bytes: ~0.68x raw for bf16 weights, 0.85x for fp32; see docs/storage.md); the
-            default stores raw bytes, which load fastest (memory-mapped, no decode).
+            bytes: ~0.68x raw for bf16 weights, 0.85x for fp32; see docs/storage.md) or
+            ``"none"`` (raw bytes, which load fastest: memory-mapped, no decode). None (the
+            default): raw for a new dataset, whatever it was created with for an existing one.
+            Any other value than an existing dataset's raises ``writer.CompressionMismatch``
+            (a ValueError).
         sync_files: flush data files, manifest, commit, version index and their directories
             (fsync) before returning, as ``torch.distributed.checkpoint``'s ``FileSystemWriter``
             does. Default: True unless MLFLOW_LANCE_FSYNC=0 (scratch use). On object storage a

@@ -39,9 +39,11 @@ import zstandard
 from . import encodings, fs, index, tree
 from .dataset import (
     Dataset,
+    check_format,
     fragment_table,
     open_lance,
     retrying,
+    schema_of,
     utc,
 )
 from .errors import WeightsError
@@ -53,6 +55,8 @@ from .format import (
     STORAGE_VERSION,
     Entry,
     Located,
+    check_compression,
+    codec,
     max_zstd_ratio,
     rows_digest,
     schema,
@@ -291,6 +295,39 @@ def prepare(state_dict: Mapping[str, Any] | Prepared) -> Prepared:
     return Prepared(state_dict, spec, container)
 
 
+class CompressionMismatch(ValueError):
+    """A ``compression=`` other than the one an existing dataset was created with (fixed per
+    dataset: its versions share data files)."""
+
+    def __init__(self, uri: str, existing: str | None, wanted: str):
+        self.uri, self.existing, self.wanted = uri, existing or "none", wanted
+        super().__init__(
+            f"{uri} was created with compression={self.existing!r}, and compression is fixed when a "
+            f"dataset is created, so it cannot take compression={wanted!r}. Pass compression=None "
+            f"to keep {self.existing!r}, or write to a new dataset: another URI (save_state_dict, "
+            f"lance_uri=), another registered model name (log_model), a new run (log_checkpoint)"
+        )
+
+
+def check_dataset_compression(dataset: Dataset, compression: str | None) -> None:
+    """Raise ``CompressionMismatch`` early (before anything is logged) when ``dataset`` exists
+    and was created with another compression than ``compression`` (None: any).
+
+    Args:
+        dataset: where the weights go.
+        compression: what the caller asked for (see ``format.check_compression``).
+
+    Raises:
+        ValueError: ``compression`` is not a compression; CompressionMismatch: see above.
+    """
+    wanted = check_compression(compression)
+    if compression is None or (ds := dataset.existing()) is None or not check_format(ds, FORMAT_VERSION):
+        return
+    recorded = (schema_of(ds).metadata or {}).get(COMPRESSION_KEY.encode(), b"none").decode("utf-8", "replace")
+    if codec(recorded) != wanted:
+        raise CompressionMismatch(dataset.uri, codec(recorded), compression)
+
+
 def reusable_base(
     dataset: Dataset, parent: lance.LanceDataset | None, compression: str | None
 ) -> tuple[pa.Schema, Mapping[str, Entry]]:
@@ -305,11 +342,8 @@ def reusable_base(
             f"versions; load it with load_state_dict() and save to a new URI"
         )
     existing = reader.codec
-    if compression is not None and compression != existing:
-        raise ValueError(
-            f"{dataset.uri} was created with compression={existing!r}; compression is fixed per "
-            f"dataset, so pass compression=None or save to a new URI"
-        )
+    if check_compression(compression) != existing and compression is not None:
+        raise CompressionMismatch(dataset.uri, existing, compression)
     previous, found = reader.entries, reader.problems()
     bad = {p.name for p in found}
     return schema(existing), {n: e for n, e in previous.items() if n not in bad}  # never reuse those rows

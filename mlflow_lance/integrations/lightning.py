@@ -47,6 +47,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
 
 from .. import checkpoint as ckpt
 from .. import distributed
+from ..format import check_compression
 
 __all__ = ["MLflowLanceCheckpoint"]
 
@@ -76,6 +77,7 @@ class _LogRequest:
     blocking: bool
     name: str
     lance_uri: str | None
+    compression: str | None = None
     rng_by_rank: list[dict] | None = None  # every rank's generators (DDP: rank 0 logs for all)
 
 
@@ -132,6 +134,7 @@ def _log(checkpoint: dict[str, Any], req: _LogRequest) -> None:
         keep_best=req.keep_best,
         name=req.name,
         lance_uri=req.lance_uri,
+        compression=req.compression,
     )
 
 
@@ -207,6 +210,15 @@ class MLflowLanceCheckpoint(Checkpoint):
     checkpoint, which resumes at any world size, or in one process). ``FSDPStrategy`` (FSDP1)
     and DeepSpeed are refused. It takes the place of Lightning's default ``ModelCheckpoint``:
     leave ``enable_checkpointing`` on.
+
+    Args:
+        monitor / mode / save_top_k / save_last / every_n_train_steps / every_n_epochs: as
+            ``ModelCheckpoint``'s.
+        blocking: write in the training thread (default: in the background).
+        name / lance_uri: the logged models' name; an explicit dataset.
+        compression: ``log_checkpoint``'s: None (default) or ``"none"`` (raw bytes),
+            ``"auto"`` (byte-grouped zstd per tensor, for object storage or an MLflow
+            artifact proxy) or ``"zstd"``; encoded in the background thread.
     """
 
     def __init__(
@@ -220,7 +232,9 @@ class MLflowLanceCheckpoint(Checkpoint):
         blocking: bool = False,
         name: str = ckpt.CHECKPOINT_NAME,
         lance_uri: str | None = None,
+        compression: str | None = None,
     ) -> None:
+        check_compression(compression)
         if mode not in ("min", "max"):
             raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
         if save_top_k < -1:
@@ -233,6 +247,7 @@ class MLflowLanceCheckpoint(Checkpoint):
         self.every_n_train_steps = every_n_train_steps or 0
         self.every_n_epochs = every_n_epochs if every_n_epochs is not None else (0 if every_n_train_steps else 1)
         self.blocking, self.name, self.lance_uri = blocking, name, lance_uri
+        self.compression = compression
         self._last_step_saved = -1
         self._rng: dict | None = None
         self._sharded = False  # ModelParallelStrategy: every rank logs its shards
@@ -341,6 +356,7 @@ class MLflowLanceCheckpoint(Checkpoint):
             self.blocking,
             self.name,
             self.lance_uri,
+            self.compression,
         )
         self._last_step_saved = trainer.global_step
         if self._sharded:  # no CheckpointIO: the callback builds Lightning's dict on every rank, as

@@ -42,6 +42,7 @@ except ImportError as err:  # pragma: no cover - depends on the environment
     ) from err
 
 from .. import checkpoint as ckpt
+from ..format import check_compression
 
 __all__ = ["MLflowLanceTrainerCallback", "resume_training"]
 
@@ -51,10 +52,26 @@ _STATE_KEY = "trainer_state"  # extra["trainer_state"]: TrainerState as the JSON
 class MLflowLanceTrainerCallback(TrainerCallback):
     """Log the Trainer's checkpoints to the active MLflow run (started if none) as mlflow-lance
     checkpoints, in place of its checkpoint folders. Writes run in the background
-    (``blocking=False``) and are flushed when training ends."""
+    (``blocking=False``) and are flushed when training ends.
 
-    def __init__(self, blocking: bool = False, name: str = ckpt.CHECKPOINT_NAME, lance_uri: str | None = None) -> None:
+    Args:
+        blocking: write in the training loop's thread (default: in the background).
+        name / lance_uri: the logged models' name; an explicit dataset.
+        compression: ``log_checkpoint``'s: None (default) or ``"none"`` (raw bytes),
+            ``"auto"`` (byte-grouped zstd per tensor, for object storage or an MLflow
+            artifact proxy) or ``"zstd"``; encoded in the background thread.
+    """
+
+    def __init__(
+        self,
+        blocking: bool = False,
+        name: str = ckpt.CHECKPOINT_NAME,
+        lance_uri: str | None = None,
+        compression: str | None = None,
+    ) -> None:
+        check_compression(compression)
         self.blocking, self.name, self.lance_uri = blocking, name, lance_uri
+        self.compression = compression
         self._after_evaluation: dict[str, Any] | None = None  # a save waiting for this step's evaluation
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs) -> None:
@@ -150,6 +167,7 @@ class MLflowLanceTrainerCallback(TrainerCallback):
             keep_best=keep_best,
             name=self.name,
             lance_uri=self.lance_uri,
+            compression=self.compression,
         )
 
 
