@@ -1,6 +1,7 @@
 """mlflow_lance through a proxying `mlflow server` against mlflow.pytorch through the same server.
 
 Run:  python benchmarks/bench_proxy.py [--mb 1024] [--rounds 3] [--json benchmarks/results/proxy.json]
+        [--compression auto]
 
 The server is an unmodified ``mlflow server`` with its default ``--serve-artifacts`` and a local
 ``--artifacts-destination`` (SQLite backend), started on 127.0.0.1 for the run. Clients have
@@ -15,6 +16,11 @@ RSS reported), the contenders interleaved and their order alternating from round
   requirements, so that neither runs MLflow's requirement inference);
 - a second version where one layer changed;
 - ``load_model("models:/<name>/2")``.
+
+``--compression auto`` (or ``zstd``) adds a third contender, ``lance-auto``: ``mlflow_lance``
+with ``log_model(..., compression="auto")`` into registered models of its own, timed the same
+way, and its ratios against raw ``mlflow_lance`` (fewer bytes through the server against the
+encoding and decoding) and the bytes each contender's first version stored.
 
 Floor: one ``MlflowClient.log_artifact`` of a file of the model's size (a single PUT of the
 same bytes through the same server), and its download.
@@ -73,15 +79,17 @@ elif step in ("first", "second"):
     m = model(1, changed=None if step == "first" else 0)
     t = time.perf_counter()
     with mlflow.start_run():
-        if who == "lance":
-            mlflow_lance.log_model(m, name="model", registered_model_name=name, pip_requirements=reqs)
+        if who.startswith("lance"):
+            compression = who.partition("-")[2] or None  # "lance-auto": compression="auto"
+            mlflow_lance.log_model(m, name="model", registered_model_name=name, pip_requirements=reqs,
+                                   compression=compression)
         else:
             mlflow.pytorch.log_model(m, name="model", registered_model_name=name, pip_requirements=reqs,
                                      serialization_format="pickle")
     out = {"seconds": time.perf_counter() - t}
 else:
     t = time.perf_counter()
-    loaded = (mlflow_lance if who == "lance" else mlflow.pytorch).load_model(f"models:/{name}/2")
+    loaded = (mlflow_lance if who.startswith("lance") else mlflow.pytorch).load_model(f"models:/{name}/2")
     out = {"seconds": time.perf_counter() - t}
     assert loaded[0].weight.dtype == torch.bfloat16
 out["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -103,7 +111,13 @@ def main() -> None:
     parser.add_argument("--mb", type=int, default=1024, help="megabytes of bf16 weights")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json", type=Path)
+    parser.add_argument(
+        "--compression",
+        choices=("zstd", "auto"),
+        help="also time mlflow_lance with log_model(compression=...) as a third contender",
+    )
     args = parser.parse_args()
+    contenders = ["lance", "pytorch"] + ([f"lance-{args.compression}"] if args.compression else [])
     from conftest import running_mlflow_server
 
     with tempfile.TemporaryDirectory(prefix="bench-proxy-") as tmp:
@@ -113,7 +127,7 @@ def main() -> None:
             env.update(MLFLOW_TRACKING_URI=url, BENCH_TMP=tmp, MLFLOW_LANCE_CACHE_DIR=str(root / "cache"))
             rows: dict[str, dict[str, list[dict]]] = {}
             for r in range(args.rounds):
-                order = ("lance", "pytorch") if r % 2 == 0 else ("pytorch", "lance")
+                order = contenders[r % len(contenders) :] + contenders[: r % len(contenders)]
                 for step in ("first", "second", "load"):
                     for who in order:
                         result = child(env, step, who, f"{who}-{r}", str(args.mb))
@@ -121,6 +135,17 @@ def main() -> None:
                         print(step, who, r, result, flush=True)
                 rows.setdefault("floor", {}).setdefault("raw", []).append(child(env, "floor", "raw", "-", str(args.mb)))
             uploaded = sum(p.stat().st_size for p in (root / "artifacts").rglob("*") if p.is_file())
+            stored = {
+                who: sum(
+                    p.stat().st_size
+                    for d in (root / "artifacts").rglob("*.lance")
+                    if d.is_dir() and f"{who}-0" in d.name
+                    for p in (d / "data").rglob("*")
+                    if p.is_file()
+                )
+                for who in contenders
+                if who.startswith("lance")
+            }
     med = {
         step: {who: {k: statistics.median(x[k] for x in runs) for k in runs[0]} for who, runs in by.items()}
         for step, by in rows.items()
@@ -143,11 +168,23 @@ def main() -> None:
     lines.append(
         f"floor: one PUT of {args.mb} MB through the server {floor['put']:.2f} s, its GET {floor['get']:.2f} s"
     )
+    if args.compression:
+        for step in goals:
+            ours, base, theirs = med[step][f"lance-{args.compression}"], med[step]["lance"], med[step]["pytorch"]
+            lines.append(
+                f"compression={args.compression!r}, {step}: {ours['seconds']:.2f} s, "
+                f"{ours['seconds'] / base['seconds']:.2f}x raw mlflow_lance, "
+                f"{ours['seconds'] / theirs['seconds']:.2f}x mlflow.pytorch "
+                f"(peak RSS {ours['peak_rss_mb']:.0f} MB)"
+            )
+    for who, n in stored.items():
+        lines.append(f"data files of {who}'s first version (round 0): {n / 1e6:.1f} MB")
     lines.append(f"bytes in the server's destination after all rounds: {uploaded / 1e6:.0f} MB")
     print("\n".join(lines))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"medians": med, "rows": rows, "table": lines}, indent=1))
+        doc = {"medians": med, "rows": rows, "table": lines, "stored": stored, "compression": args.compression}
+        args.json.write_text(json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":

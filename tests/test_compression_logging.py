@@ -23,9 +23,7 @@ from mlflow_lance.cli import main as cli_main
 def bf16_model(seed: int = 0) -> torch.nn.Module:
     """Random init, bf16, ~0.5 MiB of weights: every weight large enough to be encoded."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).to(
-        torch.bfloat16
-    )
+    return torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256)).to(torch.bfloat16)
 
 
 def data_bytes(uri: str) -> int:
