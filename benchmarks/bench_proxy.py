@@ -20,7 +20,7 @@ RSS reported), the contenders interleaved and their order alternating from round
 ``--compression auto`` (or ``zstd``) adds a third contender, ``lance-auto``: ``mlflow_lance``
 with ``log_model(..., compression="auto")`` into registered models of its own, timed the same
 way, and its ratios against raw ``mlflow_lance`` (fewer bytes through the server against the
-encoding and decoding) and the bytes each contender's first version stored.
+encoding and decoding) and the bytes each mlflow_lance contender's round-0 dataset holds.
 
 Floor: one ``MlflowClient.log_artifact`` of a file of the model's size (a single PUT of the
 same bytes through the same server), and its download.
@@ -178,7 +178,7 @@ def main() -> None:
                 f"(peak RSS {ours['peak_rss_mb']:.0f} MB)"
             )
     for who, n in stored.items():
-        lines.append(f"data files of {who}'s first version (round 0): {n / 1e6:.1f} MB")
+        lines.append(f"data files of {who}'s round-0 dataset (both versions): {n / 1e6:.1f} MB")
     lines.append(f"bytes in the server's destination after all rounds: {uploaded / 1e6:.0f} MB")
     print("\n".join(lines))
     if args.json:

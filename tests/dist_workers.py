@@ -499,3 +499,36 @@ def two_d(rank: int, world: int, port: int, tmp: str, uri: str) -> None:
         torch.save(flat_tensors(expected), os.path.join(tmp, "two_d.pt"))
         dump(tmp, "two_d.json", results)
     finish()
+
+
+def compressed_ranks(rank: int, world: int, port: int, tmp: str, tracking_uri: str) -> None:
+    """Every rank of an FSDP2 job passes compression=: log_checkpoint (blocking and in the
+    background) and log_model write their shards with it; another value for the same dataset
+    raises on every rank."""
+    import mlflow
+
+    import mlflow_lance as ml
+
+    init(rank, world, port)
+    mlflow.set_tracking_uri(tracking_uri)
+    if rank == 0:
+        mlflow.set_experiment(experiment_id=mlflow.create_experiment("zdist", artifact_location=f"{tmp}/artifacts"))
+    model, opt = fsdp_model()
+    train(model, opt, range(STEPS_BEFORE), rank, world)
+    where = f"{tmp}/ckpt.lance"
+    first = ml.log_checkpoint(model, opt, step=STEPS_BEFORE, lance_uri=where, compression="zstd")
+    train(model, opt, range(STEPS_BEFORE, STEPS_BEFORE + 1), rank, world)
+    handle = ml.log_checkpoint(model, opt, step=STEPS_BEFORE + 1, blocking=False, lance_uri=where, compression="zstd")
+    second = handle.result()
+    reference = full_state(model, opt)
+    try:
+        ml.log_checkpoint(model, opt, step=STEPS_BEFORE + 2, lance_uri=where, compression="none")
+        refused = "logged"
+    except ValueError as err:
+        refused = str(err)
+    info = ml.log_model(model, name="final", lance_uri=f"{tmp}/model.lance", compression="auto")
+    result = {"versions": [first.lance_version, second.lance_version], "refused": refused, "model": info.model_uri}
+    dump(tmp, f"z{rank}.json", result)
+    if rank == 0:
+        torch.save(reference, os.path.join(tmp, "zreference.pt"))
+    finish()

@@ -279,3 +279,29 @@ def test_frozen_shards_are_written_once_per_run(tmp_path):
     changed = [n for n in got["changed"] if n.startswith("model/")]
     assert changed and not any(n.startswith(frozen) for n in changed), changed  # no frozen shard again
     assert got["second"] < got["first"], got
+
+
+@pytest.mark.slow
+def test_sharded_checkpoints_and_models_take_compression(tmp_path):
+    """compression= reaches every rank's writes (log_checkpoint blocking and async, log_model);
+    another value for the same dataset is refused on every rank; the checkpoint loads whole."""
+    import lance
+    import mlflow
+
+    import mlflow_lance as ml
+
+    tracking = f"sqlite:///{tmp_path}/mlflow.db"
+    W.run(W.compressed_ranks, 2, str(tmp_path), tracking)
+    ranks = [_read(tmp_path, f"z{r}.json") for r in range(2)]
+    assert ranks[0]["versions"] == ranks[1]["versions"] == [1, 2]
+    for r in ranks:
+        assert "created with compression='zstd'" in r["refused"], r["refused"]
+    meta = lambda uri: lance.dataset(uri).schema.metadata[b"mlflow_lance.compression"]  # noqa: E731
+    assert meta(str(tmp_path / "ckpt.lance")) == b"zstd" and meta(str(tmp_path / "model.lance")) == b"auto"
+    reference = torch.load(tmp_path / "zreference.pt", weights_only=True)
+    mlflow.set_tracking_uri(tracking)
+    whole = store.read_state_dict(str(tmp_path / "ckpt.lance"), 2)
+    for k, v in reference["model"].items():
+        assert raw(whole["model"][k]) == raw(v), k
+    loaded = ml.load_model(ranks[0]["model"])
+    assert all(raw(loaded.state_dict()[k]) == raw(v) for k, v in reference["model"].items())
