@@ -39,7 +39,7 @@ from mlflow.models import Model, ModelInputExample, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.utils.file_utils import write_to
 
-from . import __version__, distributed, fs, lifecycle, modeldir, registry, store, tree, writer
+from . import __version__, bindings, distributed, fs, modeldir, registry, store, tree, writer
 from .artifacts import dataset_location, options
 from .compat import (
     _CONDA_ENV_FILE_NAME,
@@ -650,7 +650,7 @@ def _log(
     new = False
     if not self_contained:
         client = mlflow.MlflowClient()
-        new = registered_model_name is not None and not lifecycle.registered(client, registered_model_name)
+        new = registered_model_name is not None and not bindings.registered(client, registered_model_name)
         location, experiment_id, binding = _location_for(
             name, registered_model_name, lance_uri, storage_options, run_id
         )
@@ -811,7 +811,7 @@ def _location_for(
     if registered_model_name:
         client = mlflow.MlflowClient()
         if lance_uri:
-            binding, _ = lifecycle.bind(client, registered_model_name, create=True)
+            binding, _ = bindings.bind(client, registered_model_name, create=True)
         else:
             artifact_location = mlflow.get_experiment(experiment_id).artifact_location
 
@@ -824,7 +824,7 @@ def _location_for(
                     experiment_id=experiment_id,
                 ).uri
 
-            binding, lance_uri = lifecycle.dataset_of(client, registered_model_name, default)
+            binding, lance_uri = bindings.dataset_of(client, registered_model_name, default)
     artifact_location = None
     if not lance_uri:
         artifact_location = mlflow.get_experiment(experiment_id).artifact_location
@@ -1031,7 +1031,7 @@ def model_state_dict(
 def _download_model(model_uri: str, dst_path: str) -> str:
     """Fetch what loading needs (MLmodel, data/ with the architecture and pointer, code/)
     and nothing else: no environment files, no examples, never weights."""
-    base = lifecycle.model_dir_uri(model_uri).rstrip("/")
+    base = bindings.model_dir_uri(model_uri).rstrip("/")
     os.makedirs(dst_path, exist_ok=True)
     with _quiet_downloads():
         _download_artifact_from_uri(f"{base}/{MLMODEL_FILE_NAME}", output_path=dst_path)
@@ -1051,7 +1051,7 @@ def model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
     if scheme in ("runs", "models", "mlflow-artifacts"):
         with _quiet_downloads():
             try:
-                conf = lifecycle.flavor_conf(uri)
+                conf = bindings.flavor_conf(uri)
             except (MlflowException, OSError):
                 pointer = state_dict_pointer(uri)
                 if pointer is None:
