@@ -639,6 +639,10 @@ def log_model(
         self_contained: log the weights inside the model's own artifacts, as a one-version
             dataset (no shared dataset, no dedup, no pins): for targets that only see MLflow's
             artifact store (see ``bundle_model``).
+        kwargs: ``serialization_format`` (``"pt2"``: the ``torch.export`` program, which needs
+            an array or tensor ``input_example``; ``"pickle"``: the skeleton; left out: ``pt2``
+            when there is an input example and torch.export succeeds, see ``save_model``),
+            ``pickle_module`` and torch.save's options, as ``mlflow.pytorch.log_model`` takes them.
         signature, input_example, pip_requirements, extra_pip_requirements, conda_env,
             code_paths, extra_files, metadata, tags, params, step, await_registration_for:
             as in ``mlflow.pytorch.log_model``.
@@ -663,6 +667,8 @@ def log_model(
             "self_contained=True keeps the weights in the model's artifacts: pass no lance_uri, one process"
         )
     if distributed.collective(pytorch_model):
+        if kwargs.get("serialization_format") == "pt2":
+            raise ValueError("serialization_format='pt2' is not supported for sharded models; nothing was written")
         return _log_sharded(
             pytorch_model,
             name or artifact_path or "model",

@@ -315,6 +315,16 @@ def test_a_truncated_or_crafted_program_is_a_clear_error_and_nothing_of_it_runs(
         ml.load_model(str(tmp_path / "m"))
 
 
+def test_a_program_exported_on_another_device_is_moved_to_the_one_it_loads_on(tmp_path):
+    model = mlp()
+    ml.save_model(model, str(tmp_path / "m"), serialization_format="pt2", input_example=X, pip_requirements=[])
+    _rewrite(
+        tmp_path / "m" / "data" / "exported_program.zip", _edit_json("meta.json", lambda d: d.update(device="cuda"))
+    )
+    with torch.no_grad():  # (the pass runs on a CPU program here: this machine has no GPU)
+        assert torch.equal(ml.load_model(str(tmp_path / "m"))(torch.from_numpy(X7)), model(torch.from_numpy(X7)))
+
+
 def test_check_accepts_what_export_makes(tmp_path):
     for model, inputs in [
         (mlp(), (torch.from_numpy(X),)),
