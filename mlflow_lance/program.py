@@ -392,7 +392,9 @@ def check(program: bytes, where: str) -> None:
     arithmetic ``_operator``, or a ``math`` function; every shape expression (which torch
     hands to ``sympy.sympify``, an ``eval``) is a tree of sympy's and torch's shape
     classes with integer, float, bool and symbol-name arguments; every guard (which torch
-    compiles into Python) compares sizes of the inputs; no custom object is referenced.
+    compiles into Python) compares sizes of the inputs; no custom object is referenced; no
+    input or output structure (a pytree spec) names a ``defaultdict`` factory or an enum,
+    which torch's pytree imports by module name.
 
     Raises:
         CorruptionError: naming the first thing refused.
@@ -421,6 +423,8 @@ def check(program: bytes, where: str) -> None:
                     _check_target(v, refuse)
                 elif k == "expr_str" and isinstance(v, str):
                     _check_sympy(v, refuse)
+                elif k in ("in_spec", "out_spec") and isinstance(v, str):
+                    _check_treespec(v, refuse)
                 elif k in ("as_custom_obj", "as_custom_objs", "custom_obj") and v:
                     raise refuse("it references a custom object")
                 stack.append((v, k, depth + 1))
@@ -464,6 +468,28 @@ def _check_target(target: str, refuse: Any) -> None:
             resolved, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)
         ):
             raise refuse(f"call target {target[:100]!r}, which is not an operator")
+
+
+def _check_treespec(spec: str, refuse: Any) -> None:
+    try:
+        doc = json.loads(spec)
+    except (ValueError, RecursionError):
+        raise refuse("an input or output structure that is not JSON") from None
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "collections.defaultdict" or "__enum__" in node:
+                raise refuse("an input or output structure that names a module to import")
+            context = node.get("context")
+            if isinstance(context, str):
+                try:
+                    stack.append(json.loads(context))
+                except (ValueError, RecursionError):
+                    raise refuse("an input or output structure that is not JSON") from None
+            stack.extend(v for k, v in node.items() if k != "context")
+        elif isinstance(node, list):
+            stack.extend(node)
 
 
 def _check_sympy(expr: str, refuse: Any) -> None:

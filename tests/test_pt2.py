@@ -53,6 +53,17 @@ class Attention(torch.nn.Module):
         return self.head(self.att(h, h, h, attn_mask=self.mask[:n, :n])[0]) + torch.tensor(0.5)
 
 
+class ShapeBranch(torch.nn.Module):
+    """A branch on a size: the program carries guards."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.lin(x) + y[: x.shape[0]] if x.shape[0] > 2 else self.lin(x)
+
+
 class Branchy(torch.nn.Module):
     """A data-dependent branch: torch.export cannot trace it."""
 
@@ -303,6 +314,20 @@ def test_a_truncated_or_crafted_program_is_a_clear_error_and_nothing_of_it_runs(
             ),
             "shape expression",
         ),
+        (
+            lambda p: _rewrite(
+                p,
+                _edit_json(
+                    "program.json",
+                    lambda d: d["graph_module"]["module_call_graph"][0]["signature"].update(
+                        in_spec=json.dumps(
+                            [1, {"type": "builtins.dict", "context": json.dumps([{"__enum__": 1, "fqn": "os:x"}])}]
+                        )
+                    ),
+                ),
+            ),
+            "names a module to import",
+        ),
     ]
     for damage, message in cases:
         program_file.write_bytes(good)
@@ -334,4 +359,12 @@ def test_check_accepts_what_export_makes(tmp_path):
         data = program.dump(program.export(model, inputs), list(model.state_dict()))
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             program.check(z.read("program.json"), "test")
+    model = ShapeBranch()
+    data = program.dump(program.export(model, (torch.randn(3, 4), torch.randn(5, 2))), list(model.state_dict()))
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert json.loads(z.read("program.json"))["guards_code"]  # size comparisons, accepted
+    loaded = program.load(data, "test", model.state_dict(), torch.device("cpu"), untrusted=True)
+    x, y = torch.randn(4, 4), torch.randn(6, 2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, y), model(x, y))
     assert os.path.basename(program.PROGRAM_FILE) == "exported_program.zip"
