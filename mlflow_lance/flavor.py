@@ -197,8 +197,9 @@ def save_model(
       reference that loads without pickle (the factory wins over any format);
     - for a TorchScript module (``torch.jit.script``/``trace``): its program;
     - with ``serialization_format="pt2"``, or with an ``input_example`` and no format named:
-      the ``torch.export`` program (no pickle on load); when torch.export fails and no
-      format was named, a warning says why and the skeleton is stored instead;
+      the ``torch.export`` program (no pickle on load). Named, the module is exported as it
+      is, as mlflow.pytorch does; by default in eval mode, and when torch.export fails a
+      warning says why and the skeleton is stored instead;
     - else (``"pickle"``, or no input example): a pickled skeleton.
 
     ``lance_properties`` are stored with the Lance version. A version
@@ -473,12 +474,15 @@ def _exported(
     module: torch.nn.Module, input_example: ModelInputExample, signature: ModelSignature | None, *, required: bool
 ) -> bytes | None:
     """The ``torch.export`` program of ``module`` without its weights; None (with a warning
-    that says why) when it cannot be made and ``pt2`` was not asked for."""
+    that says why) when it cannot be made and ``pt2`` was not asked for. Asked for, the module
+    is exported as it is (train or eval mode), as mlflow.pytorch exports it; by default in eval
+    mode, as ``load_model`` has always returned a model."""
     inputs = program.tensor_inputs(input_example)
     try:
         if inputs is None:
             raise ValueError("the input example is not an array or tensor, or a tuple or list of them")
-        return program.dump(program.export(module, inputs, signature or None), list(module.state_dict()))
+        exported = program.export(module, inputs, signature or None, eval_mode=not required)
+        return program.dump(exported, list(module.state_dict()))
     except Exception as err:  # noqa: BLE001 - torch.export raises anything for a model it cannot trace
         reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
         if required:
@@ -1056,16 +1060,20 @@ def load_model(
         strict: refuse missing and unexpected keys.
         verify: rehash every byte of the weights.
         allow_pickle: False refuses the skeleton pickle and TorchScript programs and treats the
-            directory as untrusted (default: MLFLOW_ALLOW_PICKLE_DESERIALIZATION).
+            directory as untrusted: a ``pt2`` program loads only after ``program.check``
+            (default: MLFLOW_ALLOW_PICKLE_DESERIALIZATION).
         torch_load_kwargs: ``weights_only``, ``pickle_module``, ``mmap``, ``encoding``: accepted,
             as ``mlflow.pytorch.load_model`` passes them; weights are never unpickled.
 
     Returns:
-        The module, in eval mode, its parameters the loaded tensors.
+        The module, in eval mode, its parameters the loaded tensors; for a ``pt2`` model the
+        program's ``ExportedProgram.module()`` (a ``torch.fx.GraphModule``), as
+        ``mlflow.pytorch.load_model`` returns it.
 
     Raises:
         PermissionError: pickle refused and the model needs it (or its factory is not trusted).
-        CorruptionError / VersionNotFoundError: its weights cannot be loaded as recorded.
+        CorruptionError / VersionNotFoundError: its weights cannot be loaded as recorded, or its
+            ``pt2`` program is damaged or (pickle refused) names more than torch's operators.
 
     Example:
         >>> model = load_model("models:/churn@champion", map_location="cuda:0")

@@ -157,15 +157,24 @@ _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 
 
 def tensor_inputs(input_example: Any) -> tuple[torch.Tensor, ...] | None:
-    """The input example as the positional tensors ``torch.export`` takes: an array or tensor,
-    or a tuple or list of them (what ``mlflow.pytorch`` accepts for ``pt2``); else None."""
+    """The input example as the positional tensors ``torch.export`` takes.
+
+    Args:
+        input_example: what ``log_model`` was given.
+
+    Returns:
+        One tensor per positional argument for an array or tensor, or a tuple or list of
+        them (what ``mlflow.pytorch`` accepts for ``pt2``); None for anything else.
+    """
     values = input_example if isinstance(input_example, (tuple, list)) else (input_example,)
     if not values or not all(isinstance(v, (np.ndarray, torch.Tensor)) for v in values):
         return None
     return tuple(torch.from_numpy(v) if isinstance(v, np.ndarray) else v for v in values)
 
 
-def export(module: torch.nn.Module, inputs: Sequence[torch.Tensor], signature: Any = None) -> Any:
+def export(
+    module: torch.nn.Module, inputs: Sequence[torch.Tensor], signature: Any = None, *, eval_mode: bool = False
+) -> Any:
     """``torch.export.export`` of ``module`` on ``inputs``, with the dynamic dimensions
     ``mlflow.pytorch`` gives a ``pt2`` model: every dimension a tensor signature marks -1
     is ``Dim.AUTO`` (a size-1 dimension then stays static). Without a tensor signature for
@@ -175,6 +184,7 @@ def export(module: torch.nn.Module, inputs: Sequence[torch.Tensor], signature: A
         module: the model, exported as it is (train or eval mode).
         inputs: one example tensor per positional argument of ``forward``.
         signature: an ``mlflow.models.ModelSignature``, or None.
+        eval_mode: export the module in eval mode (each submodule's mode is restored after).
 
     Returns:
         The ``torch.export.ExportedProgram``.
@@ -193,7 +203,14 @@ def export(module: torch.nn.Module, inputs: Sequence[torch.Tensor], signature: A
     for i, t in enumerate(inputs):
         dims = [d for d, size in enumerate(specs[i]) if size == -1] if specs else ([0] if t.dim() else [])
         dynamic_shapes.append({d: Dim.AUTO for d in dims} or None)
-    return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes)
+    modes = [(m, m.training) for m in module.modules()]
+    if eval_mode:
+        module.eval()
+    try:
+        return torch.export.export(module, tuple(inputs), dynamic_shapes=dynamic_shapes)
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 def dump(program: Any, state_names: Sequence[str]) -> bytes:

@@ -154,6 +154,20 @@ def test_a_default_save_with_an_input_example_is_pt2_and_loads_with_nothing_unpi
         assert np.array_equal(mlflow.pyfunc.load_model(str(tmp_path / "m")).predict(more.numpy()), want.numpy())
 
 
+def test_a_model_in_train_mode_is_exported_in_eval_mode_by_default_and_as_it_is_when_pt2_is_named(tmp_path):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 64), torch.nn.Dropout(0.5), torch.nn.Linear(64, 2)).train()
+    ml.save_model(model, str(tmp_path / "a"), input_example=X, pip_requirements=[])
+    ml.save_model(model, str(tmp_path / "b"), input_example=X, serialization_format="pt2", pip_requirements=[])
+    assert model.training and all(m.training for m in model.modules())  # its modes are restored
+    x = torch.from_numpy(X7)
+    with torch.no_grad():
+        want = model.eval()(x)
+        assert torch.equal(ml.load_model(str(tmp_path / "a"))(x), want)  # no dropout: as load_model always gave
+        named = ml.load_model(str(tmp_path / "b"))
+        assert not torch.equal(named(x), named(x))  # dropout, as mlflow.pytorch's pt2 export keeps it
+
+
 def test_without_an_input_example_or_with_pickle_named_the_skeleton_stays(tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
