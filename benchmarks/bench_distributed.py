@@ -137,7 +137,7 @@ def _rounds(rank, model, opt, work, args, dcp, get_state_dict, distributed, stor
     """Blocking saves, async saves (the time the caller is blocked) and loads, interleaved."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from mlflow_lance import tree
+    from mlflow_lance import tree, writer
 
     uri = os.path.join(work, "run.lance")
     timings: dict[str, list[float]] = {f"save/{k}": [] for k in SAVES} | {f"load/{k}": [] for k in LOADS}
@@ -152,7 +152,7 @@ def _rounds(rank, model, opt, work, args, dcp, get_state_dict, distributed, stor
         flat, spec = tree.flatten(state)
         shards = distributed.stage(flat, clone=True)  # the copy training may run on from
         return pool.submit(
-            distributed.write_and_commit, shards, uri, store.commit_version, group=group, what="save", spec=spec
+            distributed.write_and_commit, shards, uri, writer.commit_version, group=group, what="save", spec=spec
         )
 
     for round_ in range(args["repeat"] + 1):
@@ -277,9 +277,9 @@ def single_process_loads(work: str, world: int, repeat: int) -> dict:
 def commit_scaling(work: str, ranks: tuple[int, ...] = (2, 4, 8, 16, 64), repeat: int = 3) -> dict:
     """Seconds of rank 0's one commit of a version whose data files N ranks wrote (one per rank,
     as a rank with one shard run writes): the fragments are written here, untimed, then
-    ``store.commit_version`` is timed (the Lance commit, its fsyncs, the version index), for
+    ``writer.commit_version`` is timed (the Lance commit, its fsyncs, the version index), for
     a first version and for the next one on top of it. Medians of ``repeat``."""
-    from mlflow_lance import store
+    from mlflow_lance import writer
 
     out: dict[int, dict[str, float]] = {}
     for n in ranks:
@@ -288,9 +288,9 @@ def commit_scaling(work: str, ranks: tuple[int, ...] = (2, 4, 8, 16, 64), repeat
             uri = os.path.join(work, f"commit-{n}-{r}.lance")
             for times in (first, next_):
                 state = {f"rank{i}/w": torch.randn(80_000) for i in range(n)}  # 320 KB: a fragment each
-                written = store.write_version(state, uri)
+                written = writer.write_version(state, uri)
                 start = time.perf_counter()
-                store.commit_version(written)
+                writer.commit_version(written)
                 times.append(time.perf_counter() - start)
             shutil.rmtree(uri, ignore_errors=True)
         out[n] = {"first": statistics.median(first), "next": statistics.median(next_)}

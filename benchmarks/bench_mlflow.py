@@ -424,12 +424,12 @@ class Timers:
 
 
 PARTS = [  # label, (module name, attribute) timed; what is left of a log_model is MLflow's own calls
-    ("check and flatten the state dict (`store.prepare`)", ("store", "prepare")),
-    ("hashing (`to_rows`)", ("store", "to_rows")),
-    ("Lance data files (`_write_rows`)", ("store", "_write_rows")),
+    ("check and flatten the state dict (`writer.prepare`)", ("writer", "prepare")),
+    ("hashing (`to_rows`)", ("writer", "to_rows")),
+    ("Lance data files (`_write_rows`)", ("writer", "_write_rows")),
     ("fsync in the calling thread (`os.fsync`: commit, manifest, index, directories)", ("os", "fsync")),
-    ("commit (`_commit`)", ("store", "_commit")),
-    ("version index (`_index_new_version`, its fsyncs apart)", ("store", "_index_new_version")),
+    ("commit (`_commit`)", ("writer", "_commit")),
+    ("version index (`_index_new_version`, its fsyncs apart)", ("writer", "_index_new_version")),
     ("pins (`store.tag`)", ("store", "tag")),
     ("the rest of the store (open, plan, checks, the wait for fsyncs in other threads)", ("store", "save_state_dict")),
     ("the flavor's files, skeleton and environment (`flavor._save`)", ("flavor", "_save")),
@@ -446,11 +446,11 @@ def first_log_child(root: Path, n: int, pause: float) -> None:
     import mlflow.pytorch
 
     import mlflow_lance
-    from mlflow_lance import flavor, registry, store
+    from mlflow_lance import flavor, registry, store, writer
 
     reqs = mlflow_lance.get_default_pip_requirements()
     timers = Timers()
-    modules = {"store": store, "flavor": flavor, "registry": registry, "os": os}
+    modules = {"store": store, "writer": writer, "flavor": flavor, "registry": registry, "os": os}
     for label, (module, attr) in PARTS:
         timers.wrap(modules[module], attr, label)
     mlflow.set_experiment("first-log")

@@ -40,7 +40,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Metric
 
-from . import distributed, flavor, lifecycle, store, tree
+from . import distributed, flavor, lifecycle, store, tree, writer
 from .artifacts import lance_root, options
 from .dataset import Dataset
 from .skeleton import dump_skeleton
@@ -397,7 +397,7 @@ class Staged:
 
     def capture(self) -> flavor.Capture:
         """What the flavor saves: the whole tree, checked once, the model's tensors under "model/"."""
-        tree_ = store.prepare({MODEL_KEY: self.state_dict, **self.extra})
+        tree_ = writer.prepare({MODEL_KEY: self.state_dict, **self.extra})
         return flavor.Capture(tree_, self.skeleton, tree.subtree_prefix(MODEL_KEY))
 
 
@@ -739,7 +739,7 @@ def _write_sharded(
     applies retention; the Checkpoint, or the first error (``failed``: this rank's staging),
     on every rank."""
 
-    def log(written: store.Written) -> Checkpoint:
+    def log(written: writer.Written) -> Checkpoint:
         capture = flavor.Capture(None, skeleton, tree.subtree_prefix(MODEL_KEY), written=written)
         plain = distributed.unwrapped(model)
         return _write(lambda: capture, plain, run_id, step, metrics, name, dataset.uri, keep_last, keep_best)

@@ -22,11 +22,15 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING
 
-from .dataset import Dataset, lance_call, open_lance
-from .format import plain_name
+from .dataset import Dataset, check_format, lance_call, open_lance, tag_list, utc, version_list
+from .format import FORMAT_VERSION, plain_name
 from .fs import Tree, proxied
 from .index import INDEX_DIR, manifests
+
+if TYPE_CHECKING:
+    import lance
 
 # Where Lance keeps the files a version names, and which of them gc may delete (index files
 # live in nested directories of _indices/ and are left alone: weights datasets have none).
@@ -115,3 +119,48 @@ def sweep(dataset: Dataset, doomed: Collection[int], *, grace: timedelta, dry_ru
 def _remove(tree: Tree, paths: list[str]) -> list[str]:
     """Delete each path (``folder/name``); the ones that were there to delete."""
     return [path for path in paths if tree.remove(*path.rsplit("/", 1))]
+
+
+def choose_versions(
+    ds: lance.LanceDataset,
+    keep_last: int | None,
+    older_than: timedelta | None,
+    grace: timedelta,
+    candidates: Collection[int] | None = None,
+    ignore_tags: Collection[str] = (),
+) -> tuple[list[int], dict[int, list[str]]]:
+    """(versions to remove, why each other version stays: see ``GcReport.kept``), as if the
+    tags in ``ignore_tags`` (about to be removed) were gone."""
+    if keep_last is None and older_than is None and candidates is None:
+        raise ValueError("gc needs keep_last=N and/or older_than=timedelta(...) to know what to remove")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    check_format(ds, FORMAT_VERSION)  # refuses a dataset that holds no weights
+    all_versions = version_list(ds)
+    tags: dict[int, list[str]] = {}
+    for name, t in sorted(tag_list(ds).items()):
+        if name not in ignore_tags:
+            tags.setdefault(t["version"], []).append(name)
+    latest = all_versions[-1]["version"] if all_versions else None
+    newest = {v["version"] for v in all_versions[-(keep_last or 1) :]}
+    now = datetime.now(timezone.utc)
+    cutoff = now - older_than if older_than is not None else None
+    superseded = {  # when each version stopped being the latest
+        v["version"]: utc(nxt["timestamp"]) for v, nxt in zip(all_versions, all_versions[1:])
+    }
+    doomed, kept = [], {}
+    for v in all_versions:
+        version = v["version"]
+        why = ["latest"] if version == latest else ["keep_last"] if version in newest else []
+        why += [f"tag:{name}" for name in tags.get(version, ())]
+        if candidates is not None and version not in candidates:
+            why.append("not_a_candidate")
+        if cutoff is not None and utc(v["timestamp"]) >= cutoff:
+            why.append("older_than")
+        if version in superseded and superseded[version] > now - grace:
+            why.append("grace")
+        if why:
+            kept[version] = why
+        else:
+            doomed.append(version)
+    return doomed, kept

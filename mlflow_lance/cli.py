@@ -403,11 +403,11 @@ def _unpickling_detail(err: pickle.UnpicklingError) -> str:
 
 
 def cmd_import(args: argparse.Namespace) -> int:
-    from . import store
+    from . import store, writer
 
     uri = _resolve(args.target)
     try:
-        sd = store.prepare(_read_checkpoint(args.input))
+        sd = writer.prepare(_read_checkpoint(args.input))
     except TypeError as err:  # the file holds what cannot be stored: bad input (exit 2), not a bug
         raise ValueError(f"{args.input}: {err}") from None
     with _bar(args, 1, "version", "import") as bar:

@@ -15,6 +15,7 @@ import random
 import time
 import weakref
 from collections.abc import Callable
+from datetime import datetime, timezone
 from typing import TYPE_CHECKING, TypeVar
 
 import pyarrow as pa
@@ -313,3 +314,8 @@ def check_format(ds: lance.LanceDataset, newest: int) -> bool:
                 f"({newest}); upgrade mlflow-lance"
             )
     return kind
+
+
+def utc(ts: datetime) -> datetime:
+    """A Lance version timestamp as an aware UTC datetime."""
+    return ts.astimezone(timezone.utc)

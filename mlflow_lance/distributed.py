@@ -50,13 +50,12 @@ from typing import Any
 
 import torch
 
-from . import store, tree
+from . import store, tree, writer
 from .dataset import Dataset
 from .errors import WeightsError
 from .format import Entry, Version, raise_problems, select
 from .plan import NO_PAYLOAD, Unit, plan_version
 from .readers import VersionReader, check_row, open_version
-from .store import Written
 from .tensors import (
     DEFAULT_CHUNK_BYTES,
     TensorRows,
@@ -69,6 +68,7 @@ from .tensors import (
     uint8_view,
     validate_state_dict,
 )
+from .writer import Written
 
 __all__ = [
     "Shard",
@@ -426,7 +426,7 @@ def write(
 ) -> Written | None:
     """Steps 2 to 5 of a save (see the module docstring), collectively on ``group`` (a
     ``checkpoint_group``): every rank writes its chunks; rank 0 gets the ``Written`` version to
-    commit (``store.commit_version``), the other ranks None. ``spec`` is rank 0's tree spec.
+    commit (``writer.commit_version``), the other ranks None. ``spec`` is rank 0's tree spec.
     A rank whose staging ``failed`` passes its error: every rank then raises before writing."""
     import torch.distributed as dist
 
@@ -475,7 +475,7 @@ def write_and_commit(
     failed: BaseException | None = None,
     **options: Any,
 ) -> Any:
-    """``write``, then ``commit`` of the written version on rank 0 (``store.commit_version``, or
+    """``write``, then ``commit`` of the written version on rank 0 (``writer.commit_version``, or
     logging the MLflow model whose save commits it); its result on every rank, or the first
     error (a rank-0-only failure too: every rank raises, none waits for a message that never
     comes). ``options`` are ``write``'s."""
@@ -500,10 +500,10 @@ def _write_mine(
 ) -> tuple[list[_Segment], Any]:
     """Hash and write this rank's chunks that changed since the parent; its segments."""
     parent = dataset.checkout(parent_version) if parent_version is not None else None
-    new_schema, previous = store.reusable_base(dataset, parent, compression)
-    reusable = store.reusable_fragments(parent)
+    new_schema, previous = writer.reusable_base(dataset, parent, compression)
+    reusable = writer.reusable_fragments(parent)
     fragment_rows = {fid: f.physical_rows for fid, f in reusable.items()}
-    flush = store.flushes(dataset, sync_files)
+    flush = writer.flushes(dataset, sync_files)
     segments: list[tuple[int, list[Unit], list[str]]] = []
     i = 0
     while i < len(chunks):
@@ -518,7 +518,7 @@ def _write_mine(
         segments.append((i, units, changed))
         i = j
     every = [u for _, units, _ in segments for u in units]
-    fragments = iter(store.write_units(every, dataset, new_schema, reusable, create=parent is None, flush=flush))
+    fragments = iter(writer.write_units(every, dataset, new_schema, reusable, create=parent is None, flush=flush))
     out = []
     for first, units, changed in segments:
         sent = []
@@ -586,7 +586,7 @@ def _assemble(
 
     segments = sorted(segments, key=lambda s: s.first)
     parent_ds = dataset.checkout(parent) if parent is not None else None
-    reusable = store.reusable_fragments(parent_ds)
+    reusable = writer.reusable_fragments(parent_ds)
     units: list[Unit] = []
     fragments = []
     changed: dict[str, None] = {}
@@ -598,7 +598,7 @@ def _assemble(
     got = [(m["name"], m["chunk"], m["offset"]) for u in units for m, _ in u.rows]
     if got != [(c.name, c.index, c.start) for c in chunks]:
         raise WeightsError(f"the ranks wrote {len(got)} rows, not the {len(chunks)} planned; nothing was committed")
-    previous = store.reusable_base(dataset, parent_ds, None)[1]
+    previous = writer.reusable_base(dataset, parent_ds, None)[1]
     names = dict.fromkeys(c.name for c in chunks)
     return Written(
         dataset,
@@ -609,7 +609,7 @@ def _assemble(
         [n for n in names if n in changed],
         [n for n in previous if n not in names],
         spec,
-        store.flushes(dataset, sync_files),
+        writer.flushes(dataset, sync_files),
     )
 
 
@@ -678,7 +678,7 @@ def save(
     return write_and_commit(
         shards,
         uri,
-        lambda written: store.commit_version(written, message=message, properties=properties),
+        lambda written: writer.commit_version(written, message=message, properties=properties),
         group=cg,
         what="committing the save",
         failed=failed,

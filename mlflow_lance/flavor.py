@@ -60,7 +60,7 @@ from mlflow.utils.model_utils import (
 )
 from mlflow.utils.validation import _validate_model_name
 
-from . import __version__, distributed, fs, lifecycle, modeldir, program, registry, store, tree
+from . import __version__, distributed, fs, lifecycle, modeldir, program, registry, store, tree, writer
 from .artifacts import dataset_location, options
 from .dataset import Dataset
 from .errors import after_commit
@@ -145,10 +145,10 @@ class Capture:
     files are written already (``written``: by every rank of a distributed save) is committed
     as it is, to the dataset it was written to."""
 
-    prepared: store.Prepared | None
+    prepared: writer.Prepared | None
     skeleton: bytes | None = None
     state_prefix: str | None = None
-    written: store.Written | None = None
+    written: writer.Written | None = None
 
 
 class _Saver:
@@ -219,7 +219,7 @@ def save_model(
     _save(
         pytorch_model,
         path,
-        Capture(store.prepare(pytorch_model.state_dict())),
+        Capture(writer.prepare(pytorch_model.state_dict())),
         lance_uri=lance_uri,
         storage_options=storage_options,
         mlflow_model=mlflow_model,
@@ -339,7 +339,7 @@ def _save_weights(
                 f"the shards were written to {capture.written.dataset.uri}, but this model's weights "
                 f"go to {location.uri}; nothing was committed"
             )
-        return store.commit_version(capture.written, message=message, properties=properties)
+        return writer.commit_version(capture.written, message=message, properties=properties)
     return store.save_state_dict(
         capture.prepared,
         location.uri,
@@ -698,7 +698,7 @@ def log_model(
     return _log(
         pytorch_model,
         name or artifact_path or "model",
-        Capture(store.prepare(pytorch_model.state_dict())),
+        Capture(writer.prepare(pytorch_model.state_dict())),
         self_contained=self_contained,
         registered_model_name=registered_model_name,
         await_registration_for=await_registration_for,
@@ -850,7 +850,7 @@ def _log_sharded(
     except Exception as err:  # noqa: BLE001
         failed = err
 
-    def log(written: store.Written) -> mlflow.models.model.ModelInfo:
+    def log(written: writer.Written) -> mlflow.models.model.ModelInfo:
         capture = Capture(None, skeleton, written=written)
         return _log(
             plain,

@@ -1,6 +1,6 @@
 """The save plan: which fragments a new version reuses whole from its parent, and which rows
 it writes into which new fragments. Pure: it reads no dataset and writes nothing, so it is tested
-without Lance (tests/test_packing.py); store.py writes and commits what it plans.
+without Lance (tests/test_packing.py); writer.py writes and commits what it plans.
 """
 
 from __future__ import annotations

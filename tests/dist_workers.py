@@ -282,20 +282,20 @@ def ddp_and_tp(rank: int, world: int, port: int, tmp: str, ddp_uri: str, tp_uri:
 
 def killed(rank: int, world: int, port: int, tmp: str, uri: str, victim: int, point: str) -> None:
     """Rank ``victim`` is SIGKILLed at ``point`` of a save; the others must fail, not commit."""
-    from mlflow_lance import distributed, store
+    from mlflow_lance import distributed, writer
 
     init(rank, world, port)
     model, opt = fsdp_model(seed=3)
     train(model, opt, range(1), rank, world)
     if rank == victim:
-        original = getattr(store, point) if hasattr(store, point) else getattr(distributed, point)
+        original = getattr(writer, point) if hasattr(writer, point) else getattr(distributed, point)
 
         def die(*args, **kwargs):
             if point == "write_units":
                 original(*args, **kwargs)  # its data files are down: orphans for gc
             os.kill(os.getpid(), signal.SIGKILL)
 
-        setattr(store if hasattr(store, point) else distributed, point, die)
+        setattr(writer if hasattr(writer, point) else distributed, point, die)
     try:
         distributed.save(sharded_state(model, opt), uri)
         outcome = "committed"

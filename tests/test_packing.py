@@ -13,7 +13,7 @@ import torch
 
 import mlflow_lance as ml
 from conftest import raw as bits
-from mlflow_lance import format, plan, store
+from mlflow_lance import format, plan, store, writer
 from mlflow_lance.tensors import to_rows
 
 SMALL = plan.PACK_RUN_BYTES // 8  # bytes of one packed tensor: 8 fill a run
@@ -201,7 +201,7 @@ def test_a_failed_commit_leaves_the_previous_version_whole(tmp_path: Path, monke
     def fail(*args, **kwargs):
         raise OSError("injected: the process died before its commit")
 
-    monkeypatch.setattr(store, "_commit", fail)
+    monkeypatch.setattr(writer, "_commit", fail)
     with pytest.raises(OSError, match="injected"):
         ml.save_state_dict(changed, uri)
     monkeypatch.undo()
@@ -266,7 +266,7 @@ def test_plan_packs_small_tensors_between_large_ones_and_keeps_chunks_apart():
 
 
 def test_a_large_compressed_save_writes_in_parallel_threads(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(store, "_PARALLEL_WRITE_BYTES", 1)  # every save takes the threaded path
+    monkeypatch.setattr(writer, "_PARALLEL_WRITE_BYTES", 1)  # every save takes the threaded path
     uri = tmp_path / "w.lance"
     sd = two_runs()
     sd.update((f"c{i}", small(20 + i)) for i in range(3))  # runs of 4, 4 and 3 rows: several calls

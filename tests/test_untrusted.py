@@ -30,7 +30,7 @@ from lance.fragment import DataFile, write_fragments
 
 import mlflow_lance as ml
 from conftest import in_subprocess, raw
-from mlflow_lance import format, store
+from mlflow_lance import format, store, tensors
 from mlflow_lance.cli import main as cli
 from mlflow_lance.tensors import hash_bytes, rows_batch
 
@@ -486,7 +486,7 @@ def lie_in_index(uri: Path, change) -> None:
 
 def set_cells(row: int, **cells):
     """An index edit: set columns of one index row (name ... alias, position, stored)."""
-    columns = [*store.META_COLUMNS, "position", "stored"]
+    columns = [*tensors.META_COLUMNS, "position", "stored"]
     return lambda rows: [rows[row].__setitem__(columns.index(k), v) for k, v in cells.items()]
 
 
@@ -517,7 +517,7 @@ def test_4_an_index_and_a_commit_that_lie_together(uri, tmp_path, lie):
     doc = json.loads(index_of(uri).read_text())
     INDEX_LIES[lie](doc["rows"])
     ds = lance.dataset(str(uri))
-    metas = [dict(zip(store.META_COLUMNS, r[: len(store.META_COLUMNS)])) for r in doc["rows"]]
+    metas = [dict(zip(tensors.META_COLUMNS, r[: len(tensors.META_COLUMNS)])) for r in doc["rows"]]
     doc["version"] = commit(uri, [f.metadata for f in ds.get_fragments()], summary(metas))
     index_of(uri).write_text(json.dumps(doc))
     correct = lie == "stored size larger than the payload"
@@ -831,7 +831,7 @@ def test_fuzz_mutated_index_and_rows_never_load_unsafely(pristine, tmp_path_fact
     if target == "index":  # the derived file only: must be ignored unless it still agrees
         doc = json.loads(index_of(uri).read_text())
         for i, column, data in edits:
-            doc["rows"][i][store.META_COLUMNS.index(column)] = data.draw(st.one_of(COLUMN_VALUES[column], JSON))
+            doc["rows"][i][tensors.META_COLUMNS.index(column)] = data.draw(st.one_of(COLUMN_VALUES[column], JSON))
         if payload_cut is not None:
             doc["rows"][0][-1] = payload_cut  # the stored size (the digest does not cover it)
         index_of(uri).write_text(json.dumps(doc))
