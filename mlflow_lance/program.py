@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CorruptionError
+from .errors import CorruptionError, WeightsError
 from .tensors import DTYPES, dtype_from_name, dtype_name, stored_nbytes, tensor_bytes
 
 PROGRAM_FILE = "exported_program.zip"
@@ -305,8 +305,6 @@ def load(
     missing = [n for n in names if n not in weights]
     unexpected = [n for n in weights if n not in set(names)] if strict else []
     if missing or unexpected:
-        from .errors import WeightsError
-
         raise WeightsError(
             f"the weights do not fit the program at {where}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )

@@ -25,7 +25,7 @@ import yaml
 
 import mlflow_lance as ml
 from mlflow_lance import program
-from mlflow_lance.errors import CorruptionError
+from mlflow_lance.errors import CorruptionError, WeightsError
 
 X = np.random.default_rng(0).standard_normal((3, 4)).astype("float32")
 X7 = np.random.default_rng(1).standard_normal((7, 4)).astype("float32")
@@ -349,6 +349,9 @@ def test_a_truncated_or_crafted_program_is_a_clear_error_and_nothing_of_it_runs(
         with no_unpickling(monkeypatch), pytest.raises(CorruptionError, match=message):
             ml.load_model(str(tmp_path / "m"))
         assert not marker.exists()
+    _rewrite(program_file, _edit_json("meta.json", lambda d: d["buffers"].append("ghost")))
+    with pytest.raises(WeightsError, match=r"do not fit the program .* missing \['ghost'\]"):
+        ml.load_model(str(tmp_path / "m"))
     program_file.write_bytes(good)
     with no_unpickling(monkeypatch):
         ml.load_model(str(tmp_path / "m"))
