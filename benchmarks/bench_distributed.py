@@ -26,7 +26,7 @@ Then each loads the latest into the sharded model's state (``distributed.load`` 
 warm page cache: the files were just written). A call is timed on rank 0 from a barrier before it
 to a barrier after it, so the time is the slowest rank's. ``os.sync()`` and a pause of --settle
 seconds come before each timed call; between rounds the older checkpoints are removed, untimed
-(``store.gc`` for the dataset). Medians of --repeat rounds after one untimed warm-up round; goals
+(``store.prune`` for the dataset). Medians of --repeat rounds after one untimed warm-up round; goals
 are on the median of per-round ratios.
 
 Then: the checkpoints the largest world saved are loaded at the smallest (resharded, interleaved);
@@ -203,7 +203,7 @@ def _rounds(rank, model, opt, work, args, dcp, get_state_dict, distributed, stor
                 timings[f"load/{name}"].append(t)
         dist.barrier()
         if rank == 0:  # untimed: keep only the latest of each
-            store.gc(uri, keep_last=1, grace=timedelta(0))
+            store.prune(uri, keep_last=1, grace=timedelta(0))
             for old in dcp_dirs[:-1]:
                 shutil.rmtree(old, ignore_errors=True)
             del dcp_dirs[:-1]
@@ -247,7 +247,7 @@ def _frozen_bytes(rank, model, opt, work, args, dcp, get_state_dict, distributed
 
 def single_process_loads(work: str, world: int, repeat: int) -> dict:
     """In this process, no process group: the model part of the version ``world`` ranks saved,
-    read whole as ``load_model`` reads it (``store.load_state_dict`` of the model's tensors),
+    read whole as ``load_model`` reads it (``store.read_state_dict`` of the model's tensors),
     against the same tensors saved by one process (a dataset of its own). A tensor whose chunks
     several ranks wrote is assembled in fresh memory; one saved whole comes back as a lazy map
     of its data file, read at first use: so each is timed alone and then with a first pass over
@@ -258,12 +258,12 @@ def single_process_loads(work: str, world: int, repeat: int) -> dict:
     model = tree.subtree_prefix("model")
     sharded = json.loads(Path(work, f"main-{world}.json").read_text())["uri"]
     whole = os.path.join(work, "unsharded.lance")
-    store.save_state_dict(store.load_state_dict(sharded, names=model), whole)
+    store.save_state_dict(store.read_state_dict(sharded, names=model), whole)
     timings: dict[str, list[float]] = {f"{k}/{how}": [] for k in ("sharded", "unsharded") for how in ("load", "used")}
     for round_ in range(repeat + 1):
         for name, uri in (("sharded", sharded), ("unsharded", whole))[:: 1 if round_ % 2 == 0 else -1]:
             start = time.perf_counter()
-            state = store.load_state_dict(uri, names=model) if name == "sharded" else store.load_state_dict(uri)
+            state = store.read_state_dict(uri, names=model) if name == "sharded" else store.read_state_dict(uri)
             loaded = time.perf_counter() - start
             for t in state.values():
                 t.sum()

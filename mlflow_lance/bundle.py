@@ -78,7 +78,7 @@ def bundle_model(model_uri: str, dst: str | os.PathLike) -> str:
         with model_pointer(staged) as pointer:  # the source's pointer, checked as a load checks it
             dataset, version = pointer
             # verify: a bundle never launders damaged bytes into a version whose hashes match them
-            weights = store.load_state_dict(dataset, version, storage_options=options(dataset), verify=True)
+            weights = store.read_state_dict(dataset, version, storage_options=options(dataset), verify=True)
             info = store.save_state_dict(  # outside the copy: nothing of the source can be built upon
                 weights,
                 os.path.join(tmp, _WEIGHTS),

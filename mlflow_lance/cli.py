@@ -319,7 +319,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             return False
 
     uri = _resolve(args.target)
-    sd = store.load_state_dict(uri, args.version, storage_options=_opts(uri), names="*")  # flat, trees too
+    sd = store.read_state_dict(uri, args.version, storage_options=_opts(uri), names="*")  # flat, trees too
     kinds = {t.dtype: storable(t.dtype) for t in sd.values()}
     unsupported = [f"{printable(name)} ({t.dtype})" for name, t in sd.items() if not kinds[t.dtype]]
     if unsupported:

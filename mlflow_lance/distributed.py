@@ -787,7 +787,7 @@ def load(
     filled.update(dict.fromkeys(n for n in entries if n not in filled and n.startswith(skip)))
     rest = [n for n in entries if n not in filled]
     if rest:
-        filled.update(store.load_state_dict(reader.uri, reader.version, names=rest, storage_options=storage_options))
+        filled.update(store.read_state_dict(reader.uri, reader.version, names=rest, storage_options=storage_options))
     spec = store.tree_spec(reader)
     return (
         tree.unflatten(spec, filled) if spec is not None else OrderedDict((n, filled[n]) for n in select(entries, None))

@@ -27,6 +27,7 @@ import tempfile
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -291,8 +292,14 @@ def _save(
         )
         if capture.state_prefix:  # a checkpoint: the model's tensors live under this prefix
             conf["state_prefix"] = capture.state_prefix
-        env = _environment(conda_env, pip_requirements, extra_pip_requirements)
-        info = _save_weights(capture, location, mlflow_model, message, lance_properties)
+        # MLflow's requirement checks (~1.5 s in a fresh process: it maps every installed
+        # distribution to its modules) run while the weights are written. An error of theirs
+        # (a requirements file that is not there) then comes after the commit: that version is
+        # referenced by nothing, and gc reclaims it.
+        with ThreadPoolExecutor(1, thread_name_prefix="mlflow-lance-env") as pool:
+            env_job = pool.submit(_environment, conda_env, pip_requirements, extra_pip_requirements)
+            info = _save_weights(capture, location, mlflow_model, message, lance_properties)
+            env = env_job.result()
     _describe_model(path, mlflow_model, location, info, conf, env, self_contained=not lance_uri)
 
 
@@ -972,13 +979,13 @@ def _load_from_local(
             )
         script = modeldir.read(local_path, conf["torchscript"], limit=modeldir.MAX_ARCHITECTURE)
         with _reaching(local_path, uri, version):
-            state_dict = store.load_state_dict(uri, version, storage_options=opts, verify=verify)
+            state_dict = store.read_state_dict(uri, version, storage_options=opts, verify=verify)
         return _load_program(script, state_dict, device).eval()
     if "exported_program" in conf:  # JSON and raw bytes: loads with pickle refused (checked, untrusted)
         where = os.path.join(local_path, conf["exported_program"])
         data = modeldir.read(local_path, conf["exported_program"], limit=modeldir.MAX_ARCHITECTURE)
         with _reaching(local_path, uri, version):
-            state_dict = store.load_state_dict(uri, version, map_location=device, storage_options=opts, verify=verify)
+            state_dict = store.read_state_dict(uri, version, map_location=device, storage_options=opts, verify=verify)
         return program.load(data, where, state_dict, device, untrusted=trusted_only, strict=strict)
     if "model_factory" in conf:
         with _reaching(local_path, uri, version):
@@ -990,7 +997,7 @@ def _load_from_local(
     ties = tie_groups(module)
     prefix = conf.get("state_prefix")  # a checkpoint: the model's tensors only
     with _reaching(local_path, uri, version):
-        state_dict = store.load_state_dict(
+        state_dict = store.read_state_dict(
             uri, version, map_location=device, storage_options=opts, verify=verify, names=prefix
         )
     if prefix:
@@ -1118,7 +1125,7 @@ def model_state_dict(
         if version is not None:
             raise ValueError(f"{uri} names one model version; do not pass version= as well")
         dataset, version = model
-        return store.load_state_dict(
+        return store.read_state_dict(
             dataset,
             version,
             map_location=map_location,

@@ -579,7 +579,7 @@ def gc_dataset(
     pinned, unpinned = ([], list(p.stale)) if dry_run else apply_pins(p, refs, opts)
     policy = keep_last is not None or older_than is not None
     pool = set(p.versions) if policy else p.from_mlflow
-    report = store.gc(
+    report = store.prune(
         uri,
         keep_last=keep_last,
         older_than=older_than,
@@ -664,7 +664,7 @@ def gc(
         uri = os.fspath(target)
         opts = options(uri, storage_options)
         if not is_tracking_uri_set() and not is_managed(uri, opts):  # the cheap check first
-            r = store.gc(
+            r = store.prune(
                 uri,
                 keep_last=keep_last,
                 older_than=older_than,

@@ -91,7 +91,7 @@ def load_state_dict(
 
         version = sidecar.version_for_run(uri, run_id, opts, step=step, model_id=model_id)
     try:
-        return store.load_state_dict(
+        return store.read_state_dict(
             uri, version, map_location=map_location, names=names, storage_options=opts, verify=verify
         )
     except FileNotFoundError:
@@ -105,6 +105,6 @@ def load_state_dict(
         if pointer is None:
             raise
     dataset, version = pointer
-    return store.load_state_dict(
+    return store.read_state_dict(
         dataset, version, map_location=map_location, names=names, storage_options=options(dataset), verify=verify
     )

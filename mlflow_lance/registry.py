@@ -101,9 +101,18 @@ def limits() -> Limits:
         return Limits(*[FALLBACK_LIMIT] * 6)
 
 
-def _fitting(tags: Mapping[str, str], limit: int, where: str) -> dict[str, str]:
-    """The tags whose values MLflow can store; one that is too long is left out with a warning
-    (cut, a URI would name another dataset)."""
+def _limit(text_length: int, which: str) -> int:
+    """MLflow's limit ``which`` (a ``Limits`` field) for a text of ``text_length`` characters.
+    Texts no longer than every column mlflow-lance writes to (the usual case) never read the
+    schema, whose import costs 0.2-0.5 s in a process's first log_model."""
+    return FALLBACK_LIMIT if text_length <= FALLBACK_LIMIT else getattr(limits(), which)
+
+
+def _fitting(tags: Mapping[str, str], which: str, where: str) -> dict[str, str]:
+    """The tags whose values MLflow can store (``which``: the ``Limits`` field that bounds
+    them); one that is too long is left out with a warning (cut, a URI would name another
+    dataset)."""
+    limit = _limit(max(map(len, tags.values()), default=0), which)
     too_long = sorted(k for k, v in tags.items() if len(v) > limit)
     if too_long:
         _logger.warning(
@@ -115,7 +124,9 @@ def _fitting(tags: Mapping[str, str], limit: int, where: str) -> dict[str, str]:
     return {k: v for k, v in tags.items() if k not in too_long}
 
 
-def _clip(text: str, limit: int) -> str:
+def _clip(text: str, which: str) -> str:
+    """``text`` cut to MLflow's limit ``which`` (a ``Limits`` field)."""
+    limit = _limit(len(text), which)
     return text if len(text) <= limit else text[: limit - 1] + "\N{HORIZONTAL ELLIPSIS}"
 
 
@@ -178,7 +189,7 @@ def _describe(conf: Mapping) -> str:
         + (f", parent version {parent}" if parent else " (first version)")
         + f". {conf.get('tensors_changed', '?')} of {conf.get('tensors', '?')} tensors changed; "
         f"{written:,} bytes written for {total:,} bytes of weights ({written / total:.1%}).",
-        limits().model_version_description,
+        "model_version_description",
     )
 
 
@@ -202,7 +213,7 @@ def _present_version(
     """
     have = (current.tags or {}) if current is not None else {}
     wrote = False
-    tags = _fitting(lance_tags(conf), limits().model_version_tag, f"model version {version} of {name!r}")
+    tags = _fitting(lance_tags(conf), "model_version_tag", f"model version {version} of {name!r}")
     for key, value in tags.items():
         if have.get(key) == value:
             continue
@@ -238,7 +249,7 @@ def after_log(
         _pin(uri, sidecar.model_version_pin(binding, mv), version, opts)
     tags = lance_tags(conf)
     if model_info.run_id:
-        run_tags = _fitting(tags, limits().run_tag, f"run {model_info.run_id}")
+        run_tags = _fitting(tags, "run_tag", f"run {model_info.run_id}")
         _for_the_ui(
             f"tagging run {model_info.run_id}",
             client.log_batch,
@@ -246,7 +257,7 @@ def after_log(
             tags=[RunTag(k, v) for k, v in run_tags.items()],
         )
     if model_info.model_id:
-        model_tags = _fitting(tags, limits().logged_model_tag, f"logged model {model_info.model_id}")
+        model_tags = _fitting(tags, "logged_model_tag", f"logged model {model_info.model_id}")
         _for_the_ui(
             f"tagging logged model {model_info.model_id}",
             client.set_logged_model_tags,
@@ -347,7 +358,7 @@ def register_model(model_uri: str, name: str, **kwargs: Any) -> ModelVersion:
 
 def _bind_dataset(client: MlflowClient, name: str, uri: str) -> None:
     """Bind registered model ``name`` to dataset ``uri`` (where its later versions are logged)."""
-    for key, value in _fitting({DATASET_TAG: uri}, limits().registered_model_tag, f"registered model {name!r}").items():
+    for key, value in _fitting({DATASET_TAG: uri}, "registered_model_tag", f"registered model {name!r}").items():
         lifecycle.racing_set(
             lambda: client.set_registered_model_tag(name, key, value),
             lambda: (client.get_registered_model(name).tags or {}).get(key),
@@ -414,17 +425,18 @@ def write_history(
         "|---|---|---|---|---|---|---|",
     ]
     own = (registered.description or "").split(HISTORY_MARKER)[0].rstrip()
-    description = _history_description(own, head, rows, limits().registered_model_description)
+    description = _history_description(own, head, rows)
     if description != (registered.description or ""):
         client.update_registered_model(name, description=description)
 
 
-def _history_description(own: str, head: list[str], rows: list[str], limit: int) -> str:
-    """``own`` text, then the table ``head`` with the first ``rows`` that fit in ``limit``
-    characters and a line counting the rest; ``own`` alone where not even the head and that
-    line fit."""
+def _history_description(own: str, head: list[str], rows: list[str]) -> str:
+    """``own`` text, then the table ``head`` with the first ``rows`` that fit in MLflow's limit
+    for a registered model's description and a line counting the rest; ``own`` alone where
+    not even the head and that line fit."""
     prefix = f"{own}\n\n" if own else ""
     whole = prefix + "\n".join([*head, *rows])
+    limit = _limit(len(whole), "registered_model_description")
     if len(whole) <= limit:
         return whole
     budget = limit - len(prefix) - len(_not_shown(len(rows)))  # the longest count line

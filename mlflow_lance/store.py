@@ -88,10 +88,10 @@ __all__ = [
     "VersionNotFoundError",
     "WeightsError",
     "diff",
-    "gc",
     "latest_version",
     "load_into",
-    "load_state_dict",
+    "prune",
+    "read_state_dict",
     "reindex",
     "resolve_version",
     "save_state_dict",
@@ -219,7 +219,7 @@ def save_state_dict(
 
 
 @no_cyclic_gc()
-def load_state_dict(
+def read_state_dict(
     uri: str | os.PathLike | Dataset,
     version: Version | None = None,
     *,
@@ -571,7 +571,7 @@ def version_properties(
     return dict(commit_summary(ds.uri, ds.version, props)["properties"])
 
 
-def gc(
+def prune(
     uri: str | os.PathLike | Dataset,
     *,
     keep_last: int | None = None,
@@ -595,8 +595,8 @@ def gc(
     what would go and deletes nothing. The report says why each version kept stays
     (``GcReport.kept``).
 
-    This is the store's gc, which knows nothing of MLflow; ``mlflow_lance.gc`` asks MLflow
-    what it still references before calling it.
+    This is gc without MLflow (it knows nothing of runs or model versions);
+    ``mlflow_lance.gc`` asks MLflow what it still references, then calls this.
     """
     dataset = Dataset.of(uri, storage_options)
     doomed, kept = cleanup.choose_versions(dataset.lance, keep_last, older_than, grace, candidates, ignore_tags)

@@ -99,7 +99,7 @@ def test_1_gc_through_a_data_dir_linked_to_another_dataset_deletes_nothing_there
     assert "not a directory" in capsys.readouterr().err
     untouched(victim)
     with pytest.raises(ml.CorruptionError, match="not a directory"):
-        store.gc(shared, keep_last=1, grace=timedelta(0))
+        store.prune(shared, keep_last=1, grace=timedelta(0))
     untouched(victim)
     record("r2-1 gc outside", "refused", 2)
 
@@ -150,7 +150,7 @@ def test_1_a_link_swapped_in_while_gc_runs_is_never_followed(tmp_path, victim, m
         return out
 
     monkeypatch.setattr(cleanup, "_tracked", swap_then_track)
-    report = store.gc(shared, keep_last=1, grace=timedelta(0))
+    report = store.prune(shared, keep_last=1, grace=timedelta(0))
     untouched(victim)
     assert report.removed_versions == [1] and report.orphan_files == 1
     assert not (shared / "data.moved" / orphan.name).exists()  # deleted where it was, inside the dataset
@@ -194,7 +194,7 @@ def test_1_a_manifest_naming_files_outside_makes_gc_delete_nothing_there(tmp_pat
     )
     lance.LanceDataset.commit(str(shared), txn)  # the crafted version 3 is now an old one
     age(shared)
-    report = store.gc(shared, keep_last=1, grace=timedelta(0))
+    report = store.prune(shared, keep_last=1, grace=timedelta(0))
     assert 3 in report.removed_versions
     untouched(victim)
     assert loads(shared, sd)
@@ -207,7 +207,7 @@ def test_1_gc_of_a_hard_linked_orphan_removes_only_the_datasets_name(tmp_path, v
     target = next((victim[0] / "data").glob("*.lance"))
     os.link(target, shared / "data" / "planted.lance")
     age(shared)
-    report = store.gc(shared, keep_last=1, grace=timedelta(0))
+    report = store.prune(shared, keep_last=1, grace=timedelta(0))
     assert report.orphan_files == 1 and not (shared / "data" / "planted.lance").exists()
     untouched(victim)
     assert loads(shared, sd)

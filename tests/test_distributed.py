@@ -91,7 +91,7 @@ def test_fsdp_saved_at_2_and_4_loads_at_4_2_and_1_and_resumes_bit_identically(tm
     assert at2["loaded"] == [] and at2["resumed"] == []
 
     reference = torch.load(tmp_path / "reference.pt", weights_only=True)
-    whole = store.load_state_dict(uri, at4["resaved"])  # one process, no process group
+    whole = store.read_state_dict(uri, at4["resaved"])  # one process, no process group
     assert whole["step"] == W.STEPS_BEFORE
     assert set(whole["model"]) == set(reference["model"])
     for k, v in reference["model"].items():
@@ -128,12 +128,12 @@ def test_ddp_writes_replicated_tensors_once_and_tp_shards_load_back(tmp_path):
     assert got["second_written"] <= single.bytes_written, (got, single)  # no more than one process
     assert data == got["first_written"] + got["second_written"]
     expected = torch.load(tmp_path / "ddp.pt", weights_only=True)
-    loaded = store.load_state_dict(ddp_uri)
+    loaded = store.read_state_dict(ddp_uri)
     assert list(loaded) == list(expected) and all(raw(loaded[k]) == raw(v) for k, v in expected.items())
 
     assert got["tp_reloaded"] == [] and got["lonely_version"] == 1
     expected_tp = torch.load(tmp_path / "tp.pt", weights_only=True)
-    whole = store.load_state_dict(tp_uri, got["tp_version"])  # row- and column-wise shards, whole
+    whole = store.read_state_dict(tp_uri, got["tp_version"])  # row- and column-wise shards, whole
     assert all(raw(whole[k]) == raw(v) for k, v in expected_tp.items())
 
 
@@ -149,7 +149,7 @@ def test_fsdp_over_tensor_parallel_loads_back_in_2d_in_fsdp_alone_and_whole(tmp_
     assert got["2d"] == [] and got["fsdp"] == [], got
     assert got["one_failed"].startswith("RuntimeError: loading the sharded state failed on rank 1 (VersionNotFound")
     expected = torch.load(tmp_path / "two_d.pt", weights_only=True)
-    whole = W.flat_tensors(store.load_state_dict(uri, got["version"]))
+    whole = W.flat_tensors(store.read_state_dict(uri, got["version"]))
     assert sorted(whole) == sorted(expected) and all(raw(whole[k]) == raw(v) for k, v in expected.items())
 
 
@@ -175,11 +175,11 @@ def test_a_rank_killed_mid_save_leaves_no_version_and_gc_reclaims_its_files(tmp_
     survivor = _read(tmp_path, f"killed{1 - victim}.json")["outcome"]
     assert survivor != "committed" and ("RuntimeError" in survivor or "Connection" in survivor), survivor
     assert [v.version for v in store.versions(uri)] == [1]
-    loaded = store.load_state_dict(uri)
+    loaded = store.read_state_dict(uri)
     assert all(raw(loaded[k]) == raw(v) for k, v in model.state_dict().items())
     orphans = {f.name for f in (tmp_path / "ckpt.lance" / "data").iterdir()} - before
     assert orphans if point == "write_units" else True  # the victim's files are down, no version names them
-    report = store.gc(uri, keep_last=1, grace=timedelta(0))
+    report = store.prune(uri, keep_last=1, grace=timedelta(0))
     after = {f.name for f in (tmp_path / "ckpt.lance" / "data").iterdir()}
     assert after == before, (report, sorted(after - before))
     info = store.save_state_dict(W.Tiny().state_dict(), uri)  # the next save works
@@ -268,7 +268,7 @@ def test_ranks_put_their_shards_to_s3_and_one_commit_makes_the_version(tmp_path,
     )
     assert len(listed["Contents"]) >= 2 * 2  # each rank PUT its own file(s), twice
     reference = torch.load(tmp_path / "s3.pt", weights_only=True)
-    whole = store.load_state_dict(uri, storage_options=opts)  # one process: the whole tensors
+    whole = store.read_state_dict(uri, storage_options=opts)  # one process: the whole tensors
     assert all(raw(whole["model"][k]) == raw(v) for k, v in reference["model"].items())
 
 

@@ -32,7 +32,7 @@ STEPS = [
     (MlflowClient, "get_logged_model"),
     (MlflowClient, "search_model_versions"),
     (lifecycle, "apply_pins"),
-    (store, "gc"),
+    (store, "prune"),
     (cleanup, "_tracked"),
 ]
 
@@ -209,7 +209,7 @@ def test_a_version_gc_removes_under_a_listing_is_gone_not_damaged(tmp_path, monk
     def listing_then_gc(ds):
         listed = real(ds)
         monkeypatch.setattr(store, "version_list", real)
-        assert store.gc(uri, keep_last=1, grace=NOW).removed_versions == [1, 2]  # the gc beside
+        assert store.prune(uri, keep_last=1, grace=NOW).removed_versions == [1, 2]  # the gc beside
         return listed
 
     monkeypatch.setattr(store, "version_list", listing_then_gc)

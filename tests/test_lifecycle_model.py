@@ -387,7 +387,7 @@ class World:
     def _loads(self, m: Logged, what: str) -> None:
         self.checked += 1
         try:
-            assert_equal(model_part(store.load_state_dict(m.uri, m.version), m), m.weights, what)
+            assert_equal(model_part(store.read_state_dict(m.uri, m.version), m), m.weights, what)
         except (AssertionError, ml.WeightsError) as err:
             self.lost.append(f"{what}: {err}"[:300])
 

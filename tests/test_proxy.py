@@ -248,7 +248,7 @@ def test_a_writer_killed_mid_upload_or_after_its_claim_blocks_nothing(client, tm
 
     # gc reclaims what the killed writers left: staged copies, unnamed data files
     before = client["bytes"]()
-    report = store.gc(uri, keep_last=1, grace=timedelta(0))
+    report = store.prune(uri, keep_last=1, grace=timedelta(0))
     assert report.orphan_files >= 1 or report.removed_versions
     assert client["bytes"]() < before
     leftovers = transport.locate(uri)

@@ -93,7 +93,7 @@ def reads(w: dict, tmp_path: Path) -> dict:
         "read_checkpoint": lambda: read_checkpoint(w["ckpt"].model_uri),
         "gc dry run": lambda: ml.gc(uri, grace=timedelta(0), dry_run=True),
         "gc --all dry run": lambda: ml.gc(all=True, grace=timedelta(0), keep_last=1, dry_run=True),
-        "store gc dry run": lambda: store.gc(uri, keep_last=1, grace=timedelta(0), dry_run=True),
+        "store gc dry run": lambda: store.prune(uri, keep_last=1, grace=timedelta(0), dry_run=True),
         "plan": lambda: lifecycle.survey(uri, lifecycle.References()),
         "cli versions": lambda: cli(["versions", uri]) == 0 or 1 / 0,
         "cli diff": lambda: cli(["diff", uri, "1"]) == 0 or 1 / 0,

@@ -265,14 +265,14 @@ def test_gc_keeps_tagged_latest_and_recent_versions(uri):
         ml.save_state_dict({"w": torch.full((1000,), float(i)), "same": torch.ones(10)}, uri)
     ml.tag(uri, "keep", 2)
     with pytest.raises(ValueError, match="keep_last"):
-        store.gc(uri)
-    assert store.gc(uri, older_than=timedelta(hours=1), grace=timedelta(0)).removed_versions == []
-    assert store.gc(uri, keep_last=2).removed_versions == []  # all superseded within the grace period
-    report = store.gc(uri, keep_last=2, grace=timedelta(0))
+        store.prune(uri)
+    assert store.prune(uri, older_than=timedelta(hours=1), grace=timedelta(0)).removed_versions == []
+    assert store.prune(uri, keep_last=2).removed_versions == []  # all superseded within the grace period
+    report = store.prune(uri, keep_last=2, grace=timedelta(0))
     assert report.removed_versions == [1, 3] and report.kept_tagged == [2] and report.bytes_removed > 0
     assert report.kept == {2: ["tag:keep"], 4: ["keep_last"], 5: ["latest"]}
     ml.save_state_dict({"w": torch.zeros(3)}, uri)
-    why = store.gc(uri, keep_last=1, older_than=timedelta(hours=1), candidates=[2, 5], dry_run=True).kept
+    why = store.prune(uri, keep_last=1, older_than=timedelta(hours=1), candidates=[2, 5], dry_run=True).kept
     assert why == {  # every reason that holds, each version
         2: ["tag:keep", "older_than", "grace"],  # superseded by 4 (3 is gone) a moment ago
         4: ["not_a_candidate", "older_than", "grace"],
