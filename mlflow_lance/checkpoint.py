@@ -413,7 +413,14 @@ def _stage(
 ) -> Staged:
     """Everything a checkpoint holds, on the CPU (copied when ``clone``: training may go on)."""
     copy = _copier(clone)
-    state_dict = {k: copy(v) for k, v in model.state_dict(keep_vars=True).items()}  # tied: one object
+    model_state = model.state_dict(keep_vars=True)
+    if not tree.is_flat(model_state):
+        raise TypeError(
+            f"log_checkpoint takes models whose state dict holds dense tensors only; {type(model).__name__}'s "
+            f"holds packed, quantized or sparse entries (a torch.ao quantized model?). Log it with "
+            f"log_model() or its state dict with log_state_dict()."
+        )
+    state_dict = {k: copy(v) for k, v in model_state.items()}  # tied: one object
     rest: dict[str, Any] = {
         "step": int(step),
         "metrics": dict(metrics or {}),

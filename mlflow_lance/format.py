@@ -35,7 +35,9 @@ FORMAT_KEY = "mlflow_lance.format"  # schema metadata: the format a dataset was 
 COMPRESSION_KEY = "mlflow_lance.compression"  # schema metadata: the payload codec, or "none"
 PROP = "mlflow_lance."  # prefix of our commit (transaction) properties
 STORAGE_VERSION = "2.0"  # Lance file format whose blob payloads sit contiguous in the data file
-COMPRESSIONS = ("zstd",)
+#: "zstd": every payload one zstd frame; "auto": each payload the smallest of encodings.py's
+#: full encodings (byte-grouped zstd) or a zstd frame, told apart by their magic numbers.
+COMPRESSIONS = ("zstd", "auto")
 MAX_DIMS = 64
 MAX_PROPERTY_BYTES = 16 << 20  # a commit property larger than this is malformed
 #: A zstd chunk may claim at most this many times its stored bytes (env MLFLOW_LANCE_MAX_ZSTD_RATIO
@@ -102,8 +104,9 @@ class Entry:
 def schema(compression: str | None) -> pa.Schema:
     """Schema of a new dataset. ``data`` is a blob column: each payload is stored contiguous.
 
-    Compression is ours, per payload (zstd), recorded in the schema: Lance's own encodings
-    leave one-value pages uncompressed, and our layout has one value per data file.
+    Compression is ours, per payload (zstd, or with "auto" an encodings.py blob), recorded in
+    the schema: Lance's own encodings leave one-value pages uncompressed, and our layout has
+    one value per data file.
     """
     if compression is not None and compression not in COMPRESSIONS:
         raise ValueError(f"compression must be None or one of {COMPRESSIONS}, got {compression!r}")

@@ -39,6 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import compat
 from .errors import CorruptionError, WeightsError
 from .tensors import DTYPES, dtype_from_name, dtype_name, stored_nbytes, tensor_bytes
 
@@ -230,15 +231,15 @@ def dump(program: Any, state_names: Sequence[str]) -> bytes:
             object), a tensor of a dtype Lance does not store, or its state differs from
             ``state_names``.
     """
-    from torch._export.serde.serialize import serialize
-
     state = program.state_dict
     if set(state) != set(state_names):
         raise ValueError(
             f"the exported program's state ({sorted(set(state) ^ set(state_names))[:5]} differ) is not the "
             f"model's state dict"
         )
-    artifact = serialize(program, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False)
+    artifact = compat.resolve("serialize")(
+        program, serialize_state_dict=False, serialize_constants=False, serialize_example_inputs=False
+    )
     devices = {t.device.type for t in state.values()}
     meta: dict[str, Any] = {
         "format": _FORMAT,
@@ -298,8 +299,6 @@ def load(
             other than torch's operators and shape arithmetic; nothing of it ran.
         WeightsError: the weights do not match the program's state.
     """
-    from torch._export.serde.serialize import SerializedArtifact, deserialize
-
     meta, program, constants = _read(data, where)
     names = [*meta["parameters"], *meta["buffers"]]
     missing = [n for n in names if n not in weights]
@@ -320,9 +319,10 @@ def load(
             t = made[id(weights[name])]
         state[name] = t
     try:
-        ep = deserialize(
-            SerializedArtifact(program, state, {k: v.to(device) for k, v in constants.items()}, b"")  # type: ignore[arg-type]
+        artifact = compat.resolve("SerializedArtifact")(
+            program, state, {k: v.to(device) for k, v in constants.items()}, b""
         )
+        ep = compat.resolve("deserialize")(artifact)
         if torch.device(meta["device"]).type != device.type:
             from torch.export.passes import move_to_device_pass
 
@@ -471,17 +471,14 @@ def _check_target(target: str, refuse: Any) -> None:
     if not ok:
         raise refuse(f"call target {target[:100]!r}")
     if parts[0] == "torch" and parts[1] == "ops":
-        import torch._ops
-
         resolved: Any = torch.ops
         for p in parts[2:]:
             try:
                 resolved = getattr(resolved, p)
             except (AttributeError, RuntimeError):
                 raise refuse(f"call target {target[:100]!r}, which is no operator this torch has") from None
-        if not isinstance(
-            resolved, (torch._ops.OpOverload, torch._ops.OpOverloadPacket, torch._ops.HigherOrderOperator)
-        ):
+        operators = tuple(compat.resolve(n) for n in ("OpOverload", "OpOverloadPacket", "HigherOrderOperator"))
+        if not isinstance(resolved, operators):
             raise refuse(f"call target {target[:100]!r}, which is not an operator")
 
 

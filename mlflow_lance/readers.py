@@ -39,7 +39,7 @@ import numpy as np
 import torch
 import zstandard
 
-from . import decoder, index
+from . import decoder, encodings, index
 from .dataset import (
     Dataset,
     check_format,
@@ -435,10 +435,13 @@ class VersionReader:
                 self._check_frame(row)
 
     def _check_frame(self, row: Row) -> None:
-        head = torch.empty(min(row.stored, _ZSTD_HEADER), dtype=torch.uint8)
+        head = torch.empty(min(row.stored, max(_ZSTD_HEADER, encodings.HEADER.size)), dtype=torch.uint8)
         self._read_stored(row, head, whole=False)
+        if self.codec == "auto" and bytes(head[:3].numpy()) == encodings.MAGIC:
+            self._check_encoded(row, memoryview(head.numpy()))
+            return
         try:
-            size = zstandard.frame_content_size(memoryview(head.numpy()))
+            size = zstandard.frame_content_size(memoryview(head[:_ZSTD_HEADER].numpy()))
             what = f"a zstd frame of {size} bytes" if size >= 0 else "a zstd frame of unknown size"
         except zstandard.ZstdError:
             size, what = None, "not a zstd frame"
@@ -446,6 +449,21 @@ class VersionReader:
             raise CorruptionError(
                 f"chunk {row.chunk} at {self.file_of(row)} is {what}, but its tensor "
                 f"records {row.size} bytes; run verify() on {self.uri}"
+            )
+
+    def _check_encoded(self, row: Row, blob: memoryview, *, whole: bool = False) -> None:
+        """An encoded chunk (``compression="auto"``): its header (the whole blob's with
+        ``whole``) agrees with the chunk, and it needs no parent (this release writes none)."""
+        try:
+            header = encodings.read_header(blob, row.size, total=None if whole else row.stored)
+        except CorruptionError as err:
+            raise CorruptionError(
+                f"chunk {row.chunk} at {self.file_of(row)}: {err}; run verify() on {self.uri}"
+            ) from None
+        if header.encoding == encodings.XOR:
+            raise CorruptionError(
+                f"chunk {row.chunk} at {self.file_of(row)} is a delta against an earlier version, which this "
+                f"mlflow-lance does not read; upgrade mlflow-lance"
             )
 
     def mapped(self, row: Row, dtype: torch.dtype, shape: list[int]) -> torch.Tensor | None:
@@ -456,9 +474,13 @@ class VersionReader:
     def read_many(self, jobs: list[tuple[Row, torch.Tensor]]) -> None:
         """Fill each flat, contiguous uint8 CPU tensor with its chunk's bytes (several threads
         where the source allows: page-cache copies and GETs both gain from them)."""
-        if self.codec:
-            for row, dst in jobs:
-                self._decompress(row, dst)
+        if self.codec:  # a chunk per task: zstd and numpy let go of the GIL while they decode
+            if len(jobs) > 1 and THREADS > 1 and self.source.parallel():
+                with ThreadPoolExecutor(THREADS) as pool:
+                    list(pool.map(lambda job: self._decompress(*job), jobs))
+            else:
+                for row, dst in jobs:
+                    self._decompress(row, dst)
             return
         if not self.source.parallel():
             for row, dst in jobs:
@@ -515,8 +537,27 @@ class VersionReader:
             )
 
     def _decompress(self, row: Row, dst: torch.Tensor) -> None:
-        packed = torch.empty(row.stored, dtype=torch.uint8)
-        self._read_stored(row, packed)
+        """Decode a compressed chunk into ``dst``. Its stored bytes are a view of the data
+        file's mapping where there is one (see ``mmap_enabled``), so that decoding allocates
+        little beside the tensor; else they are read into fresh memory first."""
+        packed = (
+            self.source.mapped(row._replace(size=row.stored), torch.uint8, [row.stored])
+            if row.stored and mmap_enabled()
+            else None
+        )
+        if packed is None:
+            packed = torch.empty(row.stored, dtype=torch.uint8)
+            self._read_stored(row, packed)
+        if self.codec == "auto" and bytes(packed[:3].numpy()) == encodings.MAGIC:
+            blob = memoryview(packed.numpy())
+            self._check_encoded(row, blob, whole=True)
+            try:
+                encodings.decode(blob, dst.numpy())
+            except CorruptionError as err:
+                raise CorruptionError(
+                    f"chunk {row.chunk} at {self.file_of(row)} does not decode ({err}); run verify() on {self.uri}"
+                ) from None
+            return
         try:
             raw = zstandard.ZstdDecompressor().decompress(memoryview(packed.numpy()), max_output_size=row.size)
         except zstandard.ZstdError as err:

@@ -6,6 +6,19 @@ architecture, not on the weights. Tensors outside the state dict (non-persistent
 as causal masks) keep their values. Ties survive: a Parameter shared by two modules is one
 pickled object.
 
+Two kinds of module need more than that. torch.ao's quantized modules keep their weights
+packed (a ``ScriptObject``) and hand out a fresh quantized tensor on every unpack, which no
+state-dict tensor is: every quantized tensor the pickler meets becomes a zero placeholder of
+its shape, dtype and scheme (so a quantized tensor outside the state dict would not keep its
+values; torch.ao's modules have none), and their other state-dict tensors (biases) zeros
+rather than meta tensors, which packing refuses; the state dict's load repacks over them.
+They are pickled by their attributes, as other modules are, not by the ``__getstate__`` of
+their own, which drops ``Module``'s. Modules with ``torch.nn.utils.parametrize``
+parametrizations (``weight_norm``, ``orthogonal``, ``spectral_norm``, a user's own) are
+instances of a class torch makes on the fly and refuses to pickle; they are pickled as their
+own class and made parametrized again when unpickled, their parametrizations (with spectral
+norm's ``u``/``v`` buffers, which are state-dict tensors) pickled like any submodule.
+
 The factory is a ``"package.module:callable"`` plus JSON-serialisable keyword arguments that
 build the module; nothing is unpickled on load. When pickle is refused, the model directory
 is untrusted, so the factory it names must be vouched for by the installed environment
@@ -30,6 +43,9 @@ from collections.abc import Callable, Mapping
 
 import cloudpickle
 import torch
+from torch.nn.utils import parametrize
+
+from . import compat
 
 SKELETON_FILE = "skeleton.pkl"
 FACTORY_GROUP = "mlflow_lance.factories"
@@ -40,20 +56,79 @@ def _meta_tensor(shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device="meta")
 
 
+def _zeros(shape: tuple, dtype: torch.dtype, requires_grad: bool | None) -> torch.Tensor:
+    """A tensor of zeros (a Parameter unless ``requires_grad`` is None)."""
+    t = torch.zeros(shape, dtype=dtype)
+    return t if requires_grad is None else torch.nn.Parameter(t, requires_grad=requires_grad)
+
+
+def _zero_quantized(shape: tuple, dtype: torch.dtype, axis: int | None) -> torch.Tensor:
+    """A quantized tensor of zeros (scale 1, zero point 0; per channel along ``axis``)."""
+    values = torch.zeros(shape, dtype={torch.qint8: torch.int8, torch.quint8: torch.uint8}.get(dtype, torch.int32))
+    if axis is None:
+        return compat._make_per_tensor_quantized_tensor(values, 1.0, 0)
+    channels = shape[axis]
+    scales, zero_points = torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.int64)
+    return compat._make_per_channel_quantized_tensor(values, scales, zero_points, axis)
+
+
+def _quantized_placeholder(t: torch.Tensor) -> tuple:
+    per_channel = t.qscheme() in (torch.per_channel_affine, torch.per_channel_affine_float_qparams)
+    return _zero_quantized, (tuple(t.shape), t.dtype, t.q_per_channel_axis() if per_channel else None)
+
+
+def _parametrized_base(cls: type) -> type | None:
+    """The module's own class of an instance ``torch.nn.utils.parametrize`` gave a class of
+    its own (``Parametrized<Class>``, which refuses to pickle), else None."""
+    base = cls.__bases__[0] if len(cls.__bases__) == 1 else None
+    made = base is not None and cls.__name__ == f"Parametrized{base.__name__}" and "__getstate__" in vars(cls)
+    return base if made and cls.__module__ == parametrize.__name__ else None
+
+
+def _set_module_state(module: torch.nn.Module, state: dict) -> None:
+    """Give an unpickled module its attributes as ``torch.nn.Module`` does, whatever
+    ``__setstate__`` its class has (torch.ao's quantized convolutions take a tuple of their own)."""
+    torch.nn.Module.__setstate__(module, state)
+
+
+def _set_parametrized_state(module: torch.nn.Module, state: dict) -> None:
+    """Give an unpickled module its attributes, then make it parametrized again as
+    ``register_parametrization`` did: its class of its own, a property per parametrized name."""
+    _set_module_state(module, state)
+    parametrize._inject_new_class(module)
+    for name in module.parametrizations:
+        parametrize._inject_property(module, name)
+
+
 def _meta_parameter(shape: tuple, dtype: torch.dtype, requires_grad: bool) -> torch.nn.Parameter:
     return torch.nn.Parameter(_meta_tensor(shape, dtype), requires_grad=requires_grad)
 
 
 class _SkeletonPickler(cloudpickle.Pickler):
-    def __init__(self, file, weights: set[int]):
+    def __init__(self, file, weights: set[int], packed: set[int]):
         super().__init__(file)
         self._weights = weights
+        self._packed = packed  # of quantized modules: their packing takes no meta tensor
 
     def reducer_override(self, obj):
+        if isinstance(obj, torch.Tensor) and obj.is_quantized:
+            return _quantized_placeholder(obj)
+        if isinstance(obj, torch.Tensor) and id(obj) in self._packed:
+            return _zeros, (
+                tuple(obj.shape),
+                obj.dtype,
+                obj.requires_grad if isinstance(obj, torch.nn.Parameter) else None,
+            )
         if isinstance(obj, torch.Tensor) and id(obj) in self._weights:  # a DTensor's shape is the global one
             if isinstance(obj, torch.nn.Parameter):
                 return _meta_parameter, (tuple(obj.shape), obj.dtype, obj.requires_grad)
             return _meta_tensor, (tuple(obj.shape), obj.dtype)
+        if isinstance(obj, torch.nn.Module) and (base := _parametrized_base(type(obj))) is not None:
+            state = _without_distributed_hooks(obj.__dict__)
+            return _new_module, (base,), obj.__dict__ if state is None else state, None, None, _set_parametrized_state
+        if isinstance(obj, torch.nn.Module) and _is_quantized_module(obj):  # its __getstate__ drops Module's own
+            state = _without_distributed_hooks(obj.__dict__)
+            return _new_module, (type(obj),), obj.__dict__ if state is None else state, None, None, _set_module_state
         if isinstance(obj, torch.nn.Module):
             plain, state = _unsharded_class(type(obj)), _without_distributed_hooks(obj.__dict__)
             if plain is not None or state is not None:
@@ -104,10 +179,30 @@ def _new_module(cls: type) -> torch.nn.Module:
 
 def dump_skeleton(module: torch.nn.Module) -> bytes:
     """The module pickled without the bytes of its state dict's tensors."""
-    weights = {id(t) for t in module.state_dict(keep_vars=True).values()}
+    state = module.state_dict(keep_vars=True)  # alive while pickling: the ids stay its tensors'
+    weights = {id(t) for t in _tensors(list(state.values()))}
+    quantized = [f"{name}." if name else "" for name, m in module.named_modules() if _is_quantized_module(m)]
+    packed = {id(t) for k, v in state.items() if any(k.startswith(p) for p in quantized) for t in _tensors([v])}
     buf = io.BytesIO()
-    _SkeletonPickler(buf, weights).dump(module)
+    _SkeletonPickler(buf, weights, packed).dump(module)
     return buf.getvalue()
+
+
+def _is_quantized_module(module: torch.nn.Module) -> bool:
+    """A torch.ao quantized module, whose weights are packed for its kernels."""
+    return type(module).__module__.startswith(("torch.ao.nn.quantized.", "torch.ao.nn.intrinsic.quantized."))
+
+
+def _tensors(values: list) -> list[torch.Tensor]:
+    """The tensors among ``values`` and inside their tuples and lists (quantized modules'
+    packed parameters are a (weight, bias) tuple in the state dict)."""
+    out = []
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            out.append(v)
+        elif isinstance(v, (tuple, list)):
+            out.extend(_tensors(list(v)))
+    return out
 
 
 def pickle_allowed(allow_pickle: bool | None) -> bool:

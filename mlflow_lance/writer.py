@@ -36,7 +36,7 @@ import pyarrow as pa
 import torch
 import zstandard
 
-from . import fs, index, tree
+from . import encodings, fs, index, tree
 from .dataset import (
     Dataset,
     fragment_table,
@@ -66,6 +66,7 @@ from .readers import (
 )
 from .tensors import (
     DEFAULT_CHUNK_BYTES,
+    DTYPES,
     META_COLUMNS,  # noqa: F401 (tests use store.META_COLUMNS)
     find_ties,
     no_cyclic_gc,
@@ -458,7 +459,7 @@ def _write_rows(
     """
     if not units:
         return []
-    codec = (schema.metadata or {}).get(COMPRESSION_KEY.encode()) == b"zstd"
+    codec = (schema.metadata or {}).get(COMPRESSION_KEY.encode(), b"none")
     from lance.fragment import write_fragments
 
     calls = _write_calls(units)
@@ -467,8 +468,13 @@ def _write_rows(
     def write(call: list[int], mode: str = "create" if create else "append") -> list[FragmentMetadata]:
         # A compressor per call: one ZstdCompressor used by two threads at once fails.
         compressor = zstandard.ZstdCompressor(level=3)
-        pack = (lambda p: _zstd(p, compressor)) if codec else (lambda p: p)
-        batches = (unit_batch(schema, [(m, pack(p)) for m, p in units[i]]) for i in call)
+
+        def pack(meta: dict, payload: memoryview) -> bytes | memoryview:
+            if codec == b"auto":
+                return _encoded(meta, payload, compressor)
+            return _zstd(payload, compressor) if codec == b"zstd" else payload
+
+        batches = (unit_batch(schema, [(m, pack(m, p)) for m, p in units[i]]) for i in call)
         try:
             frags = write_fragments(
                 pa.RecordBatchReader.from_batches(schema, batches),
@@ -501,6 +507,22 @@ def _write_rows(
         for i, frag in zip(call, frags):
             written[i] = frag
     return written
+
+
+def _encoded(meta: dict, payload: memoryview, compressor: zstandard.ZstdCompressor) -> bytes:
+    """A payload of a ``compression="auto"`` dataset: the encoding ``encodings.choose`` picks
+    for it (byte-grouped zstd, aligned or not; see docs/storage.md), or a zstd frame (``_zstd``)
+    where that picks raw, where the row is not whole elements (a split tensor's chunk), or
+    where the encoding would be more than ``max_zstd_ratio()`` times smaller than the payload.
+    """
+    size = encodings.element_size_of(DTYPES[meta["dtype"]].itemsize)
+    if len(payload) % size == 0:
+        choice = encodings.choose(payload, meta["dtype"], size)
+        if choice.encoding != encodings.RAW:
+            blob = encodings.encode(payload, size, encoding=choice.encoding, flags=choice.flags)
+            if len(payload) <= max_zstd_ratio() * len(blob):
+                return blob
+    return _zstd(payload, compressor)
 
 
 def _zstd(payload: memoryview, compressor: zstandard.ZstdCompressor) -> bytes:

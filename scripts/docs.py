@@ -22,7 +22,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REPORTS = ROOT / "docs" / "reports"
 TEST_REPORTS = ("run.json", "reliability.json", "lifecycle.json", "untrusted.json", "durations.json")
-BENCH_REPORTS = ("checkpoint.json", "store.json", "store_small.json", "mlflow.json", "distributed.json", "proxy.json")
+BENCH_REPORTS = (
+    "checkpoint.json",
+    "store.json",
+    "store_small.json",
+    "mlflow.json",
+    "distributed.json",
+    "proxy.json",
+    "encodings.json",
+)
 
 
 def load(name: str) -> dict | None:
@@ -331,6 +339,16 @@ def performance() -> str:
             "## Through a proxying mlflow server, against mlflow.pytorch",
             "",
             *proxy_section(load("proxy.json")),
+            "## Compression: bytes per version",
+            "",
+            'What `compression="auto"` stores (encodings.py: byte-grouped zstd, chosen per tensor) against '
+            'zstd of the raw bytes (`compression="zstd"`) and ZipNN; the XOR deltas of the series are measured '
+            "by the encodings alone (the store does not write deltas yet: docs/storage.md).",
+            "",
+            *tables_section(
+                load("encodings.json"),
+                "python benchmarks/bench_encodings.py --json benchmarks/results/encodings.json",
+            ),
         ]
     )
 

@@ -47,9 +47,9 @@ def state(seed: int) -> dict[str, torch.Tensor]:
 
 
 def pristine(root: Path) -> dict[str, tuple[Path, list[dict[str, torch.Tensor]]]]:
-    """Two datasets (raw and zstd), each with two versions and a tag; their state dicts."""
+    """Three datasets (raw, zstd and auto), each with two versions and a tag; their state dicts."""
     out = {}
-    for kind, compression in (("raw", None), ("zstd", "zstd")):
+    for kind, compression in (("raw", None), ("zstd", "zstd"), ("auto", "auto")):
         uri = root / f"{kind}.lance"
         sds = [state(1), {**state(1), "bias": torch.arange(8) * 3}]
         for sd in sds:

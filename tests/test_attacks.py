@@ -31,7 +31,7 @@ from corpus import record
 
 import mlflow_lance as ml
 from conftest import in_subprocess
-from mlflow_lance import cleanup, format, store
+from mlflow_lance import cleanup, format, store, tensors
 from mlflow_lance.cli import main as cli
 from mlflow_lance.tensors import hash_bytes
 
@@ -343,7 +343,7 @@ def chunked_index(uri: Path, chunks: int) -> None:
     doc = json.loads(path.read_text())
     first = doc["rows"][0]  # w: 64 x 64 float32 in one 16 KiB row
     size = first[3] // 4
-    n = len(store.META_COLUMNS)
+    n = len(tensors.META_COLUMNS)
     fake = [
         [
             first[0],
@@ -362,7 +362,7 @@ def chunked_index(uri: Path, chunks: int) -> None:
     doc["rows"] = fake + doc["rows"][1:]
     doc["fragments"][0][2] = chunks
     doc["properties"]["mlflow_lance.rows"] = format.rows_digest(
-        dict(zip(store.META_COLUMNS, r[:n])) for r in doc["rows"]
+        dict(zip(tensors.META_COLUMNS, r[:n])) for r in doc["rows"]
     )
     path.write_text(json.dumps(doc))
 

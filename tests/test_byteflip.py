@@ -1,6 +1,6 @@
 """Flipped bytes never abort the process (issue 21, family 3): a seeded byte-flip fuzzer over
-manifests, data files, version indexes, transaction files and tags of real datasets (raw and
-zstd), every read run on each copy, in a child process under a memory cap (``prlimit --as``),
+manifests, data files, version indexes, transaction files and tags of real datasets (raw, zstd
+and auto), every read run on each copy, in a child process under a memory cap (``prlimit --as``),
 so that an abort, a hang or an allocation the files do not hold fails the test instead of
 taking the machine down. Counts come from what was run (tests/byteflip_worker.py)."""
 

@@ -552,14 +552,13 @@ def test_load_into_casts_to_the_modules_dtype(uri):
 
 
 def _bad_inputs():
-    sparse = torch.eye(3).to_sparse()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quant = torch.quantize_per_tensor(torch.ones(3), 0.1, 0, torch.qint8)
+        quant4 = torch.quantize_per_tensor(torch.ones(4), 0.1, 0, torch.quint4x2)
     return [
         ({"w": torch.ones(1), "opt": object()}, TypeError, r"\['opt'\] is a builtins.object.*never pickles"),
-        ({"w": sparse}, TypeError, "'w' has layout torch.sparse_coo"),
-        ({"w": quant}, TypeError, "'w' is quantized"),
+        ({"w": torch.ones(2, 2).to_mkldnn()}, TypeError, r"\['w'\] has layout torch._mkldnn.*to_dense"),
+        ({"w": quant4}, TypeError, r"\['w'\] is quantized as torch.quint4x2.*dequantize"),
         ({"w": torch.empty(3, device="meta")}, ValueError, "'w' is on the meta device"),
         ({"": torch.ones(1)}, ValueError, "empty"),
         ({" w": torch.ones(1)}, ValueError, "whitespace"),
