@@ -23,7 +23,7 @@ from mlflow.models import Model, infer_signature
 
 import mlflow_lance as ml
 from conftest import raw
-from mlflow_lance import flavor
+from mlflow_lance import flavor, pyfunc_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -292,13 +292,13 @@ def test_10_serialization_format_and_pickle_module_are_accepted_and_pt2_needs_an
 def test_11_pyfunc_takes_cuda_when_available_and_nothing_says_otherwise(monkeypatch):
     monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert flavor._default_device(None) == "cuda"
-    assert flavor._default_device({"device": "cpu"}) == "cpu"
+    assert pyfunc_model.default_device(None) == "cuda"
+    assert pyfunc_model.default_device({"device": "cpu"}) == "cpu"
     monkeypatch.setenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
-    assert flavor._default_device({"device": None}) == "cpu"
+    assert pyfunc_model.default_device({"device": None}) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE")
-    assert flavor._default_device({}) == "cpu"
+    assert pyfunc_model.default_device({}) == "cpu"
 
 
 # 12-16 ------------------------------------------------------------- errors and quiet
