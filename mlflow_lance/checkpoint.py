@@ -156,7 +156,7 @@ def _same_kind(saved: Any, live: Any) -> bool:
         return (
             isinstance(saved, (list, tuple))
             and len(saved) == len(live)
-            and all(_same_kind(a, b) for a, b in zip(saved, live))
+            and all(_same_kind(a, b) for a, b in zip(saved, live, strict=True))
         )
     return live is None or type(saved) is type(live) or saved is None
 
@@ -521,7 +521,7 @@ def wait_for_checkpoints() -> None:
 def _flush_at_exit() -> None:
     try:
         _writer.wait()
-    except Exception as err:  # any background failure (its own type): nothing to raise to at exit, say it
+    except Exception as err:  # noqa: BLE001 (any background failure, its own type: nothing to raise to at exit, say it)
         import sys
 
         print(f"mlflow-lance: an earlier checkpoint failed to write: {type(err).__name__}: {err}", file=sys.stderr)
@@ -716,7 +716,7 @@ def _log_sharded(
         flat, spec = tree.flatten(state)
         shards = distributed.stage(flat, clone=not blocking)
         skeleton = dump_skeleton(distributed.unwrapped(model)) if rank == 0 else None
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 (raised on every rank by distributed.write_and_commit)
         failed = err
     dataset = Dataset(uri, uri_options)
     args = (shards, spec, skeleton, failed, group, model, run_id, step, metrics, name, dataset, *retention)
@@ -985,7 +985,8 @@ def load_checkpoint(
         if optimizer is not None:
             undo.append(_load_optimizer(uri, optimizer, indexed))
         if generators is not None:
-            undo.append(lambda before=_get_generators(): _put_generators(before))
+            before = _get_generators()
+            undo.append(lambda: _put_generators(before))
             set_rng_state(generators)
         if model is not None:
             model.load_state_dict(state["model"], strict=strict)
@@ -1115,7 +1116,7 @@ def _load_optimizer(where: str, optimizer: torch.optim.Optimizer, indexed: dict)
 
     try:
         optimizer.load_state_dict(indexed)
-    except Exception as err:  # noqa: BLE001 - anything torch raises here is about the stored state
+    except Exception as err:  # anything torch raises here is about the stored state
         put_back()
         raise store.CorruptionError(
             f"{where}: the optimizer refused the checkpoint's optimizer state ({type(err).__name__}: "
@@ -1164,7 +1165,7 @@ def _load_scheduler(where: str, scheduler: Any, saved: Any) -> Callable[[], None
 
     try:
         scheduler.load_state_dict(dict(saved))
-    except Exception as err:  # noqa: BLE001 - anything the scheduler raises here is about the stored state
+    except Exception as err:  # anything the scheduler raises here is about the stored state
         put_back()
         raise store.CorruptionError(
             f"{where}: {type(scheduler).__name__} refused the checkpoint's scheduler state "

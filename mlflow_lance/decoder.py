@@ -207,7 +207,9 @@ def _seed_rows(args: dict) -> tuple[Any, bytes]:
     ds = lance.dataset(args["uri"], version=args["version"], storage_options=args["storage_options"] or None)
     table = ds.to_table(columns=["name", "shape", "value"], with_row_address=True)
     counts = pc.list_value_length(table["value"]).to_pylist()
-    rows = zip(table["name"].to_pylist(), table["shape"].to_pylist(), table["_rowaddr"].to_pylist(), counts)
+    rows = zip(
+        table["name"].to_pylist(), table["shape"].to_pylist(), table["_rowaddr"].to_pylist(), counts, strict=True
+    )
     return [[name, shape, address, count] for name, shape, address, count in rows], b""
 
 
@@ -239,7 +241,7 @@ def _serve(base_memory: int) -> None:
         try:
             result, payload = _HANDLERS[args["kind"]](args)
             reply = {"result": result, "binary": len(payload)}
-        except BaseException as err:  # noqa: BLE001 - a Rust panic is a BaseException; report it as data
+        except BaseException as err:  # noqa: BLE001 (a Rust panic is a BaseException; report it as data)
             payload = b""
             kind = "OSError" if isinstance(err, OSError) else "ValueError"
             reply = {"error": kind, "message": f"{type(err).__name__}: {err}"}

@@ -759,7 +759,7 @@ def _log_sharded(
     try:  # a failure here is every rank's, at the first step of the write
         shards = distributed.stage(get_model_state_dict(module), clone=False)
         skeleton = dump_skeleton(plain) if rank == 0 else None
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 (raised on every rank by distributed.write_and_commit)
         failed = err
 
     def log(written: writer.Written) -> mlflow.models.model.ModelInfo:

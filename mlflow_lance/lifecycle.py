@@ -437,7 +437,7 @@ def survey(uri: str, refs: References, opts: Mapping[str, str] | None = None) ->
             p.desired[sidecar.run_pin(run_id)] = info.version  # the run's newest such version
     refs.reread()
     unknown_bindings = _model_version_pins(p, refs)
-    for pin, version in pins.items():
+    for pin in pins:
         if pin in p.desired:
             continue
         parsed = sidecar.parse_model_version_pin(pin)

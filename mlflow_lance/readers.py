@@ -503,7 +503,7 @@ class VersionReader:
                 )
                 for row, start, dst in batch
             ]
-            for (part, dst), got in zip(parts, self.source.fill_many(parts)):
+            for (part, dst), got in zip(parts, self.source.fill_many(parts), strict=True):
                 self._check_read(part, dst.numel(), got)
 
         # Consecutive pieces in batches of about PIECE bytes, a task each: thousands of small
@@ -662,7 +662,9 @@ def scan(dataset: Dataset, ds: lance.LanceDataset, table: list[index.Fragment]) 
     ):
         raise CorruptionError(f"{what} of {dataset.uri} are malformed (a value of the wrong type or range)")
     return [
-        Located(dict(zip(META_COLUMNS, row[:n])), row[-1], row[n], files.get(row[-1] >> 32, ""), row[n + 1])
+        Located(
+            dict(zip(META_COLUMNS, row[:n], strict=True)), row[-1], row[n], files.get(row[-1] >> 32, ""), row[n + 1]
+        )
         for row in found
     ]
 

@@ -360,8 +360,8 @@ def _bind_dataset(client: MlflowClient, name: str, uri: str) -> None:
     """Bind registered model ``name`` to dataset ``uri`` (where its later versions are logged)."""
     for key, value in _fitting({DATASET_TAG: uri}, "registered_model_tag", f"registered model {name!r}").items():
         lifecycle.racing_set(
-            lambda: client.set_registered_model_tag(name, key, value),
-            lambda: (client.get_registered_model(name).tags or {}).get(key),
+            lambda key=key, value=value: client.set_registered_model_tag(name, key, value),
+            lambda key=key: (client.get_registered_model(name).tags or {}).get(key),
             value,
         )
 

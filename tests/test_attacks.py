@@ -362,7 +362,7 @@ def chunked_index(uri: Path, chunks: int) -> None:
     doc["rows"] = fake + doc["rows"][1:]
     doc["fragments"][0][2] = chunks
     doc["properties"]["mlflow_lance.rows"] = format.rows_digest(
-        dict(zip(tensors.META_COLUMNS, r[:n])) for r in doc["rows"]
+        dict(zip(tensors.META_COLUMNS, r[:n], strict=True)) for r in doc["rows"]
     )
     path.write_text(json.dumps(doc))
 
