@@ -181,7 +181,7 @@ def _rng_state() -> dict:
 
 
 def gathered_rng_states(group: Any) -> list[dict]:
-    """Every rank's random number generators (``rng_state``'s form), in rank order, on every
+    """Every rank's random number generators (``_rng_state``'s form), in rank order, on every
     rank of ``group`` (a gloo group: an object collective)."""
     import torch.distributed as dist
 

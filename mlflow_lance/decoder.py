@@ -197,7 +197,7 @@ def _scan(args: dict) -> tuple[Any, bytes]:
     return out, b""
 
 
-def _seed_rows(args: dict) -> tuple[Any, bytes]:
+def _docs_example_rows(args: dict) -> tuple[Any, bytes]:
     """The name, shape, row address and number of values of each row of a Lance docs example
     dataset (the values are counted, so that a shape can be checked before anything is
     allocated for it)."""
@@ -213,7 +213,7 @@ def _seed_rows(args: dict) -> tuple[Any, bytes]:
     return [[name, shape, address, count] for name, shape, address, count in rows], b""
 
 
-def _seed_values(args: dict) -> tuple[Any, bytes]:
+def _docs_example_values(args: dict) -> tuple[Any, bytes]:
     """The float64 values of one row of a Lance docs example dataset, as raw bytes."""
     import lance
 
@@ -223,7 +223,7 @@ def _seed_values(args: dict) -> tuple[Any, bytes]:
     return len(data), data
 
 
-_HANDLERS = {"scan": _scan, "seed_rows": _seed_rows, "seed_values": _seed_values}
+_HANDLERS = {"scan": _scan, "docs_example_rows": _docs_example_rows, "docs_example_values": _docs_example_values}
 
 
 def _serve(base_memory: int) -> None:

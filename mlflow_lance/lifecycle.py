@@ -571,7 +571,7 @@ def gc_dataset(
     (plus, with ``keep_last``/``older_than``, other unreferenced versions outside that
     policy), never the latest, a version superseded less than ``grace`` ago, or one a person
     tagged; then every data file no surviving version shares, and the files no version names
-    that are older than ``grace`` (what killed saves left). See ``plan`` for the order of the
+    that are older than ``grace`` (what killed saves left). See ``survey`` for the order of the
     reads that keeps this safe while the registry changes.
     """
     opts = options(uri, storage_options)

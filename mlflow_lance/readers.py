@@ -325,7 +325,7 @@ class _SeedValues(_Bytes):
 
     def fill(self, row: Row, dst: torch.Tensor) -> int:
         count, data = decoder.request(
-            "seed_values",
+            "docs_example_values",
             *self._target,
             what=f"row {row.index} of version {self.version}",
             memory=row.size,
@@ -378,7 +378,8 @@ class VersionReader:
 
     @property
     def entries(self) -> OrderedDict[str, Entry]:
-        """Every tensor of the version, in saved order, as its rows claim (see ``checked``)."""
+        """Every tensor of the version, in saved order, as its rows claim (``problems`` says
+        whether they hold together)."""
         if self._entries is None:
             self._entries = build_entries(self.located)
         return self._entries
@@ -613,7 +614,7 @@ def describe(dataset: Dataset, ds: lance.LanceDataset, *, rows_themselves: bool 
     Rows from an index that break a rule are never blamed on the version: the data files
     are asked."""
     if not check_format(ds, FORMAT_VERSION):
-        return _seed(dataset, ds)
+        return _docs_example(dataset, ds)
     uri, opts = dataset.uri, dataset.storage_options
     table = fragment_table(ds)
     digest = recorded_digest(ds)
@@ -669,14 +670,14 @@ def scan(dataset: Dataset, ds: lance.LanceDataset, table: list[index.Fragment]) 
     ]
 
 
-def _seed(dataset: Dataset, ds: lance.LanceDataset) -> VersionReader:
+def _docs_example(dataset: Dataset, ds: lance.LanceDataset) -> VersionReader:
     """A Lance docs example dataset: one row per tensor (``name``, ``shape``, float64 ``value``
     list). It records no hashes, compression or commit properties of ours, takes no new
     versions, and is decoded entirely in the decoder."""
     what = f"the rows of version {ds.version}"
     try:
         found, _ = decoder.request(
-            "seed_rows",
+            "docs_example_rows",
             *lance_target(dataset.uri, dataset.storage_options),
             what=what,
             version=ds.version,
