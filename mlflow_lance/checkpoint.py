@@ -513,7 +513,16 @@ _writer = _Writer()
 
 
 def wait_for_checkpoints() -> None:
-    """Wait until the checkpoint in flight is written; raises if a background write failed."""
+    """Wait until the checkpoint in flight (``log_checkpoint(..., blocking=False)``) is written.
+
+    Raises:
+        Exception: the error of a background write that failed and was not raised yet, of its
+            own type.
+
+    Example:
+        >>> log_checkpoint(model, optimizer, step=500, blocking=False)
+        >>> wait_for_checkpoints()
+    """
     _writer.wait()
 
 
@@ -589,10 +598,11 @@ def log_checkpoint(
     name: str = CHECKPOINT_NAME,
     lance_uri: str | None = None,
 ) -> Checkpoint | CheckpointHandle:
-    """Log a training checkpoint to the active run (started if none): the model's weights,
-    the optimizer's and scheduler's state, the RNGs, ``step``, ``metrics`` and ``extra``, as
-    one version of the run's dataset (writing only what changed since the run's previous
-    checkpoint) and one MLflow logged model.
+    """Log a training checkpoint to the active run (started if none).
+
+    The model's weights, the optimizer's and scheduler's state, the RNGs, ``step``,
+    ``metrics`` and ``extra`` become one version of the run's dataset (writing only what
+    changed since the run's previous checkpoint) and one MLflow logged model.
 
     Args:
         model: the module being trained.
@@ -609,6 +619,12 @@ def log_checkpoint(
 
     Returns:
         A Checkpoint (model id, URI, Lance version), or a CheckpointHandle when not blocking.
+
+    Raises:
+        ValueError: ``keep_last`` < 1, a malformed ``keep_best``, or its metric missing from
+            ``metrics``; nothing is written.
+        TypeError / ValueError: state that cannot be stored (nothing is ever pickled).
+        Exception: the error of an earlier background write, of its own type.
 
     Example:
         >>> log_checkpoint(model, optimizer, step=500, metrics={"val_loss": 0.3}, blocking=False,
@@ -935,8 +951,9 @@ def load_checkpoint(
     restore_rng: bool = True,
     strict: bool = True,
 ) -> dict[str, Any]:
-    """Restore a checkpoint in place: the model's weights, the optimizer's and scheduler's
-    state and the RNGs, so that training goes on as if it had never stopped.
+    """Restore a checkpoint in place, so that training goes on as if it had never stopped.
+
+    Restored: the model's weights, the optimizer's and scheduler's state and the RNGs.
 
     All or nothing: every part asked for is checked before any is restored (the model's keys
     and shapes, the optimizer's state and groups against the live optimizer, the scheduler's

@@ -97,10 +97,18 @@ def _dist_version(name: str) -> str:
 
 
 def get_default_pip_requirements() -> list[str]:
-    """Fixed requirements (mlflow-lance, torch, pylance pinned to what is installed).
+    """Return the pip requirements of models this flavor writes.
 
     Fixed, so that log_model never runs MLflow's requirement inference, which loads the
     model a second time in a subprocess (3-7 s a call here).
+
+    Returns:
+        mlflow-lance, torch and pylance, each pinned to the version installed (torch without
+        its local build suffix such as ``+cpu``).
+
+    Example:
+        >>> get_default_pip_requirements()
+        ['mlflow-lance==0.2.0', 'torch==2.13.0', 'pylance==...']
     """
     torch_version = str(torch.__version__).split("+")[0]
     return [
@@ -111,7 +119,16 @@ def get_default_pip_requirements() -> list[str]:
 
 
 def get_default_conda_env() -> dict:
-    """The default Conda environment of models this flavor writes (as mlflow.pytorch's)."""
+    """Return the default Conda environment of models this flavor writes (as mlflow.pytorch's).
+
+    Returns:
+        MLflow's Conda environment dict, whose pip dependencies are
+        ``get_default_pip_requirements()``.
+
+    Example:
+        >>> env = get_default_conda_env()
+        >>> env["dependencies"]
+    """
     from mlflow.utils.environment import _mlflow_conda_env
 
     return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
@@ -202,6 +219,28 @@ def save_model(
     ``serialization_format`` ``None`` or ``"pickle"`` (``"pt2"`` is refused, see the README),
     ``pickle_module`` and torch.save's options (no pickle file is written, so they change
     nothing).
+
+    Args:
+        pytorch_model: the module to save.
+        path: the model directory to create (it must not exist, or be empty).
+        lance_uri / storage_options: the dataset the weights go to (default: one inside ``path``).
+        model_factory / factory_kwargs: ``"package.module:callable"`` and JSON keyword
+            arguments that build the module without pickle at load time.
+        message / lance_properties: stored with the Lance version (``versions()`` shows them).
+        mlflow_model, conda_env, code_paths, signature, input_example, pip_requirements,
+            extra_pip_requirements, extra_files, metadata: as in ``mlflow.pytorch.save_model``.
+        serialization_format, pickle_module, **torch_save_kwargs: see above.
+
+    Raises:
+        TypeError: ``pytorch_model`` is not a ``torch.nn.Module``, a keyword argument
+            ``mlflow.pytorch.save_model`` does not take, or a value that cannot be stored.
+        ValueError: an unsupported ``serialization_format``, a bad key or factory reference.
+        MlflowException: ``path`` exists and is not empty.
+        CommittedError: a step after the weights were committed failed (names the version).
+
+    Example:
+        >>> save_model(model, "model_dir", input_example=x)
+        >>> model = load_model("model_dir")
     """
     _check_module(pytorch_model)
     _save(
@@ -542,9 +581,10 @@ def log_model(
     self_contained: bool = False,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
-    """Log ``pytorch_model`` to the active run (started if none): its weights as a new version
-    of a Lance dataset, the rest (MLmodel, environment, architecture) to MLflow, as
-    ``mlflow.pytorch.log_model`` does, whose parameters it accepts.
+    """Log ``pytorch_model`` to the active run (started if none), as ``mlflow.pytorch.log_model``.
+
+    Its weights become a new version of a Lance dataset, the rest (MLmodel, environment,
+    architecture) goes to MLflow; every parameter of ``mlflow.pytorch.log_model`` is accepted.
 
     Afterwards the run, the logged model and the model version carry ``lance.*`` tags, the
     version is pinned, and the sidecar next to the dataset is up to date. Bookkeeping for the
@@ -564,6 +604,8 @@ def log_model(
         signature, input_example, pip_requirements, extra_pip_requirements, conda_env,
             code_paths, extra_files, metadata, tags, params, step, await_registration_for:
             as in ``mlflow.pytorch.log_model``.
+        **kwargs: passed on to ``save_model`` (``serialization_format``, ``pickle_module``,
+            torch.save's options).
 
     Returns:
         MLflow's ModelInfo; ``info.flavors["mlflow_lance"]`` names the Lance URI and version.
@@ -955,8 +997,10 @@ def load_model(
     allow_pickle: bool | None = None,
     **torch_load_kwargs: Any,
 ) -> torch.nn.Module:
-    """Load a model logged with this flavor: the architecture from MLflow's artifact store (a
-    few KB), the weights straight from the Lance version it was logged with.
+    """Load a model logged with this flavor, as ``mlflow.pytorch.load_model``.
+
+    The architecture comes from MLflow's artifact store (a few KB), the weights straight from
+    the Lance version it was logged with.
 
     Args:
         model_uri: ``runs:/<run id>/<name>``, ``models:/<model id>``, ``models:/<name>/<version>``,
@@ -1102,12 +1146,29 @@ def state_dict_pointer(uri: str) -> tuple[str, int] | None:
 
 
 def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: Any) -> None:
-    """Log a state dict, or any checkpoint dict (optimizer and scheduler states, counters),
-    to the active run, as ``mlflow.pytorch.log_state_dict`` does: its tensors become a Lance
-    version (deduplicated against the run's earlier ones), the rest JSON; the run's
+    """Log a state dict, or any checkpoint dict, to the active run (started if none).
+
+    As ``mlflow.pytorch.log_state_dict`` does, with optimizer and scheduler states and
+    counters too: its tensors become a Lance version (deduplicated against the last one
+    logged at the same ``artifact_path`` in the experiment), the rest JSON; the run's
     artifacts get a small pointer at ``artifact_path``, so that
-    ``load_state_dict("runs:/<run id>/<artifact_path>")`` reads it back. torch.save's
-    options are accepted and change nothing (nothing is pickled).
+    ``load_state_dict("runs:/<run id>/<artifact_path>")`` reads it back.
+
+    Args:
+        state_dict: name -> tensor, or a checkpoint dict (tensors nested in dicts, lists and
+            tuples next to numbers, strings and None).
+        artifact_path: where the pointer goes in the run's artifacts.
+        **kwargs: torch.save's options and ``pickle_module``: accepted, and change nothing
+            (nothing is pickled).
+
+    Raises:
+        TypeError / ValueError: a value that cannot be stored (nothing is written), or a
+            keyword argument ``mlflow.pytorch.log_state_dict`` does not take.
+
+    Example:
+        >>> with mlflow.start_run() as run:
+        ...     log_state_dict({"model": model.state_dict(), "epoch": 3}, "ckpt")
+        >>> load_state_dict(f"runs:/{run.info.run_id}/ckpt")
     """
     _refuse_unknown("log_state_dict", kwargs, _TORCH_SAVE_OPTIONS | {"pickle_module"})
     run = mlflow.active_run() or mlflow.start_run()

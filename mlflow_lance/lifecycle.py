@@ -656,6 +656,14 @@ def gc(
         latest, keep_last, older_than, grace, or never logged by MLflow), and, with ``all``,
         why a dataset was left alone (``skipped``).
 
+    Raises:
+        ValueError: neither ``target`` nor ``all`` given; for a dataset MLflow never logged
+            to, neither ``keep_last`` nor ``older_than``.
+        LookupError: a registered model with no version logged with mlflow_lance, or a
+            dataset logged through another tracking server than the one configured.
+        FileNotFoundError / WeightsError / MlflowException: a dataset or model named in
+            ``target`` cannot be read (with ``all``, such a dataset is ``skipped`` instead).
+
     Example:
         >>> gc(all=True, dry_run=True)
         >>> gc("churn")   # the datasets registered model "churn" uses
