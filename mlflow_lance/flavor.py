@@ -37,30 +37,30 @@ from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelInputExample, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
-from mlflow.models.signature import _infer_signature_from_input_example
-from mlflow.models.utils import _save_example
-from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-from mlflow.utils.environment import (
+from mlflow.utils.file_utils import write_to
+
+from . import __version__, distributed, fs, lifecycle, modeldir, registry, store, tree, writer
+from .artifacts import dataset_location, options
+from .compat import (
     _CONDA_ENV_FILE_NAME,
     _CONSTRAINTS_FILE_NAME,
     _PYTHON_ENV_FILE_NAME,
     _REQUIREMENTS_FILE_NAME,
+    _add_code_from_conf_to_system_path,
+    _copy_extra_files,
+    _download_artifact_from_uri,
+    _get_experiment_id,
+    _infer_signature_from_input_example,
+    _mlflow_conda_env,
     _process_conda_env,
     _process_pip_requirements,
     _PythonEnv,
-    _validate_env_arguments,
-)
-from mlflow.utils.file_utils import write_to
-from mlflow.utils.model_utils import (
-    _add_code_from_conf_to_system_path,
-    _copy_extra_files,
+    _save_example,
     _validate_and_copy_code_paths,
     _validate_and_prepare_target_save_path,
+    _validate_env_arguments,
+    _validate_model_name,
 )
-from mlflow.utils.validation import _validate_model_name
-
-from . import __version__, distributed, fs, lifecycle, modeldir, registry, store, tree, writer
-from .artifacts import dataset_location, options
 from .dataset import Dataset
 from .errors import after_commit
 from .fs import read_bytes
@@ -129,8 +129,6 @@ def get_default_conda_env() -> dict:
         >>> env = get_default_conda_env()
         >>> env["dependencies"]
     """
-    from mlflow.utils.environment import _mlflow_conda_env
-
     return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
 
 
@@ -850,7 +848,7 @@ def _location_for(
     included); an explicit ``lance_uri`` wins but does not rebind the model.
     """
     run = mlflow.MlflowClient().get_run(run_id) if run_id else mlflow.active_run()
-    experiment_id = run.info.experiment_id if run else mlflow.tracking.fluent._get_experiment_id()
+    experiment_id = run.info.experiment_id if run else _get_experiment_id()
     binding = None
     if registered_model_name:
         client = mlflow.MlflowClient()

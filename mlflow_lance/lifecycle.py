@@ -37,11 +37,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import MLMODEL_FILE_NAME
 from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
-from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
 from . import modeldir, sidecar, store
 from .artifacts import ROOT_ENV, is_dataset_target, lance_root, options
+from .compat import _download_artifact_from_uri, is_tracking_uri_set
 from .fs import list_dirs, local_path
 from .modeldir import FLAVOR_NAME
 

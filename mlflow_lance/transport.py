@@ -109,9 +109,9 @@ def handles(uri: str) -> bool:
 
 def mlflow_schemes() -> frozenset[str]:
     """The schemes MLflow has an artifact repository for (its registry, plugins included)."""
-    from mlflow.store.artifact.artifact_repository_registry import _artifact_repository_registry
+    from .compat import resolve
 
-    return frozenset(_artifact_repository_registry._registry)
+    return frozenset(resolve("_artifact_repository_registry")._registry)
 
 
 def timeout() -> float:
