@@ -40,7 +40,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Metric
 
-from . import distributed, flavor, lifecycle, store, tree, writer
+from . import bindings, distributed, flavor, store, tree, writer
 from .artifacts import lance_root, options
 from .dataset import Dataset
 from .skeleton import dump_skeleton
@@ -870,10 +870,10 @@ def _load_sharded(
 def _checkpoints(client: MlflowClient, run_id: str, name: str) -> list[Any]:
     """The run's checkpoints MLflow still lists (finished writes only)."""
     run = client.get_run(run_id)
-    found = lifecycle.paged(
+    found = bindings.paged(
         client.search_logged_models,
         experiment_ids=[run.info.experiment_id],
-        filter_string=f"name = {lifecycle.quote_filter(name)}",
+        filter_string=f"name = {bindings.quote_filter(name)}",
         max_results=1000,
     )
     return [
@@ -906,7 +906,7 @@ def _retain(
         ]
         keep |= {mid for _, mid in sorted(scored)[: int(k)]}
     registered = set()
-    for mv in client.search_model_versions(f"run_id = {lifecycle.quote_filter(run_id)}"):
+    for mv in client.search_model_versions(f"run_id = {bindings.quote_filter(run_id)}"):
         found = _REGISTERED_SOURCE.search(mv.source or "")
         registered |= {found.group(1)} if found else set()
         registered |= {mv.model_id} if getattr(mv, "model_id", None) else set()
@@ -934,7 +934,7 @@ def _resolve(uri: str) -> str:
     """``runs:/<run id>/<name>`` names the run's latest checkpoint (by step); else as is."""
     if not uri.startswith("runs:"):
         return uri
-    run_id, name = lifecycle.runs_uri(uri)
+    run_id, name = bindings.runs_uri(uri)
     models = _checkpoints(MlflowClient(), run_id, name or CHECKPOINT_NAME)
     if not models:
         raise store.VersionNotFoundError(f"run {run_id!r} has no finished checkpoint named {name!r}")

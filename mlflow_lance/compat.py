@@ -48,6 +48,15 @@ PRIVATE: dict[str, str] = {
     # a quantized tensor from its integer values and parameters (composite.py, skeleton.py)
     "_make_per_tensor_quantized_tensor": "torch",
     "_make_per_channel_quantized_tensor": "torch",
+    # a torch.export program as JSON without its weights, and back (program.py; what
+    # torch.export.save and load call, minus their pickled parts)
+    "serialize": "torch._export.serde.serialize",
+    "deserialize": "torch._export.serde.serialize",
+    "SerializedArtifact": "torch._export.serde.serialize",
+    # what a call target of a program from someone else must resolve to (program.py)
+    "OpOverload": "torch._ops",
+    "OpOverloadPacket": "torch._ops",
+    "HigherOrderOperator": "torch._ops",
 }
 # Also private, and not importable: Lightning's ``trainer._checkpoint_connector`` (the
 # checkpoint dict Lightning itself would save; integrations/lightning.py, tested on 2.6).

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 import mlflow_lance as ml
 from conftest import free_port
-from mlflow_lance import checkpoint, lifecycle
+from mlflow_lance import bindings, checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -336,7 +336,7 @@ def test_peft_lora_checkpoints_after_the_first_write_only_adapters_and_their_opt
         checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint"),
         key=lambda m: int(m.tags[checkpoint._STEP_TAG]),
     )
-    written = [v.bytes_written for v in ml.versions(lifecycle.flavor_conf(f"models:/{ckpts[0].model_id}")["lance_uri"])]
+    written = [v.bytes_written for v in ml.versions(bindings.flavor_conf(f"models:/{ckpts[0].model_id}")["lance_uri"])]
     assert len(written) == 3 and written[0] > base_bytes > 3 * adapters + 256 * 1024
     # the adapters, their two Adam moments, counters and RNG states, no base weights: within the
     # issue's budget of base + n x (adapters + their optimizer state + 256 KB) over the run. The

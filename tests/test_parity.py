@@ -272,7 +272,7 @@ def _types(tree) -> object:
     return type(tree).__name__
 
 
-def test_10_serialization_format_and_pickle_module_are_accepted_and_pt2_refused(tmp_path):
+def test_10_serialization_format_and_pickle_module_are_accepted_and_pt2_needs_an_example(tmp_path):
     ml.save_model(
         linear(),
         str(tmp_path / "a"),
@@ -282,8 +282,10 @@ def test_10_serialization_format_and_pickle_module_are_accepted_and_pt2_refused(
         pickle_protocol=4,
     )
     assert torch.equal(ml.load_model(str(tmp_path / "a")).weight, linear().weight)
-    with pytest.raises(ValueError, match="serialization_format='pickle'"):
+    with pytest.raises(ValueError, match="input_example is required"):  # as mlflow.pytorch (tests/test_pt2.py)
         ml.save_model(linear(), str(tmp_path / "b"), serialization_format="pt2", pip_requirements=[])
+    with pytest.raises(ValueError, match="'pt2'.*'pickle'"):
+        ml.save_model(linear(), str(tmp_path / "b"), serialization_format="onnx", pip_requirements=[])
     assert not (tmp_path / "b").exists()
 
 
