@@ -156,7 +156,7 @@ def _same_kind(saved: Any, live: Any) -> bool:
         return (
             isinstance(saved, (list, tuple))
             and len(saved) == len(live)
-            and all(_same_kind(a, b) for a, b in zip(saved, live))
+            and all(_same_kind(a, b) for a, b in zip(saved, live, strict=True))
         )
     return live is None or type(saved) is type(live) or saved is None
 
@@ -181,7 +181,7 @@ def _rng_state() -> dict:
 
 
 def gathered_rng_states(group: Any) -> list[dict]:
-    """Every rank's random number generators (``rng_state``'s form), in rank order, on every
+    """Every rank's random number generators (``_rng_state``'s form), in rank order, on every
     rank of ``group`` (a gloo group: an object collective)."""
     import torch.distributed as dist
 
@@ -513,7 +513,16 @@ _writer = _Writer()
 
 
 def wait_for_checkpoints() -> None:
-    """Wait until the checkpoint in flight is written; raises if a background write failed."""
+    """Wait until the checkpoint in flight (``log_checkpoint(..., blocking=False)``) is written.
+
+    Raises:
+        Exception: the error of a background write that failed and was not raised yet, of its
+            own type.
+
+    Example:
+        >>> log_checkpoint(model, optimizer, step=500, blocking=False)
+        >>> wait_for_checkpoints()
+    """
     _writer.wait()
 
 
@@ -521,7 +530,7 @@ def wait_for_checkpoints() -> None:
 def _flush_at_exit() -> None:
     try:
         _writer.wait()
-    except Exception as err:  # any background failure (its own type): nothing to raise to at exit, say it
+    except Exception as err:  # noqa: BLE001 (any background failure, its own type: nothing to raise to at exit, say it)
         import sys
 
         print(f"mlflow-lance: an earlier checkpoint failed to write: {type(err).__name__}: {err}", file=sys.stderr)
@@ -589,10 +598,11 @@ def log_checkpoint(
     name: str = CHECKPOINT_NAME,
     lance_uri: str | None = None,
 ) -> Checkpoint | CheckpointHandle:
-    """Log a training checkpoint to the active run (started if none): the model's weights,
-    the optimizer's and scheduler's state, the RNGs, ``step``, ``metrics`` and ``extra``, as
-    one version of the run's dataset (writing only what changed since the run's previous
-    checkpoint) and one MLflow logged model.
+    """Log a training checkpoint to the active run (started if none).
+
+    The model's weights, the optimizer's and scheduler's state, the RNGs, ``step``,
+    ``metrics`` and ``extra`` become one version of the run's dataset (writing only what
+    changed since the run's previous checkpoint) and one MLflow logged model.
 
     Args:
         model: the module being trained.
@@ -609,6 +619,12 @@ def log_checkpoint(
 
     Returns:
         A Checkpoint (model id, URI, Lance version), or a CheckpointHandle when not blocking.
+
+    Raises:
+        ValueError: ``keep_last`` < 1, a malformed ``keep_best``, or its metric missing from
+            ``metrics``; nothing is written.
+        TypeError / ValueError: state that cannot be stored (nothing is ever pickled).
+        Exception: the error of an earlier background write, of its own type.
 
     Example:
         >>> log_checkpoint(model, optimizer, step=500, metrics={"val_loss": 0.3}, blocking=False,
@@ -716,7 +732,7 @@ def _log_sharded(
         flat, spec = tree.flatten(state)
         shards = distributed.stage(flat, clone=not blocking)
         skeleton = dump_skeleton(distributed.unwrapped(model)) if rank == 0 else None
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 (raised on every rank by distributed.write_and_commit)
         failed = err
     dataset = Dataset(uri, uri_options)
     args = (shards, spec, skeleton, failed, group, model, run_id, step, metrics, name, dataset, *retention)
@@ -935,8 +951,9 @@ def load_checkpoint(
     restore_rng: bool = True,
     strict: bool = True,
 ) -> dict[str, Any]:
-    """Restore a checkpoint in place: the model's weights, the optimizer's and scheduler's
-    state and the RNGs, so that training goes on as if it had never stopped.
+    """Restore a checkpoint in place, so that training goes on as if it had never stopped.
+
+    Restored: the model's weights, the optimizer's and scheduler's state and the RNGs.
 
     All or nothing: every part asked for is checked before any is restored (the model's keys
     and shapes, the optimizer's state and groups against the live optimizer, the scheduler's
@@ -985,7 +1002,8 @@ def load_checkpoint(
         if optimizer is not None:
             undo.append(_load_optimizer(uri, optimizer, indexed))
         if generators is not None:
-            undo.append(lambda before=_get_generators(): _put_generators(before))
+            before = _get_generators()
+            undo.append(lambda: _put_generators(before))
             set_rng_state(generators)
         if model is not None:
             model.load_state_dict(state["model"], strict=strict)
@@ -1115,7 +1133,7 @@ def _load_optimizer(where: str, optimizer: torch.optim.Optimizer, indexed: dict)
 
     try:
         optimizer.load_state_dict(indexed)
-    except Exception as err:  # noqa: BLE001 - anything torch raises here is about the stored state
+    except Exception as err:  # anything torch raises here is about the stored state
         put_back()
         raise store.CorruptionError(
             f"{where}: the optimizer refused the checkpoint's optimizer state ({type(err).__name__}: "
@@ -1164,7 +1182,7 @@ def _load_scheduler(where: str, scheduler: Any, saved: Any) -> Callable[[], None
 
     try:
         scheduler.load_state_dict(dict(saved))
-    except Exception as err:  # noqa: BLE001 - anything the scheduler raises here is about the stored state
+    except Exception as err:  # anything the scheduler raises here is about the stored state
         put_back()
         raise store.CorruptionError(
             f"{where}: {type(scheduler).__name__} refused the checkpoint's scheduler state "

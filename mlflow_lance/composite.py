@@ -87,7 +87,7 @@ def decompose(tensor: torch.Tensor, where: str) -> tuple[dict, dict[str, torch.T
         else (tensor.ccol_indices(), tensor.row_indices())
     )
     names = _SPARSE[layout]
-    return {"layout": layout, "size": size}, dict(zip(names, (compressed, plain, tensor.values())))
+    return {"layout": layout, "size": size}, dict(zip(names, (compressed, plain, tensor.values()), strict=True))
 
 
 def _decompose_quantized(tensor: torch.Tensor, where: str) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -449,13 +449,13 @@ def write(
         if rank == 0:
             existing = dataset.existing()
             parent = existing.version if existing is not None else None
-    except BaseException as err:  # noqa: BLE001
+    except BaseException as err:  # noqa: BLE001 (raised on every rank by share)
         error = err
     parent = share(parent, error, group, "planning the save")
     segments: list[_Segment] = []
     try:
         segments, new_schema = _write_mine(shards, chunks, rank, dataset, parent, compression, sync_files)
-    except BaseException as err:  # noqa: BLE001
+    except BaseException as err:  # noqa: BLE001 (raised on every rank by agree)
         error = err
     gathered: list | None = [None] * size if rank == 0 else None
     dist.gather_object(None if error else segments, gathered, group=group, group_dst=0)
@@ -844,7 +844,9 @@ def _read_box(reader: VersionReader, e: Entry, local: torch.Tensor, box: tuple, 
         return
     band = torch.empty([rows, *e.shape[1:]] if e.shape else [], dtype=dtype)
     read_span(reader, e, first * row, uint8_view(band), verify)
-    part = band[(slice(None), *(slice(o, o + s) for o, s in zip(offset[1:], shape[1:])))] if e.shape else band
+    part = (
+        band[(slice(None), *(slice(o, o + s) for o, s in zip(offset[1:], shape[1:], strict=True)))] if e.shape else band
+    )
     local.copy_(part.reshape(local.shape))
 
 

@@ -99,10 +99,18 @@ def _dist_version(name: str) -> str:
 
 
 def get_default_pip_requirements() -> list[str]:
-    """Fixed requirements (mlflow-lance, torch, pylance pinned to what is installed).
+    """Return the pip requirements of models this flavor writes.
 
     Fixed, so that log_model never runs MLflow's requirement inference, which loads the
     model a second time in a subprocess (3-7 s a call here).
+
+    Returns:
+        mlflow-lance, torch and pylance, each pinned to the version installed (torch without
+        its local build suffix such as ``+cpu``).
+
+    Example:
+        >>> get_default_pip_requirements()
+        ['mlflow-lance==0.2.0', 'torch==2.13.0', 'pylance==...']
     """
     torch_version = str(torch.__version__).split("+")[0]
     return [
@@ -113,7 +121,16 @@ def get_default_pip_requirements() -> list[str]:
 
 
 def get_default_conda_env() -> dict:
-    """The default Conda environment of models this flavor writes (as mlflow.pytorch's)."""
+    """Return the default Conda environment of models this flavor writes (as mlflow.pytorch's).
+
+    Returns:
+        MLflow's Conda environment dict, whose pip dependencies are
+        ``get_default_pip_requirements()``.
+
+    Example:
+        >>> env = get_default_conda_env()
+        >>> env["dependencies"]
+    """
     return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
 
 
@@ -209,10 +226,31 @@ def save_model(
     Accepted for drop-in compatibility with ``mlflow.pytorch.save_model``: ``pickle_module``
     and torch.save's options (no pickle file is written, so they change nothing).
 
+    Args:
+        pytorch_model: the module to save.
+        path: the model directory to create (it must not exist, or be empty).
+        lance_uri / storage_options: the dataset the weights go to (default: one inside ``path``).
+        model_factory / factory_kwargs: ``"package.module:callable"`` and JSON keyword
+            arguments that build the module without pickle at load time.
+        serialization_format: ``"pt2"`` (a ``torch.export`` program; needs an array or tensor
+            ``input_example``), ``"pickle"`` (a pickled skeleton), or None (see above).
+        message / lance_properties: stored with the Lance version (``versions()`` shows them).
+        mlflow_model, conda_env, code_paths, signature, input_example, pip_requirements,
+            extra_pip_requirements, extra_files, metadata: as in ``mlflow.pytorch.save_model``.
+        pickle_module, **torch_save_kwargs: see above.
+
     Raises:
+        TypeError: ``pytorch_model`` is not a ``torch.nn.Module``, a keyword argument
+            ``mlflow.pytorch.save_model`` does not take, or a value that cannot be stored.
         ValueError: ``serialization_format="pt2"`` with no array or tensor input example, with
             a factory, a TorchScript module, or a model torch.export cannot trace; an unknown
-            ``serialization_format``. Nothing is written.
+            ``serialization_format``; a bad key or factory reference. Nothing is written.
+        MlflowException: ``path`` exists and is not empty.
+        CommittedError: a step after the weights were committed failed (names the version).
+
+    Example:
+        >>> save_model(model, "model_dir", input_example=x)
+        >>> model = load_model("model_dir")
     """
     _check_module(pytorch_model)
     _save(
@@ -488,7 +526,7 @@ def _exported(
             raise ValueError("the input example is not an array or tensor, or a tuple or list of them")
         exported = program.export(module, inputs, signature or None, eval_mode=not required)
         return program.dump(exported, list(module.state_dict()))
-    except Exception as err:  # noqa: BLE001 - torch.export raises anything for a model it cannot trace
+    except Exception as err:  # torch.export raises anything for a model it cannot trace
         reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
         if required:
             raise ValueError(
@@ -629,9 +667,10 @@ def log_model(
     self_contained: bool = False,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
-    """Log ``pytorch_model`` to the active run (started if none): its weights as a new version
-    of a Lance dataset, the rest (MLmodel, environment, architecture) to MLflow, as
-    ``mlflow.pytorch.log_model`` does, whose parameters it accepts.
+    """Log ``pytorch_model`` to the active run (started if none), as ``mlflow.pytorch.log_model``.
+
+    Its weights become a new version of a Lance dataset, the rest (MLmodel, environment,
+    architecture) goes to MLflow; every parameter of ``mlflow.pytorch.log_model`` is accepted.
 
     Afterwards the run, the logged model and the model version carry ``lance.*`` tags, the
     version is pinned, and the sidecar next to the dataset is up to date. Bookkeeping for the
@@ -648,7 +687,7 @@ def log_model(
         self_contained: log the weights inside the model's own artifacts, as a one-version
             dataset (no shared dataset, no dedup, no pins): for targets that only see MLflow's
             artifact store (see ``bundle_model``).
-        kwargs: ``serialization_format`` (``"pt2"``: the ``torch.export`` program, which needs
+        **kwargs: ``serialization_format`` (``"pt2"``: the ``torch.export`` program, which needs
             an array or tensor ``input_example``; ``"pickle"``: the skeleton; left out: ``pt2``
             when there is an input example and torch.export succeeds, see ``save_model``),
             ``pickle_module`` and torch.save's options, as ``mlflow.pytorch.log_model`` takes them.
@@ -852,7 +891,7 @@ def _log_sharded(
     try:  # a failure here is every rank's, at the first step of the write
         shards = distributed.stage(get_model_state_dict(module), clone=False)
         skeleton = dump_skeleton(plain) if rank == 0 else None
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 (raised on every rank by distributed.write_and_commit)
         failed = err
 
     def log(written: writer.Written) -> mlflow.models.model.ModelInfo:
@@ -1036,7 +1075,7 @@ def _built_to_fit(
         shape = build_from_factory(*spec, trusted_only=trusted_only, model_dir=local_path, device="meta")
     except PermissionError:
         raise
-    except Exception:  # noqa: BLE001 - the meta build is an early check only; the real build decides
+    except Exception:  # noqa: BLE001 (the meta build is an early check only; the real build decides)
         shape = None
     if shape is not None:
         store.check_fits(shape, dataset, version, strict=strict)
@@ -1054,8 +1093,10 @@ def load_model(
     allow_pickle: bool | None = None,
     **torch_load_kwargs: Any,
 ) -> torch.nn.Module:
-    """Load a model logged with this flavor: the architecture from MLflow's artifact store (a
-    few KB), the weights straight from the Lance version it was logged with.
+    """Load a model logged with this flavor, as ``mlflow.pytorch.load_model``.
+
+    The architecture comes from MLflow's artifact store (a few KB), the weights straight from
+    the Lance version it was logged with.
 
     Args:
         model_uri: ``runs:/<run id>/<name>``, ``models:/<model id>``, ``models:/<name>/<version>``,
@@ -1205,12 +1246,29 @@ def state_dict_pointer(uri: str) -> tuple[str, int] | None:
 
 
 def log_state_dict(state_dict: Mapping[str, Any], artifact_path: str, **kwargs: Any) -> None:
-    """Log a state dict, or any checkpoint dict (optimizer and scheduler states, counters),
-    to the active run, as ``mlflow.pytorch.log_state_dict`` does: its tensors become a Lance
-    version (deduplicated against the run's earlier ones), the rest JSON; the run's
+    """Log a state dict, or any checkpoint dict, to the active run (started if none).
+
+    As ``mlflow.pytorch.log_state_dict`` does, with optimizer and scheduler states and
+    counters too: its tensors become a Lance version (deduplicated against the last one
+    logged at the same ``artifact_path`` in the experiment), the rest JSON; the run's
     artifacts get a small pointer at ``artifact_path``, so that
-    ``load_state_dict("runs:/<run id>/<artifact_path>")`` reads it back. torch.save's
-    options are accepted and change nothing (nothing is pickled).
+    ``load_state_dict("runs:/<run id>/<artifact_path>")`` reads it back.
+
+    Args:
+        state_dict: name -> tensor, or a checkpoint dict (tensors nested in dicts, lists and
+            tuples next to numbers, strings and None).
+        artifact_path: where the pointer goes in the run's artifacts.
+        **kwargs: torch.save's options and ``pickle_module``: accepted, and change nothing
+            (nothing is pickled).
+
+    Raises:
+        TypeError / ValueError: a value that cannot be stored (nothing is written), or a
+            keyword argument ``mlflow.pytorch.log_state_dict`` does not take.
+
+    Example:
+        >>> with mlflow.start_run() as run:
+        ...     log_state_dict({"model": model.state_dict(), "epoch": 3}, "ckpt")
+        >>> load_state_dict(f"runs:/{run.info.run_id}/ckpt")
     """
     _refuse_unknown("log_state_dict", kwargs, _TORCH_SAVE_OPTIONS | {"pickle_module"})
     run = mlflow.active_run() or mlflow.start_run()

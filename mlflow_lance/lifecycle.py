@@ -258,7 +258,7 @@ def survey(uri: str, refs: References, opts: Mapping[str, str] | None = None) ->
             p.desired[sidecar.run_pin(run_id)] = info.version  # the run's newest such version
     refs.reread()
     unknown_bindings = _model_version_pins(p, refs)
-    for pin, version in pins.items():
+    for pin in pins:
         if pin in p.desired:
             continue
         parsed = sidecar.parse_model_version_pin(pin)
@@ -392,7 +392,7 @@ def gc_dataset(
     (plus, with ``keep_last``/``older_than``, other unreferenced versions outside that
     policy), never the latest, a version superseded less than ``grace`` ago, or one a person
     tagged; then every data file no surviving version shares, and the files no version names
-    that are older than ``grace`` (what killed saves left). See ``plan`` for the order of the
+    that are older than ``grace`` (what killed saves left). See ``survey`` for the order of the
     reads that keeps this safe while the registry changes.
     """
     opts = options(uri, storage_options)
@@ -476,6 +476,14 @@ def gc(
         removed, why each version kept stays (``kept``: an MLflow reference, a person's tag,
         latest, keep_last, older_than, grace, or never logged by MLflow), and, with ``all``,
         why a dataset was left alone (``skipped``).
+
+    Raises:
+        ValueError: neither ``target`` nor ``all`` given; for a dataset MLflow never logged
+            to, neither ``keep_last`` nor ``older_than``.
+        LookupError: a registered model with no version logged with mlflow_lance, or a
+            dataset logged through another tracking server than the one configured.
+        FileNotFoundError / WeightsError / MlflowException: a dataset or model named in
+            ``target`` cannot be read (with ``all``, such a dataset is ``skipped`` instead).
 
     Example:
         >>> gc(all=True, dry_run=True)

@@ -330,7 +330,7 @@ def load(
         return ep.module()
     except (MemoryError, KeyboardInterrupt):
         raise
-    except Exception as err:  # noqa: BLE001 - torch's deserializer raises anything for a bad program
+    except Exception as err:  # noqa: BLE001 (torch's deserializer raises anything for a bad program)
         raise CorruptionError(
             f"{where} is not an exported program this torch ({torch.__version__}) can load "
             f"(saved with torch {meta.get('torch_version')!s:.40}): {type(err).__name__}: {str(err)[:300]}"

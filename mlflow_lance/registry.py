@@ -327,10 +327,31 @@ def _bookkeep_version(client: MlflowClient, name: str, version: str, binding: st
 
 
 def register_model(model_uri: str, name: str, **kwargs: Any) -> ModelVersion:
-    """``mlflow.register_model`` plus what ``log_model`` does for a new version: the pin, then,
-    for the UI, the ``lance.*`` tags, the description, the history table and the sidecar (a
-    failure of these is a warning). A version deleted, or its model renamed, before the pin is
-    set is left to ``gc`` and ``sync``, which pin from what MLflow lists, with a warning."""
+    """Register a model version, as ``mlflow.register_model`` does, and pin its weights.
+
+    Then does what ``log_model`` does for a new version: the pin (a Lance tag that keeps the
+    version from ``gc``), then, for the UI, the ``lance.*`` tags, the description, the history
+    table and the sidecar (a failure of these is a warning). A version deleted, or its model
+    renamed, before the pin is set is left to ``gc`` and ``sync``, which pin from what MLflow
+    lists, with a warning. A model logged with ``self_contained=True`` carries its weights
+    and gets no pin.
+
+    Args:
+        model_uri: the model to register (``runs:/<run id>/<name>``, ``models:/<model id>``, ...).
+        name: the registered model (created if it does not exist).
+        **kwargs: passed to ``mlflow.register_model`` (``await_registration_for``, ``tags``).
+
+    Returns:
+        MLflow's ModelVersion.
+
+    Raises:
+        MlflowException: as ``mlflow.register_model`` raises it (a registered model name the
+            registry refuses, a model URI it cannot resolve).
+
+    Example:
+        >>> mv = register_model(f"models:/{info.model_id}", "churn")
+        >>> load_model(f"models:/churn/{mv.version}")
+    """
     mv = mlflow.register_model(model_uri, name, **kwargs)
     client = MlflowClient()
     version = str(mv.version)
@@ -362,8 +383,8 @@ def _bind_dataset(client: MlflowClient, name: str, uri: str) -> None:
     """Bind registered model ``name`` to dataset ``uri`` (where its later versions are logged)."""
     for key, value in _fitting({DATASET_TAG: uri}, "registered_model_tag", f"registered model {name!r}").items():
         bindings.racing_set(
-            lambda: client.set_registered_model_tag(name, key, value),
-            lambda: (client.get_registered_model(name).tags or {}).get(key),
+            lambda key=key, value=value: client.set_registered_model_tag(name, key, value),
+            lambda key=key: (client.get_registered_model(name).tags or {}).get(key),
             value,
         )
 
@@ -484,7 +505,27 @@ def sync(target: str | os.PathLike | None = None, *, all: bool = False) -> list[
 
     A registered model or model version deleted or renamed while this runs is done with, not
     an error: its report says so (``skipped``: the model's sync ended there; ``gone``: model
-    versions that vanished) and every other model and dataset is synced.
+    versions that vanished) and every other model and dataset is synced. A version that lacks
+    its version index gets one (``store.reindex``).
+
+    Args:
+        target: a registered model name or a dataset URI.
+        all: every registered model, then every dataset under the Lance roots (``target`` is
+            then not needed).
+
+    Returns:
+        A SyncReport per dataset: the model versions it holds, the pins set and removed, the
+        model versions whose UI tags or description were rewritten, the versions reindexed,
+        and what was skipped or gone.
+
+    Raises:
+        ValueError: neither ``target`` nor ``all`` given.
+        LookupError: ``target`` is neither a registered model nor a dataset URI that exists,
+            or a registered model with no version logged with mlflow_lance.
+
+    Example:
+        >>> sync("churn")
+        >>> sync(all=True)
     """
     refs = References()
     reports: list[SyncReport] = []

@@ -237,7 +237,7 @@ def test_review_findings_hold(tracking, tmp_path, capsys):
         momentum=0.9,
     )
     ml.load_checkpoint(first.model_uri, fresh, opt2, restore_rng=False)
-    by_param = {p: opt.state[q]["momentum_buffer"] for p, q in zip(fresh.parameters(), model.parameters())}
+    by_param = {p: opt.state[q]["momentum_buffer"] for p, q in zip(fresh.parameters(), model.parameters(), strict=True)}
     for p, buf in by_param.items():
         assert torch.equal(opt2.state[p]["momentum_buffer"], buf)
     assert [g["lr"] for g in opt2.param_groups] == [0.5, 0.1]

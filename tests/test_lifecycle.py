@@ -62,7 +62,7 @@ def test_checkpoints_of_one_run_registered_later_all_survive_gc(tracking):
     mlflow.register_model(f"models:/{infos[0].model_id}", "best")  # plain MLflow: no pin yet
     assert cli(["gc", uri, "--keep-last", "1", "--grace-minutes", "0"]) == 0
     assert_loads("models:/best/1", expect(models[0]))
-    for info, m in zip(infos, models):
+    for info, m in zip(infos, models, strict=True):
         assert_loads(f"models:/{info.model_id}", expect(m))
     assert (
         ml.tags(uri)[
