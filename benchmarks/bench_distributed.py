@@ -61,7 +61,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_checkpoint import REPO, du, gpt2, machine, tensors_of, train_step, versions  # noqa: E402
+from bench_checkpoint import REPO, du, gpt2, machine, tensors_of, train_step, versions
 
 DEFAULT_JSON = REPO / "benchmarks" / "results" / "distributed.json"
 SAVES = ("mlflow_lance", "dcp", "floor")
@@ -163,24 +163,25 @@ def _rounds(rank, model, opt, work, args, dcp, get_state_dict, distributed, stor
         took = {}
         for name in order:
             if name == "mlflow_lance":
-                took[name] = _timed(lambda: distributed.save(state, uri), settle)
+                took[name] = _timed(lambda state=state: distributed.save(state, uri), settle)
             elif name == "dcp":
                 path = os.path.join(work, f"dcp{round_}")
                 dcp_dirs.append(path)
-                took[name] = _timed(lambda path=path: dcp.save(state, checkpoint_id=path), settle)
+                took[name] = _timed(lambda state=state, path=path: dcp.save(state, checkpoint_id=path), settle)
             else:
-                took[name] = _timed(lambda: _floor(state, os.path.join(work, f"floor{round_}"), rank), settle)
+                path = os.path.join(work, f"floor{round_}")
+                took[name] = _timed(lambda state=state, path=path: _floor(state, path, rank), settle)
         train_step(model, None, opt)  # every tensor changes again: each async save writes it all
         msd, osd = get_state_dict(model, opt)
         state = {"model": msd, "optimizer": osd}
         for name in ASYNC if round_ % 2 == 0 else ASYNC[::-1]:
             future = []
             if name == "mlflow_lance":
-                blocked = _timed(lambda: future.append(ours_async(state)), settle)
+                blocked = _timed(lambda future=future, state=state: future.append(ours_async(state)), settle)
             else:
                 path = os.path.join(work, f"dcp{round_}a")
                 dcp_dirs.append(path)
-                call = lambda path=path: future.append(  # noqa: E731
+                call = lambda future=future, state=state, path=path: future.append(  # noqa: E731
                     dcp.async_save(state, checkpoint_id=path, process_group=dcp_group)
                 )
                 blocked = _timed(call, settle)
@@ -307,7 +308,7 @@ def _spawn(world: int, work: str, conf: dict) -> dict:
 
 def _ratio_goal(goal: str, peer: str, ours: list[float], theirs: list[float], target: float) -> dict:
     """A goal on the median of per-round ratios (the rounds are interleaved)."""
-    value = statistics.median(a / b for a, b in zip(ours, theirs))
+    value = statistics.median(a / b for a, b in zip(ours, theirs, strict=True))
     return {"goal": goal, "peer": peer, "value": value, "unit": "x", "target": target, "met": value <= target}
 
 

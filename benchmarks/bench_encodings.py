@@ -42,12 +42,12 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import zstandard  # noqa: E402
+import numpy as np
+import torch
+import zstandard
 
-from mlflow_lance import encodings as E  # noqa: E402
-from mlflow_lance.tensors import dtype_name, hash_bytes  # noqa: E402
+from mlflow_lance import encodings as E
+from mlflow_lance.tensors import dtype_name, hash_bytes
 
 GOALS = {  # (goal text, target, unit): stored / raw bytes unless seconds
     "bf16_first": ("one bf16 version of GPT-2 (4 layers), random init <= 0.70x raw", 0.70),
@@ -221,10 +221,10 @@ def decode_speed(blobs: list, rounds: int) -> dict[str, float]:
         for label, group in by.items():
             dests = [np.empty(d.nbytes, np.uint8) for _, d, _ in group]
             start = time.thread_time()
-            for (blob, _, parent), dest in zip(group, dests):
+            for (blob, _, parent), dest in zip(group, dests, strict=True):
                 E.decode(blob, dest, parent=parent)
             times[label].append(time.thread_time() - start)
-            assert all(dest.tobytes() == d.tobytes() for (_, d, _), dest in zip(group, dests))
+            assert all(dest.tobytes() == d.tobytes() for (_, d, _), dest in zip(group, dests, strict=True))
     return {k: sum(d.nbytes for _, d, _ in by[k]) / statistics.median(v) / 1e9 for k, v in times.items()}
 
 

@@ -26,7 +26,7 @@ def resnet50_state_dict(seed: int = 0) -> OrderedDict[str, torch.Tensor]:
     sd["conv1.weight"] = torch.randn(64, 3, 7, 7) * 0.05
     _bn(sd, "bn1", 64)
     inplanes = 64
-    for layer, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3)), start=1):
+    for layer, (width, blocks) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3), strict=True), start=1):
         for b in range(blocks):
             p = f"layer{layer}.{b}"
             sd[f"{p}.conv1.weight"] = torch.randn(width, inplanes, 1, 1) * 0.05

@@ -41,7 +41,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Metric
 
-from . import distributed, flavor, lifecycle, store, tree, writer
+from . import bindings, distributed, flavor, store, tree, writer
 from .artifacts import lance_root, options
 from .dataset import Dataset
 from .format import check_compression
@@ -158,7 +158,7 @@ def _same_kind(saved: Any, live: Any) -> bool:
         return (
             isinstance(saved, (list, tuple))
             and len(saved) == len(live)
-            and all(_same_kind(a, b) for a, b in zip(saved, live))
+            and all(_same_kind(a, b) for a, b in zip(saved, live, strict=True))
         )
     return live is None or type(saved) is type(live) or saved is None
 
@@ -183,7 +183,7 @@ def _rng_state() -> dict:
 
 
 def gathered_rng_states(group: Any) -> list[dict]:
-    """Every rank's random number generators (``rng_state``'s form), in rank order, on every
+    """Every rank's random number generators (``_rng_state``'s form), in rank order, on every
     rank of ``group`` (a gloo group: an object collective)."""
     import torch.distributed as dist
 
@@ -516,7 +516,16 @@ _writer = _Writer()
 
 
 def wait_for_checkpoints() -> None:
-    """Wait until the checkpoint in flight is written; raises if a background write failed."""
+    """Wait until the checkpoint in flight (``log_checkpoint(..., blocking=False)``) is written.
+
+    Raises:
+        Exception: the error of a background write that failed and was not raised yet, of its
+            own type.
+
+    Example:
+        >>> log_checkpoint(model, optimizer, step=500, blocking=False)
+        >>> wait_for_checkpoints()
+    """
     _writer.wait()
 
 
@@ -524,7 +533,7 @@ def wait_for_checkpoints() -> None:
 def _flush_at_exit() -> None:
     try:
         _writer.wait()
-    except Exception as err:  # any background failure (its own type): nothing to raise to at exit, say it
+    except Exception as err:  # noqa: BLE001 (any background failure, its own type: nothing to raise to at exit, say it)
         import sys
 
         print(f"mlflow-lance: an earlier checkpoint failed to write: {type(err).__name__}: {err}", file=sys.stderr)
@@ -593,10 +602,11 @@ def log_checkpoint(
     lance_uri: str | None = None,
     compression: str | None = None,
 ) -> Checkpoint | CheckpointHandle:
-    """Log a training checkpoint to the active run (started if none): the model's weights,
-    the optimizer's and scheduler's state, the RNGs, ``step``, ``metrics`` and ``extra``, as
-    one version of the run's dataset (writing only what changed since the run's previous
-    checkpoint) and one MLflow logged model.
+    """Log a training checkpoint to the active run (started if none).
+
+    The model's weights, the optimizer's and scheduler's state, the RNGs, ``step``,
+    ``metrics`` and ``extra`` become one version of the run's dataset (writing only what
+    changed since the run's previous checkpoint) and one MLflow logged model.
 
     Args:
         model: the module being trained.
@@ -620,6 +630,12 @@ def log_checkpoint(
 
     Returns:
         A Checkpoint (model id, URI, Lance version), or a CheckpointHandle when not blocking.
+
+    Raises:
+        ValueError: ``keep_last`` < 1, a malformed ``keep_best``, or its metric missing from
+            ``metrics``; nothing is written.
+        TypeError / ValueError: state that cannot be stored (nothing is ever pickled).
+        Exception: the error of an earlier background write, of its own type.
 
     Example:
         >>> log_checkpoint(model, optimizer, step=500, metrics={"val_loss": 0.3}, blocking=False,
@@ -730,7 +746,7 @@ def _log_sharded(
         flat, spec = tree.flatten(state)
         shards = distributed.stage(flat, clone=not blocking)
         skeleton = dump_skeleton(distributed.unwrapped(model)) if rank == 0 else None
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 (raised on every rank by distributed.write_and_commit)
         failed = err
     dataset = Dataset(uri, uri_options)
     args = (shards, spec, skeleton, failed, group, model, run_id, step, metrics, name, dataset, *retention, compression)
@@ -876,10 +892,10 @@ def _load_sharded(
 def _checkpoints(client: MlflowClient, run_id: str, name: str) -> list[Any]:
     """The run's checkpoints MLflow still lists (finished writes only)."""
     run = client.get_run(run_id)
-    found = lifecycle.paged(
+    found = bindings.paged(
         client.search_logged_models,
         experiment_ids=[run.info.experiment_id],
-        filter_string=f"name = {lifecycle.quote_filter(name)}",
+        filter_string=f"name = {bindings.quote_filter(name)}",
         max_results=1000,
     )
     return [
@@ -912,7 +928,7 @@ def _retain(
         ]
         keep |= {mid for _, mid in sorted(scored)[: int(k)]}
     registered = set()
-    for mv in client.search_model_versions(f"run_id = {lifecycle.quote_filter(run_id)}"):
+    for mv in client.search_model_versions(f"run_id = {bindings.quote_filter(run_id)}"):
         found = _REGISTERED_SOURCE.search(mv.source or "")
         registered |= {found.group(1)} if found else set()
         registered |= {mv.model_id} if getattr(mv, "model_id", None) else set()
@@ -940,7 +956,7 @@ def _resolve(uri: str) -> str:
     """``runs:/<run id>/<name>`` names the run's latest checkpoint (by step); else as is."""
     if not uri.startswith("runs:"):
         return uri
-    run_id, name = lifecycle.runs_uri(uri)
+    run_id, name = bindings.runs_uri(uri)
     models = _checkpoints(MlflowClient(), run_id, name or CHECKPOINT_NAME)
     if not models:
         raise store.VersionNotFoundError(f"run {run_id!r} has no finished checkpoint named {name!r}")
@@ -957,8 +973,9 @@ def load_checkpoint(
     restore_rng: bool = True,
     strict: bool = True,
 ) -> dict[str, Any]:
-    """Restore a checkpoint in place: the model's weights, the optimizer's and scheduler's
-    state and the RNGs, so that training goes on as if it had never stopped.
+    """Restore a checkpoint in place, so that training goes on as if it had never stopped.
+
+    Restored: the model's weights, the optimizer's and scheduler's state and the RNGs.
 
     All or nothing: every part asked for is checked before any is restored (the model's keys
     and shapes, the optimizer's state and groups against the live optimizer, the scheduler's
@@ -1007,7 +1024,8 @@ def load_checkpoint(
         if optimizer is not None:
             undo.append(_load_optimizer(uri, optimizer, indexed))
         if generators is not None:
-            undo.append(lambda before=_get_generators(): _put_generators(before))
+            before = _get_generators()
+            undo.append(lambda: _put_generators(before))
             set_rng_state(generators)
         if model is not None:
             model.load_state_dict(state["model"], strict=strict)
@@ -1137,7 +1155,7 @@ def _load_optimizer(where: str, optimizer: torch.optim.Optimizer, indexed: dict)
 
     try:
         optimizer.load_state_dict(indexed)
-    except Exception as err:  # noqa: BLE001 - anything torch raises here is about the stored state
+    except Exception as err:  # anything torch raises here is about the stored state
         put_back()
         raise store.CorruptionError(
             f"{where}: the optimizer refused the checkpoint's optimizer state ({type(err).__name__}: "
@@ -1186,7 +1204,7 @@ def _load_scheduler(where: str, scheduler: Any, saved: Any) -> Callable[[], None
 
     try:
         scheduler.load_state_dict(dict(saved))
-    except Exception as err:  # noqa: BLE001 - anything the scheduler raises here is about the stored state
+    except Exception as err:  # anything the scheduler raises here is about the stored state
         put_back()
         raise store.CorruptionError(
             f"{where}: {type(scheduler).__name__} refused the checkpoint's scheduler state "

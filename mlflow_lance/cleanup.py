@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Collection
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from itertools import pairwise
 from typing import TYPE_CHECKING
 
 from .dataset import Dataset, check_format, lance_call, open_lance, tag_list, utc, version_list
@@ -146,7 +147,7 @@ def choose_versions(
     now = datetime.now(timezone.utc)
     cutoff = now - older_than if older_than is not None else None
     superseded = {  # when each version stopped being the latest
-        v["version"]: utc(nxt["timestamp"]) for v, nxt in zip(all_versions, all_versions[1:])
+        v["version"]: utc(nxt["timestamp"]) for v, nxt in pairwise(all_versions)
     }
     doomed, kept = [], {}
     for v in all_versions:

@@ -135,7 +135,7 @@ def _table(rows: list[dict], columns: Sequence[str]) -> str:
     widths = [max([len(c)] + [len(row[i]) for row in cells]) for i, c in enumerate(columns)]
 
     def line(values: Sequence[str]) -> str:
-        return "  ".join(v.ljust(w) for v, w in zip(values, widths)).rstrip()
+        return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)).rstrip()
 
     return "\n".join([line(columns), line(["-" * w for w in widths]), *map(line, cells)])
 
@@ -385,7 +385,7 @@ def _read_checkpoint(path: str) -> dict:
         ) from None
     except OSError:  # the file could not be read (permissions, I/O): exit 2 with the OS's words
         raise
-    except Exception as err:  # noqa: BLE001 - anything torch's parser meets in the file is about the file
+    except Exception as err:  # noqa: BLE001 (anything torch's parser meets in the file is about the file)
         raise ValueError(f"{path} is not a readable torch checkpoint: {type(err).__name__}: {err}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
@@ -569,7 +569,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _fail(args, err, EXIT_USAGE)
         except (KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
-        except BaseException:  # noqa: BLE001 - a bug, or a Rust panic (a BaseException): exit 4
+        except BaseException:  # noqa: BLE001 (a bug, or a Rust panic (a BaseException): exit 4)
             return _internal(args)
 
 

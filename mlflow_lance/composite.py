@@ -19,6 +19,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from . import compat
+
 MAX_DIMS = 64  # as format.MAX_DIMS: the most dims a stored shape may claim
 _INT64_MAX = (1 << 63) - 1
 
@@ -85,7 +87,7 @@ def decompose(tensor: torch.Tensor, where: str) -> tuple[dict, dict[str, torch.T
         else (tensor.ccol_indices(), tensor.row_indices())
     )
     names = _SPARSE[layout]
-    return {"layout": layout, "size": size}, dict(zip(names, (compressed, plain, tensor.values())))
+    return {"layout": layout, "size": size}, dict(zip(names, (compressed, plain, tensor.values()), strict=True))
 
 
 def _decompose_quantized(tensor: torch.Tensor, where: str) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -172,7 +174,7 @@ def _compose_quantized(info: Mapping, c: Mapping[str, torch.Tensor], where: str)
         s, z = float(scale), int(zero_point)
         if not (math.isfinite(s) and s > 0) or not info_.min <= z <= info_.max:
             raise ValueError(f"tensor {where}: scale {s} or zero point {z} is out of range for {dtype}")
-        return _built(where, torch._make_per_tensor_quantized_tensor, values, s, z)
+        return _built(where, compat._make_per_tensor_quantized_tensor, values, s, z)
     axis = info.get("axis")
     if isinstance(axis, bool) or not isinstance(axis, int) or not 0 <= axis < values.dim():
         raise ValueError(f"tensor {where}: channel axis {str(axis)[:40]} is out of range for {values.dim()} dims")
@@ -194,7 +196,7 @@ def _compose_quantized(info: Mapping, c: Mapping[str, torch.Tensor], where: str)
         raise ValueError(f"tensor {where}: a scale is not a positive finite number")
     if not float_zeros and not bool(((zero_point >= info_.min) & (zero_point <= info_.max)).all()):
         raise ValueError(f"tensor {where}: a zero point is out of range for {dtype}")
-    return _built(where, torch._make_per_channel_quantized_tensor, values, scale, zero_point, axis)
+    return _built(where, compat._make_per_channel_quantized_tensor, values, scale, zero_point, axis)
 
 
 def _check_size(size: object, where: str) -> list[int]:

@@ -197,7 +197,7 @@ def _scan(args: dict) -> tuple[Any, bytes]:
     return out, b""
 
 
-def _seed_rows(args: dict) -> tuple[Any, bytes]:
+def _docs_example_rows(args: dict) -> tuple[Any, bytes]:
     """The name, shape, row address and number of values of each row of a Lance docs example
     dataset (the values are counted, so that a shape can be checked before anything is
     allocated for it)."""
@@ -207,11 +207,13 @@ def _seed_rows(args: dict) -> tuple[Any, bytes]:
     ds = lance.dataset(args["uri"], version=args["version"], storage_options=args["storage_options"] or None)
     table = ds.to_table(columns=["name", "shape", "value"], with_row_address=True)
     counts = pc.list_value_length(table["value"]).to_pylist()
-    rows = zip(table["name"].to_pylist(), table["shape"].to_pylist(), table["_rowaddr"].to_pylist(), counts)
+    rows = zip(
+        table["name"].to_pylist(), table["shape"].to_pylist(), table["_rowaddr"].to_pylist(), counts, strict=True
+    )
     return [[name, shape, address, count] for name, shape, address, count in rows], b""
 
 
-def _seed_values(args: dict) -> tuple[Any, bytes]:
+def _docs_example_values(args: dict) -> tuple[Any, bytes]:
     """The float64 values of one row of a Lance docs example dataset, as raw bytes."""
     import lance
 
@@ -221,7 +223,7 @@ def _seed_values(args: dict) -> tuple[Any, bytes]:
     return len(data), data
 
 
-_HANDLERS = {"scan": _scan, "seed_rows": _seed_rows, "seed_values": _seed_values}
+_HANDLERS = {"scan": _scan, "docs_example_rows": _docs_example_rows, "docs_example_values": _docs_example_values}
 
 
 def _serve(base_memory: int) -> None:
@@ -239,7 +241,7 @@ def _serve(base_memory: int) -> None:
         try:
             result, payload = _HANDLERS[args["kind"]](args)
             reply = {"result": result, "binary": len(payload)}
-        except BaseException as err:  # noqa: BLE001 - a Rust panic is a BaseException; report it as data
+        except BaseException as err:  # noqa: BLE001 (a Rust panic is a BaseException; report it as data)
             payload = b""
             kind = "OSError" if isinstance(err, OSError) else "ValueError"
             reply = {"error": kind, "message": f"{type(err).__name__}: {err}"}

@@ -276,7 +276,7 @@ def _boxed(t: Any) -> bool:
 
 def _row_shard(name: str, t: Any) -> tuple[torch.Tensor, int]:
     """A DTensor's local part as a contiguous range of its global bytes: (local tensor, start)."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from .compat import compute_local_shape_and_global_offset
 
     rows = _rows_of(t)
     if rows != tuple(t.placements):
@@ -449,13 +449,13 @@ def write(
         if rank == 0:
             existing = dataset.existing()
             parent = existing.version if existing is not None else None
-    except BaseException as err:  # noqa: BLE001
+    except BaseException as err:  # noqa: BLE001 (raised on every rank by share)
         error = err
     parent = share(parent, error, group, "planning the save")
     segments: list[_Segment] = []
     try:
         segments, new_schema = _write_mine(shards, chunks, rank, dataset, parent, compression, sync_files)
-    except BaseException as err:  # noqa: BLE001
+    except BaseException as err:  # noqa: BLE001 (raised on every rank by agree)
         error = err
     gathered: list | None = [None] * size if rank == 0 else None
     dist.gather_object(None if error else segments, gathered, group=group, group_dst=0)
@@ -812,7 +812,7 @@ def _check_state(reader: VersionReader, entries: Mapping[str, Entry], flat: Mapp
 def _read_rows(reader: VersionReader, e: Entry, t: Any, verify: bool) -> torch.Tensor:
     """This rank's part of stored tensor ``e`` as ``t`` would hold it in whole-row shards
     (``_rows_of(t)``), in host memory: the local tensor of a stand-in for ``t``."""
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from .compat import compute_local_shape_and_global_offset
 
     shape, offset = compute_local_shape_and_global_offset(t.shape, t.device_mesh, _rows_of(t))
     part = torch.empty(shape, dtype=t.dtype)
@@ -844,12 +844,14 @@ def _read_box(reader: VersionReader, e: Entry, local: torch.Tensor, box: tuple, 
         return
     band = torch.empty([rows, *e.shape[1:]] if e.shape else [], dtype=dtype)
     read_span(reader, e, first * row, uint8_view(band), verify)
-    part = band[(slice(None), *(slice(o, o + s) for o, s in zip(offset[1:], shape[1:])))] if e.shape else band
+    part = (
+        band[(slice(None), *(slice(o, o + s) for o, s in zip(offset[1:], shape[1:], strict=True)))] if e.shape else band
+    )
     local.copy_(part.reshape(local.shape))
 
 
 def _box(t: Any) -> tuple[tuple[int, ...], tuple[int, ...]]:
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+    from .compat import compute_local_shape_and_global_offset
 
     if not _boxed(t):  # load() gives such a tensor a stand-in first
         raise ValueError(f"a DTensor with placements {t.placements} is not one box of the global tensor")

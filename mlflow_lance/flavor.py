@@ -1,7 +1,8 @@
 """The MLflow flavor: log_model / save_model / load_model, log_state_dict and pyfunc.
 
 The model directory MLflow stores holds MLmodel, the environment files, the architecture
-(a weight-free skeleton, a TorchScript program without its weights, or a factory reference)
+(a weight-free skeleton, a TorchScript or ``torch.export`` program without its weights, or a
+factory reference)
 and ``data/lance.yaml``, a pointer to the
 Lance dataset and version that hold the weights. Weight bytes never enter MLflow's artifact
 store and are never downloaded through it: loading reads them straight from Lance.
@@ -24,48 +25,49 @@ import shutil
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
 import yaml
 from mlflow import pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelInputExample, ModelSignature
 from mlflow.models.model import MLMODEL_FILE_NAME
-from mlflow.models.signature import _infer_signature_from_input_example
-from mlflow.models.utils import _save_example
-from mlflow.tracking.artifact_utils import _download_artifact_from_uri
-from mlflow.utils.environment import (
+from mlflow.utils.file_utils import write_to
+
+from . import __version__, bindings, distributed, fs, modeldir, program, registry, store, tree, writer
+from .artifacts import dataset_location, options
+from .compat import (
     _CONDA_ENV_FILE_NAME,
     _CONSTRAINTS_FILE_NAME,
     _PYTHON_ENV_FILE_NAME,
     _REQUIREMENTS_FILE_NAME,
+    _add_code_from_conf_to_system_path,
+    _copy_extra_files,
+    _download_artifact_from_uri,
+    _get_experiment_id,
+    _infer_signature_from_input_example,
+    _mlflow_conda_env,
     _process_conda_env,
     _process_pip_requirements,
     _PythonEnv,
-    _validate_env_arguments,
-)
-from mlflow.utils.file_utils import write_to
-from mlflow.utils.model_utils import (
-    _add_code_from_conf_to_system_path,
-    _copy_extra_files,
+    _save_example,
     _validate_and_copy_code_paths,
     _validate_and_prepare_target_save_path,
+    _validate_env_arguments,
+    _validate_model_name,
 )
-from mlflow.utils.validation import _validate_model_name
-
-from . import __version__, distributed, fs, lifecycle, modeldir, registry, store, tree, writer
-from .artifacts import dataset_location, options
 from .dataset import Dataset
 from .errors import after_commit
 from .format import check_compression
 from .fs import read_bytes
 from .modeldir import FLAVOR_NAME
+from .pyfunc_model import LanceModelWrapper, default_device
 from .sidecar import model_pin, run_pin
 from .skeleton import (
     SKELETON_FILE,
@@ -98,10 +100,18 @@ def _dist_version(name: str) -> str:
 
 
 def get_default_pip_requirements() -> list[str]:
-    """Fixed requirements (mlflow-lance, torch, pylance pinned to what is installed).
+    """Return the pip requirements of models this flavor writes.
 
     Fixed, so that log_model never runs MLflow's requirement inference, which loads the
     model a second time in a subprocess (3-7 s a call here).
+
+    Returns:
+        mlflow-lance, torch and pylance, each pinned to the version installed (torch without
+        its local build suffix such as ``+cpu``).
+
+    Example:
+        >>> get_default_pip_requirements()
+        ['mlflow-lance==0.2.0', 'torch==2.13.0', 'pylance==...']
     """
     torch_version = str(torch.__version__).split("+")[0]
     return [
@@ -112,9 +122,16 @@ def get_default_pip_requirements() -> list[str]:
 
 
 def get_default_conda_env() -> dict:
-    """The default Conda environment of models this flavor writes (as mlflow.pytorch's)."""
-    from mlflow.utils.environment import _mlflow_conda_env
+    """Return the default Conda environment of models this flavor writes (as mlflow.pytorch's).
 
+    Returns:
+        MLflow's Conda environment dict, whose pip dependencies are
+        ``get_default_pip_requirements()``.
+
+    Example:
+        >>> env = get_default_conda_env()
+        >>> env["dependencies"]
+    """
     return _mlflow_conda_env(additional_pip_deps=get_default_pip_requirements())
 
 
@@ -193,26 +210,57 @@ def save_model(
     """Save ``pytorch_model`` as an MLflow model directory at ``path``.
 
     The weights become a new version of the Lance dataset ``lance_uri`` (default: a dataset
-    inside ``path``). The architecture is a weight-free skeleton; for a TorchScript module
-    (``torch.jit.script``/``trace``) the program without its weights; with ``model_factory``
-    (``"package.module:callable"`` and JSON ``factory_kwargs``) a reference that loads
-    without pickle. ``lance_properties`` are stored with the Lance version. A version
+    inside ``path``). The architecture, without its weights, is:
+
+    - with ``model_factory`` (``"package.module:callable"`` and JSON ``factory_kwargs``): a
+      reference that loads without pickle (the factory wins over any format);
+    - for a TorchScript module (``torch.jit.script``/``trace``): its program;
+    - with ``serialization_format="pt2"``, or with an ``input_example`` and no format named:
+      the ``torch.export`` program (no pickle on load). Named, the module is exported as it
+      is, as mlflow.pytorch does; by default in eval mode, and when torch.export fails a
+      warning says why and the skeleton is stored instead;
+    - else (``"pickle"``, or no input example): a pickled skeleton.
+
+    ``lance_properties`` are stored with the Lance version. A version
     written for a logged model is pinned (Lance tag ``model.<model id>``) as soon as it is
     committed. A signature is inferred from ``input_example`` as mlflow.pytorch does
     (``signature=False`` turns that off).
 
-    Accepted for drop-in compatibility with ``mlflow.pytorch.save_model``:
-    ``serialization_format`` ``None`` or ``"pickle"`` (``"pt2"`` is refused, see the README),
-    ``pickle_module`` and torch.save's options (no pickle file is written, so they change
-    nothing).
+    Accepted for drop-in compatibility with ``mlflow.pytorch.save_model``: ``pickle_module``
+    and torch.save's options (no pickle file is written, so they change nothing).
 
     Args:
+        pytorch_model: the module to save.
+        path: the model directory to create (it must not exist, or be empty).
+        lance_uri / storage_options: the dataset the weights go to (default: one inside ``path``).
+        model_factory / factory_kwargs: ``"package.module:callable"`` and JSON keyword
+            arguments that build the module without pickle at load time.
+        serialization_format: ``"pt2"`` (a ``torch.export`` program; needs an array or tensor
+            ``input_example``), ``"pickle"`` (a pickled skeleton), or None (see above).
+        message / lance_properties: stored with the Lance version (``versions()`` shows them).
         compression: how the weights' payloads are stored, for a new dataset (fixed per
             dataset): None (default) or ``"none"``: raw bytes, the fastest to load;
             ``"auto"``: byte-grouped zstd per tensor (~0.68x the bytes of bf16 weights, ~0.85x
             of fp32), for object storage or an MLflow proxy, where fewer bytes beat the decode;
             ``"zstd"``: one zstd frame per payload. None keeps what an existing ``lance_uri``
             was created with; another value than that raises ValueError (docs/storage.md).
+        mlflow_model, conda_env, code_paths, signature, input_example, pip_requirements,
+            extra_pip_requirements, extra_files, metadata: as in ``mlflow.pytorch.save_model``.
+        pickle_module, **torch_save_kwargs: see above.
+
+    Raises:
+        TypeError: ``pytorch_model`` is not a ``torch.nn.Module``, a keyword argument
+            ``mlflow.pytorch.save_model`` does not take, or a value that cannot be stored.
+        ValueError: ``serialization_format="pt2"`` with no array or tensor input example, with
+            a factory, a TorchScript module, or a model torch.export cannot trace; an unknown
+            ``serialization_format``; a bad key or factory reference; a ``compression`` that
+            is not one, or not the one ``lance_uri`` was created with. Nothing is written.
+        MlflowException: ``path`` exists and is not empty.
+        CommittedError: a step after the weights were committed failed (names the version).
+
+    Example:
+        >>> save_model(model, "model_dir", input_example=x)
+        >>> model = load_model("model_dir")
     """
     _check_module(pytorch_model)
     check_compression(compression)
@@ -266,6 +314,9 @@ def _save(
 ) -> None:
     """``save_model`` of a state captured and checked already (see ``Capture``)."""
     _check_pytorch_options(serialization_format, torch_save_kwargs)
+    exportable = capture.skeleton is None and capture.state_prefix is None and capture.written is None
+    if serialization_format == "pt2":
+        _check_pt2(module, model_factory, input_example, exportable)
     _validate_env_arguments(conda_env, pip_requirements, extra_pip_requirements)
     factory = (model_factory, check_factory(model_factory, factory_kwargs, resolve=True)) if model_factory else None
     path = os.path.abspath(path)
@@ -284,6 +335,7 @@ def _save(
             code_paths,
             extra_files,
             capture.skeleton,
+            serialization_format if exportable else "pickle",
         )
         if capture.state_prefix:  # a checkpoint: the model's tensors live under this prefix
             conf["state_prefix"] = capture.state_prefix
@@ -422,20 +474,10 @@ def _write_small_files(
     code_paths: list[str] | None,
     extra_files: list[str] | None,
     skeleton: bytes | None = None,
+    serialization_format: str | None = None,
 ) -> dict:
     """Everything but the weights; returns the flavor's configuration entries."""
     os.makedirs(os.path.join(path, _DATA_SUBPATH))
-    conf: dict[str, Any] = {}
-    if factory:
-        conf["model_factory"], conf["factory_kwargs"] = factory
-    elif isinstance(module, torch.jit.ScriptModule):
-        with open(os.path.join(path, _DATA_SUBPATH, _PROGRAM_FILE), "wb") as f:
-            f.write(_program_without_weights(module))
-        conf["torchscript"] = f"{_DATA_SUBPATH}/{_PROGRAM_FILE}"
-    else:
-        with open(os.path.join(path, _DATA_SUBPATH, SKELETON_FILE), "wb") as f:
-            f.write(skeleton if skeleton is not None else dump_skeleton(module))
-        conf["skeleton"] = f"{_DATA_SUBPATH}/{SKELETON_FILE}"
     saved_example = None
     if input_example is not None:
         try:
@@ -443,16 +485,74 @@ def _write_small_files(
         except MlflowException:  # tensors and lists of arrays: saved nowhere, as in mlflow.pytorch
             saved_example = None
     if signature is None and saved_example is not None:
-        signature = _infer_signature_from_input_example(saved_example, _LanceModelWrapper(module, torch.device("cpu")))
+        signature = _infer_signature_from_input_example(saved_example, LanceModelWrapper(module, torch.device("cpu")))
     if signature:  # False: no signature
         mlflow_model.signature = signature
     if metadata is not None:
         mlflow_model.metadata = metadata
+    conf = _write_architecture(module, path, factory, skeleton, serialization_format, input_example, signature)
     code = _validate_and_copy_code_paths(code_paths, path)
     if code:
         conf["code"] = code
     conf.update(_copy_extra_files(extra_files, path))
     return conf
+
+
+def _write_architecture(
+    module: torch.nn.Module,
+    path: str,
+    factory: tuple[str, dict] | None,
+    skeleton: bytes | None,
+    serialization_format: str | None,
+    input_example: ModelInputExample | None,
+    signature: ModelSignature | None,
+) -> dict[str, Any]:
+    """The architecture (see ``save_model``); returns its flavor configuration entry."""
+    if factory:
+        return {"model_factory": factory[0], "factory_kwargs": factory[1]}
+    if isinstance(module, torch.jit.ScriptModule):
+        with open(os.path.join(path, _DATA_SUBPATH, _PROGRAM_FILE), "wb") as f:
+            f.write(_program_without_weights(module))
+        return {"torchscript": f"{_DATA_SUBPATH}/{_PROGRAM_FILE}"}
+    if serialization_format != "pickle" and input_example is not None:
+        exported = _exported(module, input_example, signature, required=serialization_format == "pt2")
+        if exported is not None:
+            with open(os.path.join(path, _DATA_SUBPATH, program.PROGRAM_FILE), "wb") as f:
+                f.write(exported)
+            return {"exported_program": f"{_DATA_SUBPATH}/{program.PROGRAM_FILE}"}
+    with open(os.path.join(path, _DATA_SUBPATH, SKELETON_FILE), "wb") as f:
+        f.write(skeleton if skeleton is not None else dump_skeleton(module))
+    return {"skeleton": f"{_DATA_SUBPATH}/{SKELETON_FILE}"}
+
+
+def _exported(
+    module: torch.nn.Module, input_example: ModelInputExample, signature: ModelSignature | None, *, required: bool
+) -> bytes | None:
+    """The ``torch.export`` program of ``module`` without its weights; None (with a warning
+    that says why) when it cannot be made and ``pt2`` was not asked for. Asked for, the module
+    is exported as it is (train or eval mode), as mlflow.pytorch exports it; by default in eval
+    mode, as ``load_model`` has always returned a model."""
+    inputs = program.tensor_inputs(input_example)
+    try:
+        if inputs is None:
+            raise ValueError("the input example is not an array or tensor, or a tuple or list of them")
+        exported = program.export(module, inputs, signature or None, eval_mode=not required)
+        return program.dump(exported, list(module.state_dict()))
+    except Exception as err:  # torch.export raises anything for a model it cannot trace
+        reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:300] if str(err).strip() else ''}"
+        if required:
+            raise ValueError(
+                f"serialization_format='pt2': this model cannot be stored as a torch.export program ({reason}). "
+                f"Pass serialization_format='pickle' to store it as a skeleton, or a model_factory"
+            ) from err
+        warnings.warn(
+            f"mlflow_lance stores this model's architecture as a pickled skeleton, not as a torch.export "
+            f"(pt2) program, because export failed ({reason}); loading it will need pickle. Pass "
+            f"serialization_format='pickle' to skip the attempt, or model_factory= to load without pickle.",
+            UserWarning,
+            stacklevel=2,
+        )
+        return None
 
 
 def _refuse_unknown(function: str, given: Mapping[str, Any], accepted: set[str]) -> None:
@@ -464,14 +564,38 @@ def _refuse_unknown(function: str, given: Mapping[str, Any], accepted: set[str])
 
 
 def _check_pytorch_options(serialization_format: str | None, torch_save_kwargs: Mapping[str, Any]) -> None:
-    if serialization_format not in (None, "pickle"):
+    if serialization_format not in (None, "pickle", "pt2"):
         raise ValueError(
-            f"serialization_format={serialization_format!r} is not supported by mlflow_lance: the weights "
-            f"always go to Lance, and the architecture is stored as a weight-free skeleton (pass "
-            f"serialization_format='pickle' or leave it out), a TorchScript program (pass a "
-            f"torch.jit.script/trace module) or a model_factory that loads without pickle"
+            f"serialization_format={serialization_format!r} is not supported: pass 'pt2' (a torch.export "
+            f"program, with an input example), 'pickle' (a weight-free skeleton) or leave it out; the weights "
+            f"always go to Lance"
         )
     _refuse_unknown("save_model", torch_save_kwargs, _TORCH_SAVE_OPTIONS)
+
+
+def _check_pt2(
+    module: torch.nn.Module, model_factory: str | None, input_example: ModelInputExample | None, exportable: bool
+) -> None:
+    """Refuse ``serialization_format="pt2"`` where no program can be stored, before anything is written."""
+    if model_factory:
+        raise ValueError(
+            "serialization_format='pt2' and model_factory both name the architecture; pass one (a factory "
+            "loads without pickle too)"
+        )
+    if isinstance(module, torch.jit.ScriptModule):
+        raise ValueError(
+            "The 'pt2' serialization format is not supported for torch.jit.ScriptModule models, please set "
+            "`serialization_format` to 'pickle' (mlflow_lance stores the TorchScript program without its weights)."
+        )
+    if not exportable:
+        raise ValueError("serialization_format='pt2' is not supported for checkpoints and sharded models")
+    if program.tensor_inputs(input_example) is None:
+        raise ValueError(  # mlflow.pytorch's words
+            "If `serialization_format` is set to 'pt2', then input_example is required. It must be a numpy "
+            "array or torch tensor, or a tuple/list of numpy arrays or torch tensors. This is because 'pt2' is "
+            "a traced-graph format: PyTorch traces the model graph by virtually executing model.forward with "
+            "the provided example input."
+        )
 
 
 def _program_without_weights(module: torch.jit.ScriptModule) -> bytes:
@@ -556,9 +680,10 @@ def log_model(
     compression: str | None = None,
     **kwargs: Any,
 ) -> mlflow.models.model.ModelInfo:
-    """Log ``pytorch_model`` to the active run (started if none): its weights as a new version
-    of a Lance dataset, the rest (MLmodel, environment, architecture) to MLflow, as
-    ``mlflow.pytorch.log_model`` does, whose parameters it accepts.
+    """Log ``pytorch_model`` to the active run (started if none), as ``mlflow.pytorch.log_model``.
+
+    Its weights become a new version of a Lance dataset, the rest (MLmodel, environment,
+    architecture) goes to MLflow; every parameter of ``mlflow.pytorch.log_model`` is accepted.
 
     Afterwards the run, the logged model and the model version carry ``lance.*`` tags, the
     version is pinned, and the sidecar next to the dataset is up to date. Bookkeeping for the
@@ -583,6 +708,10 @@ def log_model(
             the decode (~1 GB/s per core): object storage, an MLflow artifact proxy;
             ``"zstd"``: one zstd frame per payload. None keeps what an existing dataset was
             created with; another value than that raises ValueError before anything is logged.
+        **kwargs: ``serialization_format`` (``"pt2"``: the ``torch.export`` program, which needs
+            an array or tensor ``input_example``; ``"pickle"``: the skeleton; left out: ``pt2``
+            when there is an input example and torch.export succeeds, see ``save_model``),
+            ``pickle_module`` and torch.save's options, as ``mlflow.pytorch.log_model`` takes them.
         signature, input_example, pip_requirements, extra_pip_requirements, conda_env,
             code_paths, extra_files, metadata, tags, params, step, await_registration_for:
             as in ``mlflow.pytorch.log_model``.
@@ -608,6 +737,8 @@ def log_model(
             "self_contained=True keeps the weights in the model's artifacts: pass no lance_uri, one process"
         )
     if distributed.collective(pytorch_model):
+        if kwargs.get("serialization_format") == "pt2":
+            raise ValueError("serialization_format='pt2' is not supported for sharded models; nothing was written")
         return _log_sharded(
             pytorch_model,
             name or artifact_path or "model",
@@ -676,7 +807,7 @@ def _log(
     new = False
     if not self_contained:
         client = mlflow.MlflowClient()
-        new = registered_model_name is not None and not lifecycle.registered(client, registered_model_name)
+        new = registered_model_name is not None and not bindings.registered(client, registered_model_name)
         location, experiment_id, binding = _location_for(
             name, registered_model_name, lance_uri, storage_options, run_id
         )
@@ -786,7 +917,7 @@ def _log_sharded(
     try:  # a failure here is every rank's, at the first step of the write
         shards = distributed.stage(get_model_state_dict(module), clone=False)
         skeleton = dump_skeleton(plain) if rank == 0 else None
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:  # noqa: BLE001 (raised on every rank by distributed.write_and_commit)
         failed = err
 
     def log(written: writer.Written) -> mlflow.models.model.ModelInfo:
@@ -835,18 +966,18 @@ def _location_for(
     storage_options,
     run_id: str | None = None,
 ) -> tuple[Dataset, str, str | None]:
-    """Where the weights go, the experiment, and the registered model's binding (see lifecycle.py).
+    """Where the weights go, the experiment, and the registered model's binding (see bindings.py).
 
     A registered model writes to the dataset it is bound to for its whole life (renames
     included); an explicit ``lance_uri`` wins but does not rebind the model.
     """
     run = mlflow.MlflowClient().get_run(run_id) if run_id else mlflow.active_run()
-    experiment_id = run.info.experiment_id if run else mlflow.tracking.fluent._get_experiment_id()
+    experiment_id = run.info.experiment_id if run else _get_experiment_id()
     binding = None
     if registered_model_name:
         client = mlflow.MlflowClient()
         if lance_uri:
-            binding, _ = lifecycle.bind(client, registered_model_name, create=True)
+            binding, _ = bindings.bind(client, registered_model_name, create=True)
         else:
             artifact_location = mlflow.get_experiment(experiment_id).artifact_location
 
@@ -859,7 +990,7 @@ def _location_for(
                     experiment_id=experiment_id,
                 ).uri
 
-            binding, lance_uri = lifecycle.dataset_of(client, registered_model_name, default)
+            binding, lance_uri = bindings.dataset_of(client, registered_model_name, default)
     artifact_location = None
     if not lance_uri:
         artifact_location = mlflow.get_experiment(experiment_id).artifact_location
@@ -915,10 +1046,16 @@ def _load_from_local(
                 f"disabled, and a program is code from the model directory. Load only the weights with "
                 f"mlflow_lance.load_state_dict()."
             )
-        program = modeldir.read(local_path, conf["torchscript"], limit=modeldir.MAX_ARCHITECTURE)
+        script = modeldir.read(local_path, conf["torchscript"], limit=modeldir.MAX_ARCHITECTURE)
         with _reaching(local_path, uri, version):
             state_dict = store.read_state_dict(uri, version, storage_options=opts, verify=verify)
-        return _load_program(program, state_dict, device).eval()
+        return _load_program(script, state_dict, device).eval()
+    if "exported_program" in conf:  # JSON and raw bytes: loads with pickle refused (checked, untrusted)
+        where = os.path.join(local_path, conf["exported_program"])
+        data = modeldir.read(local_path, conf["exported_program"], limit=modeldir.MAX_ARCHITECTURE)
+        with _reaching(local_path, uri, version):
+            state_dict = store.read_state_dict(uri, version, map_location=device, storage_options=opts, verify=verify)
+        return program.load(data, where, state_dict, device, untrusted=trusted_only, strict=strict)
     if "model_factory" in conf:
         with _reaching(local_path, uri, version):
             module = _built_to_fit(conf, local_path, trusted_only, store.Dataset(uri, opts), version, strict)
@@ -970,7 +1107,7 @@ def _built_to_fit(
         shape = build_from_factory(*spec, trusted_only=trusted_only, model_dir=local_path, device="meta")
     except PermissionError:
         raise
-    except Exception:  # noqa: BLE001 - the meta build is an early check only; the real build decides
+    except Exception:  # noqa: BLE001 (the meta build is an early check only; the real build decides)
         shape = None
     if shape is not None:
         store.check_fits(shape, dataset, version, strict=strict)
@@ -988,8 +1125,10 @@ def load_model(
     allow_pickle: bool | None = None,
     **torch_load_kwargs: Any,
 ) -> torch.nn.Module:
-    """Load a model logged with this flavor: the architecture from MLflow's artifact store (a
-    few KB), the weights straight from the Lance version it was logged with.
+    """Load a model logged with this flavor, as ``mlflow.pytorch.load_model``.
+
+    The architecture comes from MLflow's artifact store (a few KB), the weights straight from
+    the Lance version it was logged with.
 
     Args:
         model_uri: ``runs:/<run id>/<name>``, ``models:/<model id>``, ``models:/<name>/<version>``,
@@ -999,16 +1138,20 @@ def load_model(
         strict: refuse missing and unexpected keys.
         verify: rehash every byte of the weights.
         allow_pickle: False refuses the skeleton pickle and TorchScript programs and treats the
-            directory as untrusted (default: MLFLOW_ALLOW_PICKLE_DESERIALIZATION).
+            directory as untrusted: a ``pt2`` program loads only after ``program.check``
+            (default: MLFLOW_ALLOW_PICKLE_DESERIALIZATION).
         torch_load_kwargs: ``weights_only``, ``pickle_module``, ``mmap``, ``encoding``: accepted,
             as ``mlflow.pytorch.load_model`` passes them; weights are never unpickled.
 
     Returns:
-        The module, in eval mode, its parameters the loaded tensors.
+        The module, in eval mode, its parameters the loaded tensors; for a ``pt2`` model the
+        program's ``ExportedProgram.module()`` (a ``torch.fx.GraphModule``), as
+        ``mlflow.pytorch.load_model`` returns it.
 
     Raises:
         PermissionError: pickle refused and the model needs it (or its factory is not trusted).
-        CorruptionError / VersionNotFoundError: its weights cannot be loaded as recorded.
+        CorruptionError / VersionNotFoundError: its weights cannot be loaded as recorded, or its
+            ``pt2`` program is damaged or (pickle refused) names more than torch's operators.
 
     Example:
         >>> model = load_model("models:/churn@champion", map_location="cuda:0")
@@ -1066,7 +1209,7 @@ def model_state_dict(
 def _download_model(model_uri: str, dst_path: str) -> str:
     """Fetch what loading needs (MLmodel, data/ with the architecture and pointer, code/)
     and nothing else: no environment files, no examples, never weights."""
-    base = lifecycle.model_dir_uri(model_uri).rstrip("/")
+    base = bindings.model_dir_uri(model_uri).rstrip("/")
     os.makedirs(dst_path, exist_ok=True)
     with _quiet_downloads():
         _download_artifact_from_uri(f"{base}/{MLMODEL_FILE_NAME}", output_path=dst_path)
@@ -1086,7 +1229,7 @@ def model_pointer(uri: str) -> Iterator[tuple[str, int] | None]:
     if scheme in ("runs", "models", "mlflow-artifacts"):
         with _quiet_downloads():
             try:
-                conf = lifecycle.flavor_conf(uri)
+                conf = bindings.flavor_conf(uri)
             except (MlflowException, OSError):
                 pointer = state_dict_pointer(uri)
                 if pointer is None:
@@ -1137,19 +1280,31 @@ def state_dict_pointer(uri: str) -> tuple[str, int] | None:
 def log_state_dict(
     state_dict: Mapping[str, Any], artifact_path: str, *, compression: str | None = None, **kwargs: Any
 ) -> None:
-    """Log a state dict, or any checkpoint dict (optimizer and scheduler states, counters),
-    to the active run, as ``mlflow.pytorch.log_state_dict`` does: its tensors become a Lance
-    version (deduplicated against the run's earlier ones), the rest JSON; the run's
+    """Log a state dict, or any checkpoint dict, to the active run (started if none).
+
+    As ``mlflow.pytorch.log_state_dict`` does, with optimizer and scheduler states and
+    counters too: its tensors become a Lance version (deduplicated against the last one
+    logged at the same ``artifact_path`` in the experiment), the rest JSON; the run's
     artifacts get a small pointer at ``artifact_path``, so that
-    ``load_state_dict("runs:/<run id>/<artifact_path>")`` reads it back. torch.save's
-    options are accepted and change nothing (nothing is pickled).
+    ``load_state_dict("runs:/<run id>/<artifact_path>")`` reads it back.
 
     Args:
-        state_dict: a state dict or checkpoint dict.
-        artifact_path: where the pointer goes in the run's artifacts (and the dataset's name).
+        state_dict: name -> tensor, or a checkpoint dict (tensors nested in dicts, lists and
+            tuples next to numbers, strings and None).
+        artifact_path: where the pointer goes in the run's artifacts.
         compression: as ``log_model``'s: None (default; raw for a new dataset, else what it
             was created with), ``"none"``, ``"auto"`` or ``"zstd"``.
-        **kwargs: torch.save's options, accepted for compatibility.
+        **kwargs: torch.save's options and ``pickle_module``: accepted, and change nothing
+            (nothing is pickled).
+
+    Raises:
+        TypeError / ValueError: a value that cannot be stored (nothing is written), or a
+            keyword argument ``mlflow.pytorch.log_state_dict`` does not take.
+
+    Example:
+        >>> with mlflow.start_run() as run:
+        ...     log_state_dict({"model": model.state_dict(), "epoch": 3}, "ckpt")
+        >>> load_state_dict(f"runs:/{run.info.run_id}/ckpt")
     """
     _refuse_unknown("log_state_dict", kwargs, _TORCH_SAVE_OPTIONS | {"pickle_module"})
     check_compression(compression)
@@ -1188,100 +1343,9 @@ def log_state_dict(
 # --------------------------------------------------------------------------- pyfunc
 
 
-class _LanceModelWrapper:
-    """``mlflow.pyfunc`` view of the module, as mlflow.pytorch's: a DataFrame in (cast to
-    float32 as mlflow.pytorch casts it) gives a DataFrame out with the input's index; numpy
-    arrays and dicts of arrays (keyword inputs, an extension) give numpy; lists and anything
-    else are refused with mlflow.pytorch's errors; ``params`` are passed to ``forward`` as
-    keyword arguments."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.module = module
-        self.device = device
-
-    def get_raw_model(self) -> torch.nn.Module:
-        return self.module
-
-    def _tensor(self, value: Any) -> torch.Tensor:
-        array = value.to_numpy() if hasattr(value, "to_numpy") else np.asarray(value)
-        if any(s < 0 for s in array.strides):  # torch takes any other layout as it is, as mlflow.pytorch does
-            array = np.ascontiguousarray(array)
-        t = torch.from_numpy(array)
-        if t.is_floating_point():
-            t = t.to(self._float_dtype())
-        return t.to(self.device)
-
-    def _float_dtype(self) -> torch.dtype:
-        for p in self.module.parameters():
-            if p.is_floating_point():
-                return p.dtype
-        return torch.float32
-
-    def predict(self, data: Any, params: dict | None = None) -> Any:
-        import pandas as pd
-
-        if params and "device" in params:
-            raise ValueError(
-                "'device' can no longer be specified as an inference parameter. It must be specified at "
-                "load time, for example: mlflow.pyfunc.load_model(model_uri, model_config={'device': 'cuda'})."
-            )
-        kwargs = dict(params or {})
-        with torch.no_grad():
-            if isinstance(data, pd.DataFrame):
-                out = self.module(self._tensor(_float32(data)), **kwargs)
-                if isinstance(out, torch.Tensor):
-                    return pd.DataFrame(out.detach().cpu().numpy(), index=data.index)
-            elif isinstance(data, Mapping):  # an extension: keyword inputs
-                out = self.module(**{k: self._tensor(v) for k, v in data.items()}, **kwargs)
-            elif isinstance(data, np.ndarray):
-                out = self.module(self._tensor(data), **kwargs)
-            elif isinstance(data, list):  # mlflow.pytorch's errors, word for word
-                raise TypeError(
-                    "The PyTorch flavor does not support List or Dict input types. "
-                    "Please use a pandas.DataFrame or a numpy.ndarray"
-                )
-            else:
-                raise TypeError("Input data should be pandas.DataFrame or numpy.ndarray")
-        return _to_numpy(out)
-
-
-def _float32(frame: Any) -> np.ndarray:
-    """A DataFrame as float32, as mlflow.pytorch feeds it; an error names what cannot be cast."""
-    try:
-        return frame.to_numpy(dtype=np.float32)
-    except (TypeError, ValueError) as err:
-        from pandas.api.types import is_bool_dtype, is_numeric_dtype
-
-        bad = [str(c) for c, t in frame.dtypes.items() if not (is_numeric_dtype(t) or is_bool_dtype(t))]
-        raise TypeError(
-            f"the model takes float32 input; DataFrame column(s) {bad or list(frame.columns)} cannot be cast "
-            f"({err}). Convert them to numbers first."
-        ) from None
-
-
-def _to_numpy(out: Any) -> Any:
-    if isinstance(out, torch.Tensor):
-        return out.detach().cpu().numpy()
-    if isinstance(out, Mapping):
-        return {k: _to_numpy(v) for k, v in out.items() if isinstance(v, torch.Tensor)}
-    if isinstance(out, (tuple, list)):
-        arrays = [_to_numpy(v) for v in out if isinstance(v, torch.Tensor)]
-        return arrays[0] if len(arrays) == 1 else arrays
-    return out
-
-
-def _default_device(model_config: dict | None) -> str:
-    """model_config's device, else MLFLOW_DEFAULT_PREDICTION_DEVICE, else CUDA when available."""
-    return (
-        (model_config or {}).get("device")
-        or os.environ.get("MLFLOW_DEFAULT_PREDICTION_DEVICE")
-        or ("cuda" if torch.cuda.is_available() else "cpu")
-    )
-
-
-def _load_pyfunc(data_path: str, model_config: dict | None = None) -> _LanceModelWrapper:
+def _load_pyfunc(data_path: str, model_config: dict | None = None) -> LanceModelWrapper:
     """Called by ``mlflow.pyfunc.load_model`` with the model's ``data`` directory."""
-    device = _default_device(model_config)
+    device = default_device(model_config)
     local_path = os.path.dirname(os.path.abspath(data_path))
     module = _load_from_local(local_path, map_location=device, strict=True, verify=False, allow_pickle=None)
-    return _LanceModelWrapper(module, torch.device(device))
+    return LanceModelWrapper(module, torch.device(device))

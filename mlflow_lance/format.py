@@ -22,6 +22,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -156,7 +157,7 @@ def build_entries(rows: Iterable[Located]) -> OrderedDict[str, Entry]:
         first = group[0][1].meta
         e = out[name] = Entry(name, first["dtype"], first["shape"], first["nbytes"], first["alias"], [], [])
         ends = [located.meta["offset"] for _, located in group[1:]] + [0 if e.tie else e.nbytes]
-        for (index, (meta, address, position, file, stored)), end in zip(group, ends):
+        for (index, (meta, address, position, file, stored)), end in zip(group, ends, strict=True):
             size = end - meta["offset"]  # a chunk runs to the next chunk's offset
             e.meta.append(meta)
             e.rows.append(
@@ -258,7 +259,7 @@ def _overlaps(entries: Mapping[str, Entry]) -> list[Problem]:
     out = []
     for file, ranges in spans.items():
         ranges.sort()
-        for (_, end, name, chunk), (start, _, other, other_chunk) in zip(ranges, ranges[1:]):
+        for (_, end, name, chunk), (start, _, other, other_chunk) in pairwise(ranges):
             if start < end:
                 out.append(Problem(other, other_chunk, file, f"its bytes overlap chunk {chunk} of {name[:200]!r}"))
                 break

@@ -781,7 +781,7 @@ def _within(limit: float, uri: str, call: Any) -> Any:
     def run() -> None:
         try:
             box["out"] = call()
-        except BaseException as err:  # noqa: BLE001 - handed to the caller below
+        except BaseException as err:  # noqa: BLE001 (handed to the caller below)
             box["err"] = err
         done.set()
 

@@ -137,8 +137,8 @@ def rows(doc: dict) -> list[Located]:
     n = len(META_COLUMNS)
     places = [(fid << 32 | i, path) for fid, path, count in doc["fragments"] for i in range(count)]
     return [
-        Located(dict(zip(META_COLUMNS, row[:n])), address, row[n], path, row[n + 1])
-        for row, (address, path) in zip(doc["rows"], places)
+        Located(dict(zip(META_COLUMNS, row[:n], strict=True)), address, row[n], path, row[n + 1])
+        for row, (address, path) in zip(doc["rows"], places, strict=True)
     ]
 
 

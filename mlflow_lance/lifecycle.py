@@ -15,19 +15,14 @@ or copied with plain MLflow calls), removes the pins whose reference is gone, th
 store delete unpinned versions. A pin is removed only when its reference is positively gone;
 anything that cannot be checked stays pinned.
 
-A registered model's *binding* is a registered-model tag that survives renames: its
-identity (``mlflow_lance.binding``, from the name and creation time of the model it was
-first seen as) and its dataset (``mlflow_lance.dataset``). Renaming keeps both; a new model
-that reuses an old name gets a new binding and a new dataset.
+Which dataset a registered model's versions go to is its *binding* (bindings.py).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import tempfile
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -35,201 +30,27 @@ from typing import Any
 import mlflow
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
-from mlflow.models.model import MLMODEL_FILE_NAME
-from mlflow.store.artifact.models_artifact_repo import ModelsArtifactRepository
-from mlflow.tracking._tracking_service.utils import is_tracking_uri_set
-from mlflow.tracking.artifact_utils import _download_artifact_from_uri
 
-from . import modeldir, sidecar, store
+from . import sidecar, store
 from .artifacts import ROOT_ENV, is_dataset_target, lance_root, options
+from .bindings import (
+    BINDING_TAG,
+    DATASET_TAG,
+    binding_id,
+    exists,
+    flavor_conf,
+    not_found,
+    paged,
+    quote_filter,
+    same_dataset,
+    set_registered_tag,
+)
+from .compat import is_tracking_uri_set
 from .fs import list_dirs, local_path
-from .modeldir import FLAVOR_NAME
 
-BINDING_TAG = "mlflow_lance.binding"
-DATASET_TAG = "mlflow_lance.dataset"
 _MODEL_ID_SOURCE = re.compile(r"^models:/(m-[0-9A-Za-z]+)/?$")
 _MODEL_VERSION_SOURCE = re.compile(r"^models:/[^@]+/\d+/?$")
 _LOGGED_MODEL_LOCATION = re.compile(r"/models/(m-[0-9a-f]{32})/artifacts/?$")
-
-
-# --------------------------------------------------------------------------- reading MLflow
-
-
-def model_dir_uri(uri: str) -> str:
-    """The artifact URI of a model's directory, so that single files can be fetched from it.
-
-    ``models:/...`` resolves through the registry; ``runs:/<run>/<name>`` to the newest
-    logged model of that name in the run (MLflow 3), else to the run's own artifacts.
-    """
-    if uri.startswith("models:"):
-        return ModelsArtifactRepository.get_underlying_uri(uri)
-    if uri.startswith("runs:"):
-        run_id, name = runs_uri(uri)
-        client = MlflowClient()
-        experiment_id = client.get_run(run_id).info.experiment_id
-        models = client.search_logged_models(
-            experiment_ids=[experiment_id], filter_string=f"name = {quote_filter(name)}"
-        )
-        matches = [m for m in models if m.source_run_id == run_id]
-        if matches:
-            newest = max(matches, key=lambda m: m.creation_timestamp)
-            return ModelsArtifactRepository.get_underlying_uri(f"models:/{newest.model_id}")
-    return uri
-
-
-def runs_uri(uri: str) -> tuple[str, str]:
-    """(run id, artifact path) of a ``runs:/<run id>/<path>`` URI (the path without slashes
-    at its ends; empty if the URI names none)."""
-    run_id, _, name = uri[len("runs:") :].lstrip("/").partition("/")
-    return run_id, name.strip("/")
-
-
-def flavor_conf(model_uri: str) -> dict | None:
-    """The mlflow_lance flavor section of a model's MLmodel (fetches that one file, and reads
-    it as untrusted input: see modeldir.py)."""
-    with tempfile.TemporaryDirectory(prefix="mlflow_lance_") as local:
-        _download_artifact_from_uri(model_dir_uri(model_uri).rstrip("/") + "/" + MLMODEL_FILE_NAME, local)
-        conf = (modeldir.mlmodel(local).flavors or {}).get(FLAVOR_NAME)
-        return conf if isinstance(conf, dict) else None
-
-
-def quote_filter(value: str) -> str:
-    """A string literal for MLflow's filter syntax (quotes in names escaped)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
-def not_found(err: BaseException) -> bool:
-    """True if MLflow said the thing does not exist (as opposed to any other failure), or
-    that the row an update meant to change vanished under it (deleted meanwhile)."""
-    return isinstance(err, MlflowException) and (
-        err.error_code == "RESOURCE_DOES_NOT_EXIST" or "0 were matched" in str(err.message)
-    )
-
-
-def _found(lookup: Callable[..., Any], *args: Any) -> bool:
-    """Whether MLflow finds the thing; False only when it says it does not exist, or refuses
-    the id as malformed (ids come from a dataset's commits: a crafted one names nothing)."""
-    try:
-        lookup(*args)
-        return True
-    except MlflowException as err:
-        if not_found(err) or err.error_code == "INVALID_PARAMETER_VALUE":
-            return False
-        raise
-
-
-def paged(search: Callable[..., Any], **kwargs: Any) -> Iterator[Any]:
-    token = None
-    while True:
-        page = search(page_token=token, **kwargs)
-        yield from page
-        token = page.token
-        if not token:
-            return
-
-
-def same_dataset(a: str, b: str) -> bool:
-    """Whether two dataset URIs name the same dataset (local paths compared resolved)."""
-
-    def norm(uri: str) -> str:
-        local = local_path(uri)
-        return os.path.realpath(local) if local is not None else uri.rstrip("/")
-
-    return norm(a) == norm(b)
-
-
-# --------------------------------------------------------------------------- bindings
-
-
-def binding_id(name: str, creation_timestamp: int | None) -> str:
-    """A registered model's identity: the same for every writer that sees the same model."""
-    return hashlib.sha256(f"{name}\0{creation_timestamp}".encode()).hexdigest()[:12]
-
-
-def racing_set(set_tag: Callable[[], object], now: Callable[[], str | None], value: str) -> None:
-    """``set_tag()``, the set of a tag that concurrent writers may be setting to the same
-    value: a racing insert of the same key fails on some backends, which is fine when the
-    value it wanted is there (``now()`` re-reads it); "not found" and anything else raise."""
-    try:
-        set_tag()
-    except MlflowException as err:
-        if not_found(err) or now() != value:
-            raise
-
-
-def _set_tag(client: MlflowClient, name: str, key: str, value: str) -> None:
-    """Set a registered-model tag that concurrent writers set to the same value."""
-    racing_set(
-        lambda: client.set_registered_model_tag(name, key, value),
-        lambda: (client.get_registered_model(name).tags or {}).get(key),
-        value,
-    )
-
-
-def registered(client: MlflowClient, name: str) -> bool:
-    """Whether registered model ``name`` exists."""
-    try:
-        client.get_registered_model(name)
-    except MlflowException as err:
-        if not_found(err):
-            return False
-        raise
-    return True
-
-
-def bind(client: MlflowClient, name: str, *, create: bool = False) -> tuple[str, Any]:
-    """(binding, registered model) of ``name``, creating either if missing.
-
-    The binding is computed from the name and creation time, so concurrent writers that
-    bind the same new model agree without coordination, and stored as a tag, so a rename
-    keeps it.
-    """
-    try:
-        rm = client.get_registered_model(name)
-    except MlflowException as err:
-        if not (create and not_found(err)):
-            raise
-        try:
-            client.create_registered_model(name)
-        except MlflowException as exists:
-            if exists.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        rm = client.get_registered_model(name)
-    binding = (rm.tags or {}).get(BINDING_TAG)
-    if not binding:
-        binding = binding_id(name, rm.creation_timestamp)
-        _set_tag(client, name, BINDING_TAG, binding)
-    return binding, rm
-
-
-def dataset_of(client: MlflowClient, name: str, default: Callable[[str], str]) -> tuple[str, str]:
-    """(binding, dataset URI) where ``log_model(registered_model_name=name)`` writes.
-
-    The dataset the model is bound to; else the one its earliest mlflow_lance version was
-    logged to (registered later, or bound before the binding existed), which then becomes
-    its binding; else ``default(binding)``, a new dataset of its own.
-    """
-    binding, rm = bind(client, name, create=True)
-    uri = (rm.tags or {}).get(DATASET_TAG)
-    if not uri:
-        uri = _adopt(client, name) or default(binding)
-        _set_tag(client, name, DATASET_TAG, uri)
-    return binding, uri
-
-
-def _adopt(client: MlflowClient, name: str) -> str | None:
-    versions = sorted(
-        paged(client.search_model_versions, filter_string=f"name = {quote_filter(name)}", max_results=1000),
-        key=lambda mv: int(mv.version),
-    )
-    for mv in versions:
-        try:
-            conf = flavor_conf(f"models:/{name}/{mv.version}")
-        except (MlflowException, OSError):
-            continue
-        if conf is not None and not conf.get("self_contained") and not conf.get("state_prefix"):
-            return conf["lance_uri"]  # (a checkpoint's dataset belongs to its run)
-    return None
 
 
 # --------------------------------------------------------------------------- references
@@ -288,7 +109,7 @@ class References:
             return found
         found = binding_id(name, rm.creation_timestamp)
         if store_tag:
-            _set_tag(self.client, name, BINDING_TAG, found)
+            set_registered_tag(self.client, name, BINDING_TAG, found)
             self._bindings[name] = found
         return found
 
@@ -306,12 +127,12 @@ class References:
     def logged_model_live(self, model_id: str) -> bool:
         """True unless MLflow says the logged model does not exist (deleted or purged)."""
         if model_id not in self._logged:
-            self._logged[model_id] = _found(self.client.get_logged_model, model_id)
+            self._logged[model_id] = exists(self.client.get_logged_model, model_id)
         return self._logged[model_id]
 
     def experiment_exists(self, experiment_id: str) -> bool:
         """True if this tracking server has the experiment (in any lifecycle stage)."""
-        return _found(self.client.get_experiment, experiment_id)
+        return exists(self.client.get_experiment, experiment_id)
 
     def knows(self, infos: list[store.VersionInfo], p: Survey) -> bool:
         """Whether this tracking server is the one that logged these versions: something it
@@ -334,19 +155,19 @@ class References:
         logged models already pin, or no longer reference).
         """
         if pin.startswith(sidecar.MODEL_PIN):
-            return _found(self.client.get_logged_model, pin[len(sidecar.MODEL_PIN) :])
+            return exists(self.client.get_logged_model, pin[len(sidecar.MODEL_PIN) :])
         if (parsed := sidecar.parse_model_version_pin(pin)) is not None:
             binding, version = parsed
             models = self.client.search_registered_models(
                 filter_string=f"tags.`{BINDING_TAG}` = {quote_filter(binding)}", max_results=10
             )
-            return any(_found(self.client.get_model_version, rm.name, version) for rm in models)
+            return any(exists(self.client.get_model_version, rm.name, version) for rm in models)
         return False
 
     def run_live(self, run_id: str) -> bool:
         """True unless MLflow says the run does not exist (a deleted run can still be restored)."""
         if run_id not in self._runs:
-            self._runs[run_id] = _found(self.client.get_run, run_id)
+            self._runs[run_id] = exists(self.client.get_run, run_id)
         return self._runs[run_id]
 
     def target(self, mv: Any) -> Target | None:
@@ -437,7 +258,7 @@ def survey(uri: str, refs: References, opts: Mapping[str, str] | None = None) ->
             p.desired[sidecar.run_pin(run_id)] = info.version  # the run's newest such version
     refs.reread()
     unknown_bindings = _model_version_pins(p, refs)
-    for pin, version in pins.items():
+    for pin in pins:
         if pin in p.desired:
             continue
         parsed = sidecar.parse_model_version_pin(pin)
@@ -571,7 +392,7 @@ def gc_dataset(
     (plus, with ``keep_last``/``older_than``, other unreferenced versions outside that
     policy), never the latest, a version superseded less than ``grace`` ago, or one a person
     tagged; then every data file no surviving version shares, and the files no version names
-    that are older than ``grace`` (what killed saves left). See ``plan`` for the order of the
+    that are older than ``grace`` (what killed saves left). See ``survey`` for the order of the
     reads that keeps this safe while the registry changes.
     """
     opts = options(uri, storage_options)
@@ -655,6 +476,14 @@ def gc(
         removed, why each version kept stays (``kept``: an MLflow reference, a person's tag,
         latest, keep_last, older_than, grace, or never logged by MLflow), and, with ``all``,
         why a dataset was left alone (``skipped``).
+
+    Raises:
+        ValueError: neither ``target`` nor ``all`` given; for a dataset MLflow never logged
+            to, neither ``keep_last`` nor ``older_than``.
+        LookupError: a registered model with no version logged with mlflow_lance, or a
+            dataset logged through another tracking server than the one configured.
+        FileNotFoundError / WeightsError / MlflowException: a dataset or model named in
+            ``target`` cannot be read (with ``all``, such a dataset is ``skipped`` instead).
 
     Example:
         >>> gc(all=True, dry_run=True)

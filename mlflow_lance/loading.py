@@ -47,8 +47,9 @@ def load_state_dict(
     step: int | None = None,
     model_id: str | None = None,
 ) -> Any:
-    """The weights (a state dict, or the checkpoint dict that was saved) of a Lance dataset
-    URI or an MLflow model URI, read straight from Lance.
+    """Load the weights of a Lance dataset URI or an MLflow model URI, straight from Lance.
+
+    The weights come back as a state dict, or as the checkpoint dict that was saved.
 
     Args:
         uri: a dataset URI (a path, ``s3://``, ...), an MLflow model URI (``runs:/``,

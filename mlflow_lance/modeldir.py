@@ -2,7 +2,7 @@
 
 A model directory holds ``MLmodel`` (the flavor configuration), ``data/lance.yaml`` (the
 pointer to a Lance dataset and version) and the architecture (a skeleton pickle, a
-TorchScript program or nothing, for a factory). Each file is read here, once, with the same
+TorchScript or torch.export program or nothing, for a factory). Each file is read here, once, with the same
 rules: it lies inside the directory (a relative path without ``..``, no symbolic link on the
 way), it is a regular file (a FIFO is never waited on), it is no larger than a limit, and
 what does not parse is an error that names the file and never quotes it (a pointer linked
@@ -30,6 +30,7 @@ DATA = "data"
 POINTER = "lance.yaml"
 _MAX_SMALL = 16 << 20  # MLmodel, pointers
 MAX_ARCHITECTURE = 4 << 30  # a skeleton or program: the module without its weights
+_ARCHITECTURES = ("skeleton", "torchscript", "exported_program", "model_factory")
 
 
 def kind(path: str) -> str | None:
@@ -105,7 +106,8 @@ def mlmodel(model_dir: str) -> Any:
 
 def flavor_conf(model_dir: str) -> dict:
     """The mlflow_lance section of the directory's MLmodel, checked: exactly one architecture
-    (``skeleton`` or ``torchscript``: a file of the directory; or ``model_factory``), and
+    (``skeleton``, ``torchscript`` or ``exported_program``: a file of the directory; or
+    ``model_factory``), and
     optional strings where strings belong.
 
     Raises:
@@ -130,18 +132,17 @@ def flavor_conf(model_dir: str) -> dict:
     conf = flavors[FLAVOR_NAME]
     if not isinstance(conf, dict):
         raise CorruptionError(f"{where}: its {FLAVOR_NAME} flavor must be a mapping")
-    kinds = [k for k in ("skeleton", "torchscript", "model_factory") if k in conf]
+    kinds = [k for k in _ARCHITECTURES if k in conf]
     if len(kinds) != 1:
         raise CorruptionError(
-            f"{where} must name exactly one architecture (skeleton, torchscript or model_factory); it names "
-            f"{kinds or 'none'}"
+            f"{where} must name exactly one architecture ({', '.join(_ARCHITECTURES)}); it names {kinds or 'none'}"
         )
-    for key in ("skeleton", "torchscript", "model_factory", "state_prefix", "code", "pytorch_version"):
+    for key in (*_ARCHITECTURES, "state_prefix", "code", "pytorch_version"):
         if key in conf and conf[key] is not None and not isinstance(conf[key], str):
             raise CorruptionError(f"{where}: {FLAVOR_NAME}.{key} must be a string")
     if "factory_kwargs" in conf and conf["factory_kwargs"] is not None and not isinstance(conf["factory_kwargs"], dict):
         raise CorruptionError(f"{where}: {FLAVOR_NAME}.factory_kwargs must be a mapping")
-    for key in ("skeleton", "torchscript", "code"):
+    for key in ("skeleton", "torchscript", "exported_program", "code"):
         if conf.get(key) is not None:
             member(model_dir, conf[key])
     return conf

@@ -56,7 +56,7 @@ def plan_version(
     run_bytes = 0
     run_changed = False
     for t in tensors:
-        rows = list(zip(t.meta, t.payloads))
+        rows = list(zip(t.meta, t.payloads, strict=True))
         packable = t.name not in keep and len(rows) == 1 and t.nbytes < PACK_TENSOR_BYTES
         changed = t.name not in same  # changed tensors and rewritten unchanged ones never share a run,
         if run and (not packable or run_bytes + t.nbytes > PACK_RUN_BYTES or changed != run_changed):
@@ -67,7 +67,7 @@ def plan_version(
             run.append(rows[0])
             run_bytes += t.nbytes
         elif t.name in keep:
-            for row, old in zip(rows, same[t.name].rows):
+            for row, old in zip(rows, same[t.name].rows, strict=True):
                 if units and units[-1].reused == old.address >> 32:
                     units[-1].rows.append(row)
                     units[-1].old.append(old)
@@ -103,7 +103,7 @@ def reusable_tensors(
                 p += k
             else:
                 p += 1
-        drop = {name for (name, _), c in zip(addresses, covered) if not c} & keep
+        drop = {name for (name, _), c in zip(addresses, covered, strict=True) if not c} & keep
         if not drop:
             return keep
         keep -= drop

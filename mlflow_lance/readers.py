@@ -325,7 +325,7 @@ class _SeedValues(_Bytes):
 
     def fill(self, row: Row, dst: torch.Tensor) -> int:
         count, data = decoder.request(
-            "seed_values",
+            "docs_example_values",
             *self._target,
             what=f"row {row.index} of version {self.version}",
             memory=row.size,
@@ -378,7 +378,8 @@ class VersionReader:
 
     @property
     def entries(self) -> OrderedDict[str, Entry]:
-        """Every tensor of the version, in saved order, as its rows claim (see ``checked``)."""
+        """Every tensor of the version, in saved order, as its rows claim (``problems`` says
+        whether they hold together)."""
         if self._entries is None:
             self._entries = build_entries(self.located)
         return self._entries
@@ -503,7 +504,7 @@ class VersionReader:
                 )
                 for row, start, dst in batch
             ]
-            for (part, dst), got in zip(parts, self.source.fill_many(parts)):
+            for (part, dst), got in zip(parts, self.source.fill_many(parts), strict=True):
                 self._check_read(part, dst.numel(), got)
 
         # Consecutive pieces in batches of about PIECE bytes, a task each: thousands of small
@@ -613,7 +614,7 @@ def describe(dataset: Dataset, ds: lance.LanceDataset, *, rows_themselves: bool 
     Rows from an index that break a rule are never blamed on the version: the data files
     are asked."""
     if not check_format(ds, FORMAT_VERSION):
-        return _seed(dataset, ds)
+        return _docs_example(dataset, ds)
     uri, opts = dataset.uri, dataset.storage_options
     table = fragment_table(ds)
     digest = recorded_digest(ds)
@@ -662,19 +663,21 @@ def scan(dataset: Dataset, ds: lance.LanceDataset, table: list[index.Fragment]) 
     ):
         raise CorruptionError(f"{what} of {dataset.uri} are malformed (a value of the wrong type or range)")
     return [
-        Located(dict(zip(META_COLUMNS, row[:n])), row[-1], row[n], files.get(row[-1] >> 32, ""), row[n + 1])
+        Located(
+            dict(zip(META_COLUMNS, row[:n], strict=True)), row[-1], row[n], files.get(row[-1] >> 32, ""), row[n + 1]
+        )
         for row in found
     ]
 
 
-def _seed(dataset: Dataset, ds: lance.LanceDataset) -> VersionReader:
+def _docs_example(dataset: Dataset, ds: lance.LanceDataset) -> VersionReader:
     """A Lance docs example dataset: one row per tensor (``name``, ``shape``, float64 ``value``
     list). It records no hashes, compression or commit properties of ours, takes no new
     versions, and is decoded entirely in the decoder."""
     what = f"the rows of version {ds.version}"
     try:
         found, _ = decoder.request(
-            "seed_rows",
+            "docs_example_rows",
             *lance_target(dataset.uri, dataset.storage_options),
             what=what,
             version=ds.version,

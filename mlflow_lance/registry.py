@@ -35,9 +35,11 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.models.model import ModelInfo
 
-from . import lifecycle, sidecar, store
+from . import bindings, lifecycle, sidecar, store
 from .artifacts import is_dataset_target, options
-from .lifecycle import DATASET_TAG, FLAVOR_NAME, References, flavor_conf
+from .bindings import DATASET_TAG, flavor_conf
+from .lifecycle import References
+from .modeldir import FLAVOR_NAME
 
 HISTORY_MARKER = "<!-- mlflow-lance history -->"
 FALLBACK_LIMIT = 5000  # the shortest column mlflow-lance writes to (MLflow 3.x), if the schema cannot be read
@@ -137,7 +139,7 @@ def _for_the_ui(what: str, step: Callable[..., _T], *args: Any, **kwargs: Any) -
     try:
         return step(*args, **kwargs)
     except Exception as err:  # UI bookkeeping never fails a log
-        if lifecycle.not_found(err):
+        if bindings.not_found(err):
             _logger.warning(
                 "mlflow-lance: skipped %s: it was deleted or renamed meanwhile (%s)",
                 what,
@@ -217,7 +219,7 @@ def _present_version(
     for key, value in tags.items():
         if have.get(key) == value:
             continue
-        lifecycle.racing_set(
+        bindings.racing_set(
             lambda key=key, value=value: client.set_model_version_tag(name, version, key, value),
             lambda key=key: (client.get_model_version(name, version).tags or {}).get(key),
             value,
@@ -281,9 +283,9 @@ def after_log(
 def _model_versions(client: MlflowClient, name: str) -> list[ModelVersion]:
     """Every version of registered model ``name``, as MLflow lists them now."""
     return list(
-        lifecycle.paged(
+        bindings.paged(
             client.search_model_versions,
-            filter_string=f"name = {lifecycle.quote_filter(name)}",
+            filter_string=f"name = {bindings.quote_filter(name)}",
             max_results=1000,
         )
     )
@@ -301,7 +303,7 @@ def _catch_up(client: MlflowClient, name: str, binding: str) -> list[ModelVersio
         try:
             changed |= _bookkeep_version(client, name, str(mv.version), binding)
         except MlflowException as err:
-            if not lifecycle.not_found(err):
+            if not bindings.not_found(err):
                 raise
             client.get_registered_model(name)  # the model itself gone: its "not found" ends the catch-up
     return None if changed else versions
@@ -325,18 +327,39 @@ def _bookkeep_version(client: MlflowClient, name: str, version: str, binding: st
 
 
 def register_model(model_uri: str, name: str, **kwargs: Any) -> ModelVersion:
-    """``mlflow.register_model`` plus what ``log_model`` does for a new version: the pin, then,
-    for the UI, the ``lance.*`` tags, the description, the history table and the sidecar (a
-    failure of these is a warning). A version deleted, or its model renamed, before the pin is
-    set is left to ``gc`` and ``sync``, which pin from what MLflow lists, with a warning."""
+    """Register a model version, as ``mlflow.register_model`` does, and pin its weights.
+
+    Then does what ``log_model`` does for a new version: the pin (a Lance tag that keeps the
+    version from ``gc``), then, for the UI, the ``lance.*`` tags, the description, the history
+    table and the sidecar (a failure of these is a warning). A version deleted, or its model
+    renamed, before the pin is set is left to ``gc`` and ``sync``, which pin from what MLflow
+    lists, with a warning. A model logged with ``self_contained=True`` carries its weights
+    and gets no pin.
+
+    Args:
+        model_uri: the model to register (``runs:/<run id>/<name>``, ``models:/<model id>``, ...).
+        name: the registered model (created if it does not exist).
+        **kwargs: passed to ``mlflow.register_model`` (``await_registration_for``, ``tags``).
+
+    Returns:
+        MLflow's ModelVersion.
+
+    Raises:
+        MlflowException: as ``mlflow.register_model`` raises it (a registered model name the
+            registry refuses, a model URI it cannot resolve).
+
+    Example:
+        >>> mv = register_model(f"models:/{info.model_id}", "churn")
+        >>> load_model(f"models:/churn/{mv.version}")
+    """
     mv = mlflow.register_model(model_uri, name, **kwargs)
     client = MlflowClient()
     version = str(mv.version)
     try:
-        binding, _ = lifecycle.bind(client, name)
+        binding, _ = bindings.bind(client, name)
         conf = flavor_conf(f"models:/{name}/{version}")
     except MlflowException as err:
-        if not lifecycle.not_found(err):
+        if not bindings.not_found(err):
             raise
         _logger.warning(
             "mlflow-lance: model version %s of %r was deleted or renamed right after it was registered; "
@@ -359,9 +382,9 @@ def register_model(model_uri: str, name: str, **kwargs: Any) -> ModelVersion:
 def _bind_dataset(client: MlflowClient, name: str, uri: str) -> None:
     """Bind registered model ``name`` to dataset ``uri`` (where its later versions are logged)."""
     for key, value in _fitting({DATASET_TAG: uri}, "registered_model_tag", f"registered model {name!r}").items():
-        lifecycle.racing_set(
-            lambda: client.set_registered_model_tag(name, key, value),
-            lambda: (client.get_registered_model(name).tags or {}).get(key),
+        bindings.racing_set(
+            lambda key=key, value=value: client.set_registered_model_tag(name, key, value),
+            lambda key=key: (client.get_registered_model(name).tags or {}).get(key),
             value,
         )
 
@@ -461,7 +484,7 @@ def dataset_for_model(name: str) -> str:
     try:
         bound = (client.get_registered_model(name).tags or {}).get(DATASET_TAG)
     except MlflowException as err:
-        if lifecycle.not_found(err):
+        if bindings.not_found(err):
             raise LookupError(
                 f"no dataset found for {name!r}: it is neither a path or URI that exists nor a registered model"
             ) from None
@@ -482,7 +505,27 @@ def sync(target: str | os.PathLike | None = None, *, all: bool = False) -> list[
 
     A registered model or model version deleted or renamed while this runs is done with, not
     an error: its report says so (``skipped``: the model's sync ended there; ``gone``: model
-    versions that vanished) and every other model and dataset is synced.
+    versions that vanished) and every other model and dataset is synced. A version that lacks
+    its version index gets one (``store.reindex``).
+
+    Args:
+        target: a registered model name or a dataset URI.
+        all: every registered model, then every dataset under the Lance roots (``target`` is
+            then not needed).
+
+    Returns:
+        A SyncReport per dataset: the model versions it holds, the pins set and removed, the
+        model versions whose UI tags or description were rewritten, the versions reindexed,
+        and what was skipped or gone.
+
+    Raises:
+        ValueError: neither ``target`` nor ``all`` given.
+        LookupError: ``target`` is neither a registered model nor a dataset URI that exists,
+            or a registered model with no version logged with mlflow_lance.
+
+    Example:
+        >>> sync("churn")
+        >>> sync(all=True)
     """
     refs = References()
     reports: list[SyncReport] = []
@@ -493,7 +536,7 @@ def sync(target: str | os.PathLike | None = None, *, all: bool = False) -> list[
         done = [r.dataset for r in reports if not r.skipped]
         for uri in lifecycle.datasets_for(None, refs, all=True):
             try:
-                reports.append(_sync_dataset(uri, refs, full=not any(lifecycle.same_dataset(uri, d) for d in done)))
+                reports.append(_sync_dataset(uri, refs, full=not any(bindings.same_dataset(uri, d) for d in done)))
             except lifecycle.ForeignDataset as err:  # logged through another tracking server
                 reports.append(SyncReport(dataset=uri, skipped=str(err)))
         return reports
@@ -525,7 +568,7 @@ def _sync_dataset(uri: str, refs: References, *, full: bool) -> SyncReport:
         report.runs = len(doc["runs"])
         report.reindexed = store.reindex(uri, storage_options=opts)
     except MlflowException as err:
-        if not lifecycle.not_found(err):
+        if not bindings.not_found(err):
             raise
         report.skipped = _changed_underneath(err)
     return report
@@ -539,7 +582,7 @@ def _sync_model(name: str, refs: References) -> list[SyncReport]:
     try:
         _reconcile_model(name, refs, reports)
     except MlflowException as err:
-        if not lifecycle.not_found(err):
+        if not bindings.not_found(err):
             raise
         for report in reports:
             report.skipped = _changed_underneath(err)
@@ -558,7 +601,7 @@ def _reconcile_model(name: str, refs: References, reports: list[SyncReport]) -> 
     for report in reports:
         opts = options(report.dataset)
         p = lifecycle.survey(report.dataset, refs, opts)
-        home = lifecycle.same_dataset(report.dataset, bound)
+        home = bindings.same_dataset(report.dataset, bound)
 
         def scope(pin: str, home: bool = home) -> bool:
             return pin.startswith(own_versions) or (home and pin.startswith(sidecar.MODEL_PIN))
@@ -579,7 +622,7 @@ def _reconcile_model(name: str, refs: References, reports: list[SyncReport]) -> 
                 ):
                     report.updated.append(mv_number)
             except MlflowException as err:
-                if not lifecycle.not_found(err):
+                if not bindings.not_found(err):
                     raise
                 client.get_registered_model(name)  # the model itself gone: its "not found" ends this sync
                 report.gone.append(mv_number)

@@ -45,6 +45,8 @@ import cloudpickle
 import torch
 from torch.nn.utils import parametrize
 
+from . import compat
+
 SKELETON_FILE = "skeleton.pkl"
 FACTORY_GROUP = "mlflow_lance.factories"
 _DOTTED = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*"
@@ -64,10 +66,10 @@ def _zero_quantized(shape: tuple, dtype: torch.dtype, axis: int | None) -> torch
     """A quantized tensor of zeros (scale 1, zero point 0; per channel along ``axis``)."""
     values = torch.zeros(shape, dtype={torch.qint8: torch.int8, torch.quint8: torch.uint8}.get(dtype, torch.int32))
     if axis is None:
-        return torch._make_per_tensor_quantized_tensor(values, 1.0, 0)
+        return compat._make_per_tensor_quantized_tensor(values, 1.0, 0)
     channels = shape[axis]
     scales, zero_points = torch.ones(channels, dtype=torch.float64), torch.zeros(channels, dtype=torch.int64)
-    return torch._make_per_channel_quantized_tensor(values, scales, zero_points, axis)
+    return compat._make_per_channel_quantized_tensor(values, scales, zero_points, axis)
 
 
 def _quantized_placeholder(t: torch.Tensor) -> tuple:

@@ -136,7 +136,7 @@ class VerifyReport:
 
 @dataclass(frozen=True)
 class GcReport:
-    """What ``gc`` removed (or, dry, would remove)."""
+    """What ``prune`` removed (or, dry, would remove)."""
 
     removed_versions: list[int]
     bytes_removed: int  # everything freed, orphans included
@@ -233,15 +233,38 @@ def read_state_dict(
     storage_options: StorageOptions = None,
     verify: bool = False,
 ) -> OrderedDict[str, torch.Tensor]:
-    """Load a version (a number or a tag; default latest) as an ordered state dict, or as the
-    checkpoint dict it was saved as.
+    """Load a version of the weights dataset at ``uri`` as a state dict.
 
-    ``names`` selects tensors: a list of keys, or one string that is a prefix or a glob;
-    only their bytes are read. Local datasets come back memory-mapped copy-on-write (lazy,
-    no copy; see the README on what a map shares with its file). Tied tensors come back as
-    one tensor under each name. ``verify`` recomputes every content hash, raises
-    CorruptionError on a mismatch, and returns fresh memory instead of maps.
-    A version whose metadata is inconsistent raises CorruptionError before anything is read.
+    The version comes back as an ordered state dict, or as the checkpoint dict it was saved
+    as. Local datasets come back memory-mapped copy-on-write (lazy, no copy; see the README on
+    what a map shares with its file). Tied tensors come back as one tensor under each name. A
+    version whose metadata is inconsistent raises CorruptionError before anything is read.
+    ``mlflow_lance.load_state_dict`` takes MLflow model URIs too and calls this for a dataset.
+
+    Args:
+        uri: a dataset URI (a path, ``file://``, ``s3://``, ``gs://``, ``az://``) or a Dataset.
+        version: a version number or a tag (default: the latest).
+        map_location: the device the tensors go to (default CPU); on another device they are
+            read one at a time, so host memory holds one tensor on its way there.
+        names: a list of keys, or one string that is a prefix or a glob; only their bytes are
+            read (a selection always comes back as a flat OrderedDict).
+        storage_options: for object storage.
+        verify: recompute every content hash (CorruptionError on a mismatch) and return fresh
+            memory instead of maps.
+
+    Returns:
+        An OrderedDict of tensors in saved order; a plain dict if a plain dict was saved; the
+        checkpoint dict if one was saved (and ``names`` is not given).
+
+    Raises:
+        VersionNotFoundError: no such version or tag, or a key in ``names`` that is not stored
+            (the message lists what exists).
+        CorruptionError: the version's files or metadata are damaged or crafted; nothing loaded.
+        FileNotFoundError: nothing was saved at ``uri``.
+        WeightsError: ``uri`` holds something else than a weights dataset of this format.
+
+    Example:
+        >>> sd = read_state_dict("weights.lance", "best", names="encoder.*")
     """
     device = device_of(map_location)
     reader = open_version(Dataset.of(uri, storage_options), version, index_alone=not verify)
@@ -321,11 +344,28 @@ def load_into(
 
 
 def reindex(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> list[int]:
-    """Write the version index of every version that lacks one that checks out; the versions
-    indexed. An explicit repair (``mlflow-lance sync`` runs it): a load never writes an index,
-    so a dataset whose indexes are missing (written before they existed, or deleted) decodes
-    its rows on every load until this runs. A version whose rows break a rule or differ from
-    what its commit recorded gets none."""
+    """Write the version index of every version that lacks one that checks out.
+
+    An explicit repair (``mlflow-lance sync`` runs it): a load never writes an index, so a
+    dataset whose indexes are missing (written before they existed, or deleted) decodes its
+    rows on every load until this runs. A version whose rows break a rule or differ from what
+    its commit recorded gets none; so does a dataset written by the Lance docs example.
+
+    Args:
+        uri: a dataset URI or a Dataset.
+        storage_options: for object storage.
+
+    Returns:
+        The numbers of the versions indexed (empty if none lacked an index).
+
+    Raises:
+        FileNotFoundError: nothing was saved at ``uri``.
+        WeightsError: ``uri`` holds something else than a weights dataset of this format.
+
+    Example:
+        >>> reindex("weights.lance")
+        [1, 2]
+    """
     dataset = Dataset.of(uri, storage_options)
     ds = dataset.lance
     if not check_format(ds, FORMAT_VERSION):
@@ -364,7 +404,27 @@ def check_fits(
 
 
 def versions(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> list[VersionInfo]:
-    """Every version still stored, oldest first, with what each one wrote and changed."""
+    """List every version still stored, oldest first, with what each one wrote and changed.
+
+    A version removed by a ``prune`` running beside this call, after it was listed, is left
+    out. For a dataset written by the Lance docs example the figures are derived from its rows.
+
+    Args:
+        uri: a dataset URI or a Dataset.
+        storage_options: for object storage.
+
+    Returns:
+        A VersionInfo per version: number, timestamp, message, properties, tensors, total and
+        written bytes, the names changed and removed, the parent version and the tags.
+
+    Raises:
+        FileNotFoundError: nothing was saved at ``uri``.
+        WeightsError: ``uri`` holds something else than a weights dataset of this format.
+        CorruptionError: a version's commit or rows cannot be read.
+
+    Example:
+        >>> [(v.version, v.message, v.bytes_written) for v in versions("weights.lance")]
+    """
     dataset = Dataset.of(uri, storage_options)
     ds = dataset.lance
     check_format(ds, FORMAT_VERSION)  # refuses a dataset that holds no weights
@@ -418,7 +478,30 @@ def diff(
     *,
     storage_options: StorageOptions = None,
 ) -> Diff:
-    """Tensor names added, removed, changed and unchanged from version ``a`` to ``b`` (default latest)."""
+    """Compare two versions: the tensor names added, removed, changed and unchanged.
+
+    Tensors are compared by dtype, shape and content hashes (metadata only: no tensor bytes
+    are read). A version without hashes (the Lance docs example's) has every common name in
+    ``changed``, since whether it changed is unknown.
+
+    Args:
+        uri: a dataset URI or a Dataset.
+        a: the version compared from: a number or a tag.
+        b: the version compared to: a number or a tag (default: the latest).
+        storage_options: for object storage.
+
+    Returns:
+        A Diff: the two version numbers, and the names ``added``, ``removed``, ``changed`` and
+        ``unchanged`` from ``a`` to ``b``.
+
+    Raises:
+        VersionNotFoundError: no such version or tag.
+        CorruptionError: a version's metadata cannot be read.
+
+    Example:
+        >>> d = diff("weights.lance", 1, 3)
+        >>> d.changed
+    """
     dataset = Dataset.of(uri, storage_options)
     ra, rb = describe(dataset, dataset.checkout(a)), describe(dataset, dataset.checkout(b))
     ea, eb = ra.entries, rb.entries
@@ -435,9 +518,25 @@ def diff(
 
 
 def tag(uri: str | os.PathLike | Dataset, name: str, version: int, *, storage_options: StorageOptions = None) -> None:
-    """Point tag ``name`` at ``version`` (moving it if it exists); tagged versions survive gc.
+    """Point tag ``name`` at ``version``, moving the tag if it exists.
 
-    On a local disk the tag is durable when this returns (see ``save_state_dict``)."""
+    Tagged versions survive ``prune`` and ``gc``; loads take the tag wherever they take a
+    version. On a local disk the tag is durable when this returns (see ``save_state_dict``).
+    Another writer creating or moving the same tag at the same time is retried over.
+
+    Args:
+        uri: a dataset URI or a Dataset.
+        name: the tag: letters, digits, '.', '_' and '-', not all digits, at most 200 characters.
+        version: the version number to tag.
+        storage_options: for object storage.
+
+    Raises:
+        ValueError: ``name`` is not a valid tag name.
+        VersionNotFoundError: no such version.
+
+    Example:
+        >>> tag("weights.lance", "best", 3)
+    """
     check_tag_name(name)
     dataset = Dataset.of(uri, storage_options)
     ds = dataset.lance
@@ -464,7 +563,18 @@ def tag(uri: str | os.PathLike | Dataset, name: str, version: int, *, storage_op
 
 def untag(uri: str | os.PathLike | Dataset, name: str, *, storage_options: StorageOptions = None) -> None:
     """Remove tag ``name``; the version it pointed at may then be garbage-collected.
-    VersionNotFoundError if there is no such tag (also when another process removed it first)."""
+
+    Args:
+        uri: a dataset URI or a Dataset.
+        name: the tag.
+        storage_options: for object storage.
+
+    Raises:
+        VersionNotFoundError: there is no such tag (also when another process removed it first).
+
+    Example:
+        >>> untag("weights.lance", "best")
+    """
     ds = Dataset.of(uri, storage_options).lance
     missing = VersionNotFoundError(f"tag {str(name)[:200]!r} does not exist in {ds.uri}; {available(ds)}")
     if name not in tag_list(ds):
@@ -478,7 +588,19 @@ def untag(uri: str | os.PathLike | Dataset, name: str, *, storage_options: Stora
 
 
 def tags(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> dict[str, int]:
-    """Tag name -> version number."""
+    """List the dataset's tags.
+
+    Args:
+        uri: a dataset URI or a Dataset.
+        storage_options: for object storage.
+
+    Returns:
+        Tag name -> version number, sorted by name.
+
+    Example:
+        >>> tags("weights.lance")
+        {'best': 3}
+    """
     ds = Dataset.of(uri, storage_options).lance
     return {name: t["version"] for name, t in sorted(tag_list(ds).items())}
 
@@ -490,8 +612,10 @@ def verify(
     storage_options: StorageOptions = None,
     progress: Callable[[int], object] | None = None,
 ) -> VerifyReport:
-    """Check a version: its metadata (rows consistent with each other, with the data files and
-    with its commit) and the content hash of every chunk. The rows are decoded from the data
+    """Check a version's metadata and the content hash of every chunk.
+
+    The metadata: rows consistent with each other, with the data files and with the
+    version's commit. The rows are decoded from the data
     files themselves (in a child process: a corrupt file is a problem reported, never a crash),
     not taken from the version index.
 
@@ -559,23 +683,74 @@ def verify(
 
 
 def latest_version(uri: str | os.PathLike | Dataset, *, storage_options: StorageOptions = None) -> int:
-    """The newest version number (reads the manifest pointer only; for a handle, the version
-    it opened)."""
+    """Return the newest version number.
+
+    Reads the manifest pointer only. For a Dataset handle, the version it opened.
+
+    Args:
+        uri: a dataset URI or a Dataset.
+        storage_options: for object storage.
+
+    Returns:
+        The version number.
+
+    Raises:
+        FileNotFoundError: nothing was saved at ``uri``.
+
+    Example:
+        >>> latest_version("weights.lance")
+        3
+    """
     return Dataset.of(uri, storage_options).lance.version
 
 
 def resolve_version(
     uri: str | os.PathLike | Dataset, version: Version | None, *, storage_options: StorageOptions = None
 ) -> int:
-    """The version number a number or tag (None: latest) stands for; raises if none."""
+    """Return the version number that a number or a tag stands for.
+
+    Args:
+        uri: a dataset URI or a Dataset.
+        version: a version number, a tag, or None for the latest.
+        storage_options: for object storage.
+
+    Returns:
+        The version number.
+
+    Raises:
+        VersionNotFoundError: no such version or tag.
+        TypeError / ValueError: ``version`` is neither an int nor a valid tag name.
+
+    Example:
+        >>> resolve_version("weights.lance", "best")
+        3
+    """
     return Dataset.of(uri, storage_options).checkout(version).version
 
 
 def version_properties(
     uri: str | os.PathLike | Dataset, version: Version, *, storage_options: StorageOptions = None
 ) -> dict[str, str]:
-    """The ``properties`` one version was saved with (reads that version's transaction only);
-    WeightsError if they are malformed."""
+    """Return the ``properties`` one version was saved with.
+
+    Reads that version's commit (its transaction) only.
+
+    Args:
+        uri: a dataset URI or a Dataset.
+        version: a version number or a tag.
+        storage_options: for object storage.
+
+    Returns:
+        The properties, str -> str (those given to ``save_state_dict``; none of the package's own).
+
+    Raises:
+        VersionNotFoundError: no such version or tag.
+        WeightsError: the commit cannot be read, or its properties are malformed.
+
+    Example:
+        >>> version_properties("weights.lance", 3)
+        {'epoch': '3'}
+    """
     ds = Dataset.of(uri, storage_options).checkout(version)
     props = commit_properties(ds)
     if props is None:
@@ -609,6 +784,31 @@ def prune(
 
     This is gc without MLflow (it knows nothing of runs or model versions);
     ``mlflow_lance.gc`` asks MLflow what it still references, then calls this.
+
+    Args:
+        uri: a dataset URI or a Dataset.
+        keep_last: keep at least the newest N versions (N >= 1).
+        older_than: remove only versions older than this.
+        grace: keep versions superseded less than this long ago, and files younger than this.
+        candidates: remove only these versions (at least one of ``keep_last``, ``older_than``
+            and ``candidates`` is required).
+        ignore_tags: tags to count as removed already (their removal is under way).
+        dry_run: report what would go; delete nothing.
+        storage_options: for object storage.
+
+    Returns:
+        A GcReport: versions removed, bytes freed (orphans included), old versions kept for a
+        tag, orphan files and bytes, and why each version kept stays (``kept``).
+
+    Raises:
+        ValueError: none of ``keep_last``, ``older_than`` and ``candidates`` given, or
+            ``keep_last`` < 1.
+        FileNotFoundError: nothing was saved at ``uri``.
+        WeightsError: ``uri`` holds something else than a weights dataset of this format.
+
+    Example:
+        >>> report = prune("weights.lance", keep_last=5)
+        >>> report.removed_versions, report.bytes_removed
     """
     dataset = Dataset.of(uri, storage_options)
     doomed, kept = cleanup.choose_versions(dataset.lance, keep_last, older_than, grace, candidates, ignore_tags)

@@ -273,7 +273,7 @@ def unit_batch(schema: pa.Schema, rows: list[tuple[dict, memoryview]]) -> pa.Rec
     offsets = np.zeros(len(rows) + 1, dtype=np.int64)
     np.cumsum([len(payload) for _, payload in rows], out=offsets[1:])
     values = np.empty(int(offsets[-1]), dtype=np.uint8)
-    for (_, payload), start in zip(rows, offsets):
+    for (_, payload), start in zip(rows, offsets[:-1], strict=True):
         values[start : start + len(payload)] = np.frombuffer(payload, dtype=np.uint8)
     data = pa.Array.from_buffers(pa.large_binary(), len(rows), [None, pa.py_buffer(offsets), pa.py_buffer(values)])
     return pa.RecordBatch.from_arrays([*columns, data], schema=schema)

@@ -109,9 +109,9 @@ def handles(uri: str) -> bool:
 
 def mlflow_schemes() -> frozenset[str]:
     """The schemes MLflow has an artifact repository for (its registry, plugins included)."""
-    from mlflow.store.artifact.artifact_repository_registry import _artifact_repository_registry
+    from .compat import resolve
 
-    return frozenset(_artifact_repository_registry._registry)
+    return frozenset(resolve("_artifact_repository_registry")._registry)
 
 
 def timeout() -> float:
@@ -144,7 +144,7 @@ def http(base: str, label: str, method: str, endpoint: str, **kwargs: Any) -> An
             raise_on_status=False,
             **kwargs,
         )
-    except Exception as err:  # requests' and urllib3's connection errors, MLflow's retry errors
+    except Exception as err:  # noqa: BLE001 (requests' and urllib3's connection errors, MLflow's retry errors)
         raise Unanswered(
             f"the MLflow server at {label} did not answer ({type(err).__name__}: "
             f"{str(err)[:200]}); check MLFLOW_TRACKING_URI and that the server is up"
@@ -328,7 +328,7 @@ class RepositoryUpstream(Upstream):
         with tempfile.TemporaryDirectory(prefix="mlflow-lance-") as tmp:
             try:
                 path = self.repo.download_artifacts(key, tmp)
-            except Exception as err:  # each repository raises its own kind for a missing file
+            except Exception as err:  # noqa: BLE001 (each repository raises its own kind for a missing file)
                 raise FileNotFoundError(f"{key} not found at {self.label}: {err}") from None
             with open(path, "rb") as f:
                 f.seek(start)
@@ -746,7 +746,7 @@ class Claims:
                 MlflowClient(self.uri or None).delete_experiment(experiment_id)
         except (KeyError, PermissionError, Unanswered, OSError):
             return  # the write is done; a claim left active is finished by the next writer or gc
-        except Exception:  # MlflowException of a local store for a claim already deleted
+        except Exception:  # noqa: BLE001 (MlflowException of a local store for a claim already deleted)
             return
 
 
@@ -1206,13 +1206,13 @@ class _S3(BaseHTTPRequestHandler):
             self._error(400, "ServerUnreachable", str(err))  # not retried: the gateway retried already
         except (CorruptionError, PermissionError, ValueError) as err:
             self._error(403, "AccessDenied", str(err))
-        except Exception as err:  # the tracking store refused a claim, ...: Lance gets an answer, not a hang-up
+        except Exception as err:  # noqa: BLE001 (the tracking store refused a claim, ...: Lance gets an answer, not a hang-up)
             self.server.failures[bucket] = f"{type(err).__name__}: {err}"
             self._error(500, "InternalError", f"{type(err).__name__}: {err}"[:1000])
 
     # -- verbs
 
-    def do_HEAD(self) -> None:  # noqa: N802
+    def do_HEAD(self) -> None:
         def head(up: Upstream, bucket: str, key: str, query: dict) -> None:
             size = up.size(key) if _fixed(key) else _probe(up, key)
             if size is None:
@@ -1224,7 +1224,7 @@ class _S3(BaseHTTPRequestHandler):
 
         self._guarded(head)
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         target = urlparse(self.path)
         if not target.path.lstrip("/").partition("/")[2]:  # a bucket: a listing
             return self._guarded_list()
@@ -1302,7 +1302,7 @@ class _S3(BaseHTTPRequestHandler):
         parts.append("</ListBucketResult>")
         self._reply(200, "".join(parts).encode(), {"Content-Type": "application/xml"})
 
-    def do_PUT(self) -> None:  # noqa: N802
+    def do_PUT(self) -> None:
         def put(up: Upstream, bucket: str, key: str, query: dict) -> None:
             if "uploadId" in query:
                 upload = self.server.uploads.get(query["uploadId"][0])
@@ -1340,7 +1340,7 @@ class _S3(BaseHTTPRequestHandler):
 
         self._guarded(put)
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         def post(up: Upstream, bucket: str, key: str, query: dict) -> None:
             if "uploads" in query:
                 upload_id = uuid.uuid4().hex
@@ -1399,7 +1399,7 @@ class _S3(BaseHTTPRequestHandler):
         result = f'<?xml version="1.0" encoding="UTF-8"?><DeleteResult xmlns="{_S3_NS}">{"".join(done)}</DeleteResult>'
         self._reply(200, result.encode(), {"Content-Type": "application/xml"})
 
-    def do_DELETE(self) -> None:  # noqa: N802
+    def do_DELETE(self) -> None:
         def delete(up: Upstream, bucket: str, key: str, query: dict) -> None:
             if "uploadId" in query:
                 upload = self.server.uploads.pop(query["uploadId"][0], None)
@@ -1502,7 +1502,7 @@ class _Joined(io.RawIOBase):
     def read(self, n: int = -1) -> bytes:
         while self.paths or self._f is not None:
             if self._f is None:
-                self._f = open(self.paths.pop(0), "rb")  # noqa: SIM115
+                self._f = open(self.paths.pop(0), "rb")
             data = self._f.read(n if n and n > 0 else _CHUNK)
             if data:
                 return data

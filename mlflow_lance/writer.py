@@ -140,7 +140,9 @@ class Written:
 
     @property
     def bytes_written(self) -> int:
-        return sum(f.files[0].file_size_bytes or 0 for f, u in zip(self.fragments, self.units) if u.reused is None)
+        return sum(
+            f.files[0].file_size_bytes or 0 for f, u in zip(self.fragments, self.units, strict=True) if u.reused is None
+        )
 
 
 @no_cyclic_gc()
@@ -422,14 +424,14 @@ def _index_new_version(dataset: Dataset, ds: lance.LanceDataset, units: list[Uni
     table = fragment_table(ds, fragments)
     located: list[Located] = []
     fresh = []
-    for unit, frag, (fid, path, _) in zip(units, fragments, table):
+    for unit, frag, (fid, path, _) in zip(units, fragments, table, strict=True):
         if unit.reused is None:
             fresh.append(frag)
             located += [Located(meta, fid << 32 | i, None, path, None) for i, (meta, _) in enumerate(unit.rows)]
         else:
             located += [
                 Located(meta, fid << 32 | i, old.position, path, old.stored)
-                for i, ((meta, _), old) in enumerate(zip(unit.rows, unit.old))
+                for i, ((meta, _), old) in enumerate(zip(unit.rows, unit.old, strict=True))
             ]
     if fresh:  # their blob positions: a scan of the blob descriptors only (a third of a full scan)
         blobs = ds.scanner(columns=["data"], with_row_address=True, fragments=fresh).to_table()
@@ -437,7 +439,8 @@ def _index_new_version(dataset: Dataset, ds: lance.LanceDataset, units: list[Uni
         found = dict(
             zip(
                 blobs["_rowaddr"].to_pylist(),
-                zip(data.field("position").to_pylist(), data.field("size").to_pylist()),
+                zip(data.field("position").to_pylist(), data.field("size").to_pylist(), strict=True),
+                strict=True,
             )
         )
         for i, r in enumerate(located):
@@ -534,11 +537,11 @@ def _write_rows(
         with ThreadPoolExecutor(threads) as pool:
             results = list(pool.map(write, calls))
     written: list[FragmentMetadata | None] = [None] * len(units)
-    for call, frags in zip(calls, results):
+    for call, frags in zip(calls, results, strict=True):
         k = len(units[call[0]])
         if len(frags) != len(call) or any(f.physical_rows != k for f in frags):
             raise WeightsError(f"Lance wrote {len(frags)} fragments for {len(call)} files of {k} rows at {uri}")
-        for i, frag in zip(call, frags):
+        for i, frag in zip(call, frags, strict=True):
             written[i] = frag
     return written
 

@@ -253,7 +253,7 @@ def tables_section(doc: dict | None, command: str) -> list[str]:
     out = [f"`{command}` on {doc.get('date', '?')} ({m.get('cpus', '?')} CPUs).", ""]
     for t in doc.get("tables", []):
         units = t.get("units") or [""] * len(t["columns"])
-        rows = [[_cell(c, u) for c, u in zip(row, units)] for row in t["rows"]]
+        rows = [[_cell(c, u) for c, u in zip(row, units, strict=True)] for row in t["rows"]]
         out += [f"**{t['title']}**", "", table(t["columns"], rows), ""]
     if doc.get("goals"):
         rows = [

@@ -140,7 +140,7 @@ def main() -> None:
                 got, want = read()
             except ml.WeightsError as err:
                 outcome = "refused: the decoder died" if "crashed the decoder" in str(err) else "refused"
-            except Exception as err:  # noqa: BLE001 - each counted, named and reported
+            except Exception as err:  # noqa: BLE001 (each counted, named and reported)
                 outcome = "bad"
                 bad.append(f"{where}: {name}: {type(err).__name__}: {str(err)[:200]}")
             else:

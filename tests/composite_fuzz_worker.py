@@ -92,7 +92,7 @@ def main(seed: int, cases: int) -> dict:
             outcome = "built"
         except ValueError:
             outcome = "refused"
-        except Exception as err:  # noqa: BLE001 - every other ending is what the fuzzer looks for
+        except Exception as err:  # noqa: BLE001 (every other ending is what the fuzzer looks for)
             outcome = "bad"
             bad.append({"case": i, "error": f"{type(err).__name__}: {str(err)[:200]}", "info": repr(info)[:200]})
         outcomes[outcome] = outcomes.get(outcome, 0) + 1

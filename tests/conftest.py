@@ -187,8 +187,13 @@ def stop(proc: subprocess.Popen) -> None:
 
 @contextlib.contextmanager
 def running_mlflow_server(root: Path, artifact_args: list[str], env: dict | None = None, backend: str | None = None):
-    """`mlflow server` on ``backend`` (default: SQLite under ``root``); yields its URL, then stops it."""
+    """`mlflow server` on ``backend`` (default: SQLite under ``root``); yields its URL, then stops it.
+
+    Its job runner (MLflow 3's GenAI jobs: nine huey worker processes per server, none of them
+    in the artifact or registry path) is off, unless ``env`` turns it on."""
     port = free_port()
+    env = {**(os.environ if env is None else env)}
+    env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     backend = backend or f"sqlite:///{root}/mlflow.db"
     with open(root / "server.log", "wb") as log:
         proc = subprocess.Popen(

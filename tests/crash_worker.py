@@ -22,9 +22,9 @@ import mlflow  # noqa: E402
 import torch  # noqa: E402
 
 import mlflow_lance as ml  # noqa: E402
-import mlflow_lance.flavor  # noqa: E402,F401
-import mlflow_lance.lifecycle  # noqa: E402,F401
-import mlflow_lance.store  # noqa: E402,F401
+import mlflow_lance.flavor  # noqa: E402
+import mlflow_lance.lifecycle  # noqa: E402
+import mlflow_lance.store  # noqa: E402
 
 
 def state(k: int) -> dict:

@@ -79,7 +79,7 @@ def main() -> None:
             outcome = "same bytes" if dest.tobytes() == data else "other bytes"
         except CorruptionError:
             outcome = "CorruptionError"
-        except Exception as err:  # noqa: BLE001 - the fuzzer reports anything else
+        except Exception as err:  # noqa: BLE001 (the fuzzer reports anything else)
             outcome = type(err).__name__
             bad.append(f"case {i} ({label}): {type(err).__name__}: {str(err)[:200]}")
         slowest = max(slowest, time.perf_counter() - start)

@@ -118,7 +118,7 @@ def main() -> None:
         before = parts.snapshot()
         try:
             parts.load(tree)
-        except Exception as err:  # noqa: BLE001 - judged below
+        except Exception as err:  # noqa: BLE001 (judged below)
             ours = isinstance(err, ml.WeightsError) or "parameter groups differ" in str(err)
             after = parts.snapshot()
             changed = [k for k in before if not same(before[k], after[k])]

@@ -362,7 +362,7 @@ def chunked_index(uri: Path, chunks: int) -> None:
     doc["rows"] = fake + doc["rows"][1:]
     doc["fragments"][0][2] = chunks
     doc["properties"]["mlflow_lance.rows"] = format.rows_digest(
-        dict(zip(tensors.META_COLUMNS, r[:n])) for r in doc["rows"]
+        dict(zip(tensors.META_COLUMNS, r[:n], strict=True)) for r in doc["rows"]
     )
     path.write_text(json.dumps(doc))
 
@@ -689,7 +689,7 @@ def test_4_a_sidecar_of_aliases_is_refused_at_once(tmp_path):
 def test_4_a_docs_example_row_claiming_a_shape_it_does_not_hold_allocates_nothing(tmp_path, shape, capsys):
     import pyarrow as pa
 
-    uri = tmp_path / "seed.lance"
+    uri = tmp_path / "docs_example.lance"
     table = pa.table(
         {
             "name": ["w"],

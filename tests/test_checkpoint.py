@@ -21,7 +21,7 @@ from mlflow import MlflowClient
 
 import mlflow_lance as ml
 from conftest import report
-from mlflow_lance import checkpoint, lifecycle
+from mlflow_lance import bindings, checkpoint
 
 HERE = Path(__file__).resolve().parent
 
@@ -200,7 +200,7 @@ def test_sigkill_during_async_writes_loses_no_earlier_checkpoint(tracking):
             checked += 1
         assert 1 in steps  # written before the kill: it must have survived it
         finished = checkpoint._checkpoints(client, run_id, "checkpoint")
-        uri = lifecycle.flavor_conf(f"models:/{finished[0].model_id}")["lance_uri"]
+        uri = bindings.flavor_conf(f"models:/{finished[0].model_id}")["lance_uri"]
         assert all(ml.verify(uri, v.version).ok for v in ml.versions(uri))  # the in-flight one too
     assert all(killed_running), killed_running  # each kill hit a running worker, not an exited one
     # each check above asserts: a run that gets here found none lost or corrupt
@@ -237,7 +237,7 @@ def test_review_findings_hold(tracking, tmp_path, capsys):
         momentum=0.9,
     )
     ml.load_checkpoint(first.model_uri, fresh, opt2, restore_rng=False)
-    by_param = {p: opt.state[q]["momentum_buffer"] for p, q in zip(fresh.parameters(), model.parameters())}
+    by_param = {p: opt.state[q]["momentum_buffer"] for p, q in zip(fresh.parameters(), model.parameters(), strict=True)}
     for p, buf in by_param.items():
         assert torch.equal(opt2.state[p]["momentum_buffer"], buf)
     assert [g["lr"] for g in opt2.param_groups] == [0.5, 0.1]

@@ -100,7 +100,7 @@ class _CompressCalls:
             def __init__(self, *args, **kwargs) -> None:
                 self._inner = real(*args, **kwargs)
 
-            def compress(self, data):  # noqa: ANN001
+            def compress(self, data):
                 calls.append((time.monotonic(), threading.get_ident()))
                 return self._inner.compress(data)
 

@@ -144,7 +144,7 @@ def test_map_location_and_prediction_device(tracking, monkeypatch):
     raw = mlflow.pyfunc.load_model("models:/cnn-device/1").get_raw_model()
     assert {p.device.type for p in raw.parameters()} == {"meta"}
     raw = mlflow.pyfunc.load_model("models:/cnn-device/1", model_config={"device": "cpu"}).get_raw_model()
-    assert all(torch.equal(a, b) for a, b in zip(raw.state_dict().values(), model.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(raw.state_dict().values(), model.state_dict().values(), strict=True))
     if torch.cuda.is_available():
         gpu = ml.load_model("models:/cnn-device/1", map_location="cuda")
         assert torch.equal(gpu.head.weight.cpu(), model.head.weight)
@@ -201,7 +201,9 @@ def test_embedded_default_without_a_server(tmp_path, monkeypatch):
         uri = info.flavors["mlflow_lance"]["lance_uri"]
         assert uri.startswith(str(tmp_path / "mlruns" / "lance" / "models"))
         loaded = ml.load_model("models:/local-cnn/1")
-        assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+        assert all(
+            torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+        )
     finally:
         mlflow.set_tracking_uri(None)
 

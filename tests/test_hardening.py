@@ -265,7 +265,7 @@ def test_writers_racing_gc_and_sync_lose_nothing(tracking):
                 ml.gc(uri, keep_last=1, grace=timedelta(seconds=3))
                 ml.sync(name)
                 rounds.append(1)
-        except BaseException as err:  # noqa: BLE001 - reported below
+        except BaseException as err:  # noqa: BLE001 (reported below)
             errors.append(err)
 
     thread = threading.Thread(target=janitor)

@@ -19,7 +19,7 @@ from mlflow import MlflowClient
 
 import mlflow_lance as ml
 from conftest import free_port
-from mlflow_lance import checkpoint, lifecycle
+from mlflow_lance import bindings, checkpoint
 
 
 @pytest.fixture(autouse=True)
@@ -122,7 +122,9 @@ def test_lightning_fit_resumes_from_a_checkpoint_uri_bit_identically(tracking, t
             tmp_path, 123, 4, [MLflowLanceCheckpoint()], ckpt_path=f"runs:/{run.info.run_id}/checkpoint"
         )
     assert trainer.global_step == 16 and trainer.current_epoch == 4
-    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True)
+    )
     assert not list(tmp_path.rglob("*.ckpt"))  # no default ModelCheckpoint was added
     scheduler = trainer.lr_scheduler_configs[0].scheduler
     assert scheduler.last_epoch == 4  # StepLR stepped once an epoch, across the two fits
@@ -252,7 +254,9 @@ def test_hf_trainer_resumes_mid_epoch_bit_identically_and_keeps_save_total_limit
         trainer = hf_trainer(resumed, tmp_path, 1, max_steps=12, save_steps=2)
         resume_training(trainer, f"models:/{at_10.model_id}")
     assert trainer.state.global_step == 12
-    assert all(torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(straight.state_dict().values(), resumed.state_dict().values(), strict=True)
+    )
 
 
 def test_hf_metric_for_best_model_keeps_the_best_besides_the_last(tracking, tmp_path):
@@ -332,7 +336,7 @@ def test_peft_lora_checkpoints_after_the_first_write_only_adapters_and_their_opt
         checkpoint._checkpoints(MlflowClient(), run.info.run_id, "checkpoint"),
         key=lambda m: int(m.tags[checkpoint._STEP_TAG]),
     )
-    written = [v.bytes_written for v in ml.versions(lifecycle.flavor_conf(f"models:/{ckpts[0].model_id}")["lance_uri"])]
+    written = [v.bytes_written for v in ml.versions(bindings.flavor_conf(f"models:/{ckpts[0].model_id}")["lance_uri"])]
     assert len(written) == 3 and written[0] > base_bytes > 3 * adapters + 256 * 1024
     # the adapters, their two Adam moments, counters and RNG states, no base weights: within the
     # issue's budget of base + n x (adapters + their optimizer state + 256 KB) over the run. The
@@ -343,4 +347,6 @@ def test_peft_lora_checkpoints_after_the_first_write_only_adapters_and_their_opt
     with mlflow.start_run():  # a fresh PeftModel resumes from step 4 to the same adapters
         resumed = lora(1)
         resume_training(hf_trainer(resumed, tmp_path, 1, max_steps=6, save_steps=2), f"models:/{ckpts[1].model_id}")
-    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True)
+    )

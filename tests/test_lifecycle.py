@@ -15,7 +15,7 @@ import torch
 from mlflow import MlflowClient
 
 import mlflow_lance as ml
-from mlflow_lance import lifecycle, sidecar
+from mlflow_lance import bindings, lifecycle, sidecar
 from mlflow_lance.cli import main as cli
 
 BIN = Path(sys.executable).parent
@@ -62,12 +62,12 @@ def test_checkpoints_of_one_run_registered_later_all_survive_gc(tracking):
     mlflow.register_model(f"models:/{infos[0].model_id}", "best")  # plain MLflow: no pin yet
     assert cli(["gc", uri, "--keep-last", "1", "--grace-minutes", "0"]) == 0
     assert_loads("models:/best/1", expect(models[0]))
-    for info, m in zip(infos, models):
+    for info, m in zip(infos, models, strict=True):
         assert_loads(f"models:/{info.model_id}", expect(m))
     assert (
         ml.tags(uri)[
             sidecar.model_version_pin(
-                lifecycle.binding_id("best", MlflowClient().get_registered_model("best").creation_timestamp),
+                bindings.binding_id("best", MlflowClient().get_registered_model("best").creation_timestamp),
                 1,
             )
         ]
@@ -137,7 +137,7 @@ def test_rename_keeps_the_dataset_and_a_reused_name_gets_a_new_one(tracking):
     with mlflow.start_run():
         third = ml.log_model(fresh, name="model", registered_model_name="ren-d")
     new_uri = third.flavors["mlflow_lance"]["lance_uri"]
-    assert not lifecycle.same_dataset(new_uri, uri)
+    assert not bindings.same_dataset(new_uri, uri)
     assert not any(t.startswith("mv.") for t in ml.tags(new_uri)) or all(
         v == 1 for t, v in ml.tags(new_uri).items() if t.startswith("mv.")
     )
@@ -161,7 +161,7 @@ def test_registering_earlier_weights_binds_them_and_later_logs_deduplicate(track
     for version in ("1", "2"):  # caught up by the log, no manual sync
         mv = client.get_model_version("later-c", version)
         assert mv.tags["lance.uri"] == uri and "Lance version" in mv.description
-    binding = client.get_registered_model("later-c").tags[lifecycle.BINDING_TAG]
+    binding = client.get_registered_model("later-c").tags[bindings.BINDING_TAG]
     assert {sidecar.model_version_pin(binding, 1), sidecar.model_version_pin(binding, 2)} <= set(ml.tags(uri))
     assert [r.dataset for r in ml.sync("later-c")] == [uri]
     # mlflow_lance.register_model does the bookkeeping at once

@@ -313,7 +313,7 @@ class World:
                 with mlflow.start_run() as run:
                     self.runs[run.info.run_id] = "active"
                     self._log(run.info.run_id, registered, 0)
-            except BaseException as err:  # noqa: BLE001 - re-raised below
+            except BaseException as err:  # noqa: BLE001 (re-raised below)
                 errors.append(err)
 
         t = threading.Thread(target=writer)
@@ -439,7 +439,7 @@ class World:
 
     def run(self, steps: int) -> list[str]:
         done = []
-        names, weights_ = zip(*self.OPS.items())
+        names, weights_ = zip(*self.OPS.items(), strict=True)
         for _ in range(steps):
             op = self.rng.choices(names, weights_)[0]
             getattr(self, op)()

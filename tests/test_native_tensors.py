@@ -248,7 +248,7 @@ def test_parametrized_modules_stay_parametrized(tmp_path):
     model = parametrized()
     ml.save_model(model, str(tmp_path / "m"))
     back = ml.load_model(str(tmp_path / "m"))
-    for original, loaded in zip(model, back):
+    for original, loaded in zip(model, back, strict=True):
         assert parametrize.is_parametrized(loaded, "weight")
         assert type(loaded).__name__ == "ParametrizedLinear" and torch.equal(original.weight, loaded.weight)
     assert torch.equal(back[2].parametrizations.weight[0]._u, model[2].parametrizations.weight[0]._u)

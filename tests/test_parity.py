@@ -23,7 +23,7 @@ from mlflow.models import Model, infer_signature
 
 import mlflow_lance as ml
 from conftest import raw
-from mlflow_lance import flavor
+from mlflow_lance import flavor, pyfunc_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -272,7 +272,7 @@ def _types(tree) -> object:
     return type(tree).__name__
 
 
-def test_10_serialization_format_and_pickle_module_are_accepted_and_pt2_refused(tmp_path):
+def test_10_serialization_format_and_pickle_module_are_accepted_and_pt2_needs_an_example(tmp_path):
     ml.save_model(
         linear(),
         str(tmp_path / "a"),
@@ -282,21 +282,23 @@ def test_10_serialization_format_and_pickle_module_are_accepted_and_pt2_refused(
         pickle_protocol=4,
     )
     assert torch.equal(ml.load_model(str(tmp_path / "a")).weight, linear().weight)
-    with pytest.raises(ValueError, match="serialization_format='pickle'"):
+    with pytest.raises(ValueError, match="input_example is required"):  # as mlflow.pytorch (tests/test_pt2.py)
         ml.save_model(linear(), str(tmp_path / "b"), serialization_format="pt2", pip_requirements=[])
+    with pytest.raises(ValueError, match="'pt2'.*'pickle'"):
+        ml.save_model(linear(), str(tmp_path / "b"), serialization_format="onnx", pip_requirements=[])
     assert not (tmp_path / "b").exists()
 
 
 def test_11_pyfunc_takes_cuda_when_available_and_nothing_says_otherwise(monkeypatch):
     monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert flavor._default_device(None) == "cuda"
-    assert flavor._default_device({"device": "cpu"}) == "cpu"
+    assert pyfunc_model.default_device(None) == "cuda"
+    assert pyfunc_model.default_device({"device": "cpu"}) == "cpu"
     monkeypatch.setenv("MLFLOW_DEFAULT_PREDICTION_DEVICE", "cpu")
-    assert flavor._default_device({"device": None}) == "cpu"
+    assert pyfunc_model.default_device({"device": None}) == "cpu"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.delenv("MLFLOW_DEFAULT_PREDICTION_DEVICE")
-    assert flavor._default_device({}) == "cpu"
+    assert pyfunc_model.default_device({}) == "cpu"
 
 
 # 12-16 ------------------------------------------------------------- errors and quiet

@@ -66,7 +66,7 @@ def test_every_version_loads_exactly_what_was_saved(history, chunk):
     try:
         saved = [ml.save_state_dict(sd, uri, chunk_bytes=chunk).version for sd in history]
         assert saved == list(range(1, len(history) + 1))
-        for version, sd in zip(saved, history):
+        for version, sd in zip(saved, history, strict=True):
             out = ml.load_state_dict(uri, version)
             assert list(out) == list(sd)
             for k, v in sd.items():

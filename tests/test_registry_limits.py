@@ -26,7 +26,7 @@ from model_zoo import SmallCNN, trained
 import mlflow_lance as ml
 from conftest import _point_at, report
 from mlflow_lance import registry, sidecar
-from mlflow_lance.lifecycle import BINDING_TAG, DATASET_TAG
+from mlflow_lance.bindings import BINDING_TAG, DATASET_TAG
 
 BIN = Path(sys.executable).parent
 

@@ -403,7 +403,7 @@ def test_an_index_read_alone_gets_the_same_checks(uri):
 
 def _self_consistent(doc: dict) -> dict:
     """The index with the digest among its own properties recomputed (what a forger would do)."""
-    metas = [dict(zip(tensors.META_COLUMNS, r[: len(tensors.META_COLUMNS)])) for r in doc["rows"]]
+    metas = [dict(zip(tensors.META_COLUMNS, r[: len(tensors.META_COLUMNS)], strict=True)) for r in doc["rows"]]
     doc["properties"]["mlflow_lance.rows"] = format.rows_digest(metas)
     return doc
 

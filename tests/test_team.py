@@ -121,7 +121,7 @@ def test_sidecar_maps_runs_and_model_versions_and_survives_damage(tracking, monk
             stale["lance_latest_version"] = 1
             path.write_text(yaml.safe_dump(stale))
         damaged = path.read_bytes() if path.exists() else None
-        for seed, (run_id, _) in zip((1, 2, 3), logged):
+        for seed, (run_id, _) in zip((1, 2, 3), logged, strict=True):
             got = ml.load_state_dict(uri, run_id=run_id)
             assert torch.equal(got["head.weight"], trained(SmallCNN(), seed).head.weight), damage
         assert (path.read_bytes() if path.exists() else None) == damaged  # rebuilt in memory: a read writes nothing
@@ -273,7 +273,9 @@ def test_team_setup_on_s3(team_server, monkeypatch, tmp_path):
         want = trained(SmallCNN(), 20)
         for uri in (f"runs:/{run_id}/model", f"models:/{name}@champion"):
             loaded = ml.load_model(uri)
-            assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), want.state_dict().values()))
+            assert all(
+                torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), want.state_dict().values(), strict=True)
+            )
         opts = artifacts.options(conf["lance_uri"])
         assert (
             ml.load_state_dict(conf["lance_uri"], run_id=run_id, storage_options=opts).keys()

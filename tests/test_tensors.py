@@ -142,7 +142,7 @@ def test_a_unit_batch_holds_its_rows_in_order_with_exact_payloads() -> None:
     rows = []
     for i, t in enumerate(tensors):
         r = to_rows(f"t{i}", t)
-        rows += zip(r.meta, r.payloads)
+        rows += zip(r.meta, r.payloads, strict=True)
     batch = unit_batch(SCHEMA, rows)
     assert batch.num_rows == len(rows) and batch.schema.equals(SCHEMA)
     assert read_back(batch) == [(m, bytes(p)) for m, p in rows]
@@ -153,5 +153,5 @@ def test_a_unit_batch_holds_its_rows_in_order_with_exact_payloads() -> None:
 def test_a_single_row_batch_shares_the_tensor_memory() -> None:
     t = sample(torch.float32, (64,))
     rows = to_rows("w", t)
-    batch = unit_batch(SCHEMA, list(zip(rows.meta, rows.payloads)))
+    batch = unit_batch(SCHEMA, list(zip(rows.meta, rows.payloads, strict=True)))
     assert batch.column("data").buffers()[2].address == t.data_ptr()  # no copy of a lone payload

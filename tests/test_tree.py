@@ -100,7 +100,7 @@ def test_any_tree_of_supported_values_round_trips_exactly(state):
         if isinstance(a, dict):
             return isinstance(b, dict) and list(a) == list(b) and all(same(a[k], b[k]) for k in a)
         if isinstance(a, (list, tuple)):
-            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+            return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b, strict=True))
         return type(a) is type(b) and a == b
 
     assert same(state, back)

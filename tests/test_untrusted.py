@@ -517,7 +517,7 @@ def test_4_an_index_and_a_commit_that_lie_together(uri, tmp_path, lie):
     doc = json.loads(index_of(uri).read_text())
     INDEX_LIES[lie](doc["rows"])
     ds = lance.dataset(str(uri))
-    metas = [dict(zip(tensors.META_COLUMNS, r[: len(tensors.META_COLUMNS)])) for r in doc["rows"]]
+    metas = [dict(zip(tensors.META_COLUMNS, r[: len(tensors.META_COLUMNS)], strict=True)) for r in doc["rows"]]
     doc["version"] = commit(uri, [f.metadata for f in ds.get_fragments()], summary(metas))
     index_of(uri).write_text(json.dumps(doc))
     correct = lie == "stored size larger than the payload"
