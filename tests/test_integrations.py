@@ -350,3 +350,23 @@ def test_peft_lora_checkpoints_after_the_first_write_only_adapters_and_their_opt
     assert all(
         torch.equal(a, b) for a, b in zip(model.state_dict().values(), resumed.state_dict().values(), strict=True)
     )
+
+
+def run_compression(run_id: str) -> bytes:
+    """What the run's checkpoint dataset was created with (its schema's compression key)."""
+    import lance
+
+    uri = checkpoint._checkpoint_dataset(mlflow.get_run(run_id), None)
+    return lance.dataset(uri).schema.metadata[b"mlflow_lance.compression"]
+
+
+def test_the_callbacks_forward_compression(tracking, tmp_path):
+    with mlflow.start_run() as run:
+        fit(tmp_path, 0, 2, [MLflowLanceCheckpoint(save_top_k=-1, compression="zstd")])
+    assert live_steps(run.info.run_id) == [4, 8] and run_compression(run.info.run_id) == b"zstd"
+    with mlflow.start_run() as run:
+        trainer = hf_trainer(gpt2(0), tmp_path, 0, max_steps=2, save_steps=2)
+        trainer.remove_callback(MLflowLanceTrainerCallback)
+        trainer.add_callback(MLflowLanceTrainerCallback(compression="auto"))
+        trainer.train()
+    assert live_steps(run.info.run_id) == [2] and run_compression(run.info.run_id) == b"auto"
