@@ -41,7 +41,7 @@ import torch
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus, Metric
 
-from . import bindings, distributed, flavor, store, tree, writer
+from . import bindings, distributed, flavor, modelload, store, tree, writer
 from .artifacts import lance_root, options
 from .dataset import Dataset
 from .format import check_compression
@@ -822,7 +822,7 @@ def _load_sharded(
 
     def where() -> tuple[str, str, int]:
         resolved = _resolve(uri)
-        with flavor.model_pointer(resolved) as pointer:
+        with modelload.model_pointer(resolved) as pointer:
             if pointer is None:
                 raise store.WeightsError(f"{uri} is neither an MLflow model URI nor a model directory")
         return (resolved, *pointer)
@@ -1218,7 +1218,7 @@ def read_checkpoint(uri: str) -> dict[str, Any]:
     by parameter name), ``scheduler``, ``rng``, ``step``, ``metrics``, ``extra``, and the
     ``model_uri`` it was read from (``runs:/<run id>/checkpoint`` resolved to the latest)."""
     resolved = _resolve(uri)
-    state = flavor.model_state_dict(resolved)
+    state = modelload.model_state_dict(resolved)
     if not isinstance(state, Mapping) or "model" not in state or "step" not in state:
         raise store.WeightsError(f"{uri} is not a checkpoint logged by mlflow_lance.log_checkpoint")
     why = _malformed(state)

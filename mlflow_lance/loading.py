@@ -81,7 +81,7 @@ def load_state_dict(
     if is_mlflow_uri(uri):
         if run_id is not None:
             raise ValueError(f"{uri} names one model; run_id= selects a version of a dataset URI")
-        from .flavor import model_state_dict as from_model
+        from .modelload import model_state_dict as from_model
 
         return from_model(uri, version, map_location=map_location, names=names, verify=verify)
     opts = options(uri, storage_options)
@@ -100,7 +100,7 @@ def load_state_dict(
 
         if version is not None or kind(uri) == "dataset":  # a planted pointer never turns a dataset into one
             raise
-        from .flavor import state_dict_pointer  # not a dataset: perhaps a log_state_dict artifact
+        from .modelload import state_dict_pointer  # not a dataset: perhaps a log_state_dict artifact
 
         pointer = state_dict_pointer(uri)
         if pointer is None:

@@ -31,7 +31,7 @@ from corpus import record
 
 import mlflow_lance as ml
 from conftest import run_fuzzer
-from mlflow_lance import checkpoint, flavor, fs
+from mlflow_lance import checkpoint, fs, modelload
 
 HERE = Path(__file__).resolve().parent
 
@@ -363,7 +363,7 @@ def test_4_an_unsupported_scheme_is_refused_before_any_io_naming_the_file(tmp_pa
         if holder == "data/lance.yaml":
             ml.load_state_dict(str(path))
         else:
-            flavor.state_dict_pointer(str(path))
+            modelload.state_dict_pointer(str(path))
     message = str(caught.value)
     assert message.startswith(str(path / holder)) and time.monotonic() - started < 2, message
     if "?" in uri:
