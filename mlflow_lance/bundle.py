@@ -57,7 +57,7 @@ def bundle_model(model_uri: str, dst: str | os.PathLike) -> str:
         >>> bundle_model("models:/churn@champion", "churn-bundle")
         >>> # mlflow models build-docker -m churn-bundle -n churn
     """
-    from .flavor import model_pointer
+    from .modelload import model_pointer
 
     dst = os.path.abspath(os.fspath(dst))
     if os.path.islink(dst) or (os.path.lexists(dst) and (not os.path.isdir(dst) or os.listdir(dst))):
@@ -109,10 +109,10 @@ def _copy_model_dir(model_uri: str, target: str) -> None:
         return
     from mlflow.artifacts import download_artifacts
 
-    from .flavor import _quiet_downloads
+    from .modelload import quiet_downloads
 
     os.makedirs(target)
-    with _quiet_downloads():
+    with quiet_downloads():
         local = download_artifacts(artifact_uri=model_uri, dst_path=target)
     if os.path.realpath(local) != os.path.realpath(target):  # the model's own folder inside
         for name in os.listdir(local):
