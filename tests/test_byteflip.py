@@ -24,6 +24,7 @@ CASES = int(os.environ.get("MLFLOW_LANCE_BYTEFLIP_CASES", "400"))
 CAP = 6 << 30  # address space: the interpreter with torch and Lance takes ~2.5 GB of it
 
 
+@pytest.mark.slow  # 37 s in the last full run
 def test_flipped_bytes_end_in_data_or_a_clear_error_never_an_abort(tmp_path):
     cmd = [
         "prlimit",

@@ -38,6 +38,7 @@ def worker(*args: str, env: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow  # 22 s in the last full run
 def test_resuming_in_a_fresh_process_continues_bit_identically(tracking):
     env = {"MLFLOW_TRACKING_URI": tracking["url"]}
     straight = worker("straight", "10", env=env)

@@ -221,6 +221,7 @@ def test_gc_and_sync_of_a_dataset_with_a_crafted_run_id(capsys, private_tracking
     assert run(capsys, "sync", "--all")[0] == 0
 
 
+@pytest.mark.slow  # 39 s in the last full run
 def test_the_installed_command_writes_no_raw_escape(hostile, listed, tmp_path):
     """The same commands as a real process: the bytes on its stdout and stderr."""
     uri = str(hostile)

@@ -113,6 +113,7 @@ def events(lines: list[str], dataset: str) -> tuple[dict[str, int], dict[str, in
     return created, synced, sends
 
 
+@pytest.mark.slow  # 23 s in the last full run
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is installed by scripts/test.sh")
 def test_every_file_of_a_version_is_fsynced_before_mlflow_can_name_it(tracking, tmp_path):
     lines, (uri, version, model_id) = traced(tmp_path, {**os.environ})
@@ -133,6 +134,7 @@ def test_every_file_of_a_version_is_fsynced_before_mlflow_can_name_it(tracking, 
             assert synced[path] > created[path] or path.endswith(".json"), f"{path} fsync'ed before it existed"
 
 
+@pytest.mark.slow  # 21 s in the last full run
 @pytest.mark.skipif(shutil.which("strace") is None, reason="strace is installed by scripts/test.sh")
 def test_the_opt_out_syncs_nothing(tracking, tmp_path):
     lines, (uri, *_rest) = traced(tmp_path, {**os.environ, "MLFLOW_LANCE_FSYNC": "0"})

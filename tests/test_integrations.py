@@ -156,6 +156,7 @@ def torchrun(tmp_path, nproc: int | None, *args: str, worker: str = "lightning_w
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
 
 
+@pytest.mark.slow  # 31 s in the last full run
 @pytest.mark.parametrize("strategy", ["model_parallel", "ddp"])
 def test_lightning_ranks_log_one_run_and_resume_bit_identically_under_torchrun(tracking, tmp_path, strategy):
     """2 ranks (FSDP2 under ModelParallelStrategy, or DDP): a checkpoint an epoch in one run;

@@ -92,6 +92,7 @@ def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow  # 37 s in the last full run
 def test_log_register_load_checkpoint_and_gc_through_the_proxy(client, tmp_path, capsys):
     model, x = trained(SmallCNN(), 1), torch.randn(2, 3, 8, 8)
     with mlflow.start_run() as run:

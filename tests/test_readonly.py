@@ -103,6 +103,7 @@ def reads(w: dict, tmp_path: Path) -> dict:
     }
 
 
+@pytest.mark.slow  # 56 s in the last full run
 @pytest.mark.parametrize("without", ["nothing", "the index and the sidecar"])
 def test_no_read_and_no_dry_run_leaves_a_trace(logged, tmp_path, without):
     uri = logged["uri"]

@@ -171,6 +171,7 @@ def _check_history(name: str, person: str, newest: int, total: int) -> int:
     return len(shown)
 
 
+@pytest.mark.slow  # 131 s in the last full run
 def test_a_thousand_versions_on_postgresql(pg):
     """log_model, register_model, sync, gc and load with 10 and with 1,000 versions; the
     history stays within PostgreSQL's 5,000 characters and names what it leaves out."""
@@ -323,6 +324,7 @@ def _assert_every_version_pinned_and_loading(
     return checked
 
 
+@pytest.mark.slow  # 123 s in the last full run
 def test_sync_all_finishes_while_models_are_renamed_and_versions_deleted(pg, tmp_path):
     """Another process renames a model back and forth and registers and deletes versions of
     another while `mlflow-lance sync --all` runs: every sync exits 0 and reports what changed

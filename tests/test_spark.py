@@ -30,6 +30,7 @@ def _net() -> torch.nn.Module:
     )
 
 
+@pytest.mark.slow  # 20 s in the last full run
 def test_spark_udf_scores_partitions_with_weights_read_from_s3_on_each_executor(s3_server, tmp_path, monkeypatch):
     from pyspark.sql import SparkSession
 

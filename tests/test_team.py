@@ -233,6 +233,7 @@ def _check_round(name: str, results: list[dict], expected_versions: int, opts: d
     assert len(MlflowClient().search_model_versions(f"name='{name}'")) == expected_versions
 
 
+@pytest.mark.slow  # 42 s in the last full run
 def test_four_trainers_log_into_one_model_at_once_on_local_disk(any_backend, tmp_path):
     """On SQLite and on PostgreSQL: every round 4 Lance versions, 4 model versions, no loss."""
     name = "concurrent-local"
@@ -257,6 +258,7 @@ def test_s3_server_honours_conditional_writes(s3_server):
     assert s3.get_object(Bucket=bucket, Key="cond/x")["Body"].read() == b"first"
 
 
+@pytest.mark.slow  # 45 s in the last full run
 def test_team_setup_on_s3(team_server, monkeypatch, tmp_path):
     """Tracking server with a SQL backend, artifacts and Lance datasets on S3-compatible storage."""
     for k, v in team_server["env"].items():
