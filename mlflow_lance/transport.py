@@ -186,10 +186,16 @@ class Upstream:
         """Remove file ``key`` (nothing if it is missing)."""
         raise NotImplementedError
 
+    @property
+    def sizes(self) -> dict[str, int]:
+        """Sizes of files that never change once written (``_fixed``), as this process listed
+        or uploaded them."""
+        return self.__dict__.setdefault("_sizes", {})
+
     def size(self, key: str) -> int | None:
         """The size of file ``key``, None if there is none (from its directory's listing; a
         file that never changes once written is listed once per process)."""
-        sizes = self.__dict__.setdefault("_sizes", {})
+        sizes = self.sizes
         if key in sizes:
             return sizes[key]
         parent, _, name = key.rpartition("/")
@@ -261,7 +267,7 @@ class ProxyUpstream(Upstream):
             response.close()
 
     def put(self, key: str, body: BinaryIO, length: int) -> None:
-        self.__dict__.setdefault("_sizes", {}).pop(key, None)
+        self.sizes.pop(key, None)
         response = self._request(
             "PUT",
             "/" + quote(key),
@@ -614,12 +620,12 @@ def read_into(loc: Location, position: int, dst: memoryview) -> int:
     return got
 
 
-def uploaded(upstream: Upstream, key: str, tail: bytes, length: int) -> None:
+def _uploaded(upstream: Upstream, key: str, tail: bytes, length: int) -> None:
     """Record what this process just uploaded to an immutable file: its size, and its last
     bytes (``tail``) in the range cache, so that reading its footer back fetches nothing."""
     if not _fixed(key):
         return
-    upstream.__dict__.setdefault("_sizes", {})[key] = length
+    upstream.sizes[key] = length
     if _immutable(key) and tail and (store := cache()) is not None:
         store.put(upstream, key, length - len(tail), tail)
 
@@ -1335,7 +1341,7 @@ class _S3(BaseHTTPRequestHandler):
                 else:
                     tail = _tail_of(body, length) if _immutable(key) else b""
                     up.put(key, body, length)
-                    uploaded(up, key, tail, length)
+                    _uploaded(up, key, tail, length)
             self._reply(200, b"", {"ETag": f'"{_etag(key, length)}"'})
 
         self._guarded(put)
@@ -1362,7 +1368,7 @@ class _S3(BaseHTTPRequestHandler):
                     length = sum(os.path.getsize(p) for p in parts)
                     with _Joined(parts) as joined:
                         up.put(key, joined, length)
-                    uploaded(up, key, _tail_of_parts(parts) if _immutable(key) else b"", length)
+                    _uploaded(up, key, _tail_of_parts(parts) if _immutable(key) else b"", length)
                 finally:
                     shutil.rmtree(upload[2], ignore_errors=True)
                 body = (

@@ -71,7 +71,6 @@ from .readers import (
 from .tensors import (
     DEFAULT_CHUNK_BYTES,
     DTYPES,
-    META_COLUMNS,  # noqa: F401 (tests use store.META_COLUMNS)
     find_ties,
     no_cyclic_gc,
     to_rows,
